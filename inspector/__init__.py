@@ -1,0 +1,1 @@
+"""Everything that consumes flows: capture, reassembly, summaries, replay, the TUI and the CLI."""

@@ -1,0 +1,202 @@
+"""The `flowtap` command: parse arguments, wire a relay to its consumers, print one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import NoReturn
+
+from flowtap.proxy.errors import FlowtapError
+from flowtap.proxy.events import Bus, Observer
+from flowtap.proxy.flow import Address, Transport
+from flowtap.proxy.listener import ListenerSpec, is_loopback
+from flowtap.proxy.relay import Relay, RelayConfig, raise_fd_limit
+
+from .log import FlowLog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other flowtap error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"flowtap: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _add_relay_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="[udp:|tcp:]HOST:PORT",
+        help="where clients connect (repeatable; a bare PORT binds 127.0.0.1; 0 picks a port)",
+    )
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="where the matching --listen relays to (one per --listen, or one for all)",
+    )
+    parser.add_argument("--udp", action="store_true", help="relay UDP instead of TCP")
+    parser.add_argument("--json", action="store_true", help="print flow events as JSON lines")
+    parser.add_argument("--pcap", metavar="FILE", help="capture flows to a pcap or pcapng file")
+    parser.add_argument(
+        "--connect-timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="give up connecting upstream after S seconds (default 10)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="S",
+        help="close flows with no traffic for S seconds (default: never)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=_positive_float,
+        default=5.0,
+        metavar="S",
+        help="on SIGINT/SIGTERM, let open flows finish for S seconds (default 5)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, metavar="N", help="relay threads (default 2)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="flowtap", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+    run = commands.add_parser("run", help="relay headless, printing one line per flow event")
+    _add_relay_options(run)
+    commands.add_parser("demo", help="relay built-in loopback services and show the flows")
+    return parser
+
+
+def listener_specs(args: argparse.Namespace) -> list[ListenerSpec]:
+    """Pair each --listen with its --upstream; raise FlowtapError when they do not pair up."""
+    listens: list[str] = args.listen
+    upstreams: list[str] = args.upstream
+    if not listens:
+        raise FlowtapError("no --listen given: add --listen 127.0.0.1:0 --upstream HOST:PORT")
+    if not upstreams:
+        raise FlowtapError("no --upstream given: add --upstream HOST:PORT after --listen")
+    if len(upstreams) == 1:
+        upstreams = upstreams * len(listens)
+    if len(upstreams) != len(listens):
+        raise FlowtapError(
+            f"{len(listens)} --listen but {len(upstreams)} --upstream: give one --upstream "
+            "per --listen, or a single one for all"
+        )
+    specs = []
+    for listen, upstream in zip(listens, upstreams, strict=True):
+        transport = Transport.UDP if args.udp else Transport.TCP
+        for prefix in ("tcp:", "udp:"):
+            if listen.startswith(prefix):
+                transport = Transport(prefix[:-1])
+                listen = listen[len(prefix) :]
+        specs.append(
+            ListenerSpec(
+                listen=Address.parse(listen),
+                upstream=Address.parse(upstream),
+                transport=transport,
+            )
+        )
+    return specs
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stop.wait(3600):
+        pass
+
+
+def run_relay(args: argparse.Namespace, extra_observers: Sequence[Observer] = ()) -> Relay:
+    """Bind the listeners of `args` and start relaying; the caller stops the relay."""
+    specs = listener_specs(args)
+    raise_fd_limit()
+    observers: list[Observer] = [FlowLog(sys.stdout, as_json=args.json), *extra_observers]
+    if args.pcap:
+        raise FlowtapError("--pcap is not available in this build: drop --pcap")
+    bus = Bus(observers)
+    config = RelayConfig(
+        connect_timeout_s=args.connect_timeout,
+        idle_timeout_s=args.idle_timeout or None,
+        workers=max(1, args.workers),
+    )
+    try:
+        relay = Relay(specs, bus, config)
+    except BaseException:
+        bus.close()
+        raise
+    for listener in relay.listeners:
+        if not is_loopback(listener.address):
+            print(
+                f"flowtap: warning: listening on {listener.address}: anyone who can reach it "
+                "can relay through it; listen on 127.0.0.1 unless that is intended",
+                file=sys.stderr,
+            )
+    for listener in relay.listeners:
+        print(listener.describe(), flush=True)
+    relay.start()
+    return relay
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    relay = run_relay(args)
+    _wait_for_signal()
+    relay.stop(args.grace)
+    relay.bus.close()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="flowtap: %(levelname)s: %(message)s",
+    )
+    handlers = {"run": cmd_run, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except FlowtapError as exc:
+        print(f"flowtap: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The headless flow log: one line per flow event, as text or JSON lines, off the relay thread."""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from typing import Any, TextIO
+
+from flowtap.proxy.flow import Flow, FlowClosed, FlowData, FlowEvent, FlowOpened
+
+
+def human_bytes(size_bytes: int) -> str:
+    """`size_bytes` in B, KiB, MiB or GiB with at most one decimal."""
+    value = float(size_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def flow_record(flow: Flow) -> dict[str, Any]:
+    """A flow as a JSON-ready dict; the field names are part of the `--json` contract."""
+    return {
+        "flow": flow.id,
+        "transport": str(flow.transport),
+        "client": str(flow.client),
+        "server": str(flow.server),
+        "listener": str(flow.listener),
+        "state": str(flow.state),
+        "bytes_up": flow.bytes_up,
+        "bytes_down": flow.bytes_down,
+        "started_at": flow.started_at,
+        "ended_at": flow.ended_at,
+        "duration_s": flow.duration_s,
+        "reason": None if flow.reason is None else str(flow.reason),
+        "error": flow.error,
+    }
+
+
+def event_line(event: FlowOpened | FlowClosed, *, as_json: bool) -> str:
+    """The log line for one opened or closed event."""
+    flow = event.flow
+    name = "opened" if isinstance(event, FlowOpened) else "closed"
+    if as_json:
+        return json.dumps({"event": name, **flow_record(flow)}, separators=(",", ":"))
+    head = f"#{flow.id} {name} {flow.transport} {flow.client} -> {flow.server}"
+    if isinstance(event, FlowOpened):
+        return f"{head} via {flow.listener}"
+    line = (
+        f"{head} {flow.reason} up={human_bytes(flow.bytes_up)} "
+        f"down={human_bytes(flow.bytes_down)} {flow.duration_s or 0.0:.3f}s"
+    )
+    return f"{line} ({flow.error})" if flow.error else line
+
+
+class FlowLog:
+    """An observer that prints opened/closed lines from its own thread; it never blocks the relay."""
+
+    wants_data = False
+
+    def __init__(self, out: TextIO, *, as_json: bool = False) -> None:
+        self._out = out
+        self._as_json = as_json
+        self._events: collections.deque[FlowOpened | FlowClosed] = collections.deque()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="flowtap-log", daemon=True)
+        self._thread.start()
+
+    def handle(self, event: FlowEvent) -> None:
+        if isinstance(event, FlowData):
+            return
+        self._events.append(event)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            self._write_waiting()
+            if self._stopped:
+                self._write_waiting()
+                return
+
+    def _write_waiting(self) -> None:
+        lines = []
+        pop = self._events.popleft
+        while True:
+            try:
+                event = pop()
+            except IndexError:
+                break
+            lines.append(event_line(event, as_json=self._as_json))
+        if lines:
+            try:
+                self._out.write("\n".join(lines) + "\n")
+                self._out.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+
+    def close(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join()

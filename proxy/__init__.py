@@ -1,0 +1,1 @@
+"""The flowtap relay engine: listeners, upstream connect, per-flow relay and flow events."""

@@ -1,0 +1,207 @@
+"""How flow events leave the relay: one `Bus`, observers subscribed to it.
+
+The relay calls `Bus.emit` on its own thread for every event. An observer's `handle` must
+return quickly: a display observer hands events to another thread without ever blocking
+(`EventQueue`), while a lossless observer such as the capture may block the relay when it
+falls behind (`LosslessObserver`), which is how backpressure reaches the sockets.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from .flow import FlowData, FlowEvent
+
+log = logging.getLogger(__name__)
+
+
+class Observer(Protocol):
+    """Receives flow events on the relay thread that owns the flow."""
+
+    @property
+    def wants_data(self) -> bool:
+        """Whether `FlowData` events are delivered; when no observer wants them, none are built."""
+        ...
+
+    def handle(self, event: FlowEvent) -> None:
+        """Take one event; called from relay threads, possibly several at once."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release resources; called once after the relay has stopped."""
+        ...
+
+
+class Bus:
+    """Fans flow events out to a fixed list of observers."""
+
+    def __init__(self, observers: Iterable[Observer] = ()) -> None:
+        self._observers: tuple[Observer, ...] = tuple(observers)
+        self.wants_data = any(o.wants_data for o in self._observers)
+
+    @property
+    def observers(self) -> Sequence[Observer]:
+        return self._observers
+
+    def subscribe(self, observer: Observer) -> None:
+        """Add an observer; call before the relay starts."""
+        self._observers = (*self._observers, observer)
+        self.wants_data = self.wants_data or observer.wants_data
+
+    def emit(self, event: FlowEvent) -> None:
+        if isinstance(event, FlowData):
+            for observer in self._observers:
+                if observer.wants_data:
+                    observer.handle(event)
+        else:
+            for observer in self._observers:
+                observer.handle(event)
+
+    def close(self) -> None:
+        for observer in self._observers:
+            try:
+                observer.close()
+            except Exception:
+                log.exception("observer %r failed to close", observer)
+
+
+class EventQueue:
+    """A never-blocking hand-over for displays: the consumer drains events in batches.
+
+    Opened and closed events are always kept; data events beyond `max_data_events` waiting
+    are dropped for display only (counted in `dropped_data_events`).
+    """
+
+    def __init__(self, *, wants_data: bool = True, max_data_events: int = 10_000) -> None:
+        self._wants_data = wants_data
+        self._events: collections.deque[FlowEvent] = collections.deque()
+        self._data_waiting = 0
+        self._max_data_events = max_data_events
+        self._lock = threading.Lock()
+        self.dropped_data_events = 0
+
+    @property
+    def wants_data(self) -> bool:
+        return self._wants_data
+
+    def handle(self, event: FlowEvent) -> None:
+        if isinstance(event, FlowData):
+            with self._lock:
+                if self._data_waiting >= self._max_data_events:
+                    self.dropped_data_events += 1
+                    return
+                self._data_waiting += 1
+                self._events.append(event)
+            return
+        self._events.append(event)
+
+    def drain(self, limit: int = 100_000) -> list[FlowEvent]:
+        """Take up to `limit` waiting events, oldest first."""
+        out: list[FlowEvent] = []
+        pop = self._events.popleft
+        data = 0
+        try:
+            while len(out) < limit:
+                event = pop()
+                if isinstance(event, FlowData):
+                    data += 1
+                out.append(event)
+        except IndexError:
+            pass
+        if data:
+            with self._lock:
+                self._data_waiting -= data
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+_STOP = object()
+
+
+class LosslessObserver:
+    """Hands events to one consumer thread through a bounded queue; the relay waits when full.
+
+    `consume` receives every event, in order, in batches; nothing is ever dropped.
+    """
+
+    def __init__(
+        self,
+        consume: Callable[[list[FlowEvent]], None],
+        *,
+        wants_data: bool = True,
+        max_pending: int = 1024,
+        name: str = "flowtap-observer",
+        on_idle: Callable[[], None] | None = None,
+        idle_interval_s: float = 0.5,
+    ) -> None:
+        self._consume = consume
+        self._wants_data = wants_data
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_pending)
+        self._on_idle = on_idle
+        self._idle_interval_s = idle_interval_s
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def wants_data(self) -> bool:
+        return self._wants_data
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that stopped the consumer, if any."""
+        return self._error
+
+    def handle(self, event: FlowEvent) -> None:
+        if self._error is None:
+            self._queue.put(event)
+
+    def _run(self) -> None:
+        get = self._queue.get
+        get_nowait = self._queue.get_nowait
+        while True:
+            try:
+                item = get(timeout=self._idle_interval_s)
+            except queue.Empty:
+                self._idle()
+                continue
+            batch: list[FlowEvent] = []
+            stop = False
+            while True:
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)  # type: ignore[arg-type]
+                if len(batch) >= 256:
+                    break
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+            if batch and self._error is None:
+                try:
+                    self._consume(batch)
+                except BaseException as exc:  # keep draining so the relay never deadlocks
+                    log.exception("observer consumer failed")
+                    self._error = exc
+            if stop:
+                return
+
+    def _idle(self) -> None:
+        if self._on_idle is not None and self._error is None:
+            try:
+                self._on_idle()
+            except BaseException as exc:
+                log.exception("observer idle hook failed")
+                self._error = exc
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join()

@@ -1,0 +1,177 @@
+"""The flow model: what a relayed conversation is, and the events the relay emits about it.
+
+Pure data, no I/O. Every flow emits exactly one `FlowOpened`, any number of `FlowData`, and
+exactly one `FlowClosed`, in that order, all from the relay thread that owns the flow.
+TCP chunk boundaries in `FlowData` are an artefact of `recv` and carry no meaning.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, replace
+
+from .errors import FlowtapError
+
+
+class Transport(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class Direction(enum.StrEnum):
+    """Which way bytes went: `UP` is client to server, `DOWN` is server to client."""
+
+    UP = "up"
+    DOWN = "down"
+
+
+class FlowState(enum.StrEnum):
+    CONNECTING = "connecting"
+    OPEN = "open"
+    HALF_CLOSED = "half-closed"
+    CLOSED = "closed"
+
+
+class CloseReason(enum.StrEnum):
+    """Why a flow ended; exactly one per flow."""
+
+    CLIENT_CLOSED = "client-closed"
+    SERVER_CLOSED = "server-closed"
+    CLIENT_RESET = "client-reset"
+    SERVER_RESET = "server-reset"
+    UPSTREAM_REFUSED = "upstream-refused"
+    UPSTREAM_TIMEOUT = "upstream-timeout"
+    IDLE_TIMEOUT = "idle-timeout"
+    SHUTDOWN = "shutdown"
+    KILLED = "killed"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """An IP endpoint (`host`, `port`) or a unix socket (`path`, with `host` empty)."""
+
+    host: str
+    port: int = 0
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        if self.is_ipv6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str, *, default_host: str = "127.0.0.1") -> Address:
+        """Parse `HOST:PORT`, `[V6]:PORT`, `PORT` or `unix:PATH`; raise FlowtapError if malformed."""
+        text = text.strip()
+        if text.startswith("unix:"):
+            path = text[5:]
+            if not path:
+                raise FlowtapError(f"malformed address {text!r}: give a path, e.g. unix:/tmp/a.sock")
+            return cls(host="", port=0, path=path)
+        host: str
+        port_text: str
+        if text.startswith("["):
+            end = text.find("]")
+            if end < 0 or not text[end + 1 :].startswith(":"):
+                raise FlowtapError(f"malformed address {text!r}: write IPv6 as [::1]:PORT")
+            host, port_text = text[1:end], text[end + 2 :]
+        elif text.isdigit():
+            host, port_text = default_host, text
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep or not host or ":" in host:
+                raise FlowtapError(
+                    f"malformed address {text!r}: use HOST:PORT, [IPv6]:PORT or a bare PORT"
+                )
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise FlowtapError(f"malformed address {text!r}: the port must be a number 0-65535")
+        return cls(host=host, port=int(port_text))
+
+
+_flow_ids = itertools.count(1)
+
+
+def next_flow_id() -> int:
+    """A process-wide unique, increasing flow id."""
+    return next(_flow_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """A snapshot of one relayed conversation."""
+
+    id: int
+    transport: Transport
+    client: Address
+    server: Address
+    listener: Address
+    started_at: float
+    ended_at: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    state: FlowState = FlowState.CONNECTING
+    reason: CloseReason | None = None
+    error: str | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        return None if self.ended_at is None else self.ended_at - self.started_at
+
+    def closed(
+        self,
+        *,
+        ended_at: float,
+        bytes_up: int,
+        bytes_down: int,
+        reason: CloseReason,
+        error: str | None = None,
+    ) -> Flow:
+        """This flow as it stands once closed."""
+        return replace(
+            self,
+            ended_at=ended_at,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            state=FlowState.CLOSED,
+            reason=reason,
+            error=error,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FlowOpened:
+    """A client was accepted; emitted before any data of the flow."""
+
+    flow: Flow
+
+
+@dataclass(frozen=True, slots=True)
+class FlowData:
+    """Bytes that flowtap delivered in one direction of a flow (for UDP: one datagram)."""
+
+    flow_id: int
+    direction: Direction
+    timestamp: float
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FlowClosed:
+    """The flow ended; emitted exactly once per flow, after all its data."""
+
+    flow: Flow
+
+
+FlowEvent = FlowOpened | FlowData | FlowClosed

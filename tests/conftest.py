@@ -1,0 +1,202 @@
+"""Shared fixtures: real servers on loopback and a running `flowtap` process."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+LISTENING = re.compile(r"^listening (tcp|udp) (\S+) -> (\S+)$")
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Wait until `predicate()` is true, failing the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> None:
+    def is_open() -> bool:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(is_open, timeout_s, f"{host}:{port} to accept")
+
+
+class _EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        try:
+            while True:
+                data = sock.recv(262144)
+                if not data:
+                    sock.shutdown(socket.SHUT_WR)
+                    return
+                sock.sendall(data)
+        except OSError:
+            return
+
+
+class _ThreadingServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 2048
+
+
+@pytest.fixture
+def echo_server() -> Iterator[tuple[str, int]]:
+    """A TCP echo server on 127.0.0.1 that half-closes after the client does."""
+    server = _ThreadingServer(("127.0.0.1", 0), _EchoHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address  # type: ignore[misc]
+    server.shutdown()
+    server.server_close()
+
+
+@dataclass
+class FlowtapProcess:
+    """A running `flowtap` subprocess with its stdout collected line by line."""
+
+    proc: subprocess.Popen[str]
+    listeners: list[tuple[str, str, str]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    stderr: str = ""
+
+    def __post_init__(self) -> None:
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            match = LISTENING.match(line)
+            if match:
+                self.listeners.append(match.groups())
+            self.lines.append(line)
+
+    @property
+    def port(self) -> int:
+        return int(self.listeners[0][1].rsplit(":", 1)[1])
+
+    def wait_line(self, pattern: str, timeout_s: float = 10.0) -> str:
+        regex = re.compile(pattern)
+        found: list[str] = []
+
+        def seen() -> bool:
+            found[:] = [line for line in list(self.lines) if regex.search(line)]
+            return bool(found) or self.proc.poll() is not None
+
+        wait_for(seen, timeout_s, f"a line matching {pattern!r}")
+        if not found:
+            raise AssertionError(f"flowtap exited {self.proc.returncode}: {self.read_stderr()}")
+        return found[0]
+
+    def read_stderr(self) -> str:
+        if self.proc.poll() is not None and self.proc.stderr is not None:
+            self.stderr += self.proc.stderr.read()
+        return self.stderr
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout_s)
+        self._reader.join(5)
+        self.read_stderr()
+        return code
+
+
+def flowtap_command() -> list[str]:
+    exe = shutil.which("flowtap", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "flowtap.inspector.cli"]
+
+
+def start_flowtap(*args: str, listeners: int = 1, timeout_s: float = 15.0) -> FlowtapProcess:
+    """Start `flowtap ARGS` and wait for its `listening` lines."""
+    proc = subprocess.Popen(
+        [*flowtap_command(), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process = FlowtapProcess(proc)
+    wait_for(
+        lambda: len(process.listeners) >= listeners or proc.poll() is not None,
+        timeout_s,
+        "flowtap to listen",
+    )
+    if proc.poll() is not None:
+        raise AssertionError(f"flowtap exited {proc.returncode}: {process.read_stderr()}")
+    return process
+
+
+@pytest.fixture
+def flowtap() -> Iterator[type[FlowtapProcess]]:
+    """Start flowtap processes with `flowtap(*args)`; all are stopped at teardown."""
+    started: list[FlowtapProcess] = []
+
+    def start(*args: str, listeners: int = 1) -> FlowtapProcess:
+        process = start_flowtap(*args, listeners=listeners)
+        started.append(process)
+        return process
+
+    yield start  # type: ignore[misc]
+    for process in started:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[int]:
+    """A throwaway redis-server on a free loopback port (with a unix socket in tmp_path)."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed: run the README's test command")
+    port = free_port()
+    sock_path = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port", str(port),
+            "--bind", "127.0.0.1 ::1",
+            "--save", "",
+            "--appendonly", "no",
+            "--unixsocket", str(sock_path),
+            "--dir", str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
