@@ -56,7 +56,7 @@ def event_line(event: FlowOpened | FlowClosed, *, as_json: bool) -> str:
 
 
 class FlowLog:
-    """An observer that prints opened/closed lines from its own thread; it never blocks the relay."""
+    """Prints opened/closed lines from its own thread; it never blocks the relay."""
 
     wants_data = False
 

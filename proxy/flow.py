@@ -73,12 +73,14 @@ class Address:
 
     @classmethod
     def parse(cls, text: str, *, default_host: str = "127.0.0.1") -> Address:
-        """Parse `HOST:PORT`, `[V6]:PORT`, `PORT` or `unix:PATH`; raise FlowtapError if malformed."""
+        """Parse `HOST:PORT`, `[V6]:PORT`, `PORT` or `unix:PATH`; FlowtapError if malformed."""
         text = text.strip()
         if text.startswith("unix:"):
             path = text[5:]
             if not path:
-                raise FlowtapError(f"malformed address {text!r}: give a path, e.g. unix:/tmp/a.sock")
+                raise FlowtapError(
+                    f"malformed address {text!r}: give a path, e.g. unix:/tmp/a.sock"
+                )
             return cls(host="", port=0, path=path)
         host: str
         port_text: str

@@ -9,6 +9,7 @@ its source from being read (backpressure), so a stalled peer costs at most one c
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import heapq
 import itertools
@@ -254,7 +255,9 @@ class _TcpFlow:
                 pipe.eof = True
                 if self.first_eof is None:
                     self.first_eof = (
-                        CloseReason.SERVER_CLOSED if pipe.dst_is_client else CloseReason.CLIENT_CLOSED
+                        CloseReason.SERVER_CLOSED
+                        if pipe.dst_is_client
+                        else CloseReason.CLIENT_CLOSED
                     )
                 break
             if n < size and not pipe.peer_closed:
@@ -373,10 +376,8 @@ class _Waker:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def on_ready(self, fd: int, mask: int, now: float) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
         self.worker.run_commands()
 
     def wake(self) -> None:
@@ -527,10 +528,8 @@ class Worker(threading.Thread):
 
     def _unregister(self, fd: int) -> None:
         if self._handlers.pop(fd, None) is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._ep.unregister(fd)
-            except (OSError, ValueError):
-                pass
 
     def _watch_listeners(self) -> None:
         for accepter in self._accepters:
@@ -743,7 +742,5 @@ class Relay:
         for listener in self.listeners:
             listener.sock.close()
             if listener.address.path is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(listener.address.path)
-                except OSError:
-                    pass

@@ -1,0 +1,179 @@
+"""`flowtap demo`: built-in loopback services, relayed through flowtap, with a little traffic."""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flowtap.proxy.relay import Relay
+
+HTTP_BODY = (
+    b"<html><body><h1>flowtap demo</h1><p>Hello from the built-in web server.</p></body></html>\n"
+)
+
+
+class _ChatHandler(socketserver.StreamRequestHandler):
+    """A line chat: greets, answers each line, says goodbye on QUIT."""
+
+    def handle(self) -> None:
+        self.wfile.write(b"220 flowtap demo chat ready\r\n")
+        for raw in self.rfile:
+            line = raw.strip()
+            if line.upper() == b"QUIT":
+                self.wfile.write(b"221 bye\r\n")
+                return
+            if line.upper().startswith(b"SLOW "):
+                for word in line[5:].split():
+                    self.wfile.write(word + b"\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                continue
+            self.wfile.write(b"250 you said: " + line + b"\r\n")
+
+
+class _HttpHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = HTTP_BODY if self.path == "/" else b"not found\n"
+        self.send_response(200 if self.path == "/" else 404)
+        self.send_header("Content-Type", "text/html" if self.path == "/" else "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # the demo resets connections on purpose
+
+
+@dataclass
+class DemoServices:
+    """The built-in upstream services, each on a free loopback port."""
+
+    chat: _Server
+    http: _Server
+
+    @classmethod
+    def start(cls) -> DemoServices:
+        services = cls(
+            chat=_Server(("127.0.0.1", 0), _ChatHandler),
+            http=_Server(("127.0.0.1", 0), _HttpHandler),
+        )
+        for server in (services.chat, services.http):
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        return services
+
+    @property
+    def upstreams(self) -> dict[str, str]:
+        """Service name to `HOST:PORT`."""
+        return {
+            "chat": f"127.0.0.1:{self.chat.server_address[1]}",
+            "http": f"127.0.0.1:{self.http.server_address[1]}",
+        }
+
+    def stop(self) -> None:
+        for server in (self.chat, self.http):
+            server.shutdown()
+            server.server_close()
+
+
+def _chat_session(port: int, lines: list[bytes]) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        for line in lines:
+            sock.sendall(line + b"\r\n")
+            reader.readline()
+        sock.sendall(b"QUIT\r\n")
+        reader.readline()
+
+
+def _slow_stream(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        words = [b"one", b"two", b"three", b"four", b"five"]
+        sock.sendall(b"SLOW " + b" ".join(words) + b"\r\n")
+        for _ in words:
+            reader.readline()
+        sock.sendall(b"QUIT\r\n")
+        reader.readline()
+
+
+def _http_get(port: int, path: str) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: flowtap-demo\r\n"
+        sock.sendall(request.encode() + b"Connection: close\r\n\r\n")
+        while sock.recv(65536):
+            pass
+
+
+def _reset_midway(port: int) -> None:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.recv(100)
+    sock.sendall(b"this client will vanish\r\n")
+    sock.recv(100)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+def drive_traffic(ports: dict[str, int], rounds: int = 1) -> None:
+    """Send a bounded, varied mix of traffic through the relay's demo listeners."""
+    steps: list[Callable[[], None]] = []
+    for i in range(rounds):
+        steps += [
+            lambda: _chat_session(ports["chat"], [b"hello", b"how are you?", b"flowtap rocks"]),
+            lambda: _http_get(ports["http"], "/"),
+            lambda: _http_get(ports["http"], "/missing"),
+            lambda i=i: _chat_session(ports["chat"], [f"round {i}".encode()]),
+        ]
+    steps += [lambda: _slow_stream(ports["chat"]), lambda: _reset_midway(ports["chat"])]
+    for step in steps:
+        try:
+            step()
+        except OSError as exc:
+            print(f"flowtap: demo traffic failed: {exc}", file=sys.stderr)
+
+
+def start_demo_relay(extra_args: list[str] | None = None) -> tuple[Relay, DemoServices]:
+    """Start the services and a relay in front of each; return both for the caller to stop."""
+    from .cli import build_parser, run_relay
+
+    services = DemoServices.start()
+    argv = ["run"]
+    for upstream in services.upstreams.values():
+        argv += ["--listen", "127.0.0.1:0", "--upstream", upstream]
+    args: argparse.Namespace = build_parser().parse_args([*argv, *(extra_args or [])])
+    relay = run_relay(args)
+    return relay, services
+
+
+def run_demo() -> int:
+    """Run the headless demo: relay the services, drive traffic, print the flows, stop."""
+    relay, services = start_demo_relay()
+    names = list(services.upstreams)
+    ports = {
+        name: listener.address.port for name, listener in zip(names, relay.listeners, strict=True)
+    }
+    try:
+        drive_traffic(ports)
+    finally:
+        relay.stop(grace_s=2.0)
+        relay.bus.close()
+        services.stop()
+    return 0
