@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import http.server
 import socket
 import socketserver
@@ -140,7 +141,7 @@ def drive_traffic(ports: dict[str, int], rounds: int = 1) -> None:
             lambda: _chat_session(ports["chat"], [b"hello", b"how are you?", b"flowtap rocks"]),
             lambda: _http_get(ports["http"], "/"),
             lambda: _http_get(ports["http"], "/missing"),
-            lambda i=i: _chat_session(ports["chat"], [f"round {i}".encode()]),
+            functools.partial(_chat_session, ports["chat"], [f"round {i}".encode()]),
         ]
     steps += [lambda: _slow_stream(ports["chat"]), lambda: _reset_midway(ports["chat"])]
     for step in steps:
