@@ -111,6 +111,10 @@ def _reset_and_close(sock: socket.socket) -> None:
     sock.close()
 
 
+# Running out of descriptors is said once per process, whichever worker meets it first.
+_emfile_warned = threading.Event()
+
+
 class _SideReset(Exception):
     """A socket of the flow failed; `is_client` says which side."""
 
@@ -416,7 +420,6 @@ class Worker(threading.Thread):
         self._exit = False
         self._reported_empty = False
         self._accept_resume_at: float | None = None
-        self._emfile_logged = False
         self._next_idle_scan = time.monotonic() + self._idle_scan_interval()
         self._waker = _Waker(self)
         self._register(self._waker.fd, _IN, self._waker)
@@ -545,8 +548,8 @@ class Worker(threading.Thread):
 
     def pause_accepting(self, exc: OSError) -> None:
         """Out of descriptors: stop accepting for a moment, and say so once."""
-        if not self._emfile_logged:
-            self._emfile_logged = True
+        if not _emfile_warned.is_set():
+            _emfile_warned.set()
             log.warning(
                 "cannot accept more connections (%s); retrying as descriptors free up "
                 "(raise the limit with ulimit -n)",
