@@ -1,0 +1,94 @@
+"""Loopback peers for the benchmarks: a threaded bulk/ping-pong server and an asyncio echo.
+
+Run as a process: `python benchmarks/peers.py` prints `bulk PORT` and `echo PORT` lines.
+A bulk client's first byte picks the job: `U` upload (the server reads to EOF, answers the
+sha256 of what it read), `D<size>\\n` download (the server sends `size` bytes of a fixed
+pattern and closes), `P` ping-pong (one byte echoed at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import sys
+import threading
+
+BLOCK = bytes(range(256)) * 4096  # 1 MiB, deterministic so both ends know the digest
+
+
+def pattern_digest(size_bytes: int) -> str:
+    """The sha256 of `size_bytes` bytes of the download pattern."""
+    digest = hashlib.sha256()
+    full, rest = divmod(size_bytes, len(BLOCK))
+    for _ in range(full):
+        digest.update(BLOCK)
+    digest.update(BLOCK[:rest])
+    return digest.hexdigest()
+
+
+def _serve_bulk(conn: socket.socket) -> None:
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        kind = conn.recv(1)
+        if kind == b"U":
+            digest = hashlib.sha256()
+            buf = bytearray(262144)
+            view = memoryview(buf)
+            while n := conn.recv_into(buf):
+                digest.update(view[:n])
+            conn.sendall(digest.hexdigest().encode())
+        elif kind == b"D":
+            header = b""
+            while not header.endswith(b"\n"):
+                header += conn.recv(1)
+            left = int(header)
+            view = memoryview(BLOCK)
+            while left > 0:
+                step = min(left, len(BLOCK))
+                conn.sendall(view[:step])
+                left -= step
+        elif kind == b"P":
+            while data := conn.recv(1):
+                conn.sendall(data)
+
+
+def _bulk_server(sock: socket.socket) -> None:
+    while True:
+        conn, _ = sock.accept()
+        threading.Thread(target=_serve_bulk, args=(conn,), daemon=True).start()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def _echo_server() -> None:
+    server = await asyncio.start_server(_echo, "127.0.0.1", 0, backlog=4096)
+    print(f"echo {server.sockets[0].getsockname()[1]}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    bulk = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    print(f"bulk {bulk.getsockname()[1]}", flush=True)
+    threading.Thread(target=_bulk_server, args=(bulk,), daemon=True).start()
+    asyncio.run(_echo_server())
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(0)
+    finally:
+        os._exit(0)

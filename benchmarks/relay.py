@@ -1,0 +1,376 @@
+"""Relay benchmark: the same workloads direct, through socat, and through flowtap (capture off).
+
+Run on demand:  python benchmarks/relay.py [--quick]
+Prints a table of figures and the flowtap/socat ratios against the issue's targets.
+Everything runs on loopback; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import BLOCK, pattern_digest
+
+HERE = Path(__file__).resolve().parent
+MiB = 1 << 20
+
+
+@dataclass
+class Target:
+    """A way to reach the peers: direct, through socat, or through flowtap."""
+
+    name: str
+    bulk_port: int
+    echo_port: int
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def pids(self) -> list[int]:
+        """The relay's processes, forked children included."""
+        roots = [p.pid for p in self.procs]
+        found = list(roots)
+        for pid in roots:
+            out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+            found += [int(x) for x in out.stdout.split()]
+        return found
+
+    def rss_kib(self) -> int:
+        total = 0
+        for pid in self.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            match = re.search(r"VmRSS:\s+(\d+)", status)
+            total += int(match.group(1)) if match else 0
+        return total
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wait_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_socat(bulk: int, echo: int) -> Target:
+    procs = []
+    ports = []
+    for upstream in (bulk, echo):
+        port = free_port()
+        procs.append(
+            subprocess.Popen(
+                [
+                    "socat",
+                    "-b",
+                    "262144",
+                    f"TCP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1,backlog=4096",
+                    f"TCP:127.0.0.1:{upstream}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        ports.append(port)
+    for port in ports:
+        wait_port(port)
+    return Target("socat", ports[0], ports[1], procs)
+
+
+def flowtap_command() -> list[str]:
+    exe = shutil.which("flowtap", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "flowtap.inspector.cli"]
+
+
+def start_flowtap(bulk: int, echo: int, log_path: Path) -> tuple[Target, float]:
+    """Start flowtap; return it and the seconds from spawn to its listening lines."""
+    log = log_path.open("w")
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [
+            *flowtap_command(),
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            f"127.0.0.1:{bulk}",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            f"127.0.0.1:{echo}",
+        ],
+        stdout=log,
+        stderr=subprocess.DEVNULL,
+    )
+    ports: list[int] = []
+    deadline = time.monotonic() + 15
+    while len(ports) < 2 and time.monotonic() < deadline:
+        text = log_path.read_text()
+        ports = [int(p) for p in re.findall(r"^listening tcp 127\.0\.0\.1:(\d+) ->", text, re.M)]
+        if len(ports) < 2:
+            time.sleep(0.001)
+    elapsed = time.perf_counter() - started
+    if len(ports) < 2:
+        raise RuntimeError("flowtap did not print its listening lines")
+    return Target("flowtap", ports[0], ports[1], [proc]), elapsed  # type: ignore[list-item]
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+
+def bulk_up(port: int, size: int) -> float:
+    """Upload `size` bytes; return MB/s once the server confirmed the sha256."""
+    expected = pattern_digest(size)
+    view = memoryview(BLOCK)
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"U")
+        left = size
+        while left:
+            step = min(left, len(BLOCK))
+            sock.sendall(view[:step])
+            left -= step
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(100):
+            answer += chunk
+    elapsed = time.perf_counter() - started
+    if answer.decode() != expected:
+        raise RuntimeError("upload checksum mismatch")
+    return size / MiB / elapsed
+
+
+def bulk_down(port: int, size: int) -> float:
+    """Download `size` bytes; return MB/s after checking the sha256."""
+    expected = pattern_digest(size)
+    digest = hashlib.sha256()
+    buf = bytearray(262144)
+    view = memoryview(buf)
+    got = 0
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"D%d\n" % size)
+        while n := sock.recv_into(buf):
+            digest.update(view[:n])
+            got += n
+    elapsed = time.perf_counter() - started
+    if got != size or digest.hexdigest() != expected:
+        raise RuntimeError("download checksum mismatch")
+    return size / MiB / elapsed
+
+
+def parallel_down(port: int, streams: int, size: int) -> float:
+    """`streams` downloads at once; return the aggregate MB/s."""
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            bulk_down(port, size)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return streams * size / MiB / elapsed
+
+
+def ping_pong(port: int, rounds: int) -> tuple[float, float]:
+    """1-byte round trips; return p50 and p99 in microseconds."""
+    samples = []
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(b"P")
+        clock = time.perf_counter_ns
+        for _ in range(rounds):
+            started = clock()
+            sock.sendall(b"x")
+            if sock.recv(1) != b"x":
+                raise RuntimeError("ping-pong lost a byte")
+            samples.append((clock() - started) / 1000)
+    samples.sort()
+    return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
+
+
+def connection_rate(port: int, seconds: float, limit: int, threads: int = 4) -> float:
+    """New connections per second: connect, echo one byte, close; bounded by time and count."""
+    count = [0] * threads
+    deadline = time.perf_counter() + seconds
+    per_thread = limit // threads
+
+    def loop(index: int) -> None:
+        for _ in range(per_thread):
+            if time.perf_counter() > deadline:
+                return
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(b"c")
+                if sock.recv(1) != b"c":
+                    raise RuntimeError("connection lost its byte")
+            count[index] += 1
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sum(count) / (time.perf_counter() - started)
+
+
+def idle_rss_per_connection(target: Target, connections: int) -> float:
+    """Hold `connections` open flows; return the relay's RSS growth per flow in KiB."""
+    time.sleep(0.5)
+    before = target.rss_kib()
+    socks = []
+    try:
+        for _ in range(connections):
+            sock = socket.create_connection(("127.0.0.1", target.echo_port), timeout=30)
+            socks.append(sock)
+        for sock in socks:
+            sock.sendall(b"i")
+        for sock in socks:
+            if sock.recv(1) != b"i":
+                raise RuntimeError("idle connection lost its byte")
+        time.sleep(0.5)
+        after = target.rss_kib()
+    finally:
+        for sock in socks:
+            sock.close()
+    return (after - before) / connections
+
+
+def median_start_ms(runs: int, bulk: int, echo: int, workdir: Path) -> float:
+    samples = []
+    for i in range(runs):
+        target, elapsed = start_flowtap(bulk, echo, workdir / f"start{i}.log")
+        samples.append(elapsed * 1000)
+        target.stop()
+    return statistics.median(samples)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--size-mib", type=int, default=256, help="bulk size each way")
+    parser.add_argument("--idle", type=int, default=10_000, help="idle flows held by flowtap")
+    args = parser.parse_args()
+    size = (32 if args.quick else args.size_mib) * MiB
+    idle = 1000 if args.quick else args.idle
+    rounds = 2000 if args.quick else 20_000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4 * idle + 1024
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
+    except (ValueError, OSError):
+        print(f"cannot raise the open-files limit to {want}; run as root or raise ulimit -n")
+
+    workdir = Path(tempfile.mkdtemp(prefix="flowtap-bench-"))
+    peers = subprocess.Popen(
+        [sys.executable, str(HERE / "peers.py")], stdout=subprocess.PIPE, text=True
+    )
+    assert peers.stdout is not None
+    ports = dict(peers.stdout.readline().split() for _ in range(2))
+    bulk, echo = int(ports["bulk"]), int(ports["echo"])
+
+    results: dict[str, dict[str, float]] = {}
+    start_ms = median_start_ms(5, bulk, echo, workdir)
+    starters: dict[str, Callable[[], Target]] = {
+        "direct": lambda: Target("direct", bulk, echo),
+        "socat": lambda: start_socat(bulk, echo),
+        "flowtap": lambda: start_flowtap(bulk, echo, workdir / "flowtap.log")[0],
+    }
+    try:
+        for name, start in starters.items():
+            target = start()
+            row: dict[str, float] = {}
+            try:
+                row["bulk up MB/s"] = max(bulk_up(target.bulk_port, size) for _ in range(2))
+                row["bulk down MB/s"] = max(bulk_down(target.bulk_port, size) for _ in range(2))
+                row["8 streams MB/s"] = parallel_down(target.bulk_port, 8, size // 4)
+                p50, p99 = ping_pong(target.bulk_port, rounds)
+                row["ping-pong p50 us"] = p50
+                row["ping-pong p99 us"] = p99
+                row["conn/s"] = connection_rate(target.echo_port, 3.0, 20_000)
+                if name != "direct":
+                    held = idle if name == "flowtap" else min(idle, 1000)
+                    row["RSS KiB/idle conn"] = idle_rss_per_connection(target, held)
+                    row["idle conns held"] = held
+            finally:
+                target.stop()
+            results[name] = row
+            print(f"{name}: done", file=sys.stderr)
+    finally:
+        peers.terminate()
+        peers.wait()
+
+    metrics = list(results["flowtap"])
+    print(f"\nbulk size {size // MiB} MiB each way, {rounds} ping-pong rounds")
+    print(f"{'metric':<22}" + "".join(f"{n:>12}" for n in results) + f"{'flowtap/socat':>15}")
+    for metric in metrics:
+        cells = "".join(
+            f"{results[n][metric]:>12.1f}" if metric in results[n] else f"{'-':>12}"
+            for n in results
+        )
+        ratio = results["flowtap"][metric] / results["socat"][metric]
+        print(f"{metric:<22}{cells}{ratio:>14.2f}x")
+    print(f"{'start to listening ms':<22}{'':>24}{start_ms:>12.1f}")
+
+    f, s = results["flowtap"], results["socat"]
+    checks = [
+        ("bulk up >= 1.0x socat", f["bulk up MB/s"] >= s["bulk up MB/s"]),
+        ("bulk down >= 1.0x socat", f["bulk down MB/s"] >= s["bulk down MB/s"]),
+        ("ping-pong p50 <= 1.1x socat", f["ping-pong p50 us"] <= 1.1 * s["ping-pong p50 us"]),
+        ("conn/s >= 2x socat", f["conn/s"] >= 2 * s["conn/s"]),
+        (f"{int(f['idle conns held'])} idle conns <= 16 KiB each", f["RSS KiB/idle conn"] <= 16),
+        ("start to listening <= 300 ms", start_ms <= 300),
+    ]
+    print()
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+
+
+if __name__ == "__main__":
+    main()
