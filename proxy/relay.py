@@ -364,9 +364,9 @@ class _Accepter:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     worker.pause_accepting(exc)
                     return
-                if worker.stopping:
-                    return
-                raise
+                if not worker.stopping:
+                    log.warning("accept on %s failed: %s", self.listener.address, exc.strerror)
+                return
             worker.start_flow(self.listener, client, addr)
 
 

@@ -1,0 +1,143 @@
+"""The relay's event contract, observed in-process: opened, data, exactly one closed."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import free_port, wait_for
+from flowtap.proxy.events import Bus, LosslessObserver
+from flowtap.proxy.flow import (
+    Address,
+    CloseReason,
+    Direction,
+    FlowClosed,
+    FlowData,
+    FlowEvent,
+    FlowOpened,
+)
+from flowtap.proxy.listener import ListenerSpec
+from flowtap.proxy.relay import Relay, RelayConfig
+
+
+class Recorder:
+    """A lossless observer that keeps every event, in order, per flow."""
+
+    def __init__(self) -> None:
+        self.events: list[FlowEvent] = []
+        self._lock = threading.Lock()
+        self._observer = LosslessObserver(self._take, max_pending=8)
+
+    def _take(self, batch: list[FlowEvent]) -> None:
+        with self._lock:
+            self.events.extend(batch)
+
+    @property
+    def wants_data(self) -> bool:
+        return True
+
+    def handle(self, event: FlowEvent) -> None:
+        self._observer.handle(event)
+
+    def close(self) -> None:
+        self._observer.close()
+
+    def closed(self) -> list[FlowClosed]:
+        with self._lock:
+            return [e for e in self.events if isinstance(e, FlowClosed)]
+
+
+@pytest.fixture
+def relay_to(echo_server: tuple[str, int]) -> Iterator[tuple[Relay, Recorder]]:
+    recorder = Recorder()
+    spec = ListenerSpec(Address.parse("127.0.0.1:0"), Address.parse(f"127.0.0.1:{echo_server[1]}"))
+    relay = Relay([spec], Bus([recorder]), RelayConfig(workers=2))
+    relay.start()
+    yield relay, recorder
+    relay.stop(1.0)
+    relay.bus.close()
+
+
+def test_every_flow_is_opened_then_data_then_closed_once(relay_to: tuple[Relay, Recorder]) -> None:
+    relay, recorder = relay_to
+    port = relay.listeners[0].address.port
+    sent: dict[int, bytes] = {}
+    for i in range(60):
+        sock = socket.create_connection(("127.0.0.1", port))
+        payload = f"flow {i} ".encode() * (i + 1)
+        sock.sendall(payload)
+        sent[sock.getsockname()[1]] = payload
+        assert sock.recv(len(payload), socket.MSG_WAITALL) == payload
+        if i % 3 == 0:  # some end with a reset instead of a FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    wait_for(lambda: len(recorder.closed()) == 60, 10, "60 closed events")
+    by_flow: dict[int, list[FlowEvent]] = defaultdict(list)
+    for event in recorder.events:
+        flow_id = event.flow_id if isinstance(event, FlowData) else event.flow.id
+        by_flow[flow_id].append(event)
+    assert len(by_flow) == 60
+    for events in by_flow.values():
+        opened, *middle, closed = events
+        assert isinstance(opened, FlowOpened) and isinstance(closed, FlowClosed)
+        assert all(isinstance(e, FlowData) for e in middle)
+        up = b"".join(
+            e.data for e in middle if isinstance(e, FlowData) and e.direction is Direction.UP
+        )
+        down = b"".join(
+            e.data for e in middle if isinstance(e, FlowData) and e.direction is Direction.DOWN
+        )
+        assert up == sent[opened.flow.client.port]
+        assert down == up
+        assert closed.flow.bytes_up == len(up) and closed.flow.bytes_down == len(down)
+        assert closed.flow.reason in (CloseReason.CLIENT_CLOSED, CloseReason.CLIENT_RESET)
+        assert closed.flow.ended_at is not None and closed.flow.ended_at >= opened.flow.started_at
+    ids = sorted(by_flow)
+    assert ids == list(range(ids[0], ids[0] + 60))
+
+
+def test_refused_flow_still_opens_and_closes(echo_server: tuple[str, int]) -> None:
+    recorder = Recorder()
+    spec = ListenerSpec(Address.parse("127.0.0.1:0"), Address.parse(f"127.0.0.1:{free_port()}"))
+    relay = Relay([spec], Bus([recorder]))
+    relay.start()
+    try:
+        with socket.create_connection(("127.0.0.1", relay.listeners[0].address.port)) as sock:
+            sock.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                sock.recv(1)
+        wait_for(lambda: len(recorder.closed()) == 1, 10, "the closed event")
+    finally:
+        relay.stop(1.0)
+        relay.bus.close()
+    opened, closed = recorder.events
+    assert isinstance(opened, FlowOpened) and isinstance(closed, FlowClosed)
+    assert closed.flow.reason is CloseReason.UPSTREAM_REFUSED
+
+
+def test_kill_resets_both_sides(relay_to: tuple[Relay, Recorder]) -> None:
+    relay, recorder = relay_to
+    sock = socket.create_connection(("127.0.0.1", relay.listeners[0].address.port))
+    sock.sendall(b"x")
+    assert sock.recv(1) == b"x"
+    flow_id = next(e.flow.id for e in recorder.events if isinstance(e, FlowOpened))
+    relay.kill(flow_id)
+    sock.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        sock.recv(1)
+    wait_for(lambda: len(recorder.closed()) == 1, 10, "the closed event")
+    assert recorder.closed()[0].flow.reason is CloseReason.KILLED
+    sock.close()
+
+
+def test_address_parsing() -> None:
+    assert Address.parse("8080") == Address("127.0.0.1", 8080)
+    assert Address.parse("[::1]:53") == Address("::1", 53)
+    assert str(Address.parse("[::1]:53")) == "[::1]:53"
+    assert Address.parse("unix:/tmp/x.sock").path == "/tmp/x.sock"
+    assert str(Address.parse("localhost:1")) == "localhost:1"
