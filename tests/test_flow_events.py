@@ -141,3 +141,34 @@ def test_address_parsing() -> None:
     assert str(Address.parse("[::1]:53")) == "[::1]:53"
     assert Address.parse("unix:/tmp/x.sock").path == "/tmp/x.sock"
     assert str(Address.parse("localhost:1")) == "localhost:1"
+
+
+def test_slow_lossless_observer_slows_relay_but_loses_nothing(
+    echo_server: tuple[str, int],
+) -> None:
+    recorder = Recorder()
+    original = recorder._take
+
+    def slow_take(batch: list[FlowEvent]) -> None:
+        threading.Event().wait(0.002)  # a consumer slower than the relay
+        original(batch)
+
+    recorder._observer = LosslessObserver(slow_take, max_pending=4)
+    spec = ListenerSpec(Address.parse("0"), Address.parse(f"127.0.0.1:{echo_server[1]}"))
+    relay = Relay([spec], Bus([recorder]))
+    relay.start()
+    payload = bytes(range(256)) * 16384  # 4 MiB
+    try:
+        with socket.create_connection(("127.0.0.1", relay.listeners[0].address.port)) as sock:
+            sender = threading.Thread(target=sock.sendall, args=(payload,))
+            sender.start()
+            echoed = sock.recv(len(payload), socket.MSG_WAITALL)
+            sender.join()
+        assert echoed == payload
+        wait_for(lambda: len(recorder.closed()) == 1, 30, "the closed event")
+    finally:
+        relay.stop(1.0)
+        relay.bus.close()
+    data = [e for e in recorder.events if isinstance(e, FlowData)]
+    assert b"".join(e.data for e in data if e.direction is Direction.UP) == payload
+    assert b"".join(e.data for e in data if e.direction is Direction.DOWN) == payload
