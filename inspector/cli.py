@@ -17,6 +17,7 @@ from flowtap.proxy.flow import Address, Transport
 from flowtap.proxy.listener import ListenerSpec, is_loopback
 from flowtap.proxy.relay import Relay, RelayConfig, raise_fd_limit
 
+from .capture import CaptureObserver, capture_path_for
 from .log import FlowLog
 
 
@@ -37,6 +38,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _add_relay_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen",
@@ -54,7 +61,26 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--udp", action="store_true", help="relay UDP instead of TCP")
     parser.add_argument("--json", action="store_true", help="print flow events as JSON lines")
-    parser.add_argument("--pcap", metavar="FILE", help="capture flows to a pcap or pcapng file")
+    parser.add_argument(
+        "--pcap", metavar="FILE", help="capture flows to FILE (.pcap or .pcapng, mode 0600)"
+    )
+    parser.add_argument(
+        "--capture",
+        action="store_true",
+        help="capture flows to a timestamped .pcapng in captures/ (when no --pcap is given)",
+    )
+    parser.add_argument(
+        "--pcap-max-size",
+        type=_positive_int,
+        metavar="MB",
+        help="start a new capture file once one reaches MB megabytes (a ring, like dumpcap -b)",
+    )
+    parser.add_argument(
+        "--pcap-max-files",
+        type=_positive_int,
+        metavar="N",
+        help="with --pcap-max-size, keep only the newest N capture files",
+    )
     parser.add_argument(
         "--connect-timeout",
         type=_positive_float,
@@ -141,8 +167,18 @@ def run_relay(args: argparse.Namespace, extra_observers: Sequence[Observer] = ()
     specs = listener_specs(args)
     raise_fd_limit()
     observers: list[Observer] = [FlowLog(sys.stdout, as_json=args.json), *extra_observers]
-    if args.pcap:
-        raise FlowtapError("--pcap is not available in this build: drop --pcap")
+    capture_path = capture_path_for(args.pcap, args.capture)
+    if capture_path is not None:
+        max_size = args.pcap_max_size
+        observers.append(
+            CaptureObserver(
+                capture_path,
+                max_size_bytes=None if max_size is None else max_size * 1_000_000,
+                max_files=args.pcap_max_files,
+            )
+        )
+    elif args.pcap_max_size or args.pcap_max_files:
+        raise FlowtapError("--pcap-max-size and --pcap-max-files need --pcap FILE or --capture")
     bus = Bus(observers)
     config = RelayConfig(
         connect_timeout_s=args.connect_timeout,

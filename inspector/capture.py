@@ -1,0 +1,204 @@
+"""The capture observer: every flow event written to pcap/pcapng off the relay threads, losslessly.
+
+The relay hands events to one writer thread through a bounded queue and waits when the
+writer falls behind, so nothing is ever dropped. The file is flushed at least once a second
+(busy or idle), so after a crash it reads up to the last flush. With a size limit the
+capture becomes a ring of files, like dumpcap's `-b filesize:... -b files:...`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from datetime import datetime
+from pathlib import Path
+
+from flowtap.proxy.errors import FlowtapError
+from flowtap.proxy.events import LosslessObserver
+from flowtap.proxy.flow import FlowEvent
+
+from .pcap import CaptureWriter, PcapFile, PcapNgFile, open_packet_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FOLDER = Path("captures")
+
+
+def default_capture_path(folder: Path = DEFAULT_FOLDER, *, now: datetime | None = None) -> Path:
+    """A timestamped pcapng path in `folder` (created with mode 0700 if missing)."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FlowtapError(
+            f"cannot create the capture folder {str(folder)!r}: {exc.strerror}; "
+            "give --pcap FILE in a writable folder"
+        ) from None
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    path = folder / f"flowtap-{stamp}.pcapng"
+    counter = 1
+    while path.exists():
+        counter += 1
+        path = folder / f"flowtap-{stamp}-{counter}.pcapng"
+    return path
+
+
+class RotatingCapture:
+    """A `PacketFile` that starts a new file past `max_size_bytes`, keeping the newest `max_files`.
+
+    Without a size limit it is one file at `path`; with one, files are named like dumpcap's
+    ring buffer: `STEM_00001_YYYYmmddHHMMSS.SUFFIX`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_size_bytes: int | None = None,
+        max_files: int | None = None,
+    ) -> None:
+        if max_files is not None and max_size_bytes is None:
+            raise FlowtapError("--pcap-max-files needs --pcap-max-size MB to know when to rotate")
+        if max_files is not None and max_files < 1:
+            raise FlowtapError("--pcap-max-files must be at least 1")
+        if max_size_bytes is not None and max_size_bytes < 1:
+            raise FlowtapError("--pcap-max-size must be at least 1 MB")
+        self._path = path
+        self._max_size_bytes = max_size_bytes
+        self._max_files = max_files
+        self.generation = 0
+        self.paths: deque[Path] = deque()
+        self._current = self._open_next()
+
+    @property
+    def size_bytes(self) -> int:
+        return self._current.size_bytes
+
+    @property
+    def path(self) -> Path:
+        """The file being written now."""
+        return self.paths[-1]
+
+    def _open_next(self) -> PcapFile | PcapNgFile:
+        self.generation += 1
+        if self._max_size_bytes is None:
+            path = self._path
+        else:
+            stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+            path = self._path.with_name(
+                f"{self._path.stem}_{self.generation:05d}_{stamp}{self._path.suffix}"
+            )
+        current = open_packet_file(path)
+        self.paths.append(path)
+        while self._max_files is not None and len(self.paths) > self._max_files:
+            old = self.paths.popleft()
+            try:
+                old.unlink()
+            except OSError as exc:
+                log.warning("cannot remove old capture file %s: %s", old, exc.strerror)
+        return current
+
+    def write_packet(
+        self,
+        timestamp_ns: int,
+        header: bytes,
+        payload: bytes | memoryview,
+        comment: str | None = None,
+    ) -> None:
+        current = self._current
+        current.write_packet(timestamp_ns, header, payload, comment)
+        if self._max_size_bytes is not None and current.size_bytes >= self._max_size_bytes:
+            current.close()
+            self._current = self._open_next()
+
+    def flush(self) -> None:
+        self._current.flush()
+
+    def close(self) -> None:
+        self._current.close()
+
+
+class CaptureObserver:
+    """Captures every flow event to pcap/pcapng from its own thread; the relay waits if it lags.
+
+    The file (or first file of a ring) is created when the observer is, so a bad path fails
+    at start-up; `close` writes what is queued and closes the file.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_size_bytes: int | None = None,
+        max_files: int | None = None,
+        checksums: bool = False,
+        flush_interval_s: float = 0.5,
+        max_pending: int = 128,
+    ) -> None:
+        self.files = RotatingCapture(path, max_size_bytes=max_size_bytes, max_files=max_files)
+        self._writer = CaptureWriter(
+            self.files, checksums=checksums, file_generation=lambda: self.files.generation
+        )
+        self._flush_interval_s = flush_interval_s
+        self._flushed_at = time.monotonic()
+        self._dirty = False
+        self._lock = threading.Lock()
+        self._closed = False
+        # At 256 KiB a chunk, 128 waiting events bound the queue to 32 MiB.
+        self._observer = LosslessObserver(
+            self._consume,
+            max_pending=max_pending,
+            name="flowtap-capture",
+            on_idle=self._flush_if_dirty,
+            idle_interval_s=min(0.5, flush_interval_s),
+        )
+
+    @property
+    def wants_data(self) -> bool:
+        return True
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the capture stopped writing, if it did (a full disk, say)."""
+        return self._observer.error
+
+    def handle(self, event: FlowEvent) -> None:
+        self._observer.handle(event)
+
+    def _consume(self, batch: list[FlowEvent]) -> None:
+        write = self._writer.write
+        for event in batch:
+            write(event)
+        self._dirty = True
+        now = time.monotonic()
+        if now - self._flushed_at >= self._flush_interval_s:
+            self.files.flush()
+            self._flushed_at = now
+            self._dirty = False
+
+    def _flush_if_dirty(self) -> None:
+        if self._dirty:
+            self.files.flush()
+            self._dirty = False
+        self._flushed_at = time.monotonic()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._observer.close()
+        self.files.close()
+        if self._observer.error is not None:
+            log.error("the capture stopped early: %s", self._observer.error)
+
+
+def capture_path_for(pcap: str | None, capture: bool) -> Path | None:
+    """Where `--pcap FILE` / `--capture` ask the capture to go, or None for no capture."""
+    if pcap:
+        return Path(os.path.expanduser(pcap))
+    if capture:
+        return default_capture_path()
+    return None

@@ -1,0 +1,563 @@
+"""Flows written as packets: pcap and pcapng files that Wireshark reads as ordinary conversations.
+
+`CaptureWriter` turns flow events into Ethernet frames: a TCP flow becomes a three-way
+handshake at open, data segments whose seq/ack numbers match the bytes relayed (each segment
+at most one IP packet, a pure ACK from the receiver after each chunk) and, at close, FINs or
+a RST as the flow really ended; a UDP flow becomes one datagram per relayed datagram.
+
+Conventions a reader of the capture should know:
+
+- The Ethernet addresses are placeholders: the client is 02:00:00:00:00:01, the server
+  02:00:00:00:00:02.
+- A unix-socket endpoint has no IP address, so it appears as a placeholder: a unix client is
+  127.1.0.1 (fd00:f10e::1 when the other side is IPv6) with port 1024 + (flow id mod 64512),
+  a unix server is 127.1.0.2 (fd00:f10e::2) port 1. pcapng files name the real endpoints in
+  a packet comment (see `FLOW_COMMENT_PREFIX`); `flowtap show` prints them.
+- A flow whose client and server differ in IP family is written in IPv6, the IPv4 side as
+  an IPv4-mapped address (::ffff:a.b.c.d).
+- TCP checksums are left 0 unless `checksums=True` (Wireshark does not verify them by
+  default, and computing them costs the relay about a millisecond a megabyte); IP and UDP
+  checksums are always correct.
+
+The files are written through one buffered file rather than scapy's raw writers: scapy's
+pcapng writer has only microsecond resolution and copies each packet several times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from flowtap.proxy.errors import FlowtapError
+from flowtap.proxy.flow import (
+    Address,
+    CloseReason,
+    Direction,
+    Flow,
+    FlowClosed,
+    FlowData,
+    FlowEvent,
+    FlowOpened,
+    Transport,
+)
+
+log = logging.getLogger(__name__)
+
+LINKTYPE_ETHERNET = 1
+SNAPLEN = 262144
+FLOW_COMMENT_PREFIX = "flowtap "
+"""pcapng comments that start with this carry a JSON object describing the flow."""
+
+CLIENT_MAC = bytes.fromhex("020000000001")
+SERVER_MAC = bytes.fromhex("020000000002")
+UNIX_CLIENT_V4 = "127.1.0.1"
+UNIX_SERVER_V4 = "127.1.0.2"
+UNIX_CLIENT_V6 = "fd00:f10e::1"
+UNIX_SERVER_V6 = "fd00:f10e::2"
+UNIX_SERVER_PORT = 1
+
+_FIN = 0x01
+_SYN = 0x02
+_RST = 0x04
+_PSH = 0x08
+_ACK = 0x10
+_WINDOW = 0xFFFF
+_WINDOW_SHIFT = 14  # the largest scale TCP allows: the window never fills in the capture
+_TTL = 64
+_ETHERTYPE_IPV4 = 0x0800
+_ETHERTYPE_IPV6 = 0x86DD
+_PROTO_TCP = 6
+_PROTO_UDP = 17
+
+_ETH = struct.Struct("!6s6sH")
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_IPV6 = struct.Struct("!IHBB16s16s")
+_TCP = struct.Struct("!HHIIBBHHH")
+_UDP = struct.Struct("!HHHH")
+_ETH_IPV4_TCP = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIBBHHH")
+_ETH_IPV6_TCP = struct.Struct("!6s6sHIHBB16s16sHHIIBBHHH")
+
+_PCAP_HEADER = struct.Struct("<IHHiIII")
+_PCAP_RECORD = struct.Struct("<IIII")
+_PCAPNG_EPB = struct.Struct("<IIIIIII")
+_U32 = struct.Struct("<I")
+_OPT = struct.Struct("<HH")
+
+
+def _pad4(size: int) -> bytes:
+    return b"\0" * (-size % 4)
+
+
+def _fold(total: int) -> int:
+    """The ones'-complement checksum of a sum of 16-bit words (never 0: 0 means none in UDP)."""
+    return 0xFFFF - total % 0xFFFF
+
+
+def _words(data: bytes | memoryview) -> int:
+    """The sum of `data` as 16-bit big-endian words, modulo 0xFFFF (odd tails padded with 0)."""
+    value = int.from_bytes(data, "big")
+    if len(data) % 2:
+        value <<= 8
+    return value % 0xFFFF
+
+
+class PacketFile(Protocol):
+    """A capture file taking Ethernet frames, each given as a header and a payload."""
+
+    @property
+    def size_bytes(self) -> int: ...
+
+    def write_packet(
+        self,
+        timestamp_ns: int,
+        header: bytes,
+        payload: bytes | memoryview,
+        comment: str | None = None,
+    ) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _create_private(path: Path) -> BinaryIO:
+    """Open `path` for writing with mode 0600 (captures hold secrets); FlowtapError on failure."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise FlowtapError(
+            f"cannot create capture file {str(path)!r}: {exc.strerror}; "
+            "pick a writable path whose folder exists"
+        ) from None
+    with contextlib.suppress(OSError):  # not ours to change on some filesystems
+        os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb", buffering=1 << 20)
+
+
+class PcapFile:
+    """A classic pcap file (little-endian, microsecond timestamps, Ethernet)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = _create_private(path)
+        self._file.write(_PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
+        self.size_bytes = _PCAP_HEADER.size
+
+    def write_packet(
+        self,
+        timestamp_ns: int,
+        header: bytes,
+        payload: bytes | memoryview,
+        comment: str | None = None,
+    ) -> None:
+        size = len(header) + len(payload)
+        sec, ns = divmod(timestamp_ns, 1_000_000_000)
+        write = self._file.write
+        write(_PCAP_RECORD.pack(sec, ns // 1000, size, size) + header)
+        if payload:
+            write(payload)
+        self.size_bytes += 16 + size
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class PcapNgFile:
+    """A pcapng file: one section, one Ethernet interface with nanosecond timestamps."""
+
+    def __init__(self, path: Path, *, application: str = "flowtap") -> None:
+        self.path = path
+        self._file = _create_private(path)
+        app = application.encode()
+        shb_options = _OPT.pack(4, len(app)) + app + _pad4(len(app)) + _OPT.pack(0, 0)
+        shb_length = 28 + len(shb_options)
+        shb = (
+            _U32.pack(0x0A0D0D0A)
+            + _U32.pack(shb_length)
+            + struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
+            + shb_options
+            + _U32.pack(shb_length)
+        )
+        name = b"flowtap"
+        idb_options = (
+            _OPT.pack(2, len(name))
+            + name
+            + _pad4(len(name))
+            + _OPT.pack(9, 1)
+            + bytes((9, 0, 0, 0))  # if_tsresol: 10^-9 s
+            + _OPT.pack(0, 0)
+        )
+        idb_length = 20 + len(idb_options)
+        idb = (
+            struct.pack("<IIHHI", 1, idb_length, LINKTYPE_ETHERNET, 0, SNAPLEN)
+            + idb_options
+            + _U32.pack(idb_length)
+        )
+        self._file.write(shb + idb)
+        self.size_bytes = len(shb) + len(idb)
+
+    def write_packet(
+        self,
+        timestamp_ns: int,
+        header: bytes,
+        payload: bytes | memoryview,
+        comment: str | None = None,
+    ) -> None:
+        size = len(header) + len(payload)
+        tail = _pad4(size)
+        if comment:
+            text = comment.encode()
+            tail += _OPT.pack(1, len(text)) + text + _pad4(len(text)) + _OPT.pack(0, 0)
+        total = 32 + size + len(tail)
+        write = self._file.write
+        write(
+            _PCAPNG_EPB.pack(6, total, 0, timestamp_ns >> 32, timestamp_ns & 0xFFFFFFFF, size, size)
+            + header
+        )
+        if payload:
+            write(payload)
+        write(tail + _U32.pack(total))
+        self.size_bytes += total
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def open_packet_file(path: Path) -> PcapFile | PcapNgFile:
+    """A new capture file whose format follows the extension: `.pcap` or `.pcapng`."""
+    suffix = path.suffix.lower()
+    if suffix == ".pcap":
+        return PcapFile(path)
+    if suffix == ".pcapng":
+        return PcapNgFile(path)
+    raise FlowtapError(
+        f"cannot tell the capture format of {str(path)!r}: name the file .pcap or .pcapng"
+    )
+
+
+def _timestamp_ns(timestamp: float) -> int:
+    seconds = int(timestamp)
+    return seconds * 1_000_000_000 + round((timestamp - seconds) * 1e9)
+
+
+def _ip_bytes(host: str, family: int) -> bytes | None:
+    host = host.split("%", 1)[0]
+    try:
+        return socket.inet_pton(family, host)
+    except OSError:
+        return None
+
+
+def _endpoints(flow: Flow) -> tuple[bool, bytes, int, bytes, int]:
+    """(is IPv6, client IP, client port, server IP, server port) as written in the capture."""
+    client, server = flow.client, flow.server
+    is_v6 = (not client.is_unix and client.is_ipv6) or (not server.is_unix and server.is_ipv6)
+    family = socket.AF_INET6 if is_v6 else socket.AF_INET
+
+    def ip_of(address: Address, placeholder_v4: str, placeholder_v6: str) -> bytes:
+        if not address.is_unix:
+            if is_v6 and not address.is_ipv6:
+                raw = _ip_bytes(address.host, socket.AF_INET)
+                if raw is not None:
+                    return b"\0" * 10 + b"\xff\xff" + raw
+            else:
+                raw = _ip_bytes(address.host, family)
+                if raw is not None:
+                    return raw
+        return socket.inet_pton(family, placeholder_v6 if is_v6 else placeholder_v4)
+
+    client_port = 1024 + flow.id % 64512 if client.is_unix else client.port
+    server_port = UNIX_SERVER_PORT if server.is_unix else server.port
+    return (
+        is_v6,
+        ip_of(client, UNIX_CLIENT_V4, UNIX_CLIENT_V6),
+        client_port,
+        ip_of(server, UNIX_SERVER_V4, UNIX_SERVER_V6),
+        server_port,
+    )
+
+
+def flow_comment(flow: Flow, *, closing: bool = False) -> str:
+    """The pcapng comment naming a flow's real endpoints, or how it ended when `closing`."""
+    record: dict[str, object] = {"flow": flow.id}
+    if closing:
+        record["reason"] = None if flow.reason is None else str(flow.reason)
+        if flow.error:
+            record["error"] = flow.error
+    else:
+        record.update(client=str(flow.client), server=str(flow.server))
+        record["listener"] = str(flow.listener)
+    return FLOW_COMMENT_PREFIX + json.dumps(record, separators=(",", ":"))
+
+
+class _Side:
+    """One end of a conversation: its addresses and what it has sent so far."""
+
+    __slots__ = ("checksum_base", "ident", "ip", "mac", "peer_ip", "peer_mac", "port", "seq")
+
+    def __init__(self, mac: bytes, peer_mac: bytes, ip: bytes, peer_ip: bytes, port: int) -> None:
+        self.mac = mac
+        self.peer_mac = peer_mac
+        self.ip = ip
+        self.peer_ip = peer_ip
+        self.port = port
+        self.seq = 0
+        self.ident = 0
+        # The IPv4 header words that never change, for an incremental header checksum.
+        self.checksum_base = 0x4500 + 0x4000 + (_TTL << 8) + _words(ip) + _words(peer_ip)
+
+
+class _Conversation:
+    """The packets of one flow: the state needed to number them, and their construction."""
+
+    __slots__ = (
+        "client",
+        "comment_generation",
+        "flow",
+        "is_udp",
+        "is_v6",
+        "last_ns",
+        "max_payload",
+        "proto",
+        "server",
+    )
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+        self.is_udp = flow.transport is Transport.UDP
+        self.proto = _PROTO_UDP if self.is_udp else _PROTO_TCP
+        is_v6, client_ip, client_port, server_ip, server_port = _endpoints(flow)
+        self.is_v6 = is_v6
+        self.client = _Side(CLIENT_MAC, SERVER_MAC, client_ip, server_ip, client_port)
+        self.server = _Side(SERVER_MAC, CLIENT_MAC, server_ip, client_ip, server_port)
+        # Initial sequence numbers: arbitrary but reproducible for a given flow.
+        self.client.seq = (flow.id * 0x9E3779B1) & 0xFFFFFFFF
+        self.server.seq = (flow.id * 0x85EBCA77 + 0x1234567) & 0xFFFFFFFF
+        self.client.ident = flow.id & 0xFFFF
+        self.server.ident = (flow.id * 7) & 0xFFFF
+        ip_header = 40 if is_v6 else 20
+        transport_header = 8 if self.is_udp else 20
+        self.max_payload = 65535 - transport_header - (0 if is_v6 else ip_header)
+        self.last_ns = 0
+        self.comment_generation = -1
+
+    def tcp_header(
+        self,
+        src: _Side,
+        dst: _Side,
+        flags: int,
+        payload: bytes | memoryview,
+        *,
+        options: bytes = b"",
+        checksums: bool,
+    ) -> bytes:
+        """Ethernet, IP and TCP headers for one segment from `src` carrying `payload`."""
+        tcp_length = 20 + len(options) + len(payload)
+        offset = (5 + len(options) // 4) << 4
+        window = _WINDOW
+        if self.is_v6:
+            header = _ETH_IPV6_TCP.pack(
+                src.peer_mac, src.mac, _ETHERTYPE_IPV6,
+                0x60000000, tcp_length, _PROTO_TCP, _TTL, src.ip, dst.ip,
+                src.port, dst.port, src.seq, dst.seq if flags & _ACK else 0,
+                offset, flags, window, 0, 0,
+            )  # fmt: skip
+            ip_end = 54
+        else:
+            total = 20 + tcp_length
+            ident = src.ident
+            src.ident = (ident + 1) & 0xFFFF
+            ip_sum = _fold(src.checksum_base + _PROTO_TCP + total + ident)
+            header = _ETH_IPV4_TCP.pack(
+                src.peer_mac, src.mac, _ETHERTYPE_IPV4,
+                0x45, 0, total, ident, 0x4000, _TTL, _PROTO_TCP, ip_sum, src.ip, dst.ip,
+                src.port, dst.port, src.seq, dst.seq if flags & _ACK else 0,
+                offset, flags, window, 0, 0,
+            )  # fmt: skip
+            ip_end = 34
+        if options:
+            header += options
+        if checksums:
+            pseudo = _words(src.ip) + _words(dst.ip) + _PROTO_TCP + tcp_length
+            tcp_sum = _fold(pseudo + _words(header[ip_end:]) + _words(payload))
+            header = header[: ip_end + 16] + tcp_sum.to_bytes(2, "big") + header[ip_end + 18 :]
+        return header
+
+    def udp_header(self, src: _Side, dst: _Side, payload: bytes | memoryview) -> bytes:
+        """Ethernet, IP and UDP headers (with a correct UDP checksum) for one datagram."""
+        udp_length = 8 + len(payload)
+        pseudo = _words(src.ip) + _words(dst.ip) + _PROTO_UDP + udp_length
+        udp_sum = _fold(
+            pseudo + _words(_UDP.pack(src.port, dst.port, udp_length, 0)) + _words(payload)
+        )
+        udp = _UDP.pack(src.port, dst.port, udp_length, udp_sum)
+        if self.is_v6:
+            ip = _IPV6.pack(0x60000000, udp_length, _PROTO_UDP, _TTL, src.ip, dst.ip)
+            ethertype = _ETHERTYPE_IPV6
+        else:
+            total = 20 + udp_length
+            ident = src.ident
+            src.ident = (ident + 1) & 0xFFFF
+            ip_sum = _fold(src.checksum_base + _PROTO_UDP + total + ident)
+            ip = _IPV4.pack(0x45, 0, total, ident, 0x4000, _TTL, _PROTO_UDP, ip_sum, src.ip, dst.ip)
+            ethertype = _ETHERTYPE_IPV4
+        return _ETH.pack(src.peer_mac, src.mac, ethertype) + ip + udp
+
+
+# How each close reason ends the conversation: who sends FIN (or RST) first.
+_CLOSE_BY_FIN = {
+    CloseReason.CLIENT_CLOSED: (True,),
+    CloseReason.SERVER_CLOSED: (False,),
+    # flowtap closed both sockets itself: each peer saw flowtap's FIN.
+    CloseReason.IDLE_TIMEOUT: (False,),
+    CloseReason.SHUTDOWN: (False,),
+}
+_CLOSE_BY_RST = {
+    CloseReason.CLIENT_RESET: (True,),
+    CloseReason.SERVER_RESET: (False,),
+    CloseReason.UPSTREAM_REFUSED: (False,),
+    CloseReason.UPSTREAM_TIMEOUT: (False,),
+    CloseReason.ERROR: (False,),
+    CloseReason.KILLED: (False, True),
+}
+
+
+class CaptureWriter:
+    """Writes flow events as packets to a `PacketFile`; one writer thread calls `write`.
+
+    `file_generation` (when given) says which file of a rotation is current, so that the
+    first packet of a flow in each new pcapng file names the flow's endpoints again.
+    """
+
+    def __init__(
+        self,
+        out: PacketFile,
+        *,
+        checksums: bool = False,
+        file_generation: Callable[[], int] | None = None,
+    ) -> None:
+        self._out = out
+        self._checksums = checksums
+        self._conversations: dict[int, _Conversation] = {}
+        self._generation = file_generation or (lambda: 0)
+
+    def write(self, event: FlowEvent) -> None:
+        if type(event) is FlowData:
+            conversation = self._conversations.get(event.flow_id)
+            if conversation is None:
+                log.debug("data for unknown flow %d not captured", event.flow_id)
+                return
+            self._data(conversation, event)
+        elif isinstance(event, FlowOpened):
+            conversation = _Conversation(event.flow)
+            self._conversations[event.flow.id] = conversation
+            if not conversation.is_udp:
+                self._handshake(conversation, _timestamp_ns(event.flow.started_at))
+        elif isinstance(event, FlowClosed):
+            found = self._conversations.pop(event.flow.id, None)
+            if found is not None:
+                self._close(found, event.flow)
+
+    def _comment(self, conversation: _Conversation) -> str | None:
+        generation = self._generation()
+        if conversation.comment_generation == generation:
+            return None
+        conversation.comment_generation = generation
+        return flow_comment(conversation.flow)
+
+    def _emit(
+        self,
+        conversation: _Conversation,
+        src: _Side,
+        dst: _Side,
+        flags: int,
+        timestamp_ns: int,
+        payload: bytes | memoryview = b"",
+        *,
+        options: bytes = b"",
+        comment: str | None = None,
+    ) -> None:
+        header = conversation.tcp_header(
+            src, dst, flags, payload, options=options, checksums=self._checksums
+        )
+        self._out.write_packet(
+            timestamp_ns, header, payload, comment or self._comment(conversation)
+        )
+
+    def _handshake(self, conversation: _Conversation, timestamp_ns: int) -> None:
+        client, server = conversation.client, conversation.server
+        conversation.last_ns = timestamp_ns
+        # MSS (the largest segment this capture uses), NOP, window scale.
+        options = struct.pack("!BBHBBBB", 2, 4, conversation.max_payload, 1, 3, 3, _WINDOW_SHIFT)
+        self._emit(conversation, client, server, _SYN, timestamp_ns, options=options)
+        client.seq = (client.seq + 1) & 0xFFFFFFFF
+        self._emit(conversation, server, client, _SYN | _ACK, timestamp_ns, options=options)
+        server.seq = (server.seq + 1) & 0xFFFFFFFF
+        self._emit(conversation, client, server, _ACK, timestamp_ns)
+
+    def _data(self, conversation: _Conversation, event: FlowData) -> None:
+        timestamp_ns = _timestamp_ns(event.timestamp)
+        if timestamp_ns < conversation.last_ns:
+            timestamp_ns = conversation.last_ns
+        conversation.last_ns = timestamp_ns
+        if event.direction is Direction.UP:
+            src, dst = conversation.client, conversation.server
+        else:
+            src, dst = conversation.server, conversation.client
+        data = event.data
+        step = conversation.max_payload
+        if conversation.is_udp:
+            if len(data) > step:
+                log.warning("flow %d: datagram of %d bytes cut to fit IP", event.flow_id, step)
+                data = data[:step]
+            header = conversation.udp_header(src, dst, data)
+            self._out.write_packet(timestamp_ns, header, data, self._comment(conversation))
+            return
+        if not data:
+            return
+        view = memoryview(data)
+        size = len(data)
+        for start in range(0, size, step):
+            chunk = view[start : start + step]
+            last = start + step >= size
+            self._emit(conversation, src, dst, _PSH | _ACK if last else _ACK, timestamp_ns, chunk)
+            src.seq = (src.seq + len(chunk)) & 0xFFFFFFFF
+        self._emit(conversation, dst, src, _ACK, timestamp_ns)
+
+    def _close(self, conversation: _Conversation, flow: Flow) -> None:
+        timestamp_ns = max(
+            _timestamp_ns(flow.ended_at if flow.ended_at is not None else flow.started_at),
+            conversation.last_ns,
+        )
+        conversation.flow = flow
+        comment = flow_comment(flow, closing=True)
+        if conversation.is_udp:
+            return
+        client, server = conversation.client, conversation.server
+        reason = flow.reason or CloseReason.SHUTDOWN
+        if reason in _CLOSE_BY_RST:
+            for from_client in _CLOSE_BY_RST[reason]:
+                src, dst = (client, server) if from_client else (server, client)
+                self._emit(conversation, src, dst, _RST | _ACK, timestamp_ns, comment=comment)
+                comment = ""
+            return
+        first_is_client = _CLOSE_BY_FIN.get(reason, (False,))[0]
+        first, second = (client, server) if first_is_client else (server, client)
+        self._emit(conversation, first, second, _FIN | _ACK, timestamp_ns, comment=comment)
+        first.seq = (first.seq + 1) & 0xFFFFFFFF
+        self._emit(conversation, second, first, _FIN | _ACK, timestamp_ns)
+        second.seq = (second.seq + 1) & 0xFFFFFFFF
+        self._emit(conversation, first, second, _ACK, timestamp_ns)

@@ -1,0 +1,100 @@
+"""How the capture tests read a pcap back: tshark (expert info, follow, fields) and scapy."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+TSHARK_TIMEOUT_S = 240.0
+_SECTION = re.compile(r"^(Errors|Warns|Notes|Chats|Comments) \((\d+)\)")
+_ENTRY = re.compile(r"^\s+\d+\s+\S+\s+\S+\s+(.*)$")
+
+
+def tshark(*args: str, timeout_s: float = TSHARK_TIMEOUT_S) -> str:
+    """Run tshark; fail on a non-zero exit or any complaint other than the root-user notice."""
+    result = subprocess.run(
+        ["tshark", *args], capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+    complaints = [
+        line
+        for line in result.stderr.splitlines()
+        if line.strip() and not line.startswith("Running as user")
+    ]
+    assert result.returncode == 0 and not complaints, (
+        f"tshark {' '.join(args)} exited {result.returncode}: {result.stderr}"
+    )
+    return result.stdout
+
+
+def expert_entries(path: Path, *prefs: str) -> dict[str, list[str]]:
+    """tshark's expert info for `path`: section name (Errors, Warns, ...) to entry summaries."""
+    options = [arg for pref in prefs for arg in ("-o", pref)]
+    out = tshark("-r", str(path), *options, "-q", "-z", "expert")
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in out.splitlines():
+        match = _SECTION.match(line)
+        if match:
+            current = sections.setdefault(match.group(1), [])
+            continue
+        row = _ENTRY.match(line)
+        if row and current is not None:
+            current.append(row.group(1).strip())
+    return sections
+
+
+def assert_tshark_clean(path: Path, *prefs: str, allowed_warnings: tuple[str, ...] = ()) -> None:
+    """tshark reads `path` with no malformed packet, no expert error, and no expert warning
+    but those named in `allowed_warnings` (a reset flow warns "Connection reset (RST)")."""
+    sections = expert_entries(path, *prefs)
+    assert not sections.get("Errors"), sections
+    unexpected = [w for w in sections.get("Warns", []) if w not in allowed_warnings]
+    assert not unexpected, sections
+
+
+def follow_tcp(path: Path, stream: int) -> tuple[bytes, bytes]:
+    """The bytes tshark's Follow TCP Stream shows for `stream`: (first node's, second node's)."""
+    out = tshark("-r", str(path), "-q", "-z", f"follow,tcp,raw,{stream}")
+    return _parse_follow(out)
+
+
+def follow_udp(path: Path, stream: int) -> tuple[bytes, bytes]:
+    out = tshark("-r", str(path), "-q", "-z", f"follow,udp,raw,{stream}")
+    return _parse_follow(out)
+
+
+def _parse_follow(out: str) -> tuple[bytes, bytes]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Node 1:")) + 1
+    first: list[bytes] = []
+    second: list[bytes] = []
+    for line in lines[start:]:
+        if line.startswith("="):
+            break
+        if line.startswith("\t"):
+            second.append(bytes.fromhex(line.strip()))
+        elif line:
+            first.append(bytes.fromhex(line))
+    return b"".join(first), b"".join(second)
+
+
+def fields(
+    path: Path, *names: str, display_filter: str = "", prefs: tuple[str, ...] = ()
+) -> list[list[str]]:
+    """One row per packet of the given tshark fields (with tshark preferences `prefs`)."""
+    args = ["-r", str(path), "-T", "fields", "-E", "separator=|"]
+    for pref in prefs:
+        args += ["-o", pref]
+    if display_filter:
+        args += ["-Y", display_filter]
+    for name in names:
+        args += ["-e", name]
+    return [line.split("|") for line in tshark(*args).splitlines() if line]
+
+
+def scapy_packets(path: Path) -> list[object]:
+    """Every packet of `path` as scapy dissects it (pcap or pcapng)."""
+    from scapy.utils import rdpcap
+
+    return list(rdpcap(str(path)))

@@ -1,0 +1,222 @@
+"""`flowtap run --pcap`: real peers relayed, the capture read back by tshark and scapy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from capture_checks import assert_tshark_clean, fields, follow_tcp, scapy_packets
+
+from conftest import flowtap_command, wait_for
+
+RST_WARNING = ("Connection reset (RST)",)
+
+
+def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    """Send `payload`, half-close, and return everything the peer sent back."""
+    with socket.create_connection((host, port), timeout=30) as sock:
+        received = bytearray()
+
+        def read() -> None:
+            while data := sock.recv(262144):
+                received.extend(data)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(60)
+        return bytes(received)
+
+
+@pytest.mark.parametrize("suffix", [".pcap", ".pcapng"])
+def test_relayed_flows_follow_in_tshark_to_the_bytes_peers_sent(
+    flowtap, echo_server: tuple[str, int], tmp_path: Path, suffix: str
+) -> None:
+    capture = tmp_path / f"session{suffix}"
+    proxy = flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo_server[1]}",
+        "--pcap", str(capture),
+    )  # fmt: skip
+    payloads = [b"hello\r\n", os.urandom(1_000_000), os.urandom(3) + b"\x00\xff"]
+    for payload in payloads:
+        assert exchange(proxy.port, payload) == payload
+    proxy.wait_line(r"#3 closed")
+    assert proxy.stop() == 0
+    assert stat.S_IMODE(capture.stat().st_mode) == 0o600
+    assert_tshark_clean(capture)
+    for stream, payload in enumerate(payloads):
+        assert follow_tcp(capture, stream) == (payload, payload)
+    assert len(scapy_packets(capture)) == len(fields(capture, "frame.number"))
+
+
+def test_redis_through_flowtap_is_captured_over_tcp_and_unix_socket(
+    flowtap, redis_server: int, tmp_path: Path
+) -> None:
+    capture = tmp_path / "redis.pcapng"
+    sock_path = tmp_path / "flowtap.sock"
+    proxy = flowtap(
+        "run",
+        "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{redis_server}",
+        "--listen", f"unix:{sock_path}", "--upstream", f"127.0.0.1:{redis_server}",
+        "--pcap", str(capture),
+        listeners=2,
+    )  # fmt: skip
+    tcp = subprocess.run(
+        ["redis-cli", "-p", str(proxy.port), "SET", "greeting", "hello"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    unix = subprocess.run(
+        ["redis-cli", "-s", str(sock_path), "GET", "greeting"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert tcp.stdout.strip() == "OK" and unix.stdout.strip() == "hello"
+    proxy.wait_line(r"#2 closed")
+    assert proxy.stop() == 0
+    assert_tshark_clean(capture)
+    up, down = follow_tcp(capture, 0)
+    assert b"SET" in up and b"greeting" in up and down == b"+OK\r\n"
+    up, down = follow_tcp(capture, 1)
+    assert b"GET" in up and down == b"$5\r\nhello\r\n"
+    rows = fields(capture, "ip.src", "ip.dst", "tcp.dstport", display_filter="tcp.stream == 1")
+    assert rows[0] == ["127.1.0.1", "127.0.0.1", str(redis_server)]
+    comments = fields(capture, "frame.comment", display_filter="tcp.stream == 1 && frame.comment")
+    assert json.loads(comments[0][0].removeprefix("flowtap "))["client"] == f"unix:{sock_path}"
+
+
+def test_capture_survives_sigkill_up_to_the_last_flush(
+    flowtap, echo_server: tuple[str, int], tmp_path: Path
+) -> None:
+    capture = tmp_path / "killed.pcapng"
+    proxy = flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo_server[1]}",
+        "--pcap", str(capture),
+    )  # fmt: skip
+    payload = os.urandom(200_000)
+    assert exchange(proxy.port, payload) == payload
+    proxy.wait_line(r"#1 closed")
+    # Flushed within a second: the whole flow is on disk before the process dies.
+    wait_for(lambda: capture.stat().st_size > 2 * len(payload), 5.0, "the capture to be flushed")
+    proxy.stop(signal.SIGKILL)
+    assert_tshark_clean(capture)
+    assert follow_tcp(capture, 0) == (payload, payload)
+
+
+def test_rotation_keeps_a_ring_of_the_newest_files(
+    flowtap, echo_server: tuple[str, int], tmp_path: Path
+) -> None:
+    proxy = flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo_server[1]}",
+        "--pcap", str(tmp_path / "ring.pcap"), "--pcap-max-size", "1", "--pcap-max-files", "3",
+    )  # fmt: skip
+    payload = os.urandom(3_000_000)  # 6 MB captured: about six files made, three kept
+    assert exchange(proxy.port, payload) == payload
+    proxy.wait_line(r"#1 closed")
+    assert proxy.stop() == 0
+    files = sorted(tmp_path.glob("ring_*.pcap"))
+    numbers = [int(f.name.split("_")[1]) for f in files]
+    assert numbers[-1] >= 5 and numbers == [numbers[-1] - 2, numbers[-1] - 1, numbers[-1]]
+    for path in files[:-1]:
+        assert 1_000_000 <= path.stat().st_size < 1_000_000 + 70_000
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        # A file that starts mid-flow has no handshake; tshark still reads it cleanly.
+        fields(path, "tcp.stream")
+        assert len(scapy_packets(path)) > 0
+
+
+def test_capture_without_a_file_name_goes_to_captures_folder(
+    echo_server: tuple[str, int], tmp_path: Path
+) -> None:
+    proc = subprocess.Popen(
+        [
+            *flowtap_command(), "run", "--listen", "127.0.0.1:0",
+            "--upstream", f"127.0.0.1:{echo_server[1]}", "--capture",
+        ],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        port = int(line.split()[2].rsplit(":", 1)[1])
+        assert exchange(port, b"ping") == b"ping"
+        wait_for(lambda: "#1 closed" in proc.stdout.readline(), 10, "the flow to close")  # type: ignore[union-attr]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    files = list((tmp_path / "captures").glob("flowtap-*.pcapng"))
+    assert len(files) == 1
+    assert stat.S_IMODE((tmp_path / "captures").stat().st_mode) == 0o700
+    assert follow_tcp(files[0], 0) == (b"ping", b"ping")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pcap", "/nonexistent-folder/x.pcap"], "cannot create capture file"),
+        (["--pcap", "x.cap"], "name the file .pcap or .pcapng"),
+        (["--pcap-max-size", "5"], "need --pcap FILE or --capture"),
+        (["--pcap", "x.pcap", "--pcap-max-files", "2"], "needs --pcap-max-size"),
+    ],
+)
+def test_bad_capture_options_are_one_line_errors(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        [*flowtap_command(), "run", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flowtap: error:") and message in lines[0]
+
+
+def _sha256_of_stream(size_bytes: int, seed: bytes) -> tuple[bytes, str]:
+    block = hashlib.sha256(seed).digest() * (1 << 15)  # 1 MiB
+    digest = hashlib.sha256()
+    for _ in range(size_bytes // len(block)):
+        digest.update(block)
+    return block, digest.hexdigest()
+
+
+@pytest.mark.slow
+def test_64_mib_each_way_is_captured_without_loss(
+    flowtap, echo_server: tuple[str, int], tmp_path: Path
+) -> None:
+    size = 64 << 20
+    capture = tmp_path / "bulk.pcapng"
+    proxy = flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo_server[1]}",
+        "--pcap", str(capture),
+    )  # fmt: skip
+    block, expected = _sha256_of_stream(size, b"lossless")
+    received = hashlib.sha256()
+    count = 0
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as sock:
+
+        def read() -> None:
+            nonlocal count
+            while data := sock.recv(262144):
+                received.update(data)
+                count += len(data)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        for _ in range(size // len(block)):
+            sock.sendall(block)
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(120)
+    assert count == size and received.hexdigest() == expected
+    proxy.wait_line(r"#1 closed")
+    assert proxy.stop() == 0
+    up, down = follow_tcp(capture, 0)
+    assert hashlib.sha256(up).hexdigest() == expected
+    assert hashlib.sha256(down).hexdigest() == expected

@@ -1,0 +1,274 @@
+"""The capture writer: flow events in, pcap/pcapng out that tshark and scapy read as traffic."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from capture_checks import (
+    assert_tshark_clean,
+    fields,
+    follow_tcp,
+    follow_udp,
+    scapy_packets,
+)
+
+from flowtap.inspector.pcap import CaptureWriter, open_packet_file
+from flowtap.proxy.errors import FlowtapError
+from flowtap.proxy.flow import (
+    Address,
+    CloseReason,
+    Direction,
+    Flow,
+    FlowClosed,
+    FlowData,
+    FlowEvent,
+    FlowOpened,
+    FlowState,
+    Transport,
+)
+
+T0 = 1_764_000_000.123456
+
+
+def make_flow(
+    flow_id: int,
+    client: Address,
+    server: Address,
+    transport: Transport = Transport.TCP,
+    started_at: float = T0,
+) -> Flow:
+    return Flow(
+        id=flow_id,
+        transport=transport,
+        client=client,
+        server=server,
+        listener=Address("127.0.0.1", 9000),
+        started_at=started_at,
+        state=FlowState.OPEN,
+    )
+
+
+def conversation(
+    flow: Flow,
+    chunks: list[tuple[Direction, bytes]],
+    reason: CloseReason = CloseReason.CLIENT_CLOSED,
+    error: str | None = None,
+) -> list[FlowEvent]:
+    events: list[FlowEvent] = [FlowOpened(flow)]
+    up = down = 0
+    t = flow.started_at
+    for direction, data in chunks:
+        t += 0.001
+        events.append(FlowData(flow.id, direction, t, data))
+        if direction is Direction.UP:
+            up += len(data)
+        else:
+            down += len(data)
+    closed = flow.closed(
+        ended_at=t + 0.001, bytes_up=up, bytes_down=down, reason=reason, error=error
+    )
+    events.append(FlowClosed(closed))
+    return events
+
+
+def write_capture(path: Path, events: list[FlowEvent], *, checksums: bool = False) -> Path:
+    out = open_packet_file(path)
+    writer = CaptureWriter(out, checksums=checksums)
+    for event in events:
+        writer.write(event)
+    out.close()
+    return path
+
+
+def sent_bytes(chunks: list[tuple[Direction, bytes]], direction: Direction) -> bytes:
+    return b"".join(data for d, data in chunks if d is direction)
+
+
+@pytest.mark.parametrize("suffix", [".pcap", ".pcapng"])
+@pytest.mark.parametrize(
+    ("client", "server"),
+    [
+        (Address("127.0.0.1", 40000), Address("127.0.0.1", 6379)),
+        (Address("::1", 40000), Address("::1", 6379)),
+    ],
+    ids=["ipv4", "ipv6"],
+)
+def test_tcp_flow_follows_in_tshark_to_exact_bytes(
+    tmp_path: Path, suffix: str, client: Address, server: Address
+) -> None:
+    chunks = [
+        (Direction.UP, b"*1\r\n$4\r\nPING\r\n"),
+        (Direction.DOWN, b"+PONG\r\n"),
+        (Direction.UP, os.urandom(262144)),  # more than one IP packet can hold
+        (Direction.DOWN, os.urandom(200_001)),  # odd length
+        (Direction.UP, b"\x00" * 70000),
+    ]
+    flow = make_flow(1, client, server)
+    path = write_capture(tmp_path / f"flow{suffix}", conversation(flow, chunks))
+    assert_tshark_clean(path)
+    up, down = follow_tcp(path, 0)
+    assert up == sent_bytes(chunks, Direction.UP)
+    assert down == sent_bytes(chunks, Direction.DOWN)
+    rows = fields(path, "ip.src", "ipv6.src", "tcp.srcport", "tcp.dstport", "tcp.len")
+    first = rows[0]
+    assert client.host in first[:2]
+    assert first[2:4] == [str(client.port), str(server.port)]
+    # Segments fill but never overflow an IP packet (IPv6's limit excludes its own header).
+    largest = 65535 - 20 - (0 if client.is_ipv6 else 20)
+    assert max(int(row[4]) for row in rows) == largest
+    assert len(scapy_packets(path)) == len(rows)
+
+
+@pytest.mark.parametrize("suffix", [".pcap", ".pcapng"])
+def test_timestamps_are_the_event_times_in_the_formats_resolution(
+    tmp_path: Path, suffix: str
+) -> None:
+    flow = make_flow(1, Address("127.0.0.1", 40000), Address("127.0.0.1", 80))
+    events: list[FlowEvent] = [
+        FlowOpened(flow),
+        FlowData(1, Direction.UP, 1_764_000_001.000123456, b"GET / HTTP/1.0\r\n\r\n"),
+        FlowClosed(
+            flow.closed(
+                ended_at=1_764_000_002.5,
+                bytes_up=18,
+                bytes_down=0,
+                reason=CloseReason.CLIENT_CLOSED,
+            )
+        ),
+    ]
+    path = write_capture(tmp_path / f"t{suffix}", events)
+    assert_tshark_clean(path)
+    times = [row[0] for row in fields(path, "frame.time_epoch", display_filter="tcp.len > 0")]
+    seconds, fraction = times[0].split(".")
+    assert seconds == "1764000001"
+    # pcap keeps microseconds; pcapng nanoseconds (a float event time is exact to ~0.25 µs).
+    if suffix == ".pcap":
+        assert fraction == "000123000"
+    else:
+        assert fraction.startswith("0001235") and not fraction.endswith("000")
+
+
+def tcp_flags(path: Path) -> list[tuple[str, str]]:
+    """(source port, flags) of every packet without payload after the handshake."""
+    rows = fields(path, "tcp.srcport", "tcp.flags.str", "tcp.len")
+    return [(port, flags.strip("·").strip()) for port, flags, size in rows[3:] if size == "0"]
+
+
+@pytest.mark.parametrize(
+    ("reason", "ending"),
+    [
+        (CloseReason.CLIENT_CLOSED, ["client FIN", "server FIN", "client ACK"]),
+        (CloseReason.SERVER_CLOSED, ["server FIN", "client FIN", "server ACK"]),
+        (CloseReason.CLIENT_RESET, ["client RST"]),
+        (CloseReason.SERVER_RESET, ["server RST"]),
+        (CloseReason.UPSTREAM_REFUSED, ["server RST"]),
+        (CloseReason.KILLED, ["server RST", "client RST"]),
+        (CloseReason.SHUTDOWN, ["server FIN", "client FIN", "server ACK"]),
+    ],
+)
+def test_flow_ends_with_fin_or_rst_as_it_really_ended(
+    tmp_path: Path, reason: CloseReason, ending: list[str]
+) -> None:
+    flow = make_flow(3, Address("127.0.0.1", 40000), Address("127.0.0.1", 6379))
+    chunks = [(Direction.UP, b"hello"), (Direction.DOWN, b"world")]
+    path = write_capture(tmp_path / "end.pcapng", conversation(flow, chunks, reason, "boom"))
+    assert_tshark_clean(path, allowed_warnings=("Connection reset (RST)",))
+    rows = fields(path, "tcp.srcport", "tcp.flags.fin", "tcp.flags.reset", "tcp.flags.ack")
+    # After the handshake: data, ack, data, ack, then the ending.
+    tail = rows[7:]
+    described = []
+    for port, fin, rst, _ack in tail:
+        side = "client" if port == "40000" else "server"
+        kind = "FIN" if fin in ("1", "True") else "RST" if rst in ("1", "True") else "ACK"
+        described.append(f"{side} {kind}")
+    assert described == ending
+    up, down = follow_tcp(path, 0)
+    assert (up, down) == (b"hello", b"world")
+    comments = fields(path, "frame.comment", display_filter="frame.comment")
+    closing = json.loads(comments[-1][0].removeprefix("flowtap "))
+    assert closing == {"flow": 3, "reason": str(reason), "error": "boom"}
+
+
+def test_udp_datagrams_carry_valid_checksums(tmp_path: Path) -> None:
+    flow = make_flow(
+        1, Address("127.0.0.1", 40001), Address("127.0.0.1", 9999), transport=Transport.UDP
+    )
+    chunks = [
+        (Direction.UP, b"query-one"),
+        (Direction.DOWN, b"answer-1"),
+        (Direction.UP, b""),
+        (Direction.DOWN, os.urandom(65507)),
+    ]
+    path = write_capture(tmp_path / "udp.pcapng", conversation(flow, chunks))
+    prefs = ("udp.check_checksum:TRUE", "ip.check_checksum:TRUE")
+    assert_tshark_clean(path, *prefs)
+    rows = fields(path, "udp.checksum.status", "ip.checksum.status", "udp.length", prefs=prefs)
+    assert [row[0] for row in rows] == ["1"] * 4  # good
+    assert [row[1] for row in rows] == ["1"] * 4
+    assert [int(row[2]) for row in rows] == [17, 16, 8, 65515]
+    up, down = follow_udp(path, 0)
+    assert up == b"query-one" and down == sent_bytes(chunks, Direction.DOWN)
+    assert len(scapy_packets(path)) == 4
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_tcp_checksums_are_correct_when_asked_for(tmp_path: Path, host: str) -> None:
+    flow = make_flow(1, Address(host, 40000), Address(host, 8080))
+    chunks = [(Direction.UP, os.urandom(100_001)), (Direction.DOWN, b"ok")]
+    path = write_capture(tmp_path / "sum.pcap", conversation(flow, chunks), checksums=True)
+    prefs = ("tcp.check_checksum:TRUE", "ip.check_checksum:TRUE")
+    assert_tshark_clean(path, *prefs)
+    rows = fields(path, "tcp.checksum.status", "ip.checksum.status", prefs=prefs)
+    assert {row[0] for row in rows} == {"1"}
+    assert {row[1] for row in rows} == ({""} if ":" in host else {"1"})  # IPv6 has none
+
+
+def test_unix_socket_flows_use_placeholders_and_name_the_path(tmp_path: Path) -> None:
+    flow = make_flow(7, Address("", path="/tmp/app.sock"), Address("", path="/run/redis.sock"))
+    v6 = make_flow(8, Address("", path="/tmp/app.sock"), Address("::1", 6379))
+    events = [
+        *conversation(flow, [(Direction.UP, b"PING\r\n"), (Direction.DOWN, b"+PONG\r\n")]),
+        *conversation(v6, [(Direction.UP, b"INFO\r\n")]),
+    ]
+    path = write_capture(tmp_path / "unix.pcapng", events)
+    assert_tshark_clean(path)
+    rows = fields(path, "ip.src", "ip.dst", "tcp.srcport", "tcp.dstport", display_filter="ip")
+    assert rows[0] == ["127.1.0.1", "127.1.0.2", str(1024 + 7), "1"]
+    rows6 = fields(path, "ipv6.src", "ipv6.dst", display_filter="ipv6")
+    assert rows6[0] == ["fd00:f10e::1", "::1"]
+    comments = [row[0] for row in fields(path, "frame.comment", display_filter="frame.comment")]
+    opening = json.loads(comments[0].removeprefix("flowtap "))
+    assert opening["client"] == "unix:/tmp/app.sock"
+    assert opening["server"] == "unix:/run/redis.sock"
+    assert follow_tcp(path, 0) == (b"PING\r\n", b"+PONG\r\n")
+
+
+def test_mixed_families_are_written_as_ipv6_with_mapped_ipv4(tmp_path: Path) -> None:
+    flow = make_flow(1, Address("::1", 40000), Address("127.0.0.1", 6379))
+    path = write_capture(
+        tmp_path / "mixed.pcap", conversation(flow, [(Direction.UP, b"x" * 70000)])
+    )
+    assert_tshark_clean(path)
+    rows = fields(path, "ipv6.src", "ipv6.dst")
+    assert rows[0] == ["::1", "::ffff:127.0.0.1"]
+    assert follow_tcp(path, 0)[0] == b"x" * 70000
+
+
+def test_capture_files_are_private(tmp_path: Path) -> None:
+    target = tmp_path / "secret.pcapng"
+    target.write_bytes(b"old")
+    target.chmod(0o644)
+    write_capture(target, [])
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert_tshark_clean(target)
+
+
+def test_unknown_extension_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(FlowtapError, match=r"name the file \.pcap or \.pcapng"):
+        open_packet_file(tmp_path / "capture.txt")
+    with pytest.raises(FlowtapError, match="cannot create capture file"):
+        open_packet_file(tmp_path / "missing" / "capture.pcap")
