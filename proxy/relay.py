@@ -478,7 +478,10 @@ class Worker(threading.Thread):
             for flow in list(self.flows.values()):
                 self.close_flow(flow, CloseReason.SHUTDOWN)
             self._ep.close()
-            os.close(self._waker.fd)
+
+    def release(self) -> None:
+        """Free the wake-up descriptor; only after the thread has ended, so no submit races it."""
+        os.close(self._waker.fd)
 
     def _poll_timeout(self) -> float:
         now = time.monotonic()
@@ -739,6 +742,7 @@ class Relay:
             worker.submit("exit")
         for worker in self._workers:
             worker.join()
+            worker.release()
         self._close_listeners()
 
     def _close_listeners(self) -> None:
