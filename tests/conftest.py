@@ -206,3 +206,99 @@ def redis_server(tmp_path: Path) -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@dataclass
+class UdpEchoServer:
+    """A UDP echo server process (tests/udp_echo.py) that counts what it received."""
+
+    proc: subprocess.Popen[str]
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def stop(self) -> tuple[int, int]:
+        """Stop the server; return the datagrams and bytes it received."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        match = re.search(r"datagrams=(\d+) bytes=(\d+)", out)
+        assert match, f"udp echo server said {out!r}"
+        return int(match.group(1)), int(match.group(2))
+
+
+def start_udp_echo(host: str = "127.0.0.1", port: int = 0) -> UdpEchoServer:
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("udp_echo.py")), host, str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the server prints its port once bound, or exits
+    if not line.startswith("port "):
+        proc.kill()
+        raise AssertionError(f"udp echo server did not start on {host}:{port}: {line!r}")
+    return UdpEchoServer(proc, host, int(line.split()[1]))
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[type[UdpEchoServer]]:
+    """Start UDP echo servers with `udp_echo(host="127.0.0.1", port=0)`; stopped at teardown."""
+    started: list[UdpEchoServer] = []
+
+    def start(host: str = "127.0.0.1", port: int = 0) -> UdpEchoServer:
+        server = start_udp_echo(host, port)
+        started.append(server)
+        return server
+
+    yield start  # type: ignore[misc]
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[int]:
+    """dnsmasq on 127.0.0.1:PORT answering only for example.test, never resolving upstream."""
+    if shutil.which("dnsmasq") is None or shutil.which("dig") is None:
+        pytest.fail("dnsmasq or dig is not installed: run tests/setup-debian.sh")
+    port = free_port(socket.SOCK_DGRAM)
+    proc = subprocess.Popen(
+        [
+            "dnsmasq",
+            "--no-daemon",
+            f"--port={port}",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--address=/example.test/127.0.0.9",
+            "--address=/example.test/::9",
+            "--txt-record=txt.example.test,flowtap relays datagrams",
+            "--mx-host=example.test,mail.example.test,10",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def answers() -> bool:
+        result = subprocess.run(
+            ["dig", "@127.0.0.1", "-p", str(port), "+time=1", "+tries=1", "+short", "example.test"],
+            capture_output=True,
+            text=True,
+        )
+        return proc.poll() is not None or result.stdout.strip() == "127.0.0.9"
+
+    try:
+        wait_for(answers, 10, "dnsmasq to answer")
+        assert proc.poll() is None, "dnsmasq exited"
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
