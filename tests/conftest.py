@@ -261,13 +261,21 @@ def udp_echo() -> Iterator[type[UdpEchoServer]]:
             server.proc.wait()
 
 
-@pytest.fixture
-def dns_server() -> Iterator[int]:
-    """dnsmasq on 127.0.0.1:PORT answering only for example.test, never resolving upstream."""
-    if shutil.which("dnsmasq") is None or shutil.which("dig") is None:
-        pytest.fail("dnsmasq or dig is not installed: run tests/setup-debian.sh")
-    port = free_port(socket.SOCK_DGRAM)
-    proc = subprocess.Popen(
+def _free_tcp_and_udp_port() -> int:
+    """A loopback port that is free for both TCP and UDP right now."""
+    for _ in range(50):
+        port = free_port(socket.SOCK_DGRAM)
+        with socket.socket() as tcp:
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no port free for both TCP and UDP")
+
+
+def _start_dnsmasq(port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [
             "dnsmasq",
             "--no-daemon",
@@ -284,20 +292,32 @@ def dns_server() -> Iterator[int]:
             "--mx-host=example.test,mail.example.test,10",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
-    def answers() -> bool:
-        result = subprocess.run(
-            ["dig", "@127.0.0.1", "-p", str(port), "+time=1", "+tries=1", "+short", "example.test"],
-            capture_output=True,
-            text=True,
-        )
-        return proc.poll() is not None or result.stdout.strip() == "127.0.0.9"
 
-    try:
+@pytest.fixture
+def dns_server() -> Iterator[int]:
+    """dnsmasq on 127.0.0.1:PORT answering only for example.test, never resolving upstream."""
+    if shutil.which("dnsmasq") is None or shutil.which("dig") is None:
+        pytest.fail("dnsmasq or dig is not installed: run tests/setup-debian.sh")
+    for _ in range(3):  # another process may take the port between the check and dnsmasq
+        port = _free_tcp_and_udp_port()
+        proc = _start_dnsmasq(port)
+
+        def answers(port: int = port, proc: subprocess.Popen[str] = proc) -> bool:
+            query = ["dig", "@127.0.0.1", "-p", str(port), "+time=1", "+tries=1", "+short"]
+            result = subprocess.run([*query, "example.test"], capture_output=True, text=True)
+            return proc.poll() is not None or result.stdout.strip() == "127.0.0.9"
+
         wait_for(answers, 10, "dnsmasq to answer")
-        assert proc.poll() is None, "dnsmasq exited"
+        if proc.poll() is None:
+            break
+    else:
+        assert proc.stderr is not None
+        raise AssertionError(f"dnsmasq exited: {proc.stderr.read()}")
+    try:
         yield port
     finally:
         proc.terminate()

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from conftest import FlowtapProcess, UdpEchoServer, free_port, wait_for
 from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import (
