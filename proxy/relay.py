@@ -442,6 +442,10 @@ class Worker(threading.Thread):
         for udp in self.udp:
             self._register(udp.sock.fileno(), _IN | _ET, udp)
 
+    @property
+    def waker_fd(self) -> int:
+        return self._waker.fd
+
     # -- cross-thread commands -------------------------------------------------------------
 
     def submit(self, command: str, argument: object = None) -> None:
@@ -507,7 +511,8 @@ class Worker(threading.Thread):
             for udp in udp_listeners:
                 udp.close_all(CloseReason.SHUTDOWN)
             self._ep.close()
-            os.close(self._waker.fd)
+            # The waker's descriptor stays open until Relay.stop has joined this thread: a
+            # submit racing with "exit" must not write to a closed (or reused) descriptor.
 
     def _poll_timeout(self) -> float:
         now = time.monotonic()
@@ -786,6 +791,7 @@ class Relay:
             worker.submit("exit")
         for worker in self._workers:
             worker.join()
+            os.close(worker.waker_fd)
         self._close_listeners()
 
     def _close_listeners(self) -> None:
