@@ -105,6 +105,21 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=2, metavar="N", help="relay threads (default 2)"
     )
+    parser.add_argument(
+        "--udp-idle-timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="close a UDP session after S seconds without a datagram (default 60; 0: never)",
+    )
+    parser.add_argument(
+        "--udp-max-sessions",
+        type=_positive_int,
+        default=10_000,
+        metavar="N",
+        help="UDP sessions per listener; at the limit the least recently active one is closed "
+        "(default 10000)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +199,8 @@ def run_relay(args: argparse.Namespace, extra_observers: Sequence[Observer] = ()
         connect_timeout_s=args.connect_timeout,
         idle_timeout_s=args.idle_timeout or None,
         workers=max(1, args.workers),
+        udp_idle_timeout_s=args.udp_idle_timeout or None,
+        udp_max_sessions=args.udp_max_sessions,
     )
     try:
         relay = Relay(specs, bus, config)

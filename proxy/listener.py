@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
+import stat
 from dataclasses import dataclass
 
 from .errors import FlowtapError
@@ -18,6 +20,10 @@ class ListenerSpec:
     listen: Address
     upstream: Address
     transport: Transport = Transport.TCP
+
+
+# sockaddr_un holds 108 bytes including the terminating NUL.
+_MAX_UNIX_PATH_BYTES = 107
 
 
 def is_loopback(address: Address) -> bool:
@@ -34,6 +40,12 @@ def is_loopback(address: Address) -> bool:
 def resolve(address: Address, transport: Transport = Transport.TCP) -> tuple[int, object]:
     """The socket family and sockaddr for `address`; raise FlowtapError if it cannot resolve."""
     if address.path is not None:
+        size = len(os.fsencode(address.path))
+        if size > _MAX_UNIX_PATH_BYTES:
+            raise FlowtapError(
+                f"the unix socket path {address.path!r} is {size} bytes, longer than the "
+                f"{_MAX_UNIX_PATH_BYTES} the system allows: use a shorter path"
+            )
         return socket.AF_UNIX, address.path
     kind = socket.SOCK_DGRAM if transport is Transport.UDP else socket.SOCK_STREAM
     try:
@@ -50,6 +62,8 @@ def bind(spec: ListenerSpec, *, backlog: int = 4096) -> socket.socket:
     """A non-blocking socket listening on `spec.listen`; raise FlowtapError if it cannot bind."""
     family, sockaddr = resolve(spec.listen, spec.transport)
     kind = socket.SOCK_DGRAM if spec.transport is Transport.UDP else socket.SOCK_STREAM
+    if family == socket.AF_UNIX:
+        remove_stale_unix_socket(str(sockaddr))
     sock = socket.socket(family, kind)
     try:
         if family != socket.AF_UNIX:
@@ -66,14 +80,73 @@ def bind(spec: ListenerSpec, *, backlog: int = 4096) -> socket.socket:
     return sock
 
 
+def remove_stale_unix_socket(path: str) -> None:
+    """Remove the socket file at `path` if nothing listens on it; FlowtapError if something does.
+
+    A socket file outlives a process that was killed; like servers do, try to connect to tell
+    a stale one from a live one, and never remove anything that is not a socket.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise FlowtapError(f"cannot inspect {path}: {exc.strerror}: pick another path") from None
+    if not stat.S_ISSOCK(mode):
+        raise FlowtapError(
+            f"{path} exists and is not a socket: remove it yourself or listen on another path"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        pass  # nothing listens: stale
+    except OSError as exc:
+        if exc.errno == errno.EPROTOTYPE:
+            raise FlowtapError(
+                f"unix:{path} is in use by a datagram socket of another program: stop it or "
+                "pick another path"
+            ) from None
+        raise FlowtapError(
+            f"cannot tell whether unix:{path} is in use ({exc.strerror or exc}): remove it "
+            "yourself if it is stale, or pick another path"
+        ) from None
+    else:
+        raise FlowtapError(
+            f"unix:{path} is in use: another program accepts connections on it; stop it or "
+            "pick another path"
+        )
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise FlowtapError(
+            f"cannot remove the stale socket {path}: {exc.strerror}: remove it yourself or "
+            "pick another path"
+        ) from None
+
+
 def _bind_error(spec: ListenerSpec, exc: OSError) -> FlowtapError:
     where = str(spec.listen)
+    if spec.listen.path is not None and exc.errno == errno.ENOENT:
+        return FlowtapError(
+            f"cannot listen on {where}: the directory {os.path.dirname(spec.listen.path)!r} "
+            "does not exist: create it or pick another path"
+        )
     if exc.errno == errno.EADDRINUSE:
         if spec.listen.is_unix:
             return FlowtapError(f"{where} is in use by another program: pick another path")
         return FlowtapError(
             f"port {spec.listen.port} is in use on {spec.listen.host}: "
             f"pick another port, or :0 for a free one"
+        )
+    if exc.errno == errno.EACCES and spec.listen.is_unix:
+        return FlowtapError(
+            f"no permission to create {where}: pick a path in a directory you can write"
         )
     if exc.errno == errno.EACCES:
         return FlowtapError(
@@ -83,7 +156,7 @@ def _bind_error(spec: ListenerSpec, exc: OSError) -> FlowtapError:
         return FlowtapError(
             f"{spec.listen.host} is not an address of this machine: listen on 127.0.0.1 or [::1]"
         )
-    return FlowtapError(f"cannot listen on {where}: {exc.strerror}")
+    return FlowtapError(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
 def bound_address(sock: socket.socket, spec: ListenerSpec) -> Address:

@@ -14,6 +14,7 @@ import errno
 import heapq
 import itertools
 import logging
+import math
 import os
 import resource
 import select
@@ -39,6 +40,7 @@ from .flow import (
     next_flow_id,
 )
 from .listener import ListenerSpec, bind, bound_address, resolve
+from .udp import UdpListener, UdpSession, check_spec
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class RelayConfig:
     idle_timeout_s: float | None = None
     buffer_size_bytes: int = 256 * 1024
     workers: int = 2
+    udp_idle_timeout_s: float | None = 60.0
+    udp_max_sessions: int = 10_000
 
 
 @dataclass(slots=True)
@@ -388,7 +392,7 @@ class _Waker:
         os.eventfd_write(self.fd, 1)
 
 
-_Handler = _TcpFlow | _Accepter | _Waker
+_Handler = _TcpFlow | _Accepter | _Waker | UdpListener | UdpSession
 
 
 class Worker(threading.Thread):
@@ -407,7 +411,7 @@ class Worker(threading.Thread):
         self.config = config
         self.buffer = bytearray(config.buffer_size_bytes)
         self.view = memoryview(self.buffer)
-        self.ready: collections.deque[_TcpFlow] = collections.deque()
+        self.ready: collections.deque[_TcpFlow | UdpListener | UdpSession] = collections.deque()
         self.flows: dict[int, _TcpFlow] = {}
         self.stopping = False
         self._listeners = list(listeners)
@@ -423,8 +427,20 @@ class Worker(threading.Thread):
         self._next_idle_scan = time.monotonic() + self._idle_scan_interval()
         self._waker = _Waker(self)
         self._register(self._waker.fd, _IN, self._waker)
-        self._accepters = [_Accepter(self, listener) for listener in self._listeners]
+        self._accepters = [
+            _Accepter(self, listener)
+            for listener in self._listeners
+            if listener.spec.transport is Transport.TCP
+        ]
         self._watch_listeners()
+        # A UDP listener is owned by one worker (see Relay), which relays all its sessions.
+        self.udp = [
+            UdpListener(self, listener)
+            for listener in self._listeners
+            if listener.spec.transport is Transport.UDP
+        ]
+        for udp in self.udp:
+            self._register(udp.sock.fileno(), _IN | _ET, udp)
 
     # -- cross-thread commands -------------------------------------------------------------
 
@@ -439,13 +455,19 @@ class Worker(threading.Thread):
             if command == "stop-accepting":
                 self.stopping = True
                 self._unwatch_listeners()
+                for udp in self.udp:
+                    udp.stop_accepting(time.monotonic())
             elif command == "kill":
                 flow = self.flows.get(int(argument))  # type: ignore[call-overload]
                 if flow is not None:
                     self.close_flow(flow, CloseReason.KILLED, reset=True)
+                for udp in self.udp:
+                    udp.kill(int(argument))  # type: ignore[call-overload]
             elif command == "close-all":
                 for flow in list(self.flows.values()):
                     self.close_flow(flow, CloseReason(str(argument)))
+                for udp in self.udp:
+                    udp.close_all(CloseReason(str(argument)))
             elif command == "exit":
                 self._exit = True
         self._check_empty()
@@ -456,6 +478,7 @@ class Worker(threading.Thread):
         poll = self._ep.poll
         handlers = self._handlers
         ready = self.ready
+        udp_listeners = self.udp
         try:
             while not self._exit:
                 timeout = 0.0 if ready else self._poll_timeout()
@@ -474,9 +497,15 @@ class Worker(threading.Thread):
                     self._check_deadlines(now)
                 if now >= self._next_idle_scan:
                     self._scan_idle(now)
+                for udp in udp_listeners:
+                    if now >= udp.deadline:
+                        udp.on_deadline(now)
+                        self._check_empty()
         finally:
             for flow in list(self.flows.values()):
                 self.close_flow(flow, CloseReason.SHUTDOWN)
+            for udp in udp_listeners:
+                udp.close_all(CloseReason.SHUTDOWN)
             self._ep.close()
 
     def release(self) -> None:
@@ -492,6 +521,9 @@ class Worker(threading.Thread):
         if self._accept_resume_at is not None:
             resume = self._accept_resume_at
             wake_at = resume if wake_at is None else min(wake_at, resume)
+        for udp in self.udp:
+            if udp.deadline != math.inf:
+                wake_at = udp.deadline if wake_at is None else min(wake_at, udp.deadline)
         if wake_at is None:
             return -1.0
         return max(0.0, wake_at - now)
@@ -536,6 +568,14 @@ class Worker(threading.Thread):
         if self._handlers.pop(fd, None) is not None:
             with contextlib.suppress(OSError, ValueError):
                 self._ep.unregister(fd)
+
+    def watch(self, fd: int, mask: int, handler: UdpSession) -> None:
+        """Deliver the epoll events of `fd` to `handler` on this worker's thread."""
+        self._register(fd, mask, handler)
+
+    def unwatch(self, fd: int) -> None:
+        """Stop delivering the events of `fd`; call before closing it."""
+        self._unregister(fd)
 
     def _watch_listeners(self) -> None:
         for accepter in self._accepters:
@@ -663,6 +703,8 @@ class Worker(threading.Thread):
         self._check_empty()
 
     def _check_empty(self) -> None:
+        if any(udp.sessions for udp in self.udp):
+            return
         if self.stopping and not self.flows and not self._reported_empty:
             self._reported_empty = True
             self._on_empty()
@@ -681,10 +723,8 @@ class Relay:
         self.listeners: list[BoundListener] = []
         try:
             for spec in specs:
-                if spec.transport is not Transport.TCP:
-                    raise FlowtapError(
-                        f"{spec.transport} listeners are not supported yet: drop --udp"
-                    )
+                if spec.transport is Transport.UDP:
+                    check_spec(spec)
                 family, sockaddr = resolve(spec.upstream, spec.transport)
                 sock = bind(spec)
                 self.listeners.append(
@@ -703,9 +743,13 @@ class Relay:
         self._empty = threading.Event()
         self._empty_workers = 0
         self._empty_lock = threading.Lock()
+        # Every worker accepts on every TCP listener; each UDP listener belongs to one worker.
+        count = max(1, self.config.workers)
+        tcp = [lst for lst in self.listeners if lst.spec.transport is Transport.TCP]
+        udp = [lst for lst in self.listeners if lst.spec.transport is Transport.UDP]
         self._workers = [
-            Worker(i, self.listeners, bus, self.config, self._worker_empty)
-            for i in range(max(1, self.config.workers))
+            Worker(i, tcp + udp[i::count], bus, self.config, self._worker_empty)
+            for i in range(count)
         ]
         self._started = False
 
@@ -716,7 +760,10 @@ class Relay:
 
     @property
     def open_flows(self) -> int:
-        return sum(len(worker.flows) for worker in self._workers)
+        return sum(
+            len(worker.flows) + sum(len(udp.sessions) for udp in worker.udp)
+            for worker in self._workers
+        )
 
     def kill(self, flow_id: int) -> None:
         """Reset both sides of a live flow; a flow that already ended is ignored."""

@@ -206,3 +206,119 @@ def redis_server(tmp_path: Path) -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@dataclass
+class UdpEchoServer:
+    """A UDP echo server process (tests/udp_echo.py) that counts what it received."""
+
+    proc: subprocess.Popen[str]
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def stop(self) -> tuple[int, int]:
+        """Stop the server; return the datagrams and bytes it received."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        match = re.search(r"datagrams=(\d+) bytes=(\d+)", out)
+        assert match, f"udp echo server said {out!r}"
+        return int(match.group(1)), int(match.group(2))
+
+
+def start_udp_echo(host: str = "127.0.0.1", port: int = 0) -> UdpEchoServer:
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("udp_echo.py")), host, str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the server prints its port once bound, or exits
+    if not line.startswith("port "):
+        proc.kill()
+        raise AssertionError(f"udp echo server did not start on {host}:{port}: {line!r}")
+    return UdpEchoServer(proc, host, int(line.split()[1]))
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[type[UdpEchoServer]]:
+    """Start UDP echo servers with `udp_echo(host="127.0.0.1", port=0)`; stopped at teardown."""
+    started: list[UdpEchoServer] = []
+
+    def start(host: str = "127.0.0.1", port: int = 0) -> UdpEchoServer:
+        server = start_udp_echo(host, port)
+        started.append(server)
+        return server
+
+    yield start  # type: ignore[misc]
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def _free_tcp_and_udp_port() -> int:
+    """A loopback port that is free for both TCP and UDP right now."""
+    for _ in range(50):
+        port = free_port(socket.SOCK_DGRAM)
+        with socket.socket() as tcp:
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no port free for both TCP and UDP")
+
+
+def _start_dnsmasq(port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            "dnsmasq",
+            "--no-daemon",
+            f"--port={port}",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--address=/example.test/127.0.0.9",
+            "--address=/example.test/::9",
+            "--txt-record=txt.example.test,flowtap relays datagrams",
+            "--mx-host=example.test,mail.example.test,10",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def dns_server() -> Iterator[int]:
+    """dnsmasq on 127.0.0.1:PORT answering only for example.test, never resolving upstream."""
+    if shutil.which("dnsmasq") is None or shutil.which("dig") is None:
+        pytest.fail("dnsmasq or dig is not installed: run tests/setup-debian.sh")
+    for _ in range(3):  # another process may take the port between the check and dnsmasq
+        port = _free_tcp_and_udp_port()
+        proc = _start_dnsmasq(port)
+
+        def answers(port: int = port, proc: subprocess.Popen[str] = proc) -> bool:
+            query = ["dig", "@127.0.0.1", "-p", str(port), "+time=1", "+tries=1", "+short"]
+            result = subprocess.run([*query, "example.test"], capture_output=True, text=True)
+            return proc.poll() is not None or result.stdout.strip() == "127.0.0.9"
+
+        wait_for(answers, 10, "dnsmasq to answer")
+        if proc.poll() is None:
+            break
+    else:
+        assert proc.stderr is not None
+        raise AssertionError(f"dnsmasq exited: {proc.stderr.read()}")
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,0 +1,518 @@
+"""The UDP relay: sessions per client, datagram boundaries, timeouts, limits and errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conftest import FlowtapProcess, UdpEchoServer, free_port, wait_for
+from flowtap.proxy.events import Bus
+from flowtap.proxy.flow import (
+    Address,
+    CloseReason,
+    Direction,
+    FlowClosed,
+    FlowData,
+    FlowEvent,
+    FlowOpened,
+    Transport,
+)
+from flowtap.proxy.listener import ListenerSpec
+from flowtap.proxy.relay import Relay, RelayConfig
+
+
+class Recorder:
+    """An observer that keeps every event, data included."""
+
+    wants_data = True
+
+    def __init__(self) -> None:
+        self.events: list[FlowEvent] = []
+
+    def handle(self, event: FlowEvent) -> None:
+        self.events.append(event)
+
+    def close(self) -> None:
+        pass
+
+    def closed(self) -> list[FlowClosed]:
+        return [e for e in list(self.events) if isinstance(e, FlowClosed)]
+
+    def opened(self) -> list[FlowOpened]:
+        return [e for e in list(self.events) if isinstance(e, FlowOpened)]
+
+    def data(self, direction: Direction) -> list[bytes]:
+        return [
+            e.data
+            for e in list(self.events)
+            if isinstance(e, FlowData) and e.direction is direction
+        ]
+
+
+class Relays:
+    """In-process UDP relays, each with a `Recorder`; whatever is still running is stopped."""
+
+    def __init__(self) -> None:
+        self._running: list[Relay] = []
+
+    def start(
+        self, upstream: str, listen: str = "127.0.0.1:0", **config: Any
+    ) -> tuple[Relay, Recorder]:
+        recorder = Recorder()
+        spec = ListenerSpec(Address.parse(listen), Address.parse(upstream), Transport.UDP)
+        relay = Relay([spec], Bus([recorder]), RelayConfig(**config))
+        relay.start()
+        self._running.append(relay)
+        return relay, recorder
+
+    def stop(self, relay: Relay) -> None:
+        self._running.remove(relay)
+        relay.stop(grace_s=1.0)
+
+    def stop_all(self) -> None:
+        for relay in list(self._running):
+            self.stop(relay)
+
+
+@pytest.fixture
+def relays() -> Iterator[Relays]:
+    harness = Relays()
+    yield harness
+    harness.stop_all()
+
+
+def udp_client(host: str = "127.0.0.1", timeout_s: float = 5.0) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.settimeout(timeout_s)
+    return sock
+
+
+def json_events(process: FlowtapProcess, event: str) -> list[dict[str, Any]]:
+    return [
+        record
+        for line in list(process.lines)
+        if line.startswith("{") and (record := json.loads(line))["event"] == event
+    ]
+
+
+def listen_port(relay: Relay) -> int:
+    return relay.listeners[0].address.port
+
+
+# -- DNS through flowtap ------------------------------------------------------------------------
+
+
+def dig(port: int, *query: str) -> str:
+    result = subprocess.run(
+        ["dig", "@127.0.0.1", "-p", str(port), "+time=2", "+tries=1", "+noall", "+answer", *query],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_dig_through_flowtap_gets_the_same_answers_as_directly(
+    dns_server: int, flowtap: Any
+) -> None:
+    process = flowtap(
+        "run",
+        "--json",
+        "--udp",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        f"127.0.0.1:{dns_server}",
+        "--udp-idle-timeout",
+        "0.5",
+    )
+    assert process.listeners[0][0] == "udp"
+    queries = [
+        ("example.test", "A"),
+        ("www.example.test", "A"),
+        ("example.test", "AAAA"),
+        ("txt.example.test", "TXT"),
+        ("example.test", "MX"),
+    ]
+    for name, kind in queries:
+        direct = dig(dns_server, name, kind)
+        relayed = dig(process.port, name, kind)
+        assert direct.strip(), f"dnsmasq gave no answer for {name} {kind}"
+        assert relayed == direct
+    wait_for(lambda: len(json_events(process, "closed")) == len(queries), 10, "sessions to end")
+    for record in json_events(process, "closed"):
+        assert record["transport"] == "udp"
+        assert record["server"] == f"127.0.0.1:{dns_server}"
+        assert record["reason"] == "idle-timeout"
+        assert record["bytes_up"] > 0 and record["bytes_down"] > 0
+        assert record["error"] is None
+    assert process.stop() == 0
+
+
+# -- sessions and datagrams ---------------------------------------------------------------------
+
+
+def test_each_client_gets_its_own_session_and_only_its_own_replies(
+    udp_echo: Any, relays: Relays
+) -> None:
+    echo: UdpEchoServer = udp_echo()
+    relay, recorder = relays.start(echo.address)
+    target = ("127.0.0.1", listen_port(relay))
+    clients = [udp_client() for _ in range(3)]
+    for round_ in range(5):
+        for i, client in enumerate(clients):
+            client.sendto(f"client {i} round {round_}".encode(), target)
+        for i, client in enumerate(clients):
+            assert client.recv(100) == f"client {i} round {round_}".encode()
+    opened = recorder.opened()
+    assert len(opened) == 3
+    ports = {client.getsockname()[1] for client in clients}
+    assert {e.flow.client.port for e in opened} == ports
+    assert all(e.flow.transport is Transport.UDP for e in opened)
+    relays.stop(relay)
+    closed = recorder.closed()
+    assert len(closed) == 3
+    assert all(e.flow.reason is CloseReason.SHUTDOWN for e in closed)
+    assert all(e.flow.bytes_up == e.flow.bytes_down == 5 * 16 for e in closed)
+
+
+def test_datagram_boundaries_are_kept_one_event_per_datagram(udp_echo: Any, relays: Relays) -> None:
+    echo: UdpEchoServer = udp_echo()
+    relay, recorder = relays.start(echo.address)
+    client = udp_client()
+    sizes = [0, 1, 64, 1400, 9000, 65_507, 3]
+    sent = [bytes((i + size) % 251 for i in range(size)) for size in sizes]
+    for payload in sent:
+        client.sendto(payload, ("127.0.0.1", listen_port(relay)))
+        assert client.recv(70_000) == payload
+    assert recorder.data(Direction.UP) == sent
+    wait_for(lambda: len(recorder.data(Direction.DOWN)) == len(sent), 5, "replies recorded")
+    assert recorder.data(Direction.DOWN) == sent
+    assert echo.stop() == (len(sizes), sum(sizes))
+
+
+def test_100k_datagrams_are_relayed_and_counted_exactly(udp_echo: Any, flowtap: Any) -> None:
+    echo: UdpEchoServer = udp_echo()
+    process = flowtap(
+        "run", "--json", "--udp", "--listen", "127.0.0.1:0", "--upstream", echo.address
+    )
+    client = udp_client(timeout_s=5.0)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    client.connect(("127.0.0.1", process.port))
+    total, window, size = 100_000, 32, 64
+    # A bounded window in flight: a rate the relay sustains, so any loss is the relay's.
+    template = bytearray(size)
+    received = 0
+    expected_next = 0
+    started = time.monotonic()
+    for seq in range(total):
+        template[:8] = seq.to_bytes(8, "big")
+        client.send(template)
+        if seq >= window - 1:
+            reply = client.recv(2048)
+            assert int.from_bytes(reply[:8], "big") == expected_next and len(reply) == size
+            expected_next += 1
+            received += 1
+    while received < total:
+        reply = client.recv(2048)
+        assert int.from_bytes(reply[:8], "big") == expected_next
+        expected_next += 1
+        received += 1
+    elapsed = time.monotonic() - started
+    assert received == total
+    assert process.stop() == 0
+    (closed,) = json_events(process, "closed")
+    assert closed["bytes_up"] == closed["bytes_down"] == total * size
+    assert closed["error"] is None
+    assert echo.stop() == (total, total * size)
+    print(f"{total} datagrams echoed through flowtap in {elapsed:.2f}s ({total / elapsed:.0f}/s)")
+
+
+# -- session life cycle -------------------------------------------------------------------------
+
+
+def test_idle_session_closes_with_reason_idle_timeout(udp_echo: Any, flowtap: Any) -> None:
+    echo: UdpEchoServer = udp_echo()
+    process = flowtap(
+        "run",
+        "--json",
+        "--udp",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        echo.address,
+        "--udp-idle-timeout",
+        "0.6",
+    )
+    client = udp_client()
+    target = ("127.0.0.1", process.port)
+    started = time.monotonic()
+    pings = 0
+    # Keep the session busy past the timeout: activity must postpone it.
+    while time.monotonic() - started < 1.2:
+        client.sendto(b"ping", target)
+        assert client.recv(10) == b"ping"
+        pings += 1
+        time.sleep(0.1)  # pacing the client, not waiting for the relay
+    assert json_events(process, "closed") == []
+    wait_for(lambda: json_events(process, "closed"), 5, "the idle session to close")
+    ended = time.monotonic()
+    (closed,) = json_events(process, "closed")
+    assert closed["reason"] == "idle-timeout"
+    assert closed["state"] == "closed"
+    assert closed["bytes_up"] == closed["bytes_down"] == 4 * pings
+    # The last ping went out after 1.1 s; the session outlived it by the 0.6 s timeout.
+    assert 1.6 <= ended - started < 1.2 + 3
+    assert closed["duration_s"] >= 1.6
+    # The same client later gets a new session.
+    client.sendto(b"again", target)
+    assert client.recv(10) == b"again"
+    wait_for(lambda: len(json_events(process, "opened")) == 2, 5, "a second session")
+    assert process.stop() == 0
+
+
+def test_session_limit_closes_the_least_recently_active(udp_echo: Any, flowtap: Any) -> None:
+    echo: UdpEchoServer = udp_echo()
+    process = flowtap(
+        "run",
+        "--json",
+        "--udp",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        echo.address,
+        "--udp-max-sessions",
+        "3",
+    )
+    target = ("127.0.0.1", process.port)
+    a, b, c, d = (udp_client() for _ in range(4))
+    for client in (a, b, c, a):  # b is now the least recently active
+        client.sendto(b"hi", target)
+        assert client.recv(10) == b"hi"
+    assert json_events(process, "closed") == []
+    d.sendto(b"hi", target)
+    assert d.recv(10) == b"hi"
+    wait_for(lambda: json_events(process, "closed"), 5, "a session to make room")
+    (closed,) = json_events(process, "closed")
+    assert closed["client"] == f"127.0.0.1:{b.getsockname()[1]}"
+    assert closed["reason"] == "idle-timeout"
+    assert "session limit (3)" in closed["error"]
+    # a, c and d still relay in their sessions; no new session opens for them.
+    for client in (a, c, d):
+        client.sendto(b"still", target)
+        assert client.recv(10) == b"still"
+    assert len(json_events(process, "opened")) == 4
+    assert process.stop() == 0
+    assert len(json_events(process, "closed")) == 4
+
+
+def test_icmp_port_unreachable_is_recorded_and_the_session_goes_on(
+    udp_echo: Any, flowtap: Any
+) -> None:
+    port = free_port(socket.SOCK_DGRAM)  # nothing listens here yet
+    process = flowtap(
+        "run", "--json", "--udp", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{port}"
+    )
+    client = udp_client(timeout_s=0.3)
+    target = ("127.0.0.1", process.port)
+    for _ in range(3):
+        client.sendto(b"anyone?", target)
+        with pytest.raises(TimeoutError):
+            client.recv(10)
+    echo: UdpEchoServer = udp_echo(port=port)
+    client.settimeout(5)
+    client.sendto(b"now?", target)
+    assert client.recv(10) == b"now?"
+    assert len(json_events(process, "opened")) == 1  # one session throughout
+    assert json_events(process, "closed") == []
+    assert process.stop() == 0
+    (closed,) = json_events(process, "closed")
+    assert closed["reason"] == "shutdown"
+    assert "ICMP port unreachable" in closed["error"]
+    assert f"127.0.0.1:{port}" in closed["error"]
+    assert closed["bytes_up"] == 3 * 7 + 4
+    assert closed["bytes_down"] == 4
+    assert echo.stop() == (1, 4)
+
+
+def test_oversized_datagram_is_reported_once_and_the_next_one_relayed(
+    udp_echo: Any, flowtap: Any
+) -> None:
+    # An IPv6 client can send 65,527 bytes; an IPv4 upstream can take at most 65,507.
+    echo: UdpEchoServer = udp_echo()
+    process = flowtap("run", "--json", "--udp", "--listen", "[::1]:0", "--upstream", echo.address)
+    client = udp_client("::1", timeout_s=0.5)
+    target = ("::1", process.port)
+    for _ in range(3):
+        client.sendto(b"x" * 65_527, target)
+    largest = bytes(i % 256 for i in range(65_507))
+    client.settimeout(5)
+    client.sendto(largest, target)
+    assert client.recv(70_000) == largest
+    assert process.stop() == 0
+    (closed,) = json_events(process, "closed")
+    assert "3 datagrams too large" in closed["error"]
+    assert closed["bytes_up"] == closed["bytes_down"] == 65_507
+    assert process.stderr.count("too large to send") == 1
+    assert echo.stop() == (1, 65_507)
+
+
+def test_datagram_larger_than_the_buffer_is_reported_not_truncated(
+    udp_echo: Any, relays: Relays, caplog: pytest.LogCaptureFixture
+) -> None:
+    echo: UdpEchoServer = udp_echo()
+    caplog.set_level(logging.WARNING, logger="flowtap.proxy.udp")
+    relay, recorder = relays.start(echo.address, buffer_size_bytes=2048)
+    client = udp_client()
+    target = ("127.0.0.1", listen_port(relay))
+    for _ in range(2):
+        client.sendto(b"y" * 4000, target)
+    client.sendto(b"z" * 2048, target)
+    assert client.recv(5000) == b"z" * 2048
+    relays.stop(relay)
+    (closed,) = recorder.closed()
+    assert closed.flow.error is not None
+    assert "2 datagrams larger than the 2048-byte receive buffer" in closed.flow.error
+    assert recorder.data(Direction.UP) == [b"z" * 2048]
+    assert len([r for r in caplog.records if "receive buffer" in r.getMessage()]) == 1
+    assert echo.stop() == (1, 2048)
+
+
+def test_killed_session_closes_with_reason_killed(udp_echo: Any, relays: Relays) -> None:
+    echo: UdpEchoServer = udp_echo()
+    relay, recorder = relays.start(echo.address)
+    client = udp_client()
+    client.sendto(b"one", ("127.0.0.1", listen_port(relay)))
+    assert client.recv(10) == b"one"
+    (opened,) = recorder.opened()
+    relay.kill(opened.flow.id)
+    wait_for(lambda: recorder.closed(), 5, "the killed session to close")
+    assert recorder.closed()[0].flow.reason is CloseReason.KILLED
+    assert relay.open_flows == 0
+
+
+def test_shutdown_closes_udp_sessions_promptly(udp_echo: Any, flowtap: Any) -> None:
+    echo: UdpEchoServer = udp_echo()
+    process = flowtap(
+        "run", "--json", "--udp", "--listen", "127.0.0.1:0", "--upstream", echo.address
+    )
+    client = udp_client()
+    client.sendto(b"hello", ("127.0.0.1", process.port))
+    assert client.recv(10) == b"hello"
+    started = time.monotonic()
+    assert process.stop(signal.SIGINT) == 0
+    assert time.monotonic() - started < 3  # well inside the 5 s grace period
+    (closed,) = json_events(process, "closed")
+    assert closed["reason"] == "shutdown"
+
+
+def test_tcp_and_udp_listeners_run_in_one_process(
+    udp_echo: Any, echo_server: tuple[str, int], flowtap: Any
+) -> None:
+    echo: UdpEchoServer = udp_echo()
+    process = flowtap(
+        "run",
+        "--json",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--upstream",
+        f"127.0.0.1:{echo_server[1]}",
+        "--listen",
+        "udp:127.0.0.1:0",
+        "--upstream",
+        echo.address,
+        listeners=2,
+    )
+    kinds = {
+        transport: int(address.rsplit(":", 1)[1]) for transport, address, _ in process.listeners
+    }
+    assert set(kinds) == {"tcp", "udp"}
+    with socket.create_connection(("127.0.0.1", kinds["tcp"]), timeout=5) as tcp:
+        tcp.sendall(b"over tcp")
+        tcp.shutdown(socket.SHUT_WR)
+        assert tcp.recv(100) == b"over tcp"
+    client = udp_client()
+    client.sendto(b"over udp", ("127.0.0.1", kinds["udp"]))
+    assert client.recv(100) == b"over udp"
+    wait_for(lambda: len(json_events(process, "opened")) == 2, 5, "both flows")
+    assert process.stop() == 0
+    assert sorted(r["transport"] for r in json_events(process, "closed")) == ["tcp", "udp"]
+
+
+def test_many_clients_at_once_each_get_their_replies(udp_echo: Any, relays: Relays) -> None:
+    echo: UdpEchoServer = udp_echo()
+    relay, recorder = relays.start(echo.address, workers=2)
+    target = ("127.0.0.1", listen_port(relay))
+    failures: list[str] = []
+
+    def client_run(index: int) -> None:
+        client = udp_client()
+        for n in range(50):
+            message = f"{index}:{n}".encode()
+            client.sendto(message, target)
+            reply = client.recv(100)
+            if reply != message:
+                failures.append(f"{message!r} got {reply!r}")
+                return
+
+    threads = [threading.Thread(target=client_run, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert failures == []
+    assert len(recorder.opened()) == 20
+    assert echo.stop() == (1000, sum(len(f"{i}:{n}") for i in range(20) for n in range(50)))
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def test_udp_over_unix_socket_is_a_one_line_error(tmp_path: Any) -> None:
+    from conftest import flowtap_command
+
+    result = subprocess.run(
+        [
+            *flowtap_command(),
+            "run",
+            "--udp",
+            "--listen",
+            f"unix:{tmp_path}/a.sock",
+            "--upstream",
+            "127.0.0.1:53",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("flowtap: error: UDP over unix sockets is not supported")
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--udp-max-sessions", "0"), ("--udp-idle-timeout", "soon")]
+)
+def test_bad_udp_option_is_a_one_line_error(option: str, value: str) -> None:
+    from conftest import flowtap_command
+
+    result = subprocess.run(
+        [*flowtap_command(), "run", "--udp", "--listen", "0", "--upstream", "53", option, value],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("flowtap: error:") and option in result.stderr
+    assert result.stderr.count("\n") == 1
