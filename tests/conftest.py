@@ -206,3 +206,63 @@ def redis_server(tmp_path: Path) -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+class EventRecorder:
+    """A lossless observer that keeps every flow event, for tests that replay what they saw."""
+
+    wants_data = True
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self._lock = threading.Lock()
+
+    def handle(self, event: object) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def close(self) -> None:
+        pass
+
+    def closed_count(self) -> int:
+        from flowtap.proxy.flow import FlowClosed
+
+        with self._lock:
+            return sum(1 for e in self.events if isinstance(e, FlowClosed))
+
+
+@dataclass
+class Recording:
+    """An in-process relay in front of an upstream, recording every event it emits."""
+
+    port: int
+    recorder: EventRecorder
+
+    def wait_closed(self, count: int, timeout_s: float = 10.0) -> list[object]:
+        wait_for(lambda: self.recorder.closed_count() >= count, timeout_s, f"{count} flows")
+        return list(self.recorder.events)
+
+
+@pytest.fixture
+def record_through_relay() -> Iterator:  # type: ignore[type-arg]
+    """`record_through_relay(upstream_port)` starts a recording relay; stopped at teardown."""
+    from flowtap.proxy.events import Bus
+    from flowtap.proxy.flow import Address
+    from flowtap.proxy.listener import ListenerSpec
+    from flowtap.proxy.relay import Relay
+
+    relays: list[Relay] = []
+
+    def start(upstream_port: int) -> Recording:
+        recorder = EventRecorder()
+        spec = ListenerSpec(
+            listen=Address("127.0.0.1", 0), upstream=Address("127.0.0.1", upstream_port)
+        )
+        relay = Relay([spec], Bus([recorder]))  # type: ignore[list-item]
+        relay.start()
+        relays.append(relay)
+        return Recording(port=relay.listeners[0].address.port, recorder=recorder)
+
+    yield start
+    for relay in relays:
+        relay.stop(1.0)
