@@ -266,3 +266,40 @@ def record_through_relay() -> Iterator:  # type: ignore[type-arg]
     yield start
     for relay in relays:
         relay.stop(1.0)
+
+
+@pytest.fixture
+def start_redis(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """`start_redis()` starts one more throwaway redis-server and returns its port."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> int:
+        port = free_port()
+        directory = tmp_path / f"redis-{port}"
+        directory.mkdir()
+        procs.append(
+            subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(directory),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_port(port)
+        return port
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
