@@ -37,7 +37,7 @@ class _Server(socketserver.ThreadingTCPServer):
 
 def _serve(handler: type[socketserver.BaseRequestHandler]) -> Iterator[int]:
     server = _Server(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server.server_address[1]
     server.shutdown()
