@@ -229,6 +229,15 @@ class Player:
                 if self._resets:
                     out.append(Reset())
                     self._phase = _Phase.DONE
+                elif (
+                    self._closes_first
+                    and not self.peer_closed
+                    and self.peer_bytes >= self.peer_bytes_expected
+                ):
+                    # Nothing more is due from the peer: a close sends the same FIN as a
+                    # half-close would, without waiting a round trip for the peer's.
+                    out.append(Close())
+                    self._phase = _Phase.DONE
                 elif self._closes_first and not self.peer_closed:
                     out.append(HalfClose())
                     self._last_activity = now

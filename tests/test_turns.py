@@ -139,9 +139,17 @@ def test_player_sends_next_turn_once_the_server_answered_as_many_bytes() -> None
     assert player.start(0.0) == [Send(b"q1")]
     assert player.on_data(3, 0.01) == []
     assert player.on_data(1, 0.02) == [Send(b"q2")]
-    assert player.on_data(2, 0.03) == [HalfClose()]
-    assert player.on_peer_closed(0.04) == [Close()]
+    assert player.on_data(2, 0.03) == [Close()]
     assert player.is_done and player.turns_sent == 2 and player.waits_timed_out == 0
+
+
+def test_player_half_closes_when_the_answer_comes_after_the_client_finished() -> None:
+    script = _script([(UP, 0.0, b"upload"), (DOWN, 0.5, b"6 bytes")])
+    player = Player(script, UP, speed=None, turn_timeout_s=0.2)
+    assert player.start(0.0) == [Send(b"upload")]
+    assert player.on_timer(0.2) == [HalfClose()]
+    assert player.on_data(7, 0.3) == []
+    assert player.on_peer_closed(0.3) == [Close()]
 
 
 def test_player_moves_on_after_a_quiet_turn_timeout() -> None:
@@ -163,7 +171,7 @@ def test_player_keeps_recorded_pauses_scaled_by_speed() -> None:
     assert player.on_timer(0.5) == [Send(b"q1")]
     assert player.on_data(2, 0.6) == []
     assert player.next_deadline == pytest.approx(1.6)
-    assert player.on_timer(1.6) == [Send(b"q2"), HalfClose()]
+    assert player.on_timer(1.6) == [Send(b"q2"), Close()]
 
 
 def test_player_sends_each_udp_datagram_separately() -> None:
