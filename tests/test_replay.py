@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+
 from conftest import EventRecorder, Recording, free_port, wait_for
 from flowtap.inspector.compare import compile_patterns
 from flowtap.inspector.replay import ReplayOptions, Status, Summary, replay

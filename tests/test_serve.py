@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+
 from conftest import Recording, wait_for
 from flowtap.inspector.serve import ServedReport, ServeOptions, Server
 from flowtap.inspector.turns import Script, scripts_from_events

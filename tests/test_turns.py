@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 import pytest
+
 from flowtap.inspector.compare import compare, compile_patterns, mask, text_diff
 from flowtap.inspector.playback import Close, HalfClose, Player, Reset, Send
 from flowtap.inspector.serve import FlowMatcher
