@@ -44,6 +44,14 @@ class ReplayOptions:
     ignore: tuple[re.Pattern[bytes], ...] = ()
     want_diff: bool = False
 
+    def __post_init__(self) -> None:
+        if self.speed is not None and self.speed <= 0:
+            raise FlowtapError("--speed must be above 0: e.g. --speed 2 plays twice as fast")
+        if self.concurrency < 1:
+            raise FlowtapError("--concurrency must be at least 1: e.g. --concurrency 10")
+        if self.turn_timeout_s <= 0:
+            raise FlowtapError("--turn-timeout must be above 0: e.g. --turn-timeout 0.5")
+
 
 class Status:
     OK = "ok"
@@ -166,10 +174,6 @@ class Replayer:
         bus: Bus | None = None,
         progress: ProgressCallback | None = None,
     ) -> None:
-        if options.speed is not None and options.speed <= 0:
-            raise FlowtapError("--speed must be above 0: e.g. --speed 2 plays twice as fast")
-        if options.concurrency < 1:
-            raise FlowtapError("--concurrency must be at least 1")
         self.scripts = list(scripts)
         self.options = options
         self._bus = bus

@@ -40,6 +40,8 @@ from .turns import Script
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _RDHUP = select.EPOLLRDHUP
+_HUP = select.EPOLLHUP
+_ERR = select.EPOLLERR
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 _READS_PER_EVENT = 16
@@ -226,6 +228,8 @@ class Session:
 
     def _update_mask(self) -> None:
         mask = self._wanted_mask()
+        if self._mask == -1:  # parked: the socket is closed both ways
+            return
         if mask != self._mask:
             self._mask = mask
             self.loop.modify(self.fd, mask)
@@ -253,6 +257,14 @@ class Session:
                 return
         if self._is_reading and mask & ~_OUT:
             self._read(now)
+        elif mask & (_HUP | _ERR) and not self._out:
+            # Not reading any more, yet epoll reports these regardless of the mask.
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.on_peer_reset(now)
+            elif self._mask == 0:
+                self.loop.unregister(self.fd)
+                self._mask = -1
 
     def on_timer(self, now: float) -> None:
         if self.is_finished:

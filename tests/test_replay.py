@@ -400,3 +400,51 @@ def test_http_download_replays_clean_against_same_content(
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _BannerHandler(socketserver.StreamRequestHandler):
+    """Speaks first, then answers each line, and says goodbye on QUIT."""
+
+    def handle(self) -> None:
+        self.wfile.write(b"220 ready\r\n")
+        for line in self.rfile:
+            if line.strip() == b"QUIT":
+                self.wfile.write(b"221 bye\r\n")
+                return
+            self.wfile.write(b"250 " + line)
+
+
+def test_server_that_speaks_first_is_waited_for(record_through_relay: Record) -> None:
+    for port in _serve(_BannerHandler):
+        recording = record_through_relay(port)
+        with socket.create_connection(("127.0.0.1", recording.port)) as sock:
+            reader = sock.makefile("rb")
+            assert reader.readline() == b"220 ready\r\n"
+            sock.sendall(b"HELO x\r\n")
+            assert reader.readline() == b"250 HELO x\r\n"
+            sock.sendall(b"QUIT\r\n")
+            assert reader.readline() == b"221 bye\r\n"
+            reader.close()
+        scripts = scripts_from_events(recording.wait_closed(1))  # type: ignore[arg-type]
+        assert scripts[0].turns[0].direction is Direction.DOWN
+        reports = replay(scripts, _options(port))
+        assert reports[0].status == Status.OK, reports[0].line()
+        assert reports[0].turns_sent == 2 and reports[0].note is None
+
+
+def test_large_turns_replay_through_full_socket_buffers(
+    record_through_relay: Record, echo_server: tuple[str, int]
+) -> None:
+    payload = bytes(range(256)) * 16384  # 4 MiB, far more than a socket buffer holds
+    recording = record_through_relay(echo_server[1])
+    with socket.create_connection(("127.0.0.1", recording.port)) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(payload,))
+        sender.start()
+        got = 0
+        while got < len(payload):
+            got += len(sock.recv(1 << 20))
+        sender.join()
+    scripts = scripts_from_events(recording.wait_closed(1))  # type: ignore[arg-type]
+    reports = replay(scripts, _options(echo_server[1]))
+    assert reports[0].status == Status.OK, reports[0].line()
+    assert reports[0].bytes_sent == reports[0].server_bytes_received == len(payload)
