@@ -237,6 +237,26 @@ class _ServeSession(Session):
             self.finish()
 
 
+class _DatagramSession(Session):
+    """One UDP client of the server, on a socket connected to it."""
+
+    def __init__(
+        self, server: Server, sock: socket.socket, client: Address, number: int, player: Player
+    ) -> None:
+        super().__init__(
+            server.loop,
+            sock,
+            transport=Transport.UDP,
+            side=Direction.DOWN,
+            peer=client,
+            on_done=server.session_done,
+            player=player,
+            bus=server.bus,
+        )
+        self.number = number
+        self.mismatch: Difference | None = None
+
+
 class _Accepter:
     def __init__(self, server: Server, sock: socket.socket) -> None:
         self.server = server
@@ -254,8 +274,32 @@ class _Accepter:
         pass
 
 
+class _DatagramListener:
+    """Hands each client address's first datagram to a new session on a connected socket."""
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+
+    def on_ready(self, mask: int, now: float) -> None:
+        for _ in range(64):
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # an ICMP error about an earlier reply; the next datagram may be fine
+            self.server.on_datagram(data, addr, now)
+
+    def on_timer(self, now: float) -> None:
+        pass
+
+
 class Server:
-    """Listens and serves recorded flows until `stop`; reports each client to `on_report`."""
+    """Listens and serves recorded flows until `stop`; reports each client to `on_report`.
+
+    TCP flows are served on a TCP listener and UDP flows on a UDP socket, on the same port.
+    """
 
     def __init__(
         self,
@@ -266,24 +310,91 @@ class Server:
         bus: Bus | None = None,
     ) -> None:
         tcp = [s for s in scripts if s.transport is Transport.TCP]
-        if not tcp:
+        udp = [s for s in scripts if s.transport is Transport.UDP]
+        if not tcp and not udp:
             raise FlowtapError(
-                "serve plays TCP flows and the capture has none: pick a capture with TCP "
-                "flows (flowtap show lists them)"
+                "serve plays TCP and UDP flows and the capture has none: pick a capture "
+                "with TCP or UDP flows (flowtap show lists them)"
             )
         if options.on_mismatch not in ("continue", "close"):
             raise FlowtapError("--on-mismatch takes continue or close")
         self.options = options
         self.matcher = FlowMatcher(tcp)
+        self.udp_matcher = FlowMatcher(udp)
         self.bus = bus
         self.loop = Loop()
         self._on_report = on_report
-        spec = ListenerSpec(listen=options.listen, upstream=options.listen)
-        self._sock = bind(spec)
-        self.address = bound_address(self._sock, spec)
-        self.loop.register(self._sock.fileno(), select.EPOLLIN, _Accepter(self, self._sock))
+        self._socks: list[socket.socket] = []
+        self.listeners: list[tuple[Transport, Address]] = []
+        self._datagram_sessions: dict[Any, Session] = {}
+        listen = options.listen
+        try:
+            if tcp:
+                sock = self._bind(ListenerSpec(listen=listen, upstream=listen))
+                self.loop.register(sock.fileno(), select.EPOLLIN, _Accepter(self, sock))
+                listen = self.listeners[-1][1]
+            if udp:
+                spec = ListenerSpec(listen=listen, upstream=listen, transport=Transport.UDP)
+                self._udp_spec = spec
+                sock = self._bind(spec)
+                self.loop.register(sock.fileno(), select.EPOLLIN, _DatagramListener(self, sock))
+        except BaseException:
+            self._close_sockets()
+            self.loop.close()
+            raise
+        self.address = self.listeners[0][1]
         self._numbers = 0
         self._stop = threading.Event()
+
+    def _bind(self, spec: ListenerSpec) -> socket.socket:
+        sock = bind(spec)
+        self._socks.append(sock)
+        self.listeners.append((spec.transport, bound_address(sock, spec)))
+        return sock
+
+    def _close_sockets(self) -> None:
+        for sock in self._socks:
+            sock.close()
+
+    def on_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        """A datagram on the UDP listener: to the client's session, or a new one."""
+        session = self._datagram_sessions.get(addr)
+        if session is not None and not session.is_finished:
+            session.deliver(memoryview(data), now)
+            return
+        script = self.udp_matcher.choose(data, is_final=True)
+        if script is None:
+            return
+        family = socket.AF_INET6 if ":" in str(addr[0]) else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            # A socket connected to this client gets its later datagrams; the listener
+            # keeps getting everyone else's.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(self._socks[-1].getsockname())
+            sock.connect(addr)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self._numbers += 1
+        options = self.options
+        session = _DatagramSession(
+            self,
+            sock,
+            Address(str(addr[0]), int(addr[1])),
+            self._numbers,
+            Player(
+                script,
+                Direction.DOWN,
+                speed=options.speed,
+                turn_timeout_s=options.turn_timeout_s,
+            ),
+        )
+        self._datagram_sessions[addr] = session
+        session.begin(now)
+        session.deliver(memoryview(data), now)
 
     def start_session(self, sock: socket.socket, addr: Any, now: float) -> None:
         sock.setblocking(False)
@@ -293,7 +404,11 @@ class Server:
         session.begin(now)
 
     def session_done(self, session: Session, result: SessionResult) -> None:
-        assert isinstance(session, _ServeSession)
+        assert isinstance(session, _ServeSession | _DatagramSession)
+        if isinstance(session, _DatagramSession):
+            addr = (session.peer.host, session.peer.port)
+            if self._datagram_sessions.get(addr) is session:
+                del self._datagram_sessions[addr]
         script = result.script
         mismatch = session.mismatch
         if mismatch is None and script is not None and result.error is None:
@@ -324,8 +439,8 @@ class Server:
         )
 
     def describe(self, name: str) -> str:
-        """The `listening ...` line printed once the server is ready."""
-        return f"listening tcp {self.address} -> {name}"
+        """The `listening ...` lines printed once the server is ready."""
+        return "\n".join(f"listening {t} {address} -> {name}" for t, address in self.listeners)
 
     def serve_forever(self) -> None:
         """Serve until `stop` is called (from a signal handler or another thread)."""
@@ -333,7 +448,7 @@ class Server:
             while not self._stop.is_set():
                 self.loop.poll(0.2)
         finally:
-            self._sock.close()
+            self._close_sockets()
             self.loop.close()
 
     def stop(self) -> None:

@@ -303,16 +303,19 @@ class Session:
                 self._update_mask()
                 self.on_peer_closed(now)
                 return
-            data = view[:n]
-            if self._bus is not None:
-                self._emit_data(bytes(data), self._peer_direction())
-            if len(self.received) + n <= self._max_received:
-                self.received += data
-            else:
-                self.is_received_truncated = True
-            self.on_data(data, now)
+            self.deliver(view[:n], now)
             if self.is_finished or not self._is_reading:
                 return
+
+    def deliver(self, data: memoryview, now: float) -> None:
+        """Take bytes (a datagram) from the peer, whether read here or handed over."""
+        if self._bus is not None:
+            self._emit_data(bytes(data), self._peer_direction())
+        if len(self.received) + len(data) <= self._max_received:
+            self.received += data
+        else:
+            self.is_received_truncated = True
+        self.on_data(data, now)
 
     def on_data(self, data: memoryview, now: float) -> None:
         """Hook for subclasses: the peer sent `data` (a view into the loop's buffer)."""

@@ -303,3 +303,72 @@ def start_redis(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     for proc in procs:
         proc.terminate()
         proc.wait(10)
+
+
+@dataclass
+class UdpUpperServer:
+    """A UDP server on 127.0.0.1 that answers each datagram with it in upper case."""
+
+    port: int
+    seen: list[bytes]
+
+
+@pytest.fixture
+def udp_upper_server() -> Iterator[UdpUpperServer]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.1)
+    server = UdpUpperServer(port=sock.getsockname()[1], seen=[])
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, addr = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            server.seen.append(data)
+            sock.sendto(data.upper(), addr)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server
+    stop.set()
+    thread.join(5)
+    sock.close()
+
+
+def record_udp_exchange(port: int, datagrams: list[bytes]) -> list[object]:
+    """Send `datagrams` to 127.0.0.1:`port` one by one, each awaiting its answer, and return
+    the exchange as the flow events a capture of it holds."""
+    from flowtap.proxy.flow import (
+        Address,
+        Direction,
+        Flow,
+        FlowData,
+        FlowOpened,
+        Transport,
+        next_flow_id,
+    )
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(5)
+        client.connect(("127.0.0.1", port))
+        local = client.getsockname()
+        flow = Flow(
+            id=next_flow_id(),
+            transport=Transport.UDP,
+            client=Address(local[0], local[1]),
+            server=Address("127.0.0.1", port),
+            listener=Address("127.0.0.1", port),
+            started_at=time.time(),
+        )
+        events: list[object] = [FlowOpened(flow)]
+        for data in datagrams:
+            client.send(data)
+            events.append(FlowData(flow.id, Direction.UP, time.time(), data))
+            answer = client.recv(65536)
+            events.append(FlowData(flow.id, Direction.DOWN, time.time(), answer))
+    return events

@@ -15,12 +15,19 @@ from typing import Any
 import pytest
 import redis
 
-from conftest import EventRecorder, Recording, free_port, wait_for
+from conftest import (
+    EventRecorder,
+    Recording,
+    UdpUpperServer,
+    free_port,
+    record_udp_exchange,
+    wait_for,
+)
 from flowtap.inspector.compare import compile_patterns
 from flowtap.inspector.replay import ReplayOptions, Status, Summary, replay
 from flowtap.inspector.turns import Ending, Script, scripts_from_events
 from flowtap.proxy.events import Bus
-from flowtap.proxy.flow import Address, Direction, FlowData, FlowOpened, Transport, next_flow_id
+from flowtap.proxy.flow import Address, Direction
 
 Record = Callable[[int], Recording]
 
@@ -318,53 +325,22 @@ def test_replay_emits_flow_events_that_round_trip_to_the_same_scripts(
     assert again[0].ending is Ending.CLIENT_CLOSE
 
 
-def test_udp_flows_replay_datagram_by_datagram() -> None:
-    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    server.bind(("127.0.0.1", 0))
-    server.settimeout(5)
-    port = server.getsockname()[1]
-    seen: list[bytes] = []
-
-    def echo() -> None:
-        try:
-            while len(seen) < 6:
-                data, addr = server.recvfrom(65536)
-                seen.append(data)
-                server.sendto(data.upper(), addr)
-        except OSError:
-            return
-
-    thread = threading.Thread(target=echo, daemon=True)
-    thread.start()
-    # Record a real exchange with a client that notes what it sent and received.
-    flow_id = next_flow_id()
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.settimeout(5)
-    client.connect(("127.0.0.1", port))
-    local = client.getsockname()
-    from flowtap.proxy.flow import Flow
-
-    flow = Flow(
-        id=flow_id,
-        transport=Transport.UDP,
-        client=Address(local[0], local[1]),
-        server=Address("127.0.0.1", port),
-        listener=Address("127.0.0.1", port),
-        started_at=time.time(),
-    )
-    events: list[object] = [FlowOpened(flow)]
-    for data in (b"one", b"two", b"three"):
-        client.send(data)
-        events.append(FlowData(flow_id, Direction.UP, time.time(), data))
-        events.append(FlowData(flow_id, Direction.DOWN, time.time(), client.recv(100)))
-    client.close()
-    scripts = scripts_from_events(events)  # type: ignore[arg-type]
+def test_udp_flows_replay_datagram_by_datagram(udp_upper_server: UdpUpperServer) -> None:
+    port = udp_upper_server.port
+    scripts = scripts_from_events(record_udp_exchange(port, [b"one", b"two", b"three"]))  # type: ignore[arg-type]
     reports = replay(scripts, _options(port))
-    thread.join(5)
-    server.close()
-    assert reports[0].status == Status.OK
+    assert reports[0].status == Status.OK, reports[0].line()
     assert reports[0].turns_sent == 3 and reports[0].server_bytes_received == 11
-    assert seen == [b"one", b"two", b"three"] * 2
+    assert udp_upper_server.seen == [b"one", b"two", b"three"] * 2
+
+
+def test_udp_target_that_is_not_listening_fails_the_flow(
+    udp_upper_server: UdpUpperServer,
+) -> None:
+    scripts = scripts_from_events(record_udp_exchange(udp_upper_server.port, [b"ping"]))  # type: ignore[arg-type]
+    reports = replay(scripts, _options(free_port(socket.SOCK_DGRAM)))
+    assert reports[0].status == Status.FAILED
+    assert "port unreachable" in (reports[0].error or "")
 
 
 class _HttpHandler(http.server.SimpleHTTPRequestHandler):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Recording, wait_for
+from conftest import Recording, UdpUpperServer, record_udp_exchange, wait_for
 from flowtap.inspector.serve import ServedReport, ServeOptions, Server
 from flowtap.inspector.turns import Script, scripts_from_events
 from flowtap.proxy.errors import FlowtapError
@@ -149,3 +149,21 @@ def test_mismatch_closes_the_connection_when_asked(
 def test_serve_rejects_a_capture_without_tcp_flows() -> None:
     with pytest.raises(FlowtapError, match="has none"):
         Server([], ServeOptions(listen=Address("127.0.0.1", 0)), on_report=print)
+
+
+def test_serve_answers_udp_datagrams_from_the_recording(
+    udp_upper_server: UdpUpperServer, serving: Callable[..., _Running]
+) -> None:
+    events = record_udp_exchange(udp_upper_server.port, [b"alpha", b"beta"])
+    scripts = scripts_from_events(events)  # type: ignore[arg-type]
+    server = serving(scripts, turn_timeout_s=0.3)
+    assert server.server.listeners[0][0] == "udp"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(5)
+        client.connect(("127.0.0.1", server.port))
+        for data in (b"alpha", b"beta"):
+            client.send(data)
+            assert client.recv(100) == data.upper()
+    wait_for(lambda: len(server.reports) == 1, 5, "the served report")
+    assert server.reports[0].status == "ok"
+    assert server.reports[0].turns_sent == 2
