@@ -130,7 +130,82 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="relay headless, printing one line per flow event")
     _add_relay_options(run)
     commands.add_parser("demo", help="relay built-in loopback services and show the flows")
+    replay = commands.add_parser(
+        "replay", help="play the client side of recorded flows against a live server"
+    )
+    replay.add_argument("file", metavar="FILE", help="a pcap or pcapng capture")
+    replay.add_argument("--to", required=True, metavar="HOST:PORT", help="the server to replay to")
+    _add_playback_options(replay)
+    pace = replay.add_mutually_exclusive_group()
+    pace.add_argument(
+        "--speed",
+        type=_positive_float,
+        default=1.0,
+        metavar="X",
+        help="play X times as fast as recorded (default 1)",
+    )
+    pace.add_argument("--asap", action="store_true", help="ignore the recorded pauses")
+    replay.add_argument(
+        "--filter", metavar="EXPR", help="only flows matching, e.g. 'tcp port 6379'"
+    )
+    replay.add_argument(
+        "--concurrency", type=int, default=10, metavar="N", help="flows at once (default 10)"
+    )
+    replay.add_argument(
+        "--diff", action="store_true", help="print a unified diff of differing text responses"
+    )
+    replay.add_argument(
+        "--check", action="store_true", help="exit 1 when any response differs from the recording"
+    )
+    replay.add_argument("--pcap", metavar="OUT", help="capture the replay itself to OUT")
+    replay.add_argument(
+        "--connect-timeout",
+        type=_positive_float,
+        default=5.0,
+        metavar="S",
+        help="give up connecting after S seconds (default 5)",
+    )
+    serve = commands.add_parser(
+        "serve", help="answer clients with the recorded server side (a mock server)"
+    )
+    serve.add_argument("file", metavar="FILE", help="a pcap or pcapng capture")
+    serve.add_argument(
+        "--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="where clients connect"
+    )
+    _add_playback_options(serve)
+    serve.add_argument(
+        "--on-mismatch",
+        choices=("continue", "close"),
+        default="continue",
+        help="when a client's bytes differ from the recording (default continue)",
+    )
     return parser
+
+
+def _add_playback_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--flow",
+        type=int,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only this recorded flow (repeatable)",
+    )
+    parser.add_argument(
+        "--turn-timeout",
+        type=_positive_float,
+        default=1.0,
+        metavar="S",
+        help="a peer quiet for S seconds has finished its turn (default 1)",
+    )
+    parser.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="mask matches (dates, ids) before comparing (repeatable)",
+    )
+    parser.add_argument("--json", action="store_true", help="print reports as JSON lines")
 
 
 def listener_specs(args: argparse.Namespace) -> list[ListenerSpec]:
@@ -234,6 +309,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import replay_command
+
+    return replay_command(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve_command
+
+    return serve_command(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -241,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="flowtap: %(levelname)s: %(message)s",
     )
-    handlers = {"run": cmd_run, "demo": cmd_demo}
+    handlers = {"run": cmd_run, "demo": cmd_demo, "replay": cmd_replay, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except FlowtapError as exc:

@@ -322,3 +322,169 @@ def dns_server() -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+class EventRecorder:
+    """A lossless observer that keeps every flow event, for tests that replay what they saw."""
+
+    wants_data = True
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self._lock = threading.Lock()
+
+    def handle(self, event: object) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def close(self) -> None:
+        pass
+
+    def closed_count(self) -> int:
+        from flowtap.proxy.flow import FlowClosed
+
+        with self._lock:
+            return sum(1 for e in self.events if isinstance(e, FlowClosed))
+
+
+@dataclass
+class Recording:
+    """An in-process relay in front of an upstream, recording every event it emits."""
+
+    port: int
+    recorder: EventRecorder
+
+    def wait_closed(self, count: int, timeout_s: float = 10.0) -> list[object]:
+        wait_for(lambda: self.recorder.closed_count() >= count, timeout_s, f"{count} flows")
+        return list(self.recorder.events)
+
+
+@pytest.fixture
+def record_through_relay() -> Iterator:  # type: ignore[type-arg]
+    """`record_through_relay(upstream_port)` starts a recording relay; stopped at teardown."""
+    from flowtap.proxy.events import Bus
+    from flowtap.proxy.flow import Address
+    from flowtap.proxy.listener import ListenerSpec
+    from flowtap.proxy.relay import Relay
+
+    relays: list[Relay] = []
+
+    def start(upstream_port: int) -> Recording:
+        recorder = EventRecorder()
+        spec = ListenerSpec(
+            listen=Address("127.0.0.1", 0), upstream=Address("127.0.0.1", upstream_port)
+        )
+        relay = Relay([spec], Bus([recorder]))  # type: ignore[list-item]
+        relay.start()
+        relays.append(relay)
+        return Recording(port=relay.listeners[0].address.port, recorder=recorder)
+
+    yield start
+    for relay in relays:
+        relay.stop(1.0)
+
+
+@pytest.fixture
+def start_redis(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """`start_redis()` starts one more throwaway redis-server and returns its port."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> int:
+        port = free_port()
+        directory = tmp_path / f"redis-{port}"
+        directory.mkdir()
+        procs.append(
+            subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(directory),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_port(port)
+        return port
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
+@dataclass
+class UdpUpperServer:
+    """A UDP server on 127.0.0.1 that answers each datagram with it in upper case."""
+
+    port: int
+    seen: list[bytes]
+
+
+@pytest.fixture
+def udp_upper_server() -> Iterator[UdpUpperServer]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.1)
+    server = UdpUpperServer(port=sock.getsockname()[1], seen=[])
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, addr = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            server.seen.append(data)
+            sock.sendto(data.upper(), addr)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server
+    stop.set()
+    thread.join(5)
+    sock.close()
+
+
+def record_udp_exchange(port: int, datagrams: list[bytes]) -> list[object]:
+    """Send `datagrams` to 127.0.0.1:`port` one by one, each awaiting its answer, and return
+    the exchange as the flow events a capture of it holds."""
+    from flowtap.proxy.flow import (
+        Address,
+        Direction,
+        Flow,
+        FlowData,
+        FlowOpened,
+        Transport,
+        next_flow_id,
+    )
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(5)
+        client.connect(("127.0.0.1", port))
+        local = client.getsockname()
+        flow = Flow(
+            id=next_flow_id(),
+            transport=Transport.UDP,
+            client=Address(local[0], local[1]),
+            server=Address("127.0.0.1", port),
+            listener=Address("127.0.0.1", port),
+            started_at=time.time(),
+        )
+        events: list[object] = [FlowOpened(flow)]
+        for data in datagrams:
+            client.send(data)
+            events.append(FlowData(flow.id, Direction.UP, time.time(), data))
+            answer = client.recv(65536)
+            events.append(FlowData(flow.id, Direction.DOWN, time.time(), answer))
+    return events

@@ -1,0 +1,229 @@
+"""Replay throughput: 2,000 recorded short request/response flows against a local redis.
+
+In one run: record the flows through an in-process relay, then send the same client bytes
+with a plain Python client (sequential blocking sockets, and 50 threads)
+with replies that do not depend on state (SET, ECHO, PING) and with
+`replay --asap --concurrency 50`. Prints flows/s, turns/s, RSS and the ratio to the faster
+plain client (target >= 0.5x). Figures are noisy: other work shares this machine's CPUs.
+
+    python benchmarks/replay.py [--flows 2000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from flowtap.inspector.replay import ReplayOptions, Status, replay
+from flowtap.inspector.turns import Script, scripts_from_events
+from flowtap.proxy.events import Bus
+from flowtap.proxy.flow import Address, Direction, FlowClosed, FlowEvent
+from flowtap.proxy.listener import ListenerSpec
+from flowtap.proxy.relay import Relay
+
+
+def _rss_mib(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", directory],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, port
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class _Recorder:
+    wants_data = True
+
+    def __init__(self) -> None:
+        self.events: list[FlowEvent] = []
+        self.closed = 0
+        self._lock = threading.Lock()
+
+    def handle(self, event: FlowEvent) -> None:
+        with self._lock:
+            self.events.append(event)
+            if isinstance(event, FlowClosed):
+                self.closed += 1
+
+    def close(self) -> None:
+        pass
+
+
+def _command(*words: bytes) -> bytes:
+    out = b"*%d\r\n" % len(words)
+    for word in words:
+        out += b"$%d\r\n%s\r\n" % (len(word), word)
+    return out
+
+
+def record(port: int, flows: int) -> list[Script]:
+    """Drive `flows` short redis exchanges through a relay and return them as scripts."""
+    recorder = _Recorder()
+    spec = ListenerSpec(listen=Address("127.0.0.1", 0), upstream=Address("127.0.0.1", port))
+    relay = Relay([spec], Bus([recorder]))
+    relay.start()
+    relay_port = relay.listeners[0].address.port
+    for index in range(flows):
+        key = b"key:%d" % (index % 100)
+        request = [
+            _command(b"SET", key, b"value-%d" % index),
+            _command(b"ECHO", b"message-%d" % index),
+            _command(b"PING"),
+        ][index % 3]
+        with socket.create_connection(("127.0.0.1", relay_port)) as sock:
+            sock.sendall(request)
+            sock.recv(4096)
+    deadline = time.monotonic() + 30
+    while recorder.closed < flows and time.monotonic() < deadline:
+        time.sleep(0.01)
+    relay.stop(2.0)
+    return scripts_from_events(recorder.events)
+
+
+def _plain_flow(port: int, script: Script) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        received = 0
+        need = 0
+        for turn in script.turns:
+            if turn.direction is Direction.DOWN:
+                need += turn.size_bytes
+                continue
+            while received < need:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += len(chunk)
+            sock.sendall(turn.data)
+        while received < script.size_bytes(Direction.DOWN):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += len(chunk)
+
+
+def plain_sequential(port: int, scripts: Sequence[Script]) -> float:
+    started = time.perf_counter()
+    for script in scripts:
+        _plain_flow(port, script)
+    return time.perf_counter() - started
+
+
+def plain_threads(port: int, scripts: Sequence[Script], workers: int = 50) -> float:
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda s: _plain_flow(port, s), scripts))
+    return time.perf_counter() - started
+
+
+def flowtap_replay(port: int, scripts: Sequence[Script], concurrency: int = 50) -> float:
+    started = time.perf_counter()
+    reports = replay(
+        scripts,
+        ReplayOptions(target=Address("127.0.0.1", port), speed=None, concurrency=concurrency),
+    )
+    duration = time.perf_counter() - started
+    bad = [r for r in reports if r.status != Status.OK]
+    if bad:
+        raise SystemExit(f"replay had {len(bad)} unclean flows, e.g. {bad[0].line()}")
+    return duration
+
+
+def _best(rounds: int, run: Callable[[], float]) -> tuple[float, float]:
+    times = [run() for _ in range(rounds)]
+    return min(times), statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flows", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=50)
+    args = parser.parse_args()
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is not installed: run tests/setup-debian.sh")
+    with tempfile.TemporaryDirectory() as directory:
+        recorded_on, record_port = _start_redis(directory + "/")
+        replayed_on = None
+        try:
+            scripts = record(record_port, args.flows)
+            turns = sum(s.turn_count(Direction.UP) for s in scripts)
+            os.mkdir(directory + "/b")
+            replayed_on, port = _start_redis(directory + "/b")
+            rss_before = _rss_mib()
+            seq_best, seq_median = _best(args.rounds, lambda: plain_sequential(port, scripts))
+            thr_best, thr_median = _best(args.rounds, lambda: plain_threads(port, scripts))
+            rss_plain = _rss_mib()
+            rep_best, rep_median = _best(
+                args.rounds, lambda: flowtap_replay(port, scripts, args.concurrency)
+            )
+            rss_after = _rss_mib()
+        finally:
+            for proc in (recorded_on, replayed_on):
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(10)
+    flows = len(scripts)
+    baseline = max(flows / seq_median, flows / thr_median)
+    rows = [
+        ("plain client, sequential", seq_best, seq_median),
+        ("plain client, 50 threads", thr_best, thr_median),
+        (f"flowtap replay --asap --concurrency {args.concurrency}", rep_best, rep_median),
+    ]
+    print(f"{flows} recorded flows, {turns} client turns, redis-server on loopback")
+    print(f"{'client':<44} {'flows/s':>9} {'turns/s':>9} {'best flows/s':>13} {'ratio':>6}")
+    for name, best, median in rows:
+        rate = flows / median
+        print(
+            f"{name:<44} {rate:>9.0f} {turns / median:>9.0f} {flows / best:>13.0f} "
+            f"{rate / baseline:>6.2f}"
+        )
+    print(
+        f"RSS: {rss_before:.1f} MiB with the scripts loaded, {rss_plain:.1f} MiB after the plain "
+        f"clients, {rss_after:.1f} MiB after replay (peak {_rss_mib('VmHWM'):.1f} MiB)"
+    )
+    ratio = (flows / rep_median) / baseline
+    verdict = "meets" if ratio >= 0.5 else "misses"
+    print(
+        f"replay is {ratio:.2f}x the faster plain client (median of {args.rounds}): "
+        f"{verdict} the 0.5x target"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""`flowtap replay`: play the client side of recorded flows against a live server, and compare.
+
+Each flow gets a fresh connection to the target; its client turns go out as the server
+answers (see `playback.Player`), and what the server sends back is compared with what it
+sent in the recording (`compare`).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from flowtap.proxy.errors import FlowtapError
+from flowtap.proxy.events import Bus
+from flowtap.proxy.flow import Address, Direction, Transport
+from flowtap.proxy.listener import resolve
+
+from .compare import Difference, compare, text_diff
+from .playback import Player
+from .sessions import Loop, Session, SessionResult
+from .turns import Script
+
+ProgressCallback = Callable[[int, int, int], None]
+"""Called with (flows done, flows in all, flows failed) as a replay goes on."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayOptions:
+    """How to replay: where to, how fast, how many at once, what to ignore when comparing."""
+
+    target: Address
+    speed: float | None = 1.0
+    turn_timeout_s: float = 1.0
+    concurrency: int = 10
+    connect_timeout_s: float = 5.0
+    ignore: tuple[re.Pattern[bytes], ...] = ()
+    want_diff: bool = False
+
+    def __post_init__(self) -> None:
+        if self.speed is not None and self.speed <= 0:
+            raise FlowtapError("--speed must be above 0: e.g. --speed 2 plays twice as fast")
+        if self.concurrency < 1:
+            raise FlowtapError("--concurrency must be at least 1: e.g. --concurrency 10")
+        if self.turn_timeout_s <= 0:
+            raise FlowtapError("--turn-timeout must be above 0: e.g. --turn-timeout 0.5")
+
+
+class Status:
+    OK = "ok"
+    DIFFERS = "differs"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowReport:
+    """The outcome of replaying one recorded flow."""
+
+    flow_id: int
+    transport: Transport
+    status: str
+    turns_sent: int
+    turns_total: int
+    bytes_sent: int
+    server_bytes_expected: int
+    server_bytes_received: int
+    duration_s: float
+    difference: Difference | None = None
+    diff: str | None = None
+    error: str | None = None
+    note: str | None = None
+
+    @property
+    def is_clean(self) -> bool:
+        return self.status == Status.OK
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "flow": self.flow_id,
+            "transport": str(self.transport),
+            "status": self.status,
+            "turns_sent": self.turns_sent,
+            "turns_total": self.turns_total,
+            "bytes_sent": self.bytes_sent,
+            "server_bytes_expected": self.server_bytes_expected,
+            "server_bytes_received": self.server_bytes_received,
+            "duration_s": round(self.duration_s, 6),
+            "difference": None if self.difference is None else self.difference.as_dict(),
+            "diff": self.diff,
+            "error": self.error,
+            "note": self.note,
+        }
+
+    def line(self) -> str:
+        head = (
+            f"flow {self.flow_id} {self.transport} {self.status}: "
+            f"turns {self.turns_sent}/{self.turns_total}, "
+            f"server bytes {self.server_bytes_received}/{self.server_bytes_expected}, "
+            f"{self.duration_s:.3f}s"
+        )
+        if self.error:
+            head += f" ({self.error})"
+        if self.note:
+            head += f" ({self.note})"
+        if self.difference is not None:
+            d = self.difference
+            head += (
+                f"\n  first difference at server byte {d.offset}:"
+                f"\n    recorded: {d.expected}\n    replayed: {d.received}"
+            )
+        if self.diff:
+            head += "\n" + self.diff.rstrip("\n")
+        return head
+
+
+def report_for(script: Script, result: SessionResult, options: ReplayOptions) -> FlowReport:
+    """Judge one replayed flow: failed, stopped at a gap, differing or clean."""
+    expected = script.data(Direction.DOWN)
+    difference = None
+    diff = None
+    if result.error is None:
+        received = result.received
+        if result.is_received_truncated:
+            expected = expected[: len(received)]
+        difference = compare(expected, received, options.ignore)
+        if difference is not None and options.want_diff:
+            diff = text_diff(expected, received, options.ignore, name=f"flow {script.id}")
+    if result.error is not None:
+        status = Status.FAILED
+    elif script.gap is not None:
+        status = Status.STOPPED
+    elif difference is not None:
+        status = Status.DIFFERS
+    else:
+        status = Status.OK
+    note = None
+    if script.gap is not None:
+        note = "stopped at a gap in the capture"
+    elif result.waits_timed_out:
+        note = f"{result.waits_timed_out} answers ended by --turn-timeout"
+    return FlowReport(
+        flow_id=script.id,
+        transport=script.transport,
+        status=status,
+        turns_sent=result.turns_sent,
+        turns_total=script.turn_count(Direction.UP),
+        bytes_sent=result.bytes_sent,
+        server_bytes_expected=script.size_bytes(Direction.DOWN),
+        server_bytes_received=result.peer_bytes,
+        duration_s=result.duration_s,
+        difference=difference,
+        diff=diff,
+        error=result.error,
+        note=note,
+    )
+
+
+class Replayer:
+    """Replays scripts against one target with a bounded number of connections at once."""
+
+    def __init__(
+        self,
+        scripts: Sequence[Script],
+        options: ReplayOptions,
+        *,
+        bus: Bus | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.scripts = list(scripts)
+        self.options = options
+        self._bus = bus
+        self._progress = progress
+        self._families: dict[Transport, tuple[int, object]] = {}
+        for transport in {s.transport for s in self.scripts}:
+            self._families[transport] = resolve(options.target, transport)
+        self._reports: dict[int, FlowReport] = {}
+        self._active = 0
+        self._failed = 0
+
+    def run(self) -> list[FlowReport]:
+        """Replay every script; return one report per script, in script order."""
+        loop = Loop()
+        pending = collections.deque(enumerate(self.scripts))
+        speed = self.options.speed
+        first_at = min((s.flow.started_at for s in self.scripts), default=0.0)
+        started = time.monotonic()
+        total = len(self.scripts)
+        last_progress = 0.0
+        try:
+            while pending or self._active:
+                now = time.monotonic()
+                wait_s = 0.5
+                while pending and self._active < self.options.concurrency:
+                    index, script = pending[0]
+                    if speed is not None:
+                        due = started + (script.flow.started_at - first_at) / speed
+                        if due > now:
+                            wait_s = min(wait_s, due - now)
+                            break
+                    pending.popleft()
+                    self._start(loop, index, script, now)
+                if self._active or pending:
+                    loop.poll(wait_s)
+                if self._progress is not None and now - last_progress >= 0.1:
+                    last_progress = now
+                    self._progress(len(self._reports), total, self._failed)
+        finally:
+            loop.close()
+        if self._progress is not None:
+            self._progress(len(self._reports), total, self._failed)
+        return [self._reports[i] for i in range(total)]
+
+    def _start(self, loop: Loop, index: int, script: Script, now: float) -> None:
+        options = self.options
+        family, sockaddr = self._families[script.transport]
+        is_udp = script.transport is Transport.UDP
+        sock = socket.socket(family, socket.SOCK_DGRAM if is_udp else socket.SOCK_STREAM)
+        sock.setblocking(False)
+        player = Player(
+            script,
+            Direction.UP,
+            speed=options.speed,
+            turn_timeout_s=options.turn_timeout_s,
+        )
+
+        def done(session: Session, result: SessionResult) -> None:
+            self._active -= 1
+            if result.error is not None:
+                self._failed += 1
+            self._reports[index] = report_for(script, result, options)
+
+        connect_timeout: float | None = None
+        if not is_udp:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex(sockaddr)  # type: ignore[arg-type]
+            if err not in (0, errno.EINPROGRESS):
+                sock.close()
+                self._failed += 1
+                self._reports[index] = _refused(script, options.target, err)
+                return
+            connect_timeout = options.connect_timeout_s
+        else:
+            sock.connect(sockaddr)  # type: ignore[arg-type]
+        session = Session(
+            loop,
+            sock,
+            transport=script.transport,
+            side=Direction.UP,
+            peer=options.target,
+            on_done=done,
+            player=player,
+            bus=self._bus,
+            connect_timeout_s=connect_timeout,
+        )
+        self._active += 1
+        session.begin(now)
+
+
+def _refused(script: Script, target: Address, err: int) -> FlowReport:
+    return FlowReport(
+        flow_id=script.id,
+        transport=script.transport,
+        status=Status.FAILED,
+        turns_sent=0,
+        turns_total=script.turn_count(Direction.UP),
+        bytes_sent=0,
+        server_bytes_expected=script.size_bytes(Direction.DOWN),
+        server_bytes_received=0,
+        duration_s=0.0,
+        error=f"cannot connect to {target}: {os.strerror(err)}",
+    )
+
+
+def replay(
+    scripts: Sequence[Script],
+    options: ReplayOptions,
+    *,
+    bus: Bus | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[FlowReport]:
+    """Replay `scripts` against `options.target`; one report per script, in order."""
+    return Replayer(scripts, options, bus=bus, progress=progress).run()
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Totals over a replay's reports."""
+
+    flows: int
+    ok: int
+    differs: int
+    failed: int
+    stopped: int
+    turns_sent: int
+    duration_s: float
+
+    @classmethod
+    def of(cls, reports: Sequence[FlowReport], duration_s: float) -> Summary:
+        count = collections.Counter(r.status for r in reports)
+        return cls(
+            flows=len(reports),
+            ok=count[Status.OK],
+            differs=count[Status.DIFFERS],
+            failed=count[Status.FAILED],
+            stopped=count[Status.STOPPED],
+            turns_sent=sum(r.turns_sent for r in reports),
+            duration_s=duration_s,
+        )
+
+    def line(self) -> str:
+        return (
+            f"replayed {self.flows} flows in {self.duration_s:.3f}s: {self.ok} ok, "
+            f"{self.differs} differ, {self.failed} failed, {self.stopped} stopped at a gap; "
+            f"{self.turns_sent} turns sent"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "flows": self.flows,
+            "ok": self.ok,
+            "differs": self.differs,
+            "failed": self.failed,
+            "stopped": self.stopped,
+            "turns_sent": self.turns_sent,
+            "duration_s": round(self.duration_s, 6),
+        }
+
+    def exit_code(self, *, check: bool) -> int:
+        """1 when a flow failed, or with `check` when any response differs; else 0."""
+        if self.failed:
+            return 1
+        if check and (self.differs or self.stopped):
+            return 1
+        return 0
+
+
+def write_reports(
+    out: TextIO, reports: Sequence[FlowReport], summary: Summary, *, as_json: bool
+) -> None:
+    """Print the per-flow reports and the summary, as text or as JSON lines."""
+    if as_json:
+        for report in reports:
+            out.write(json.dumps({"event": "replayed", **report.as_dict()}) + "\n")
+        out.write(json.dumps({"event": "summary", **summary.as_dict()}) + "\n")
+    else:
+        for report in reports:
+            out.write(report.line() + "\n")
+        out.write(summary.line() + "\n")
+    out.flush()
+
+
+class _Progress:
+    """A progress bar on stderr for replays that take a while (only on a terminal)."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self._progress = Progress(
+            TextColumn("replay"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed"),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._task = self._progress.add_task("replay", total=total, failed=0)
+        self._progress.start()
+
+    def update(self, done: int, total: int, failed: int) -> None:
+        self._progress.update(self._task, completed=done, failed=failed)
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def replay_command(args: Any) -> int:
+    """`flowtap replay FILE --to HOST:PORT ...`: the CLI's wiring, returning the exit status."""
+    import sys
+
+    from .compare import compile_patterns
+    from .turns import FlowFilter, load_scripts, select_scripts
+
+    target = Address.parse(args.to)
+    flow_filter = FlowFilter.parse(args.filter) if args.filter else None
+    options = ReplayOptions(
+        target=target,
+        speed=None if args.asap else args.speed,
+        turn_timeout_s=args.turn_timeout,
+        concurrency=args.concurrency,
+        connect_timeout_s=args.connect_timeout,
+        ignore=compile_patterns(args.ignore),
+        want_diff=args.diff,
+    )
+    if args.pcap:
+        raise FlowtapError("--pcap is not available in this build: drop --pcap")
+    name = args.file
+    scripts = select_scripts(
+        load_scripts(args.file), flow_ids=args.flow, flow_filter=flow_filter, source=name
+    )
+    for script in scripts:
+        if script.gap is not None:
+            print(f"flowtap: warning: {script.gap.describe(script.id)}", file=sys.stderr)
+    progress = _Progress(len(scripts)) if sys.stderr.isatty() and len(scripts) > 1 else None
+    started = time.monotonic()
+    try:
+        reports = replay(scripts, options, progress=None if progress is None else progress.update)
+    finally:
+        if progress is not None:
+            progress.stop()
+    summary = Summary.of(reports, time.monotonic() - started)
+    write_reports(sys.stdout, reports, summary, as_json=args.json)
+    return summary.exit_code(check=args.check)
