@@ -123,7 +123,10 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="flowtap", description=__doc__)
+    parser = _Parser(
+        prog="flowtap",
+        description="A TCP/UDP man-in-the-middle proxy and traffic inspector.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
