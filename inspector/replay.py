@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from flowtap.proxy.errors import FlowtapError
@@ -400,22 +401,31 @@ def replay_command(args: Any) -> int:
         ignore=compile_patterns(args.ignore),
         want_diff=args.diff,
     )
-    if args.pcap:
-        raise FlowtapError("--pcap is not available in this build: drop --pcap")
-    name = args.file
-    scripts = select_scripts(
-        load_scripts(args.file), flow_ids=args.flow, flow_filter=flow_filter, source=name
-    )
+
+    def warn(message: str) -> None:
+        print(f"flowtap: warning: {message}", file=sys.stderr)
+
+    loaded = load_scripts(args.file, flow_ids=args.flow, warn=warn)
+    scripts = select_scripts(loaded, flow_ids=args.flow, flow_filter=flow_filter, source=args.file)
     for script in scripts:
         if script.gap is not None:
-            print(f"flowtap: warning: {script.gap.describe(script.id)}", file=sys.stderr)
+            warn(script.gap.describe(script.id))
+    bus = None
+    if args.pcap:
+        from .capture import CaptureObserver
+
+        bus = Bus([CaptureObserver(Path(args.pcap))])
     progress = _Progress(len(scripts)) if sys.stderr.isatty() and len(scripts) > 1 else None
     started = time.monotonic()
     try:
-        reports = replay(scripts, options, progress=None if progress is None else progress.update)
+        reports = replay(
+            scripts, options, bus=bus, progress=None if progress is None else progress.update
+        )
     finally:
         if progress is not None:
             progress.stop()
+        if bus is not None:
+            bus.close()
     summary = Summary.of(reports, time.monotonic() - started)
     write_reports(sys.stdout, reports, summary, as_json=args.json)
     return summary.exit_code(check=args.check)

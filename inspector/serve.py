@@ -485,10 +485,15 @@ def serve_command(args: Any) -> int:
         on_mismatch=args.on_mismatch,
         ignore=compile_patterns(args.ignore),
     )
-    scripts = select_scripts(load_scripts(args.file), flow_ids=args.flow, source=args.file)
+
+    def warn(message: str) -> None:
+        print(f"flowtap: warning: {message}", file=sys.stderr)
+
+    loaded = load_scripts(args.file, flow_ids=args.flow, warn=warn)
+    scripts = select_scripts(loaded, flow_ids=args.flow, source=args.file)
     for script in scripts:
         if script.gap is not None:
-            print(f"flowtap: warning: {script.gap.describe(script.id)}", file=sys.stderr)
+            warn(script.gap.describe(script.id))
     server = Server(scripts, options, on_report=report_writer(sys.stdout, as_json=args.json))
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

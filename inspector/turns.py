@@ -8,10 +8,9 @@ request/response structure (TCP chunk boundaries are an artefact of `recv`).
 from __future__ import annotations
 
 import enum
-import importlib
 import ipaddress
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -328,13 +327,26 @@ def select_scripts(
     return chosen
 
 
-def load_scripts(path: str) -> list[Script]:
-    """Read a capture file into scripts; FlowtapError if it cannot be read."""
+def load_scripts(
+    path: str,
+    *,
+    flow_ids: Sequence[int] = (),
+    warn: Callable[[str], None] | None = None,
+) -> list[Script]:
+    """Read a capture file into scripts (only the named flows' data, when given).
+
+    A capture damaged part-way gives the flows read before the damage, with a warning;
+    one that cannot be read at all raises FlowtapError.
+    """
+    from .reader import DamagedCaptureError
+    from .reassembly import read_capture
+
+    events: list[RecordedEvent] = []
     try:
-        reader = importlib.import_module("flowtap.inspector.reader")
-    except ModuleNotFoundError:
-        raise FlowtapError(
-            "this build cannot read capture files yet: install a flowtap with the capture reader"
-        ) from None
-    events: Iterable[RecordedEvent] = reader.read_capture(path)
+        for event in read_capture(path, flow_ids=set(flow_ids) if flow_ids else None):
+            events.append(event)
+    except DamagedCaptureError as exc:
+        if warn is None:
+            raise
+        warn(f"{exc}; playing the flows read before that")
     return scripts_from_events(events)
