@@ -1,10 +1,11 @@
 """Replay throughput: 2,000 recorded short request/response flows against a local redis.
 
-In one run: record the flows through an in-process relay, then send the same client bytes
-with a plain Python client (sequential blocking sockets, and 50 threads)
-with replies that do not depend on state (SET, ECHO, PING) and with
-`replay --asap --concurrency 50`. Prints flows/s, turns/s, RSS and the ratio to the faster
-plain client (target >= 0.5x). Figures are noisy: other work shares this machine's CPUs.
+In one run: record the flows through an in-process relay into a pcapng and read it back,
+then send the same client bytes with a plain Python client (sequential blocking sockets,
+and 50 threads) and with `replay --asap --concurrency 50`; the replies do not depend on
+state (SET, ECHO, PING), so every replayed flow must compare clean. Prints flows/s,
+turns/s, RSS and the ratio to the faster plain client (target >= 0.5x). Figures are
+noisy: other work shares this machine's CPUs.
 
     python benchmarks/replay.py [--flows 2000] [--rounds 3]
 """
@@ -20,14 +21,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from flowtap.inspector.capture import CaptureObserver
 from flowtap.inspector.replay import ReplayOptions, Status, replay
-from flowtap.inspector.turns import Script, scripts_from_events
+from flowtap.inspector.turns import Script, load_scripts
 from flowtap.proxy.events import Bus
-from flowtap.proxy.flow import Address, Direction, FlowClosed, FlowEvent
+from flowtap.proxy.flow import Address, Direction
 from flowtap.proxy.listener import ListenerSpec
 from flowtap.proxy.relay import Relay
 
@@ -65,24 +67,6 @@ def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], int]:
             time.sleep(0.05)
 
 
-class _Recorder:
-    wants_data = True
-
-    def __init__(self) -> None:
-        self.events: list[FlowEvent] = []
-        self.closed = 0
-        self._lock = threading.Lock()
-
-    def handle(self, event: FlowEvent) -> None:
-        with self._lock:
-            self.events.append(event)
-            if isinstance(event, FlowClosed):
-                self.closed += 1
-
-    def close(self) -> None:
-        pass
-
-
 def _command(*words: bytes) -> bytes:
     out = b"*%d\r\n" % len(words)
     for word in words:
@@ -90,17 +74,16 @@ def _command(*words: bytes) -> bytes:
     return out
 
 
-def record(port: int, flows: int) -> list[Script]:
-    """Drive `flows` short redis exchanges through a relay and return them as scripts."""
-    recorder = _Recorder()
+def record(port: int, flows: int, pcap: Path) -> None:
+    """Drive `flows` short redis exchanges through a capturing relay into `pcap`."""
+    capture = CaptureObserver(pcap)
     spec = ListenerSpec(listen=Address("127.0.0.1", 0), upstream=Address("127.0.0.1", port))
-    relay = Relay([spec], Bus([recorder]))
+    relay = Relay([spec], Bus([capture]))
     relay.start()
     relay_port = relay.listeners[0].address.port
     for index in range(flows):
-        key = b"key:%d" % (index % 100)
         request = [
-            _command(b"SET", key, b"value-%d" % index),
+            _command(b"SET", b"key:%d" % (index % 100), b"value-%d" % index),
             _command(b"ECHO", b"message-%d" % index),
             _command(b"PING"),
         ][index % 3]
@@ -108,10 +91,10 @@ def record(port: int, flows: int) -> list[Script]:
             sock.sendall(request)
             sock.recv(4096)
     deadline = time.monotonic() + 30
-    while recorder.closed < flows and time.monotonic() < deadline:
+    while relay.open_flows and time.monotonic() < deadline:
         time.sleep(0.01)
     relay.stop(2.0)
-    return scripts_from_events(recorder.events)
+    relay.bus.close()
 
 
 def _plain_flow(port: int, script: Script) -> None:
@@ -180,7 +163,11 @@ def main() -> int:
         recorded_on, record_port = _start_redis(directory + "/")
         replayed_on = None
         try:
-            scripts = record(record_port, args.flows)
+            pcap = Path(directory) / "recorded.pcapng"
+            record(record_port, args.flows, pcap)
+            loading = time.perf_counter()
+            scripts = load_scripts(str(pcap))
+            load_s = time.perf_counter() - loading
             turns = sum(s.turn_count(Direction.UP) for s in scripts)
             os.mkdir(directory + "/b")
             replayed_on, port = _start_redis(directory + "/b")
@@ -204,7 +191,10 @@ def main() -> int:
         ("plain client, 50 threads", thr_best, thr_median),
         (f"flowtap replay --asap --concurrency {args.concurrency}", rep_best, rep_median),
     ]
-    print(f"{flows} recorded flows, {turns} client turns, redis-server on loopback")
+    print(
+        f"{flows} recorded flows, {turns} client turns, redis-server on loopback; "
+        f"capture read into scripts in {load_s:.2f}s"
+    )
     print(f"{'client':<44} {'flows/s':>9} {'turns/s':>9} {'best flows/s':>13} {'ratio':>6}")
     for name, best, median in rows:
         rate = flows / median

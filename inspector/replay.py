@@ -223,7 +223,13 @@ class Replayer:
         options = self.options
         family, sockaddr = self._families[script.transport]
         is_udp = script.transport is Transport.UDP
-        sock = socket.socket(family, socket.SOCK_DGRAM if is_udp else socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM if is_udp else socket.SOCK_STREAM)
+        except OSError as exc:
+            raise FlowtapError(
+                f"cannot open a socket ({exc.strerror}): lower --concurrency or raise the "
+                "open-files limit (ulimit -n)"
+            ) from None
         sock.setblocking(False)
         player = Player(
             script,
@@ -249,7 +255,13 @@ class Replayer:
                 return
             connect_timeout = options.connect_timeout_s
         else:
-            sock.connect(sockaddr)  # type: ignore[arg-type]
+            try:
+                sock.connect(sockaddr)  # type: ignore[arg-type]
+            except OSError as exc:
+                sock.close()
+                self._failed += 1
+                self._reports[index] = _refused(script, options.target, exc.errno or 0)
+                return
         session = Session(
             loop,
             sock,
@@ -387,9 +399,12 @@ def replay_command(args: Any) -> int:
     """`flowtap replay FILE --to HOST:PORT ...`: the CLI's wiring, returning the exit status."""
     import sys
 
+    from flowtap.proxy.relay import raise_fd_limit
+
     from .compare import compile_patterns
     from .turns import FlowFilter, load_scripts, select_scripts
 
+    raise_fd_limit()
     target = Address.parse(args.to)
     flow_filter = FlowFilter.parse(args.filter) if args.filter else None
     options = ReplayOptions(

@@ -126,7 +126,8 @@ def test_redis_session_replays_into_a_fresh_server(
     assert scripts[0].turn_count(Direction.UP) >= 4
 
     fresh = start_redis()
-    reports = replay(scripts, _options(fresh))
+    client_id = compile_patterns([r"\$2\r\nid\r\n:\d+"])  # in the answer to HELLO
+    reports = replay(scripts, _options(fresh, ignore=client_id))
     assert [r.status for r in reports] == [Status.OK]
     assert reports[0].turns_sent == reports[0].turns_total
     replayed = redis.Redis(port=fresh)
@@ -424,3 +425,18 @@ def test_large_turns_replay_through_full_socket_buffers(
     reports = replay(scripts, _options(echo_server[1]))
     assert reports[0].status == Status.OK, reports[0].line()
     assert reports[0].bytes_sent == reports[0].server_bytes_received == len(payload)
+
+
+def test_replay_reaches_an_ipv6_target(record_through_relay: Record, redis_server: int) -> None:
+    recording = record_through_relay(redis_server)
+    client = redis.Redis(port=recording.port)
+    client.set("family", "six")
+    client.close()
+    scripts = scripts_from_events(recording.wait_closed(1))  # type: ignore[arg-type]
+    redis.Redis(port=redis_server).flushall()
+    # redis-py starts with HELLO, whose answer carries the connection's id.
+    client_id = compile_patterns([r"\$2\r\nid\r\n:\d+"])
+    target = Address("::1", redis_server)
+    reports = replay(scripts, ReplayOptions(target=target, speed=None, ignore=client_id))
+    assert reports[0].status == Status.OK, reports[0].line()
+    assert redis.Redis(host="::1", port=redis_server).get("family") == b"six"

@@ -369,3 +369,58 @@ def test_gap_in_the_capture_stops_that_flow_and_says_how_to_fix_it(
     assert "client to server" in warnings[0] and "dumpcap -s 0" in warnings[0]
     assert "flow 2 tcp stopped" in result.stdout
     assert result.stdout.count(" ok: ") == len(_REDIS_COMMANDS) - 1
+
+
+def test_reordered_and_retransmitted_segments_replay_the_same(
+    curl_capture: tuple[Path, dict[str, bytes]], site: Path, tmp_path: Path
+) -> None:
+    from scapy.layers.inet import TCP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import RawPcapNgReader, wrpcap
+
+    pcap, _ = curl_capture
+    # rdpcap cuts frames at 65,535 bytes, and loopback frames reach 65,549.
+    packets = []
+    reader = RawPcapNgReader(str(pcap))
+    while True:
+        try:
+            raw, meta = reader._read_packet(size=1 << 18)
+        except EOFError:
+            break
+        packet = Ether(raw)
+        packet.time = ((meta.tshigh << 32) | meta.tslow) / meta.tsresol
+        packets.append(packet)
+    reader.close()
+    data = [i for i, p in enumerate(packets) if TCP in p and len(p[TCP].payload) > 1000]
+    assert len(data) >= 4
+    # The third data segment reaches the capture before the second (the ACKs in between
+    # cover the second only, so they stay after it), and the fourth is sent twice.
+    order = list(range(len(packets)))
+    order.remove(data[2])
+    order.insert(order.index(data[1]), data[2])
+    order.insert(order.index(data[3]) + 1, data[3])
+    edited = [packets[i] for i in order]
+    messy = tmp_path / "messy.pcap"
+    wrpcap(str(messy), edited, snaplen=262144)  # loopback frames exceed 65535
+    listing = tshark("-r", str(messy))
+    assert "Previous segment not captured" in listing and "Retransmission" in listing
+    for port in _http_server(site):
+        result = _flowtap(
+            "replay", str(messy), "--to", f"127.0.0.1:{port}", *_VOLATILE, "--check"
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.count(" ok: ") == 2
+
+
+def test_filter_picks_flows_by_port(
+    redis_capture: tuple[Path, list[str]], start_redis: Callable[[], int], redis_server: int
+) -> None:
+    pcap, _ = redis_capture
+    fresh = start_redis()
+    picked = _flowtap(
+        "replay", str(pcap), "--to", f"127.0.0.1:{fresh}", "--asap",
+        "--filter", f"tcp port {redis_server}",
+    )  # fmt: skip
+    assert picked.returncode == 0 and picked.stdout.count(" ok: ") == len(_REDIS_COMMANDS)
+    none = _flowtap("replay", str(pcap), "--to", f"127.0.0.1:{fresh}", "--filter", "udp")
+    _one_line_error(none, "no flow", "matches the --filter")
