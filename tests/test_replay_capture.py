@@ -424,3 +424,34 @@ def test_filter_picks_flows_by_port(
     assert picked.returncode == 0 and picked.stdout.count(" ok: ") == len(_REDIS_COMMANDS)
     none = _flowtap("replay", str(pcap), "--to", f"127.0.0.1:{fresh}", "--filter", "udp")
     _one_line_error(none, "no flow", "matches the --filter")
+
+
+def test_dns_queries_recorded_through_the_udp_relay_replay_against_dnsmasq(
+    flowtap: Start, dns_server: int, tmp_path: Path
+) -> None:
+    pcap = tmp_path / "dns.pcapng"
+    proc = flowtap(
+        "run", "--listen", "udp:127.0.0.1:0", "--upstream", f"127.0.0.1:{dns_server}",
+        "--pcap", str(pcap),
+    )  # fmt: skip
+    assert proc.listeners[0][0] == "udp"
+    answers = [
+        subprocess.run(
+            ["dig", "@127.0.0.1", "-p", str(proc.port), "+time=2", "+tries=1", "+short", *query],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        for query in (["example.test"], ["TXT", "txt.example.test"])
+    ]
+    assert answers == ["127.0.0.9\n", '"flowtap relays datagrams"\n']
+    assert proc.stop() == 0
+    assert_tshark_clean(pcap)
+    result = _flowtap("replay", str(pcap), "--to", f"127.0.0.1:{dns_server}", "--check", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports = [json.loads(line) for line in result.stdout.splitlines()[:-1]]
+    assert [(r["transport"], r["status"], r["turns_sent"]) for r in reports] == [
+        ("udp", "ok", 1),
+        ("udp", "ok", 1),
+    ]
