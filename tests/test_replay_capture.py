@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -455,3 +456,38 @@ def test_dns_queries_recorded_through_the_udp_relay_replay_against_dnsmasq(
         ("udp", "ok", 1),
         ("udp", "ok", 1),
     ]
+
+
+def test_progress_bar_shows_on_a_terminal(
+    redis_capture: tuple[Path, list[str]], start_redis: Callable[[], int]
+) -> None:
+    import pty
+
+    pcap, _ = redis_capture
+    fresh = start_redis()
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [*flowtap_command(), "replay", str(pcap), "--to", f"127.0.0.1:{fresh}"],
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        text=True,
+    )
+    os.close(terminal)
+    shown = b""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([controller], [], [], deadline - time.monotonic())
+        if not readable:
+            break
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closes with the process
+            break
+        if not chunk:
+            break
+        shown += chunk
+    out, _ = proc.communicate(timeout=30)
+    os.close(controller)
+    assert proc.returncode == 0
+    assert b"replay" in shown and f"/{len(_REDIS_COMMANDS)}".encode() in shown
+    assert "replayed 6 flows" in out
