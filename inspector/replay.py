@@ -8,6 +8,7 @@ sent in the recording (`compare`).
 from __future__ import annotations
 
 import collections
+import enum
 import errno
 import json
 import os
@@ -54,7 +55,9 @@ class ReplayOptions:
             raise FlowtapError("--turn-timeout must be above 0: e.g. --turn-timeout 0.5")
 
 
-class Status:
+class Status(enum.StrEnum):
+    """How one replayed flow came out: clean, different, failed, or cut short by a gap."""
+
     OK = "ok"
     DIFFERS = "differs"
     FAILED = "failed"
@@ -67,7 +70,7 @@ class FlowReport:
 
     flow_id: int
     transport: Transport
-    status: str
+    status: Status
     turns_sent: int
     turns_total: int
     bytes_sent: int
@@ -79,15 +82,11 @@ class FlowReport:
     error: str | None = None
     note: str | None = None
 
-    @property
-    def is_clean(self) -> bool:
-        return self.status == Status.OK
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "flow": self.flow_id,
             "transport": str(self.transport),
-            "status": self.status,
+            "status": str(self.status),
             "turns_sent": self.turns_sent,
             "turns_total": self.turns_total,
             "bytes_sent": self.bytes_sent,
