@@ -157,20 +157,21 @@ def _http_server(directory: Path) -> Iterator[int]:
         proc.wait(10)
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Path:
-    directory = tmp_path / "site"
-    directory.mkdir()
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("site")
     (directory / "index.txt").write_text("".join(f"line {i}\n" for i in range(200)))
     (directory / "blob.bin").write_bytes(bytes(range(256)) * 2000)
     return directory
 
 
-@pytest.fixture
-def curl_capture(site: Path, tmp_path: Path) -> Iterator[tuple[Path, dict[str, bytes]]]:
-    """Two curl downloads from `python -m http.server`, captured by dumpcap on lo."""
+@pytest.fixture(scope="module")
+def curl_capture(
+    site: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, dict[str, bytes]]]:
+    """Two curl downloads from `python -m http.server`, captured once by dumpcap on lo."""
     for port in _http_server(site):
-        pcap = tmp_path / "curl.pcapng"
+        pcap = tmp_path_factory.mktemp("dumpcap") / "curl.pcapng"
         dumpcap = _Dumpcap(pcap, port)
         bodies = {}
         for name in ("index.txt", "blob.bin"):
