@@ -173,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("file", metavar="FILE", help="a pcap or pcapng capture")
     serve.add_argument(
-        "--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="where clients connect"
+        "--listen",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where clients connect (default 127.0.0.1:0, a free port)",
     )
     _add_playback_options(serve)
     serve.add_argument(
