@@ -502,6 +502,8 @@ def test_too_many_open_files_keeps_running_and_recovers(echo_server: tuple[str, 
         clients.append(sock)
     for sock in clients:
         sock.close()
+    # Every client is accepted in the end (some only once descriptors freed up) and closed.
+    closed_events(proc, 40, timeout_s=20)
     with socket.create_connection(("127.0.0.1", proc.port)) as sock:
         sock.settimeout(10)
         sock.sendall(b"after the storm")
