@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -185,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="continue",
         help="when a client's bytes differ from the recording (default continue)",
     )
+    show = commands.add_parser(
+        "show",
+        help="list the flows of any pcap/pcapng capture, or print one flow",
+        description="List the flows of a pcap/pcapng capture (flowtap's, tcpdump's, dumpcap's, "
+        "Wireshark's...), or print one flow. Exit status 1: the capture is cut short or the "
+        "flow has bytes the capture lacks (shown all the same).",
+    )
+    show.add_argument("file", metavar="FILE", help="a pcap or pcapng capture")
+    show.add_argument("--flow", type=_positive_int, metavar="ID", help="print flow ID")
+    shape = show.add_mutually_exclusive_group()
+    shape.add_argument("--hex", action="store_true", help="print the flow as a hexdump")
+    shape.add_argument(
+        "--raw",
+        choices=("client", "server"),
+        help="write the reassembled bytes one side sent to stdout",
+    )
+    show.add_argument("--json", action="store_true", help="print JSON lines")
     return parser
 
 
@@ -327,6 +345,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_command(args)
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from .show import run_show
+
+    try:
+        return run_show(
+            args.file, flow_id=args.flow, as_hex=args.hex, raw=args.raw, as_json=args.json
+        )
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -334,7 +365,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="flowtap: %(levelname)s: %(message)s",
     )
-    handlers = {"run": cmd_run, "demo": cmd_demo, "replay": cmd_replay, "serve": cmd_serve}
+    handlers = {
+        "run": cmd_run,
+        "demo": cmd_demo,
+        "replay": cmd_replay,
+        "serve": cmd_serve,
+        "show": cmd_show,
+    }
     try:
         return handlers[args.command](args)
     except FlowtapError as exc:

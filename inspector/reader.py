@@ -197,8 +197,7 @@ class CaptureReader:
 
     def _damaged(self, what: str) -> DamagedCaptureError:
         return DamagedCaptureError(
-            f"{str(self.path)!r} {what} at byte {self.offset} after {self.packets_read} "
-            "packets; what was read before is shown",
+            f"{str(self.path)!r} {what} at byte {self.offset}, after {self.packets_read} packets",
             offset=self.offset,
             packets_read=self.packets_read,
         )

@@ -14,8 +14,9 @@ Contract of the event stream:
 - Each direction's `FlowData` and `FlowGap` sizes add up to its stream in order:
   out-of-order segments are put in place, retransmitted and overlapping bytes appear once
   (first copy wins), and bytes the capture never saw are a `FlowGap`, never glued over.
-  A gap is declared when the receiver acknowledges bytes the capture lacks, when more than
-  `max_buffered_bytes` wait behind a hole, or when the flow ends.
+  A gap is declared when the receiver has acknowledged bytes the capture lacks and a later
+  segment does not bring them, when more than `max_buffered_bytes` wait behind a hole, or
+  when the flow ends.
 - `FlowClosed.flow.reason` is how the flow ended in the capture: `client-reset` /
   `server-reset` for a RST, `client-closed` / `server-closed` for whoever sent FIN first;
   captures written by flowtap name the exact reason (and error) in a packet comment. A flow
@@ -73,6 +74,7 @@ class _Stream:
     """One direction of a TCP flow: where the next byte belongs and what waits behind holes."""
 
     __slots__ = (
+        "acked",
         "delivered",
         "fin_offset",
         "finished",
@@ -90,6 +92,7 @@ class _Stream:
         self.pending: list[tuple[int, int, int, float, memoryview]] = []
         self.pending_bytes = 0
         self.fin_offset: int | None = None
+        self.acked = 0  # how far the receiver has acknowledged
         self.finished = False
         self.delivered = 0
         self.gap_bytes = 0
@@ -313,8 +316,8 @@ class Reassembler:
                 acked = peer.offset_of(segment.ack)
                 if peer.fin_offset is not None and acked > peer.fin_offset:
                     acked = peer.fin_offset
-                if acked > peer.offset:
-                    self._advance(conversation, peer, _other(direction), acked, timestamp)
+                if acked > peer.acked:
+                    peer.acked = acked
         length = segment.length
         if stream.isn is None:
             if not length and not flags & _FIN:
@@ -329,6 +332,11 @@ class Reassembler:
             if stream.fin_offset is None or fin_offset < stream.fin_offset:
                 stream.fin_offset = max(fin_offset, stream.offset)
             self._check_finished(conversation, stream)
+        if stream.acked > stream.offset and (length or flags & _FIN) and not stream.finished:
+            # The receiver acknowledged bytes before this segment that the capture still
+            # lacks: they were sent and will not appear (a capture may reorder, so the hole
+            # is only declared once a later segment of this direction fails to fill it).
+            self._advance(conversation, stream, direction, stream.acked, timestamp)
         up, down = conversation.streams
         if up.finished and down.finished:
             self._close(conversation, timestamp)
@@ -489,10 +497,13 @@ def read_capture(
     cut short or damaged part-way.
     """
     with CaptureReader(path) as reader:
-        yield from _events(reader, flow_ids)
+        yield from capture_events(reader, flow_ids)
 
 
-def _events(reader: CaptureReader, flow_ids: Container[int] | None) -> Iterator[CaptureEvent]:
+def capture_events(
+    reader: CaptureReader, flow_ids: Container[int] | None = None
+) -> Iterator[CaptureEvent]:
+    """`read_capture` over an open reader, whose counters then say what was read and skipped."""
     reassembler = Reassembler(
         data_for=None if flow_ids is None else flow_ids.__contains__,
     )
@@ -502,7 +513,8 @@ def _events(reader: CaptureReader, flow_ids: Container[int] | None) -> Iterator[
             events = feed(segment)
             if events:
                 yield from events
-    except BaseException:
+    except Exception:
+        # Close the flows read so far, then say why the capture stopped.
         yield from reassembler.finish()
         raise
     yield from reassembler.finish()

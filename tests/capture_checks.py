@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from conftest import flowtap_command, wait_for
+from flowtap.proxy.errors import FlowtapError
 
 TSHARK_TIMEOUT_S = 240.0
 _SECTION = re.compile(r"^(Errors|Warns|Notes|Chats|Comments) \((\d+)\)")
@@ -98,3 +105,58 @@ def scapy_packets(path: Path) -> list[object]:
     from scapy.utils import rdpcap
 
     return list(rdpcap(str(path)))
+
+
+@contextlib.contextmanager
+def capture_loopback(
+    tool: str, path: Path, bpf_filter: str, *, interface: str = "lo", link: str | None = None
+) -> Iterator[None]:
+    """Capture `bpf_filter` traffic on `interface` with tcpdump or dumpcap while the block runs.
+
+    On leaving, waits (with a deadline) until the file holds a closed flow, then stops the tool.
+    """
+    if tool == "tcpdump":
+        command = ["tcpdump", "-i", interface, "-U", "-w", str(path)]
+        if link:
+            command += ["-y", link]
+        command += [bpf_filter]
+        ready = "listening on"
+    else:
+        command = ["dumpcap", "-i", interface, "-f", bpf_filter, "-w", str(path)]
+        ready = "File:"
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 20
+    while not any(ready in line for line in lines):
+        assert time.monotonic() < deadline and proc.poll() is None, f"{tool} did not start: {lines}"
+        lines.append(proc.stderr.readline())
+    try:
+        yield
+        wait_for(lambda: _has_closed_flow(path), 20, f"{tool} to write the closed flow")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _has_closed_flow(path: Path) -> bool:
+    from flowtap.inspector.reassembly import read_capture
+    from flowtap.proxy.flow import FlowClosed
+
+    try:
+        return any(
+            isinstance(e, FlowClosed) and e.flow.reason is not None for e in read_capture(path)
+        )
+    except FlowtapError:
+        return False
+
+
+def flowtap_show(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[bytes]:
+    """Run `flowtap show ARGS` and return its result (stdout as bytes)."""
+    return subprocess.run(
+        [*flowtap_command(), "show", *args], capture_output=True, timeout=timeout_s, check=False
+    )
