@@ -135,7 +135,7 @@ class CaptureObserver:
         max_files: int | None = None,
         checksums: bool = False,
         flush_interval_s: float = 0.5,
-        max_pending: int = 128,
+        max_pending: int = 32,
     ) -> None:
         self.files = RotatingCapture(path, max_size_bytes=max_size_bytes, max_files=max_files)
         self._writer = CaptureWriter(
@@ -146,7 +146,7 @@ class CaptureObserver:
         self._dirty = False
         self._lock = threading.Lock()
         self._closed = False
-        # At 256 KiB a chunk, 128 waiting events bound the queue to 32 MiB.
+        # At 256 KiB a chunk, 32 waiting events bound the queue to 8 MiB.
         self._observer = LosslessObserver(
             self._consume,
             max_pending=max_pending,

@@ -19,13 +19,15 @@ Conventions a reader of the capture should know:
   default, and computing them costs the relay about a millisecond a megabyte); IP and UDP
   checksums are always correct.
 
-The files are written through one buffered file rather than scapy's raw writers: scapy's
-pcapng writer has only microsecond resolution and copies each packet several times.
+The files are written with `os.writev` rather than through scapy's raw writers: scapy's
+pcapng writer has only microsecond resolution and copies each packet several times, while
+gathering headers and payloads into one `writev` hands each payload to the kernel as is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -33,7 +35,7 @@ import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.flow import (
@@ -127,7 +129,7 @@ class PacketFile(Protocol):
     def close(self) -> None: ...
 
 
-def _create_private(path: Path) -> BinaryIO:
+def _create_private(path: Path) -> int:
     """Open `path` for writing with mode 0600 (captures hold secrets); FlowtapError on failure."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -138,17 +140,130 @@ def _create_private(path: Path) -> BinaryIO:
         ) from None
     with contextlib.suppress(OSError):  # not ours to change on some filesystems
         os.fchmod(fd, 0o600)
-    return os.fdopen(fd, "wb", buffering=1 << 20)
+    return fd
 
 
-class PcapFile:
-    """A classic pcap file (little-endian, microsecond timestamps, Ethernet)."""
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
+_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_AFTER = 4
+
+
+def _sync_range(fd: int, offset: int, size: int, flags: int) -> None:
+    if _sync_file_range is None:
+        if flags & _SYNC_FILE_RANGE_WAIT_AFTER:
+            os.fdatasync(fd)
+        return
+    if _sync_file_range(fd, offset, size, flags) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def _start_writeback(fd: int, offset: int, size: int) -> None:
+    """Ask the kernel to start writing a range to disk, without waiting."""
+    _sync_range(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
+
+
+def _finish_writeback(fd: int, offset: int, size: int) -> None:
+    """Wait until a range is on disk (its pages then clean, so they can be dropped)."""
+    _sync_range(
+        fd,
+        offset,
+        size,
+        _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER,
+    )
+
+
+class _GatheredFile:
+    """A file written with `writev`: payloads go to the kernel without being copied again."""
+
+    _MAX_PARTS = 1000  # under IOV_MAX (1024)
+    _MAX_BYTES = 4 << 20
+    # Written bytes go to disk in windows of this size, the previous window's pages then
+    # leave the page cache: a long capture reuses a few warm pages instead of filling memory
+    # with new ones, which costs the kernel several times more per byte (measured here: 0.3 s
+    # of system time per GiB instead of 1.3-2 s), and it does not evict other files' pages.
+    _WINDOW_BYTES = 16 << 20
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = _create_private(path)
-        self._file.write(_PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
-        self.size_bytes = _PCAP_HEADER.size
+        self._fd = _create_private(path)
+        self._parts: list[bytes | memoryview] = []
+        self._waiting_bytes = 0
+        self.size_bytes = 0
+        self._written_bytes = 0
+        self._window_start = 0  # where the window being written starts
+        self._previous_window: tuple[int, int] | None = None
+        self._drops_pages = True
+
+    def add(self, part: bytes | memoryview) -> None:
+        self._parts.append(part)
+        self._waiting_bytes += len(part)
+        self.size_bytes += len(part)
+        if self._waiting_bytes >= self._MAX_BYTES or len(self._parts) >= self._MAX_PARTS:
+            self.flush()
+
+    def flush(self) -> None:
+        parts = self._parts
+        if not parts:
+            return
+        self._parts = []
+        self._waiting_bytes = 0
+        left = sum(len(part) for part in parts)
+        self._written_bytes += left
+        while True:
+            written = os.writev(self._fd, parts)
+            left -= written
+            if not left:
+                break
+            # A short write (a signal, a full disk): go on from where it stopped.
+            while written >= len(parts[0]):
+                written -= len(parts.pop(0))
+            parts[0] = memoryview(parts[0])[written:]
+        if self._drops_pages and self._written_bytes - self._window_start >= self._WINDOW_BYTES:
+            self._next_window()
+
+    def _next_window(self) -> None:
+        """Start writing out the window just filled; wait for the one before and drop it."""
+        start, end = self._window_start, self._written_bytes
+        try:
+            _start_writeback(self._fd, start, end - start)
+            if self._previous_window is not None:
+                old_start, old_end = self._previous_window
+                _finish_writeback(self._fd, old_start, old_end - old_start)
+                os.posix_fadvise(self._fd, old_start, old_end - old_start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            self._drops_pages = False  # a file system that cannot: leave it to the kernel
+        self._previous_window = (start, end)
+        self._window_start = end
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class PcapFile(_GatheredFile):
+    """A classic pcap file (little-endian, microsecond timestamps, Ethernet)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.add(_PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
 
     def write_packet(
         self,
@@ -159,25 +274,16 @@ class PcapFile:
     ) -> None:
         size = len(header) + len(payload)
         sec, ns = divmod(timestamp_ns, 1_000_000_000)
-        write = self._file.write
-        write(_PCAP_RECORD.pack(sec, ns // 1000, size, size) + header)
+        self.add(_PCAP_RECORD.pack(sec, ns // 1000, size, size) + header)
         if payload:
-            write(payload)
-        self.size_bytes += 16 + size
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+            self.add(payload)
 
 
-class PcapNgFile:
+class PcapNgFile(_GatheredFile):
     """A pcapng file: one section, one Ethernet interface with nanosecond timestamps."""
 
     def __init__(self, path: Path, *, application: str = "flowtap") -> None:
-        self.path = path
-        self._file = _create_private(path)
+        super().__init__(path)
         app = application.encode()
         shb_options = _OPT.pack(4, len(app)) + app + _pad4(len(app)) + _OPT.pack(0, 0)
         shb_length = 28 + len(shb_options)
@@ -203,8 +309,8 @@ class PcapNgFile:
             + idb_options
             + _U32.pack(idb_length)
         )
-        self._file.write(shb + idb)
-        self.size_bytes = len(shb) + len(idb)
+        self.add(shb + idb)
+        self._tail = b""
 
     def write_packet(
         self,
@@ -219,21 +325,15 @@ class PcapNgFile:
             text = comment.encode()
             tail += _OPT.pack(1, len(text)) + text + _pad4(len(text)) + _OPT.pack(0, 0)
         total = 32 + size + len(tail)
-        write = self._file.write
-        write(
-            _PCAPNG_EPB.pack(6, total, 0, timestamp_ns >> 32, timestamp_ns & 0xFFFFFFFF, size, size)
-            + header
+        epb = _PCAPNG_EPB.pack(
+            6, total, 0, timestamp_ns >> 32, timestamp_ns & 0xFFFFFFFF, size, size
         )
         if payload:
-            write(payload)
-        write(tail + _U32.pack(total))
-        self.size_bytes += total
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+            self.add(epb + header)
+            self.add(payload)
+            self.add(tail + _U32.pack(total))
+        else:
+            self.add(epb + header + tail + _U32.pack(total))
 
 
 def open_packet_file(path: Path) -> PcapFile | PcapNgFile:
