@@ -87,6 +87,12 @@ class DamagedCaptureError(CaptureError):
         self.packets_read = packets_read
 
 
+_RawRecord = tuple[float, int, bytes, int, str | None]
+_BLOCK_HEADER = {e: struct.Struct(e + "II") for e in "<>"}
+_U32_AT = {e: struct.Struct(e + "I") for e in "<>"}
+_EPB_FIELDS = {e: struct.Struct(e + "IIIII") for e in "<>"}
+
+
 class Record(NamedTuple):
     """One captured frame as the container stores it."""
 
@@ -204,14 +210,17 @@ class CaptureReader:
 
     def records(self) -> Iterator[Record]:
         """Every record in file order."""
+        for raw in self._raw_records():
+            yield Record(*raw)
+
+    def _raw_records(self) -> Iterator[_RawRecord]:
         if self.format == "pcapng":
-            yield from self._pcapng_records()
-        else:
-            yield from self._pcap_records()
+            return self._pcapng_records()
+        return self._pcap_records()
 
     # -- pcap ---------------------------------------------------------------------------------
 
-    def _pcap_records(self) -> Iterator[Record]:
+    def _pcap_records(self) -> Iterator[_RawRecord]:
         endian, units, extra, _ = _PCAP_MAGICS[self._head]
         read = self._file.read
         rest = read(20)
@@ -241,15 +250,18 @@ class CaptureReader:
                 raise self._damaged("is cut short in the middle of a packet")
             self.offset += header_size + caplen
             self.packets_read += 1
-            yield Record(sec + frac / units, linktype, data, wirelen, None)
+            yield (sec + frac / units, linktype, data, wirelen, None)
 
     # -- pcapng -------------------------------------------------------------------------------
 
-    def _pcapng_records(self) -> Iterator[Record]:
+    def _pcapng_records(self) -> Iterator[_RawRecord]:
         read = self._file.read
         first = True
         endian = "<"
-        interfaces: list[Interface] = []
+        block_header = _BLOCK_HEADER["<"].unpack
+        u32_at = _U32_AT["<"].unpack_from
+        epb_fields = _EPB_FIELDS["<"].unpack_from
+        interfaces: list[tuple[int, int, int]] = []  # (link type, units per second, offset s)
         head: bytes = self._head
         last_timestamp = 0.0
         while True:
@@ -258,91 +270,59 @@ class CaptureReader:
                 if header:
                     raise self._damaged("is cut short in the middle of a block header")
                 return
-            block_type_raw = header[:4]
-            if block_type_raw == _PCAPNG_SHB:
-                magic_raw = read(4)
-                if len(magic_raw) < 4:
-                    if first:
-                        raise CaptureError(
-                            f"{str(self.path)!r} is cut short inside its pcapng section header"
-                        )
-                    raise self._damaged("is cut short in the middle of a section header")
-                if magic_raw == b"\x4d\x3c\x2b\x1a":
-                    endian = "<"
-                elif magic_raw == b"\x1a\x2b\x3c\x4d":
-                    endian = ">"
-                else:
-                    if first:
-                        raise CaptureError(
-                            f"{str(self.path)!r} is not a pcapng capture (bad byte-order "
-                            "magic): give a file written by tcpdump, dumpcap or Wireshark"
-                        )
-                    raise self._damaged("is damaged (a section header has a bad byte-order magic)")
-                (length,) = struct.unpack(endian + "I", header[4:8])
-                if length < 28 or length % 4 or length > _MAX_RECORD_BYTES:
-                    if first:
-                        raise CaptureError(
-                            f"{str(self.path)!r} is not a readable pcapng capture (its section "
-                            f"header claims {length} bytes)"
-                        )
-                    raise self._damaged(f"is damaged (a section header claims {length} bytes)")
-                body = magic_raw + read(length - 12)
-                if len(body) < length - 8:
-                    if first:
-                        raise CaptureError(
-                            f"{str(self.path)!r} is cut short inside its pcapng section header"
-                        )
-                    raise self._damaged("is cut short in the middle of a section header")
+            if header[:4] == _PCAPNG_SHB:
+                endian = self._section_header(header, first)
+                block_header = _BLOCK_HEADER[endian].unpack
+                u32_at = _U32_AT[endian].unpack_from
+                epb_fields = _EPB_FIELDS[endian].unpack_from
                 interfaces = []
                 first = False
-                self.offset += length
                 continue
             if first:
                 raise CaptureError(f"{str(self.path)!r} is not a pcapng capture")
-            block_type, length = struct.unpack(endian + "II", header)
+            block_type, length = block_header(header)
             if length < 12 or length % 4 or length > _MAX_RECORD_BYTES:
                 raise self._damaged(f"is damaged (a block claims {length} bytes)")
             body = read(length - 8)
             if len(body) < length - 8:
                 raise self._damaged("is cut short in the middle of a block")
-            (trailer,) = struct.unpack_from(endian + "I", body, length - 12)
-            if trailer != length:
+            if u32_at(body, length - 12)[0] != length:
                 raise self._damaged("is damaged (a block's two lengths differ)")
             if block_type == 6:  # enhanced packet block
-                if len(body) < 24:
+                if length < 32:
                     raise self._damaged("is damaged (a packet block is too short)")
-                if_id, high, low, caplen, wirelen = struct.unpack_from(endian + "IIIII", body)
-                if if_id >= len(interfaces) or 20 + caplen > length - 12:
-                    raise self._damaged("is damaged (a packet block does not fit its interface)")
-                interface = interfaces[if_id]
-                timestamp = ((high << 32) | low) / interface.units_per_s + interface.offset_s
+                if_id, high, low, caplen, wirelen = epb_fields(body)
                 end = 20 + caplen
-                comment = None
-                options_at = end + (-caplen % 4)
-                if options_at < length - 12:
-                    comment = _comment(body, options_at, length - 12, endian)
+                if if_id >= len(interfaces) or end > length - 12:
+                    raise self._damaged("is damaged (a packet block does not fit its interface)")
+                linktype, units, offset_s = interfaces[if_id]
+                timestamp = ((high << 32) | low) / units + offset_s
+                options_at = end + (-caplen & 3)
+                comment = (
+                    _comment(body, options_at, length - 12, endian)
+                    if options_at < length - 12
+                    else None
+                )
                 self.offset += length
                 self.packets_read += 1
                 last_timestamp = timestamp
-                yield Record(timestamp, interface.linktype, body[20:end], wirelen, comment)
+                yield (timestamp, linktype, body[20:end], wirelen, comment)
             elif block_type == 1:  # interface description block
                 if len(body) < 12:
                     raise self._damaged("is damaged (an interface block is too short)")
                 linktype, _reserved, _snaplen = struct.unpack_from(endian + "HHI", body)
                 units, offset_s = _interface_options(body, 8, length - 12, endian)
-                interfaces.append(Interface(linktype, units, offset_s))
+                interfaces.append((linktype, units, offset_s))
                 self.linktypes[linktype] += 0
                 self.offset += length
             elif block_type == 3:  # simple packet block: no timestamp, interface 0
                 if not interfaces or len(body) < 8:
                     raise self._damaged("is damaged (a simple packet block without interface)")
-                (wirelen,) = struct.unpack_from(endian + "I", body)
+                (wirelen,) = u32_at(body, 0)
                 caplen = min(wirelen, length - 16)
                 self.offset += length
                 self.packets_read += 1
-                yield Record(
-                    last_timestamp, interfaces[0].linktype, body[4 : 4 + caplen], wirelen, None
-                )
+                yield (last_timestamp, interfaces[0][0], body[4 : 4 + caplen], wirelen, None)
             elif block_type == 2:  # obsolete packet block
                 if len(body) < 24:
                     raise self._damaged("is damaged (a packet block is too short)")
@@ -351,14 +331,53 @@ class CaptureReader:
                 )
                 if if_id >= len(interfaces) or 20 + caplen > length - 12:
                     raise self._damaged("is damaged (a packet block does not fit its interface)")
-                interface = interfaces[if_id]
-                timestamp = ((high << 32) | low) / interface.units_per_s + interface.offset_s
+                linktype, units, offset_s = interfaces[if_id]
+                timestamp = ((high << 32) | low) / units + offset_s
                 self.offset += length
                 self.packets_read += 1
                 last_timestamp = timestamp
-                yield Record(timestamp, interface.linktype, body[20 : 20 + caplen], wirelen, None)
+                yield (timestamp, linktype, body[20 : 20 + caplen], wirelen, None)
             else:
                 self.offset += length
+
+    def _section_header(self, header: bytes, first: bool) -> str:
+        """Read the rest of a section header block; return its byte order ("<" or ">")."""
+        read = self._file.read
+        magic_raw = read(4)
+        if len(magic_raw) < 4:
+            if first:
+                raise CaptureError(
+                    f"{str(self.path)!r} is cut short inside its pcapng section header"
+                )
+            raise self._damaged("is cut short in the middle of a section header")
+        if magic_raw == b"\x4d\x3c\x2b\x1a":
+            endian = "<"
+        elif magic_raw == b"\x1a\x2b\x3c\x4d":
+            endian = ">"
+        elif first:
+            raise CaptureError(
+                f"{str(self.path)!r} is not a pcapng capture (bad byte-order magic): give a "
+                "file written by tcpdump, dumpcap or Wireshark"
+            )
+        else:
+            raise self._damaged("is damaged (a section header has a bad byte-order magic)")
+        (length,) = struct.unpack(endian + "I", header[4:8])
+        if length < 28 or length % 4 or length > _MAX_RECORD_BYTES:
+            if first:
+                raise CaptureError(
+                    f"{str(self.path)!r} is not a readable pcapng capture (its section "
+                    f"header claims {length} bytes)"
+                )
+            raise self._damaged(f"is damaged (a section header claims {length} bytes)")
+        body = read(length - 12)
+        if len(body) < length - 12:
+            if first:
+                raise CaptureError(
+                    f"{str(self.path)!r} is cut short inside its pcapng section header"
+                )
+            raise self._damaged("is cut short in the middle of a section header")
+        self.offset += length
+        return endian
 
     # -- decoding -----------------------------------------------------------------------------
 
@@ -366,10 +385,9 @@ class CaptureReader:
         """Every TCP segment and UDP datagram; other packets are counted in `skipped`."""
         skipped = self.skipped
         linktypes = self.linktypes
-        for record in self.records():
-            linktype = record.linktype
+        for timestamp, linktype, data, _, comment in self._raw_records():
             linktypes[linktype] += 1
-            segment = decode(record, skipped)
+            segment = _decode(timestamp, linktype, data, comment, skipped)
             if segment is not None:
                 yield segment
 
@@ -458,46 +476,53 @@ def _network_offset(linktype: int, data: bytes) -> int:
 
 def decode(record: Record, skipped: Counter[str]) -> Segment | None:
     """The TCP or UDP segment in `record`, or None (counting why in `skipped`)."""
-    data = record.data
-    linktype = record.linktype
-    at = _network_offset(linktype, data)
-    if at < 0:
-        skipped["unsupported link type" if linktype not in SUPPORTED_LINKTYPES else "not IP"] += 1
-        return None
-    if len(data) < at + 20:
+    return _decode(record.timestamp, record.linktype, record.data, record.comment, skipped)
+
+
+_IPV4_FIELDS = struct.Struct("!BxHxxHxB2x4s4s")  # version/IHL, length, flags/offset, proto, addrs
+_IPV6_FIELDS = struct.Struct("!4xHBx16s16s")  # payload length, next header, addresses
+
+
+def _decode(
+    timestamp: float, linktype: int, data: bytes, comment: str | None, skipped: Counter[str]
+) -> Segment | None:
+    size = len(data)
+    if linktype == LINKTYPE_ETHERNET and size >= 14 and data[12:14] == b"\x08\x00":
+        at = 14  # the common case, without a detour
+    else:
+        at = _network_offset(linktype, data)
+        if at < 0:
+            why = "unsupported link type" if linktype not in SUPPORTED_LINKTYPES else "not IP"
+            skipped[why] += 1
+            return None
+    if size < at + 20:
         skipped["not IP"] += 1
         return None
     version = data[at] >> 4
     if version == 4:
-        ihl = (data[at] & 0x0F) * 4
-        total = _U16.unpack_from(data, at + 2)[0]
-        if ihl < 20 or len(data) < at + ihl:
+        version_ihl, total, fragment, proto, src, dst = _IPV4_FIELDS.unpack_from(data, at)
+        ihl = (version_ihl & 0x0F) * 4
+        if ihl < 20 or size < at + ihl:
             skipped["malformed IP"] += 1
             return None
-        if _U16.unpack_from(data, at + 6)[0] & 0x3FFF:
+        if fragment & 0x3FFF:
             skipped["IP fragment"] += 1
             return None
-        proto = data[at + 9]
-        src = data[at + 12 : at + 16]
-        dst = data[at + 16 : at + 20]
         # A zero total length is what TCP segmentation offload leaves behind.
-        end = at + total if total >= ihl else len(data) if total == 0 else -1
+        end = at + total if total >= ihl else size if total == 0 else -1
         if end < 0:
             skipped["malformed IP"] += 1
             return None
         at += ihl
     elif version == 6:
-        if len(data) < at + 40:
+        if size < at + 40:
             skipped["malformed IP"] += 1
             return None
-        payload_length = _U16.unpack_from(data, at + 4)[0]
-        proto = data[at + 6]
-        src = data[at + 8 : at + 24]
-        dst = data[at + 24 : at + 40]
-        end = at + 40 + payload_length if payload_length else len(data)
+        payload_length, proto, src, dst = _IPV6_FIELDS.unpack_from(data, at)
+        end = at + 40 + payload_length if payload_length else size
         at += 40
         while proto in _IPV6_EXTENSIONS or proto == 44:
-            if len(data) < at + 8:
+            if size < at + 8:
                 skipped["malformed IP"] += 1
                 return None
             if proto == 44:
@@ -507,14 +532,12 @@ def decode(record: Record, skipped: Counter[str]) -> Segment | None:
                 proto = data[at]
                 at += 8
             else:
-                proto, size = data[at], (data[at + 1] + 1) * 8
-                at += size
+                proto, at = data[at], at + (data[at + 1] + 1) * 8
     else:
         skipped["not IP"] += 1
         return None
-    view = memoryview(data)
     if proto == _PROTO_TCP:
-        if len(data) < at + 20:
+        if size < at + 20:
             skipped["truncated TCP header"] += 1
             return None
         src_port, dst_port, seq, ack, offset, flags = _TCP_HEADER.unpack_from(data, at)
@@ -522,13 +545,14 @@ def decode(record: Record, skipped: Counter[str]) -> Segment | None:
         if start < at + 20 or (start > end and not flags & _TCP_RST):
             skipped["malformed TCP"] += 1
             return None
-        length = max(0, end - start)
+        length = end - start if end > start else 0
+        payload = memoryview(data)[start : min(end, size)] if length else _EMPTY
         return Segment(
-            record.timestamp, False, src, src_port, dst, dst_port, seq, ack, flags,
-            view[start : min(end, len(data))] if length else view[0:0], length, record.comment,
+            timestamp, False, src, src_port, dst, dst_port, seq, ack, flags, payload, length,
+            comment,
         )  # fmt: skip
     if proto == _PROTO_UDP:
-        if len(data) < at + 8:
+        if size < at + 8:
             skipped["truncated UDP header"] += 1
             return None
         src_port, dst_port, udp_length = _UDP_HEADER.unpack_from(data, at)
@@ -536,11 +560,14 @@ def decode(record: Record, skipped: Counter[str]) -> Segment | None:
         stop = at + udp_length if udp_length >= 8 else end
         length = max(0, stop - start)
         return Segment(
-            record.timestamp, True, src, src_port, dst, dst_port, 0, 0, 0,
-            view[start : min(stop, len(data))], length, record.comment,
+            timestamp, True, src, src_port, dst, dst_port, 0, 0, 0,
+            memoryview(data)[start : min(stop, size)], length, comment,
         )  # fmt: skip
     skipped["not TCP or UDP"] += 1
     return None
+
+
+_EMPTY = memoryview(b"")
 
 
 def parse_flow_comment(comment: str | None) -> dict[str, object] | None:

@@ -289,14 +289,9 @@ class Reassembler:
             conversation.last_timestamp = timestamp
         flags = segment.flags
         direction = Direction.UP if from_client else Direction.DOWN
-        stream = conversation.streams[0 if from_client else 1]
-        info = parse_flow_comment(segment.comment)
-        if info is not None and "reason" in info:
-            reason = info.get("reason")
-            if isinstance(reason, str) and reason in CloseReason._value2member_map_:
-                conversation.reason = CloseReason(reason)
-            error = info.get("error")
-            conversation.error = error if isinstance(error, str) else None
+        stream, peer = conversation.streams if from_client else conversation.streams[::-1]
+        if segment.comment is not None:
+            self._closing_comment(conversation, segment.comment)
         if flags & _RST:
             if conversation.reason is None:
                 conversation.reason = (
@@ -310,10 +305,10 @@ class Reassembler:
             if stream.isn is None or (not stream.offset and not stream.pending):
                 stream.isn = (seq + 1) % _MOD
             seq = (seq + 1) % _MOD
-        if flags & _ACK:
-            peer = conversation.streams[1 if from_client else 0]
-            if peer.isn is not None and not peer.finished:
-                acked = peer.offset_of(segment.ack)
+        if flags & _ACK and peer.isn is not None and not peer.finished:
+            delta = (segment.ack - peer.isn - peer.offset) % _MOD  # inline offset_of
+            if delta < _HALF:
+                acked = peer.offset + delta
                 if peer.fin_offset is not None and acked > peer.fin_offset:
                     acked = peer.fin_offset
                 if acked > peer.acked:
@@ -337,10 +332,20 @@ class Reassembler:
             # lacks: they were sent and will not appear (a capture may reorder, so the hole
             # is only declared once a later segment of this direction fails to fill it).
             self._advance(conversation, stream, direction, stream.acked, timestamp)
-        up, down = conversation.streams
-        if up.finished and down.finished:
+        if stream.finished and peer.finished:
             self._close(conversation, timestamp)
             self._forget(segment)
+
+    def _closing_comment(self, conversation: _Conversation, comment: str) -> None:
+        """Take the exact close reason from a flowtap capture's packet comment."""
+        info = parse_flow_comment(comment)
+        if info is None or "reason" not in info:
+            return
+        reason = info.get("reason")
+        if isinstance(reason, str) and reason in CloseReason._value2member_map_:
+            conversation.reason = CloseReason(reason)
+        error = info.get("error")
+        conversation.error = error if isinstance(error, str) else None
 
     def _segment(
         self,
