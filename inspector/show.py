@@ -242,6 +242,7 @@ def show_flow(
     block_time = 0.0
     offsets = {Direction.UP: 0, Direction.DOWN: 0}
     write = out.write
+    is_udp = False
 
     def flush_block() -> None:
         nonlocal block_direction
@@ -263,7 +264,9 @@ def show_flow(
             write(json.dumps(_json_event(event), separators=(",", ":")) + "\n")
             continue
         if isinstance(event, FlowData):
-            if block_direction is not event.direction or len(block) >= _BLOCK_BYTES:
+            # TCP chunk boundaries mean nothing, so a direction's bytes print as one block;
+            # a UDP datagram is a message of its own.
+            if block_direction is not event.direction or len(block) >= _BLOCK_BYTES or is_udp:
                 flush_block()
                 block_direction = event.direction
                 block_time = event.timestamp
@@ -277,6 +280,7 @@ def show_flow(
             )
             offsets[event.direction] += event.size_bytes
         elif isinstance(event, FlowOpened):
+            is_udp = event.flow.transport == "udp"
             write(_flow_heading(event.flow) + "\n")
         else:
             flush_block()

@@ -220,3 +220,35 @@ def test_64_mib_each_way_is_captured_without_loss(
     up, down = follow_tcp(capture, 0)
     assert hashlib.sha256(up).hexdigest() == expected
     assert hashlib.sha256(down).hexdigest() == expected
+
+
+def test_dns_over_the_udp_relay_is_captured_as_checksummed_datagrams(
+    flowtap, dns_server: int, tmp_path: Path
+) -> None:
+    from capture_checks import flowtap_show, follow_udp
+
+    capture = tmp_path / "dns.pcapng"
+    proxy = flowtap(
+        "run", "--listen", "udp:127.0.0.1:0", "--upstream", f"127.0.0.1:{dns_server}",
+        "--udp-idle-timeout", "0.5", "--pcap", str(capture),
+    )  # fmt: skip
+    answer = subprocess.run(
+        ["dig", "@127.0.0.1", "-p", str(proxy.port), "+time=2", "+tries=2", "+short",
+         "example.test"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert answer.stdout.strip() == "127.0.0.9"
+    proxy.wait_line(r"#1 closed udp")
+    assert proxy.stop() == 0
+    prefs = ("udp.check_checksum:TRUE", "ip.check_checksum:TRUE")
+    assert_tshark_clean(capture, *prefs)
+    rows = fields(capture, "udp.checksum.status", "dns.qry.name", "dns.a", prefs=prefs)
+    assert [row[0] for row in rows] == ["1", "1"]
+    assert rows[0][1] == "example.test" and rows[1][2] == "127.0.0.9"
+    query, reply = follow_udp(capture, 0)
+    listing = flowtap_show(str(capture)).stdout.decode()
+    assert " udp " in listing and f"127.0.0.1:{dns_server}" in listing
+    assert flowtap_show(str(capture), "--flow", "1", "--raw", "server").stdout == reply
+    conversation = flowtap_show(str(capture), "--flow", "1").stdout.decode()
+    assert f">> client {len(query)} bytes" in conversation
+    assert f"<< server {len(reply)} bytes" in conversation
