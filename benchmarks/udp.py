@@ -9,7 +9,9 @@ Modes, each for 64 B and 1,400 B datagrams, one client, every peer a process of 
   through the relay), so the client keeps a bounded window in flight: a rate the path sustains.
 Loss is what was sent and never arrived (for one-way, counted by the sink). socat runs as
 `socat UDP-LISTEN:P,fork,reuseaddr UDP:127.0.0.1:Q`; flowtap as `flowtap run --udp`.
-Target: flowtap at >= 1.5x socat's rate with 0 loss. Figures are noisy on a shared machine.
+`relay us/dgram` is the relay's CPU time (user + system, all its processes) per datagram it
+relayed: steadier than rates, which depend on how the shared CPUs are divided between the
+client, the peer and the relay. Target: flowtap at >= 1.5x socat's rate with 0 loss.
 """
 
 from __future__ import annotations
@@ -112,11 +114,36 @@ def flowtap_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "flowtap.inspector.cli"]
 
 
+def cpu_seconds(group: int) -> float:
+    """User + system CPU time of the processes in process group `group` (exited ones not)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group:  # fields[2] is the process group
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class RelayPath:
+    port: int
+    group: int | None  # the relay's process group, None when direct
+
+    def cpu_seconds(self) -> float:
+        return 0.0 if self.group is None else cpu_seconds(self.group)
+
+
 @contextmanager
-def path_to(kind: str, upstream_port: int) -> Iterator[int]:
-    """The port a client sends to for `kind` (direct, socat, flowtap) towards upstream_port."""
+def path_to(kind: str, upstream_port: int) -> Iterator[RelayPath]:
+    """Where a client sends for `kind` (direct, socat, flowtap) towards upstream_port."""
     if kind == "direct":
-        yield upstream_port
+        yield RelayPath(upstream_port, None)
         return
     if kind == "socat":
         port = free_udp_port()
@@ -145,13 +172,14 @@ def path_to(kind: str, upstream_port: int) -> Iterator[int]:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
+            start_new_session=True,
         )
         assert proc.stdout is not None
         match = LISTENING.match(proc.stdout.readline())
         assert match, "flowtap did not start"
         port = int(match.group(1))
     try:
-        yield port
+        yield RelayPath(port, proc.pid)
     finally:
         if kind == "socat":
             os.killpg(proc.pid, signal.SIGTERM)
@@ -166,6 +194,12 @@ class Result:
     delivered: int
     lost: int
     seconds: float
+    hops: int  # datagrams the relay moves per delivered one
+    relay_cpu_s: float = 0.0
+
+    @property
+    def relay_us_per_datagram(self) -> float:
+        return self.relay_cpu_s / (self.delivered * self.hops) * 1e6 if self.delivered else 0.0
 
     @property
     def rate(self) -> float:
@@ -215,7 +249,7 @@ def request_response(port: int, size: int, window: int, seconds: float) -> Resul
             break
         in_flight -= 1
     sock.close()
-    return Result(received, lost, elapsed)
+    return Result(received, lost, elapsed, hops=2)
 
 
 def one_way(port: int, ack_sock: socket.socket, size: int, seconds: float) -> Result:
@@ -253,22 +287,28 @@ def one_way(port: int, ack_sock: socket.socket, size: int, seconds: float) -> Re
             break
         acked = int.from_bytes(buf[:8], "big")
     sock.close()
-    return Result(acked, sent - acked, last - started)
+    return Result(acked, sent - acked, last - started, hops=1)
 
 
 def measure(mode: str, kind: str, size: int, echo_port: int, seconds: float) -> Result:
     if mode != "one-way":
-        with path_to(kind, echo_port) as port:
+        with path_to(kind, echo_port) as path:
             window = 1 if mode == "ping-pong" else RR_WINDOW
-            return request_response(port, size, window, seconds)
+            before = path.cpu_seconds()
+            result = request_response(path.port, size, window, seconds)
+            result.relay_cpu_s = path.cpu_seconds() - before
+            return result
     # A fresh sink (and acknowledgement socket) per run, so counts start at zero.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ack_sock:
         ack_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         ack_sock.bind((HOST, 0))
         sink, sink_port = start_peer("sink", str(ack_sock.getsockname()[1]))
         try:
-            with path_to(kind, sink_port) as port:
-                return one_way(port, ack_sock, size, seconds)
+            with path_to(kind, sink_port) as path:
+                before = path.cpu_seconds()
+                result = one_way(path.port, ack_sock, size, seconds)
+                result.relay_cpu_s = path.cpu_seconds() - before
+                return result
         finally:
             stop(sink)
 
@@ -304,7 +344,10 @@ def main() -> int:
         print("socat is not installed: run tests/setup-debian.sh", file=sys.stderr)
         return 2
     print(f"UDP relay benchmark, {args.seconds:g} s per row, {os.cpu_count()} CPUs (shared)\n")
-    print(f"{'mode':<10} {'size':>6} {'path':<8} {'datagrams/s':>12} {'loss':>6} {'vs socat':>9}")
+    print(
+        f"{'mode':<10} {'size':>6} {'path':<8} {'datagrams/s':>12} {'loss':>6} "
+        f"{'vs socat':>9} {'relay us/dgram':>15}"
+    )
     modes = args.mode or MODES
     paths = [p for p in PATHS if p == "socat" or not args.path or p in args.path]
     echo, echo_port = start_peer("echo")
@@ -317,9 +360,10 @@ def main() -> int:
                     result = measure(mode, kind, size, echo_port, args.seconds)
                     rates[kind] = result.rate
                     ratio = f"{result.rate / rates['socat']:.2f}x" if "socat" in rates else ""
+                    cpu = f"{result.relay_us_per_datagram:.2f}" if kind != "direct" else ""
                     print(
                         f"{mode:<10} {size:>5}B {kind:<8} {result.rate:>12,.0f} "
-                        f"{result.lost:>6} {ratio:>9}",
+                        f"{result.lost:>6} {ratio:>9} {cpu:>15}",
                         flush=True,
                     )
                     if kind == "flowtap":
