@@ -13,8 +13,9 @@ Datagrams that arrive back to back from one side of a session are received into 
 regions of the worker's buffer, and a run of equal-sized ones leaves in a single `sendmsg`
 with UDP generic segmentation offload (`UDP_SEGMENT`, Linux 4.18+): the kernel still sends
 them as separate datagrams of the same sizes, but the relay pays for one system call and one
-route lookup per run, which halves its CPU time per datagram under load. Where segmentation
-is refused (a segment larger than the path MTU allows), the run goes out datagram by datagram.
+route lookup per run, which about halves its CPU time per datagram in bursts (see
+benchmarks/udp.py). Where segmentation is refused (a segment larger than the path MTU allows),
+the run goes out datagram by datagram.
 """
 
 from __future__ import annotations
