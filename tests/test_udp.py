@@ -202,6 +202,49 @@ def test_datagram_boundaries_are_kept_one_event_per_datagram(udp_echo: Any, rela
     assert echo.stop() == (len(sizes), sum(sizes))
 
 
+def test_bursts_keep_every_datagram_boundary_and_order_both_ways(relays: Relays) -> None:
+    # Back-to-back datagrams leave the relay in batches; each must still arrive on its own.
+    upstream = udp_client()
+    upstream.bind(("127.0.0.1", 0))
+    relay, recorder = relays.start(f"127.0.0.1:{upstream.getsockname()[1]}")
+    target = ("127.0.0.1", listen_port(relay))
+    first, second = udp_client(), udp_client()
+    for sock in (first, second, upstream):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    burst = [b"%03d" % i + b"a" * 97 for i in range(100)]  # equal sizes: more than one batch
+    burst += [b"b" * 1400] * 50 + [b"", b"", b"c"] + [b"d" * 20_000] * 4 + [b"e" * 7]
+    for payload in burst:
+        first.sendto(payload, target)
+    second.sendto(b"other client", target)
+    arrived = [upstream.recvfrom(70_000) for _ in range(len(burst) + 1)]
+    from_first = [data for data, addr in arrived if data != b"other client"]
+    assert from_first == burst
+    session_of_first = next(addr for data, addr in arrived if data == burst[0])
+    replies = [b"%03d" % i + b"r" * 61 for i in range(130)] + [b"z" * 30_000, b"y"]
+    for payload in replies:
+        upstream.sendto(payload, session_of_first)
+    assert [first.recv(70_000) for _ in range(len(replies))] == replies
+    assert recorder.data(Direction.UP) == [*burst, b"other client"]
+    # Equal-sized datagrams of two clients, interleaved: each reaches upstream from its session.
+    for i in range(20):
+        first.sendto(b"first %02d" % i, target)
+        second.sendto(b"secnd %02d" % i, target)
+    interleaved = [upstream.recvfrom(100) for _ in range(40)]
+    session_of_second = next(addr for data, addr in arrived if data == b"other client")
+    assert [d for d, a in interleaved if a == session_of_first] == [
+        b"first %02d" % i for i in range(20)
+    ]
+    assert [d for d, a in interleaved if a == session_of_second] == [
+        b"secnd %02d" % i for i in range(20)
+    ]
+    wait_for(lambda: len(recorder.data(Direction.DOWN)) == len(replies), 5, "replies recorded")
+    assert recorder.data(Direction.DOWN) == replies
+    relays.stop(relay)
+    sizes = {e.flow.client.port: (e.flow.bytes_up, e.flow.bytes_down) for e in recorder.closed()}
+    assert sizes[first.getsockname()[1]] == (sum(map(len, burst)) + 20 * 8, sum(map(len, replies)))
+    assert sizes[second.getsockname()[1]] == (12 + 20 * 8, 0)
+
+
 def test_100k_datagrams_are_relayed_and_counted_exactly(udp_echo: Any, flowtap: Any) -> None:
     echo: UdpEchoServer = udp_echo()
     process = flowtap(
