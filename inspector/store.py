@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flowtap.proxy.flow import (
     Direction,
@@ -239,6 +239,9 @@ class FlowStore:
         return changes
 
     def _add_data(self, record: FlowRecord, event: FlowData) -> None:
+        if record.flow.state is FlowState.CONNECTING:
+            # The relay moves bytes only once both sides are connected.
+            record.flow = replace(record.flow, state=FlowState.OPEN)
         data = event.data
         is_up = event.direction is Direction.UP
         if is_up:
@@ -272,7 +275,7 @@ class FlowStore:
 
     def refresh_summaries(self, limit: int = 2000) -> list[int]:
         """Recompute up to `limit` stale summaries; return the ids whose summary changed."""
-        changed = []
+        changed: list[int] = []
         stale = self._stale
         while stale and len(changed) < limit:
             record = self.records.get(stale.pop())

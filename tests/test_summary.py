@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
 
 import redis.connection
-from scapy.layers.dns import DNS, DNSQR, DNSRR
-
 from flowtap.inspector.summary import entropy_bits_per_byte, escape_bytes, summarize
+from scapy.layers.dns import DNS, DNSQR, DNSRR
 
 
 def _client_hello(server_name: str, alpn: list[str]) -> bytes:
@@ -17,10 +17,8 @@ def _client_hello(server_name: str, alpn: list[str]) -> bytes:
     context.set_alpn_protocols(alpn)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return outgoing.read()
 
 
