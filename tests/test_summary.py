@@ -7,8 +7,9 @@ import os
 import ssl
 
 import redis.connection
-from flowtap.inspector.summary import entropy_bits_per_byte, escape_bytes, summarize
 from scapy.layers.dns import DNS, DNSQR, DNSRR
+
+from flowtap.inspector.summary import entropy_bits_per_byte, escape_bytes, summarize
 
 
 def _client_hello(server_name: str, alpn: list[str]) -> bytes:

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from textual.pilot import Pilot
+
 from flowtap.inspector.app import FlowtapApp
 from flowtap.inspector.widgets.flow_detail import FlowDetail
 from flowtap.inspector.widgets.flow_table import FlowTable
@@ -17,7 +19,6 @@ from flowtap.proxy.events import Bus, EventQueue
 from flowtap.proxy.flow import Address, Direction
 from flowtap.proxy.listener import ListenerSpec
 from flowtap.proxy.relay import Relay
-from textual.pilot import Pilot
 
 SIZE = (160, 48)
 

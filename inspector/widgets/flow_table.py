@@ -62,7 +62,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("client", "client", 21, lambda r: str(r.flow.client), lambda r: str(r.flow.client)),
     Column("server", "server", 21, lambda r: str(r.flow.server), lambda r: str(r.flow.server)),
     Column("transport", "tp", 3, lambda r: str(r.flow.transport), lambda r: str(r.flow.transport)),
-    Column("state", "state", 14, lambda r: r.state_text, lambda r: r.state_text),
+    Column("state", "state", 16, lambda r: r.state_text, lambda r: r.state_text),
     Column("up", "↑ bytes", 9, lambda r: human_bytes(r.bytes_up), lambda r: r.bytes_up, True),
     Column("down", "↓ bytes", 9, lambda r: human_bytes(r.bytes_down), lambda r: r.bytes_down, True),
     Column("duration", "duration", 9, _duration, _duration_key, right=True),

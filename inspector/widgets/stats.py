@@ -15,7 +15,9 @@ HISTORY_S = 60
 
 
 class StatsBar(Horizontal):
-    """Counts flows and bytes; `sample` once a second feeds the sparkline."""
+    """Counts flows and bytes; a sample every `SAMPLE_INTERVAL_S` feeds the sparkline."""
+
+    SAMPLE_INTERVAL_S = 1.0
 
     DEFAULT_CSS = """
     StatsBar { height: 1; background: $panel; }
@@ -53,7 +55,7 @@ class StatsBar(Horizontal):
         self.total_flows = total_flows
         self._bytes_since_sample += new_bytes
         now = time.monotonic()
-        if now - self._last_sample >= 1.0:
+        if now - self._last_sample >= self.SAMPLE_INTERVAL_S:
             self.rate_bps = self._bytes_since_sample / (now - self._last_sample)
             self._history.append(self.rate_bps)
             self._bytes_since_sample = 0
