@@ -15,10 +15,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.events import EventQueue
-from flowtap.proxy.flow import Direction
-from flowtap.proxy.relay import Relay
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
@@ -26,6 +22,11 @@ from textual.containers import Vertical
 from textual.notifications import SeverityLevel
 from textual.screen import Screen
 from textual.widgets import Footer, ProgressBar, Static
+
+from flowtap.proxy.errors import FlowtapError
+from flowtap.proxy.events import EventQueue
+from flowtap.proxy.flow import Direction
+from flowtap.proxy.relay import Relay
 
 from .flow_filter import parse_filter
 from .messages import FilterChanged, FilterClosed, FlowSelected, LoadFinished, LoadProgress

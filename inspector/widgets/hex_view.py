@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flowtap.proxy.flow import Direction
 from rich.text import Text
 from textual.widgets import Static
+
+from flowtap.proxy.flow import Direction
 
 from ..store import Chunk
 
