@@ -127,6 +127,9 @@ class FlowTable(ScrollView, can_focus=True):
         self.flow_filter: FlowFilter | None = None
         self._needs_sort = False
         self._last_sort = 0.0
+        self._last_redraw = 0.0
+        self._last_size_sync = 0.0
+        self._shown: set[int] | None = None  # the shown ids as a set, kept while filtering
         self._selected: int | None = None
 
     # -- what the table shows ---------------------------------------------------------------
@@ -147,35 +150,49 @@ class FlowTable(ScrollView, can_focus=True):
         added = [i for i in flow_ids if i in records and self._matches(records[i])]
         if not added:
             return
+        first_new = len(self.ids)
         self.ids.extend(added)
+        if self._shown is not None:
+            self._shown.update(added)
         if not self._sorted_by_arrival():
             self._needs_sort = True
-        self._rows_changed()
+            self._rows_changed()
+            return
+        # Rows appended below the screen need no redraw, only a longer scrollbar.
+        self._rows_changed(redraw=self.follow or first_new < self._bottom_index())
 
     def update_flows(self, flow_ids: Iterable[int]) -> None:
         """Flows changed (bytes, state, summary): refilter them and redraw."""
-        changed = False
-        if self.flow_filter is not None:
+        flow_ids = set(flow_ids)
+        shown = self._shown
+        if shown is not None:
             records = self.store.records
-            shown = set(self.ids)
             for flow_id in flow_ids:
                 record = records.get(flow_id)
-                if record is None:
-                    continue
-                if (flow_id in shown) != self._matches(record):
-                    changed = True
-                    break
-        if changed:
-            self.rebuild()
-            return
+                if record is not None and (flow_id in shown) != self._matches(record):
+                    self.rebuild()
+                    return
         if not self._sorted_by_arrival():
             self._needs_sort = True
-        self.refresh()
+        elif not flow_ids.isdisjoint(self._visible_ids()):
+            self.refresh()
+
+    def _top_index(self) -> int:
+        return round(self.scroll_y)
+
+    def _bottom_index(self) -> int:
+        """One past the last row index the screen can show."""
+        return self._top_index() + max(1, self.scrollable_content_region.height - 1)
+
+    def _visible_ids(self) -> list[int]:
+        return self.ids[self._top_index() : self._bottom_index()]
 
     def remove_flows(self, flow_ids: Iterable[int]) -> None:
         gone = set(flow_ids)
         if gone:
             self.ids = [i for i in self.ids if i not in gone]
+            if self._shown is not None:
+                self._shown -= gone
             self._rows_changed()
 
     def rebuild(self) -> None:
@@ -183,8 +200,10 @@ class FlowTable(ScrollView, can_focus=True):
         records = self.store.records
         if self.flow_filter is None:
             self.ids = list(records)
+            self._shown = None
         else:
             self.ids = [i for i, r in records.items() if self._matches(r)]
+            self._shown = set(self.ids)
         self._needs_sort = not self._sorted_by_arrival()
         self._sort_now()
         self._rows_changed()
@@ -207,13 +226,19 @@ class FlowTable(ScrollView, can_focus=True):
         self.post_message(SortChanged(column, reverse))
 
     def tick(self) -> None:
-        """Re-sort rows whose keys changed, at most twice a second for large tables."""
-        if not self._needs_sort:
-            return
-        interval = 0.5 if len(self.ids) > 5000 else 0.0
-        if time.monotonic() - self._last_sort >= interval:
-            self._sort_now()
-            self._rows_changed()
+        """Re-sort rows whose keys changed (at most twice a second for large tables), and
+        redraw once a second so that the durations of open flows move on."""
+        now = time.monotonic()
+        if self._needs_sort:
+            interval = 0.5 if len(self.ids) > 5000 else 0.0
+            if now - self._last_sort >= interval:
+                self._sort_now()
+                self._rows_changed()
+        if now - self._last_size_sync >= 0.25:
+            self._sync_size(now=now)
+        if now - self._last_redraw >= 1.0:
+            self._last_redraw = now
+            self.refresh()
 
     def _sort_now(self) -> None:
         self._last_sort = time.monotonic()
@@ -225,9 +250,17 @@ class FlowTable(ScrollView, can_focus=True):
         key = column.sort_key
         self.ids.sort(key=lambda i: key(records[i]), reverse=self.sort_reverse)
 
-    def _rows_changed(self) -> None:
+    def _sync_size(self, *, now: float | None = None) -> None:
+        """Give the scrollbar the row count; a new size costs a layout, so callers throttle."""
+        size = Size(_FIXED_WIDTH + _MIN_SUMMARY, len(self.ids) + 1)
+        if size != self.virtual_size:
+            self.virtual_size = size
+        self._last_size_sync = time.monotonic() if now is None else now
+
+    def _rows_changed(self, *, redraw: bool = True) -> None:
         count = len(self.ids)
-        self.virtual_size = Size(max(_FIXED_WIDTH + _MIN_SUMMARY, 0), count + 1)
+        if redraw or time.monotonic() - self._last_size_sync >= 0.25:
+            self._sync_size()
         if self.follow and count:
             self.cursor = count - 1
         elif self._selected is not None:
@@ -241,7 +274,8 @@ class FlowTable(ScrollView, can_focus=True):
         else:
             self.cursor = -1
         self._cursor_moved()
-        self.refresh()
+        if redraw:
+            self.refresh()
 
     # -- cursor ----------------------------------------------------------------------------
 
@@ -254,6 +288,8 @@ class FlowTable(ScrollView, can_focus=True):
             self.post_message(FlowSelected(selected))
 
     def _scroll_to_cursor(self) -> None:
+        if self.virtual_size.height != len(self.ids) + 1:
+            self._sync_size()
         rows_visible = max(1, self.scrollable_content_region.height - 1)
         top = round(self.scroll_y)
         if self.cursor < top:
