@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import heapq
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,11 +26,15 @@ from textual.widgets import Footer, ProgressBar, Static
 
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.events import EventQueue
-from flowtap.proxy.flow import Direction
+from flowtap.proxy.flow import Direction, FlowClosed, FlowData, FlowEvent
 from flowtap.proxy.relay import Relay
 
 from .flow_filter import parse_filter
+from .log import human_bytes
 from .messages import FilterChanged, FilterClosed, FlowSelected, LoadFinished, LoadProgress
+from .pcap import CaptureWriter, open_packet_file
+from .reader import CaptureError, CaptureReader
+from .reassembly import Reassembler
 from .store import FlowStore
 from .widgets.filter_box import FilterBox
 from .widgets.flow_detail import FlowDetail
@@ -44,8 +49,26 @@ MIN_WIDTH = 60
 MIN_HEIGHT = 15
 _EVENTS_PER_TICK = 50_000
 
-CaptureReader = Callable[[Path], Iterable[object]]
-"""Reads a capture file as flow events (opened, data, gap, closed); raises FlowtapError."""
+
+def stream_capture(path: Path, batch_size: int = 2000) -> Iterator[tuple[list[object], int]]:
+    """The flow events of the capture at `path` in batches, each with the file offset reached.
+
+    Like `read_capture`, a damaged file yields every flow it holds (all closed) before the
+    CaptureError is raised.
+    """
+    with CaptureReader(path) as reader:
+        reassembler = Reassembler()
+        batch: list[object] = []
+        try:
+            for segment in reader.segments():
+                batch += reassembler.feed(segment)
+                if len(batch) >= batch_size:
+                    yield batch, reader.offset
+                    batch = []
+        except CaptureError:
+            yield [*batch, *reassembler.finish()], reader.offset
+            raise
+        yield [*batch, *reassembler.finish()], reader.offset
 
 
 class FlowtapApp(App[None]):
@@ -59,6 +82,8 @@ class FlowtapApp(App[None]):
         Binding("h", "toggle_hex", "Hex"),
         Binding("s", "sort_next", "Sort"),
         Binding("S", "sort_reverse", "Reverse sort", show=False),
+        Binding("w", "save(False)", "Save flow"),
+        Binding("W", "save(True)", "Save all"),
         Binding("e", "export('up')", "Export ↑"),
         Binding("E", "export('down')", "Export ↓", show=False),
         Binding("k", "kill", "Kill"),
@@ -82,7 +107,6 @@ class FlowtapApp(App[None]):
         events: EventQueue | None = None,
         relay: Relay | None = None,
         capture: Path | None = None,
-        read_capture: CaptureReader | None = None,
         source: str = "",
         store: FlowStore | None = None,
         export_dir: Path = Path("captures"),
@@ -91,7 +115,6 @@ class FlowtapApp(App[None]):
         self.events = events
         self.relay = relay
         self.capture = capture
-        self._read_capture = read_capture
         self.source = source or (str(capture) if capture else "live")
         self.store = store or FlowStore()
         self.export_dir = export_dir
@@ -195,26 +218,13 @@ class FlowtapApp(App[None]):
 
     @work(thread=True, exclusive=True, group="load")
     def _load(self, path: Path) -> None:
-        reader = self._read_capture
         error: str | None = None
         try:
-            if reader is None:
-                raise FlowtapError("reading captures is not available in this build")
             total = path.stat().st_size
-            batch: list[object] = []
-            done = 0
-            for event in reader(path):
-                batch.append(event)
-                data = getattr(event, "data", b"")
-                done += len(data) + 80 if isinstance(data, bytes) else 80
-                if len(batch) >= 2000:
-                    if not self._hand_over(batch):
-                        return
-                    batch = []
-                    self.post_message(LoadProgress(min(done, total), total))
-            if batch and not self._hand_over(batch):
-                return
-            self.post_message(LoadProgress(total, total))
+            for batch, offset in stream_capture(path):
+                if not self._hand_over(batch):
+                    return
+                self.post_message(LoadProgress(offset, total))
         except FlowtapError as exc:
             error = str(exc)
         except OSError as exc:
@@ -372,6 +382,61 @@ class FlowtapApp(App[None]):
         self.tell(f"Wrote {len(data)} bytes to {path}", timeout=4)
         return True
 
+    def action_save(self, every_flow: bool) -> None:
+        if every_flow:
+            flow_ids = list(self.table.ids)
+            if not flow_ids:
+                self.tell("No flows to save.", severity="warning", timeout=3)
+                return
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            suggestion = self.export_dir / f"flows-{stamp}.pcapng"
+            question = f"Save the {len(flow_ids)} flow(s) in the table (.pcap or .pcapng) to:"
+        else:
+            selected = self._selected()
+            if selected is None:
+                return
+            flow_ids = [selected]
+            suggestion = self.export_dir / f"flow-{selected}.pcapng"
+            question = f"Save flow #{selected} (.pcap or .pcapng) to:"
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.save_flows(Path(path), flow_ids)
+
+        self.push_screen(PathPrompt(question, str(suggestion)), chosen)
+
+    def save_flows(self, path: Path, flow_ids: list[int]) -> bool:
+        """Write the kept packets of `flow_ids` as a capture at `path`; notify, never raise."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out = open_packet_file(path)
+        except FlowtapError as exc:
+            self.tell(str(exc), title="Not saved", severity="error")
+            return False
+        except OSError as exc:
+            self.tell(
+                f"Cannot write {path}: {exc.strerror or exc}. Pick another path.",
+                title="Not saved",
+                severity="error",
+            )
+            return False
+        try:
+            writer = CaptureWriter(out)
+            streams = [self.store.events(flow_id) for flow_id in flow_ids]
+            for event in heapq.merge(*streams, key=_event_time):
+                writer.write(event)
+        except OSError as exc:
+            self.tell(f"Writing {path} failed: {exc.strerror or exc}", severity="error")
+            return False
+        finally:
+            out.close()
+        truncated = sum(r.truncated_bytes for i in flow_ids if (r := self.store.get(i)) is not None)
+        note = (
+            f" ({human_bytes(truncated)} beyond the display cap not included)" if truncated else ""
+        )
+        self.tell(f"Saved {len(flow_ids)} flow(s) to {path}{note}", timeout=4)
+        return True
+
     # -- command palette ------------------------------------------------------------------
 
     def get_system_commands(self, screen: Screen[object]) -> Iterator[SystemCommand]:
@@ -384,6 +449,14 @@ class FlowtapApp(App[None]):
         )
         yield SystemCommand(
             "Clear closed flows", "Forget ended flows (c)", self.action_clear_closed
+        )
+        yield SystemCommand(
+            "Save flow", "The selected flow as pcap/pcapng (w)", lambda: self.action_save(False)
+        )
+        yield SystemCommand(
+            "Save all flows",
+            "Every flow in the table as pcap/pcapng (W)",
+            lambda: self.action_save(True),
         )
         yield SystemCommand(
             "Export client bytes", "Raw bytes the client sent (e)", lambda: self.action_export("up")
@@ -399,6 +472,15 @@ class FlowtapApp(App[None]):
                 f"Order the flow table by {column.key} (again: reverse)",
                 functools.partial(self.action_sort, column.key),
             )
+
+
+def _event_time(event: FlowEvent) -> float:
+    if isinstance(event, FlowData):
+        return event.timestamp
+    flow = event.flow
+    if isinstance(event, FlowClosed) and flow.ended_at is not None:
+        return flow.ended_at
+    return flow.started_at
 
 
 def _describe_listeners(relay: Relay) -> str:
@@ -417,7 +499,7 @@ def run_tui(args: argparse.Namespace) -> int:
         path = Path(args.file)
         if not path.is_file():
             raise FlowtapError(f"{path} is not a file: give the path of a pcap or pcapng capture")
-        FlowtapApp(capture=path, read_capture=capture_reader()).run()
+        FlowtapApp(capture=path).run()
         return 0
     events = EventQueue()
     relay = run_relay(args, [events], log=False)
@@ -427,8 +509,3 @@ def run_tui(args: argparse.Namespace) -> int:
         relay.stop(grace_s=min(args.grace, 1.0))
         relay.bus.close()
     return 0
-
-
-def capture_reader() -> CaptureReader | None:
-    """The capture reader of this build, if it has one."""
-    return None

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from flowtap.proxy.events import EventQueue, Observer
 from flowtap.proxy.relay import Relay
 
+from .capture import default_capture_path
+
 log = logging.getLogger(__name__)
 
 HTTP_BODY = (
@@ -211,7 +213,8 @@ def run_demo_tui(*, duration_s: float = 120.0) -> int:
     from .app import FlowtapApp
 
     events = EventQueue()
-    relay, services = start_demo_relay(observers=[events], log=False)
+    capture = default_capture_path()
+    relay, services = start_demo_relay(["--pcap", str(capture)], observers=[events], log=False)
     stop = threading.Event()
     driver = threading.Thread(
         target=keep_driving,
@@ -225,6 +228,7 @@ def run_demo_tui(*, duration_s: float = 120.0) -> int:
         f"{name} {listener.address}"
         for name, listener in zip(services.upstreams, relay.listeners, strict=True)
     )
+    source += f"  capture {capture}"
     try:
         FlowtapApp(events=events, relay=relay, source=source).run()
     finally:
@@ -233,6 +237,7 @@ def run_demo_tui(*, duration_s: float = 120.0) -> int:
         relay.stop(grace_s=0.5)
         relay.bus.close()
         services.stop()
+    print(f"flowtap: demo flows captured to {capture}")
     return 0
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from capture_checks import fields
 
 from conftest import flowtap_command, wait_for
 
@@ -84,3 +85,7 @@ def test_demo_shows_flow_rows_in_a_terminal_and_quits_on_q(tmux: Tmux, tmp_path:
     wait_for(lambda: status.read_text().strip() != "", 5, "the exit status")
     assert status.read_text().strip() == "0"
     assert "Traceback" not in tmux.screen()
+    captures = list((tmp_path / "captures").glob("flowtap-*.pcapng"))
+    assert len(captures) == 1, captures
+    streams = {row[0] for row in fields(captures[0], "tcp.stream") if row[0]}
+    assert len(streams) >= 3

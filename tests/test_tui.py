@@ -9,9 +9,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from capture_checks import assert_tshark_clean, follow_tcp
 from textual.pilot import Pilot
 
 from flowtap.inspector.app import FlowtapApp
+from flowtap.inspector.capture import CaptureObserver
 from flowtap.inspector.widgets.flow_detail import FlowDetail
 from flowtap.inspector.widgets.flow_table import FlowTable
 from flowtap.inspector.widgets.hex_view import HexView
@@ -287,3 +289,119 @@ def test_a_terminal_too_small_gets_a_message() -> None:
             assert not app.query_one("#main").display or app.screen.has_class("-too-small")
 
     asyncio.run(main())
+
+
+def test_saving_flows_writes_captures_that_tshark_reassembles(
+    live: LiveRelay, tmp_path: Path
+) -> None:
+    app = live.app(export_dir=tmp_path)
+    first = b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n" + bytes(range(256)) * 300
+    second = b"second flow payload\r\n" * 50
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        for payload in (first, second):
+            await asyncio.to_thread(live.exchange, payload)
+        await until(pilot, lambda: closed_rows(app) == 2, "two flows")
+        table = app.query_one(FlowTable)
+        await pilot.press("w")  # the selected (first) flow, to the suggested .pcapng
+        await pilot.pause()
+        await pilot.press("enter")
+        one = tmp_path / f"flow-{table.ids[0]}.pcapng"
+        await until(pilot, one.exists, "the saved flow")
+        await pilot.press("W")
+        await pilot.pause()
+        await pilot.press("ctrl+u", *str(tmp_path / "all.pcap"), "enter")
+        await until(pilot, (tmp_path / "all.pcap").exists, "all flows saved")
+        await pilot.pause(0.2)
+        assert "Saved 2 flow(s)" in list(app._notifications)[-1].message
+        assert not app.save_flows(tmp_path / "flows.txt", table.ids)
+        await pilot.pause()
+        assert "name the file .pcap or .pcapng" in list(app._notifications)[-1].message
+
+    run(app, scenario)
+    assert follow_tcp(tmp_path / f"flow-{min(app.store.records)}.pcapng", 0) == (first, first)
+    assert_tshark_clean(tmp_path / f"flow-{min(app.store.records)}.pcapng")
+    assert follow_tcp(tmp_path / "all.pcap", 0) == (first, first)
+    assert follow_tcp(tmp_path / "all.pcap", 1) == (second, second)
+    assert_tshark_clean(tmp_path / "all.pcap")
+
+
+def _record_capture(live: LiveRelay, path: Path, payloads: list[bytes]) -> None:
+    """Relay `payloads` (one flow each) with flowtap's capture observer writing `path`."""
+    capture = CaptureObserver(path)
+    events = EventQueue()
+    bus = Bus([capture, events])
+    spec = live.relay.listeners[0].spec
+    relay = Relay([ListenerSpec(Address("127.0.0.1", 0), spec.upstream)], bus)
+    relay.start()
+    port = relay.listeners[0].address.port
+    try:
+        for payload in payloads:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(65536):
+                    pass
+    finally:
+        relay.stop(2.0)
+        bus.close()
+
+
+def test_a_capture_loads_offline_with_its_flows_and_payloads(
+    live: LiveRelay, tmp_path: Path
+) -> None:
+    path = tmp_path / "recorded.pcapng"
+    payloads = [b"GET /a HTTP/1.1\r\nHost: offline.test\r\n\r\n", b"x" * 100_000, b"PING\r\n"]
+    _record_capture(live, path, payloads)
+    app = FlowtapApp(capture=path)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        table = app.query_one(FlowTable)
+        await until(pilot, lambda: not app.loading, "the capture to load")
+        await until(pilot, lambda: len(table.ids) == 3, "three flows")
+        assert not app.query_one("#loading").display
+        assert [app.store.raw_bytes(i, Direction.UP) for i in table.ids] == payloads
+        assert [app.store.raw_bytes(i, Direction.DOWN) for i in table.ids] == payloads
+        await until(
+            pilot,
+            lambda: app.store.records[table.ids[0]].summary.headline.startswith("GET /a"),
+            "the summary",
+        )
+        assert "Loaded" in list(app._notifications)[-1].message
+        await pilot.press("k")  # nothing to kill offline: a notification, not a crash
+        await pilot.pause()
+        assert "cannot be killed" in list(app._notifications)[-1].message
+
+    run(app, scenario)
+
+
+def test_a_damaged_capture_shows_what_it_holds_and_a_notification(
+    live: LiveRelay, tmp_path: Path
+) -> None:
+    path = tmp_path / "whole.pcap"
+    _record_capture(live, path, [b"first\r\n", b"second\r\n"])
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(path.read_bytes()[:-30])
+    garbage = tmp_path / "garbage.pcap"
+    garbage.write_bytes(b"this is not a capture at all\n" * 10)
+
+    app = FlowtapApp(capture=cut)
+
+    async def cut_short(pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: not app.loading, "the capture to load")
+        await pilot.pause(0.2)
+        assert len(app.query_one(FlowTable).ids) == 2
+        notes = [n.message for n in app._notifications]
+        assert any("cut short" in n or "damaged" in n or "truncated" in n for n in notes), notes
+
+    run(app, cut_short)
+
+    bad = FlowtapApp(capture=garbage)
+
+    async def not_a_capture(pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: not bad.loading, "the load to fail")
+        await pilot.pause(0.2)
+        assert len(bad.query_one(FlowTable).ids) == 0
+        assert "is not a pcap or pcapng capture" in list(bad._notifications)[-1].message
+
+    run(bad, not_a_capture)

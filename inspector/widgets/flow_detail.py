@@ -57,26 +57,31 @@ class FlowDetail(Vertical):
         self.flow_id: int | None = None
         self.show_hex = False
         self._drawn: tuple[object, ...] | None = None
+        # Built here so that a selection arriving before mounting has somewhere to go.
+        self.facts = Static("No flow selected.", id="facts")
+        self.payload = VerticalScroll(id="payload")
+        self.conversation = Conversation(id="conversation")
+        self.hex_view = HexView(id="hex")
 
     def compose(self) -> ComposeResult:
-        yield Static("No flow selected.", id="facts")
-        with VerticalScroll(id="payload"):
-            yield Conversation(id="conversation")
-            yield HexView(id="hex")
+        yield self.facts
+        with self.payload:
+            yield self.conversation
+            yield self.hex_view
 
     def show_flow(self, flow_id: int | None) -> None:
         """Show `flow_id` (None: nothing); redraws only what changed since the last call."""
         record = self.store.get(flow_id) if flow_id is not None else None
-        facts = self.query_one("#facts", Static)
+        facts = self.facts
         if record is None:
             self.flow_id = None
             self._drawn = None
             facts.update("No flow selected.")
-            self.query_one(Conversation).update("")
-            self.query_one(HexView).update("")
+            self.conversation.update("")
+            self.hex_view.update("")
             return
         if flow_id != self.flow_id:
-            self.query_one("#payload", VerticalScroll).scroll_home(animate=False)
+            self.payload.scroll_home(animate=False)
         self.flow_id = flow_id
         facts.update(Text(facts_text(record)))
         shown = min(record.kept_up + record.kept_down, DISPLAY_LIMIT_BYTES)
@@ -86,9 +91,9 @@ class FlowDetail(Vertical):
         self._drawn = drawn
         chunks = list(self.store.chunks(record.id, limit_bytes=DISPLAY_LIMIT_BYTES))
         if self.show_hex:
-            self.query_one(HexView).show(chunks)
+            self.hex_view.show(chunks)
         else:
-            self.query_one(Conversation).show(chunks, record.flow.started_at)
+            self.conversation.show(chunks, record.flow.started_at)
 
     def toggle_hex(self) -> None:
         self.show_hex = not self.show_hex
