@@ -133,7 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     run = commands.add_parser("run", help="relay headless, printing one line per flow event")
     _add_relay_options(run)
-    commands.add_parser("demo", help="relay built-in loopback services and show the flows")
+    tui = commands.add_parser("tui", help="relay with a live terminal UI, or browse a capture")
+    tui.add_argument("file", nargs="?", metavar="FILE", help="a pcap or pcapng file to browse")
+    _add_relay_options(tui)
+    demo = commands.add_parser("demo", help="relay built-in loopback services and show the flows")
+    demo.add_argument(
+        "--headless", action="store_true", help="print flow events instead of opening the TUI"
+    )
     replay = commands.add_parser(
         "replay", help="play the client side of recorded flows against a live server"
     )
@@ -276,11 +282,14 @@ def _wait_for_signal() -> None:
         pass
 
 
-def run_relay(args: argparse.Namespace, extra_observers: Sequence[Observer] = ()) -> Relay:
-    """Bind the listeners of `args` and start relaying; the caller stops the relay."""
+def run_relay(
+    args: argparse.Namespace, extra_observers: Sequence[Observer] = (), *, log: bool = True
+) -> Relay:
+    """Bind the listeners of `args` and start relaying (printing events if `log`)."""
     specs = listener_specs(args)
     raise_fd_limit()
-    observers: list[Observer] = [FlowLog(sys.stdout, as_json=args.json), *extra_observers]
+    observers: list[Observer] = [FlowLog(sys.stdout, as_json=args.json)] if log else []
+    observers += extra_observers
     capture_path = capture_path_for(args.pcap, args.capture)
     if capture_path is not None:
         max_size = args.pcap_max_size
@@ -327,10 +336,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+def cmd_tui(args: argparse.Namespace) -> int:
+    from .app import run_tui
 
-    return run_demo()
+    return run_tui(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo, run_demo_tui
+
+    return run_demo() if args.headless else run_demo_tui()
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -367,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handlers = {
         "run": cmd_run,
+        "tui": cmd_tui,
         "demo": cmd_demo,
         "replay": cmd_replay,
         "serve": cmd_serve,

@@ -5,15 +5,21 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import logging
 import socket
 import socketserver
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from flowtap.proxy.events import EventQueue, Observer
 from flowtap.proxy.relay import Relay
+
+from .capture import default_capture_path
+
+log = logging.getLogger(__name__)
 
 HTTP_BODY = (
     b"<html><body><h1>flowtap demo</h1><p>Hello from the built-in web server.</p></body></html>\n"
@@ -151,7 +157,9 @@ def drive_traffic(ports: dict[str, int], rounds: int = 1) -> None:
             print(f"flowtap: demo traffic failed: {exc}", file=sys.stderr)
 
 
-def start_demo_relay(extra_args: list[str] | None = None) -> tuple[Relay, DemoServices]:
+def start_demo_relay(
+    extra_args: list[str] | None = None, observers: Sequence[Observer] = (), *, log: bool = True
+) -> tuple[Relay, DemoServices]:
     """Start the services and a relay in front of each; return both for the caller to stop."""
     from .cli import build_parser, run_relay
 
@@ -160,17 +168,83 @@ def start_demo_relay(extra_args: list[str] | None = None) -> tuple[Relay, DemoSe
     for upstream in services.upstreams.values():
         argv += ["--listen", "127.0.0.1:0", "--upstream", upstream]
     args: argparse.Namespace = build_parser().parse_args([*argv, *(extra_args or [])])
-    relay = run_relay(args)
+    try:
+        relay = run_relay(args, observers, log=log)
+    except BaseException:
+        services.stop()
+        raise
     return relay, services
+
+
+def _ports(relay: Relay, services: DemoServices) -> dict[str, int]:
+    names = list(services.upstreams)
+    return {
+        name: listener.address.port for name, listener in zip(names, relay.listeners, strict=True)
+    }
+
+
+def keep_driving(
+    ports: dict[str, int], stop: threading.Event, *, duration_s: float = 120.0, max_steps: int = 200
+) -> None:
+    """Drive one round of traffic at once, then a step about every second until `stop`.
+
+    Bounded: at most `max_steps` steps and `duration_s` seconds.
+    """
+    deadline = time.monotonic() + duration_s
+    drive_traffic(ports)
+    steps: list[Callable[[], None]] = [
+        lambda: _chat_session(ports["chat"], [b"ping", b"still there?"]),
+        lambda: _http_get(ports["http"], "/"),
+        lambda: _slow_stream(ports["chat"]),
+        lambda: _http_get(ports["http"], "/missing"),
+        lambda: _reset_midway(ports["chat"]),
+    ]
+    for count in range(max_steps):
+        if stop.wait(1.0) or time.monotonic() > deadline:
+            return
+        try:
+            steps[count % len(steps)]()
+        except OSError as exc:
+            log.warning("demo traffic failed: %s", exc)
+
+
+def run_demo_tui(*, duration_s: float = 120.0) -> int:
+    """Run the demo with the TUI: flows appear at once, traffic goes on a while, `q` quits."""
+    from .app import FlowtapApp
+
+    events = EventQueue()
+    capture = default_capture_path()
+    relay, services = start_demo_relay(["--pcap", str(capture)], observers=[events], log=False)
+    stop = threading.Event()
+    driver = threading.Thread(
+        target=keep_driving,
+        args=(_ports(relay, services), stop),
+        kwargs={"duration_s": duration_s},
+        name="flowtap-demo-traffic",
+        daemon=True,
+    )
+    driver.start()
+    source = "demo  " + "  ".join(
+        f"{name} {listener.address}"
+        for name, listener in zip(services.upstreams, relay.listeners, strict=True)
+    )
+    source += f"  capture {capture}"
+    try:
+        FlowtapApp(events=events, relay=relay, source=source).run()
+    finally:
+        stop.set()
+        driver.join(5)
+        relay.stop(grace_s=0.5)
+        relay.bus.close()
+        services.stop()
+    print(f"flowtap: demo flows captured to {capture}")
+    return 0
 
 
 def run_demo() -> int:
     """Run the headless demo: relay the services, drive traffic, print the flows, stop."""
     relay, services = start_demo_relay()
-    names = list(services.upstreams)
-    ports = {
-        name: listener.address.port for name, listener in zip(names, relay.listeners, strict=True)
-    }
+    ports = _ports(relay, services)
     try:
         drive_traffic(ports)
     finally:

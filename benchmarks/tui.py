@@ -1,0 +1,291 @@
+"""TUI benchmark: does attaching the terminal UI slow the relay, how fast do rows appear, and
+how much memory do 100,000 flows take?
+
+Run: `python benchmarks/tui.py [--seconds S] [--flows N]`. Everything is on loopback.
+
+The relay runs in this process, as in `flowtap run` (headless: the flow log only) or as in
+`flowtap tui` (the flow log's place taken by the app's `EventQueue`, with the app driven
+headless by `run_test`). A separate load process opens new flows at a fixed rate through the
+relay to an echo server while it downloads bulk data through it; both phases get the same
+load, so the throughput ratio is the cost of the UI. Figures are noisy on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flowtap.inspector.app import FlowtapApp
+from flowtap.inspector.log import FlowLog
+from flowtap.inspector.widgets.flow_table import FlowTable
+from flowtap.proxy.events import Bus, EventQueue, Observer
+from flowtap.proxy.flow import Address
+from flowtap.proxy.listener import ListenerSpec
+from flowtap.proxy.relay import Relay, raise_fd_limit
+
+HERE = Path(__file__).resolve().parent
+MiB = 1024 * 1024
+BULK_CHUNK = 128 * MiB
+
+
+@dataclass
+class Load:
+    """What the load process achieved in one phase."""
+
+    flows: int
+    flow_errors: int
+    bulk_bytes: int
+    seconds: float
+
+    @property
+    def bulk_mib_s(self) -> float:
+        return self.bulk_bytes / MiB / self.seconds
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def start_peers() -> tuple[subprocess.Popen[str], int, int]:
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "peers.py")], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    ports = {}
+    for _ in range(2):
+        name, port = proc.stdout.readline().split()
+        ports[name] = int(port)
+    return proc, ports["bulk"], ports["echo"]
+
+
+# -- the load process ------------------------------------------------------------------------
+
+
+def _flows(port: int, rate: float, count: int, deadline: float, out: list[int]) -> None:
+    """Open `count` flows at `rate` a second (0: as fast as possible) until `deadline`."""
+    started = time.perf_counter()
+    for n in range(count):
+        now = time.perf_counter()
+        if now > deadline:
+            return
+        if rate:
+            due = started + n / rate
+            if due > now:
+                time.sleep(due - now)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"GET /item/%d HTTP/1.1\r\nHost: bench\r\n\r\n" % n)
+                sock.recv(4096)
+            out[0] += 1
+        except OSError:
+            out[1] += 1
+
+
+def _bulk(port: int, deadline: float, out: list[int]) -> None:
+    buf = bytearray(262144)
+    while time.perf_counter() < deadline:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"D%d\n" % BULK_CHUNK)
+            while time.perf_counter() < deadline and (n := sock.recv_into(buf)):
+                out[2] += n
+
+
+def load_process(
+    flow_port: int,
+    bulk_port: int,
+    rate: float,
+    count: int,
+    seconds: float,
+    bulk: bool,
+    results: Any,
+) -> None:
+    """Runs in a child process so the load does not share the relay's interpreter lock."""
+    threads_n = 4
+    out = [0, 0, 0]
+    deadline = time.perf_counter() + seconds
+    per_thread_rate = rate / threads_n
+    workers = [
+        threading.Thread(
+            target=_flows, args=(flow_port, per_thread_rate, count // threads_n, deadline, out)
+        )
+        for _ in range(threads_n)
+    ]
+    if bulk:
+        workers.append(threading.Thread(target=_bulk, args=(bulk_port, deadline, out)))
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    results.put((out[0], out[1], out[2], time.perf_counter() - started))
+
+
+def run_load(
+    relay: Relay, rate: float, count: int, seconds: float, *, bulk: bool = True
+) -> tuple[Any, Any]:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    flow_port = relay.listeners[1].address.port
+    bulk_port = relay.listeners[0].address.port
+    proc = context.Process(
+        target=load_process, args=(flow_port, bulk_port, rate, count, seconds, bulk, results)
+    )
+    proc.start()
+    return proc, results
+
+
+def finish_load(proc: Any, results: Any) -> Load:
+    flows, errors, bulk_bytes, seconds = results.get(timeout=300)
+    proc.join(30)
+    return Load(flows, errors, bulk_bytes, seconds)
+
+
+def make_relay(bulk: int, echo: int, observers: list[Observer]) -> Relay:
+    specs = [
+        ListenerSpec(Address("127.0.0.1", 0), Address("127.0.0.1", bulk)),
+        ListenerSpec(Address("127.0.0.1", 0), Address("127.0.0.1", echo)),
+    ]
+    relay = Relay(specs, Bus(observers))
+    relay.start()
+    return relay
+
+
+# -- phases ----------------------------------------------------------------------------------
+
+
+def headless(bulk: int, echo: int, rate: float, seconds: float) -> Load:
+    relay = make_relay(bulk, echo, [FlowLog(io.StringIO())])
+    try:
+        proc, results = run_load(relay, rate, int(rate * seconds * 2), seconds)
+        return finish_load(proc, results)
+    finally:
+        relay.stop(1.0)
+        relay.bus.close()
+
+
+@dataclass
+class TuiResult:
+    load: Load
+    lag_ms: list[float]
+    rows: int
+    many_load: Load | None = None
+    many_rows: int = 0
+    rss_mib: float = 0.0
+    page_ms: float = 0.0
+
+
+def with_tui(bulk: int, echo: int, rate: float, seconds: float, many: int) -> TuiResult:
+    events = EventQueue()
+    relay = make_relay(bulk, echo, [events])
+    app = FlowtapApp(events=events, relay=relay, source="benchmark")
+    result: TuiResult | None = None
+
+    async def drive() -> None:
+        nonlocal result
+        async with app.run_test(size=(160, 48), headless=True) as pilot:
+            app.lag_samples = []
+            proc, results = run_load(relay, rate, int(rate * seconds * 2), seconds)
+            while proc.is_alive():
+                await pilot.pause(0.1)
+            load = finish_load(proc, results)
+            table = app.query_one(FlowTable)
+            deadline = time.monotonic() + 10
+            while len(table.ids) < load.flows and time.monotonic() < deadline:
+                await pilot.pause(0.1)
+            lag_ms = [s * 1000 for s in app.lag_samples]
+            result = TuiResult(load, lag_ms, len(table.ids))
+            if many:
+                app.lag_samples = None
+                proc, results = run_load(relay, 0, many - len(table.ids), 600, bulk=False)
+                while proc.is_alive():
+                    await pilot.pause(0.2)
+                result.many_load = finish_load(proc, results)
+                deadline = time.monotonic() + 30
+                while len(app.store) < many and time.monotonic() < deadline:
+                    await pilot.pause(0.2)
+                await pilot.pause(0.5)
+                result.many_rows = len(table.ids)
+                result.rss_mib = rss_mib()
+                await pilot.press("end")
+                started = time.perf_counter()
+                for _ in range(20):
+                    await pilot.press("pageup")
+                result.page_ms = (time.perf_counter() - started) / 20 * 1000
+
+    try:
+        asyncio.run(drive())
+    finally:
+        relay.stop(1.0)
+        relay.bus.close()
+    assert result is not None
+    return result
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=12.0, help="length of each phase")
+    parser.add_argument("--rate", type=float, default=1000.0, help="new flows a second")
+    parser.add_argument("--flows", type=int, default=100_000, help="flows for the RSS figure")
+    args = parser.parse_args()
+    raise_fd_limit()
+    peers, bulk, echo = start_peers()
+    try:
+        rss_start = rss_mib()
+        base = headless(bulk, echo, args.rate, args.seconds)
+        tui = with_tui(bulk, echo, args.rate, args.seconds, args.flows)
+    finally:
+        peers.terminate()
+        peers.wait(10)
+    ratio = tui.load.bulk_mib_s / base.bulk_mib_s
+    p50, p99 = percentile(tui.lag_ms, 0.5), percentile(tui.lag_ms, 0.99)
+    print(f"cores: {os.cpu_count()}  phase: {args.seconds:g}s  target rate: {args.rate:g} flows/s")
+    print(f"{'measure':44} {'headless run':>14} {'with TUI':>14} {'ratio/target':>16}")
+    print(
+        f"{'bulk download through the relay (MiB/s)':44} {base.bulk_mib_s:14.1f} "
+        f"{tui.load.bulk_mib_s:14.1f} {ratio:10.2f}x ≥0.9"
+    )
+    print(
+        f"{'new flows completed (/s)':44} {base.flows / base.seconds:14.0f} "
+        f"{tui.load.flows / tui.load.seconds:14.0f}"
+    )
+    print(f"{'flow errors':44} {base.flow_errors:14d} {tui.load.flow_errors:14d}")
+    print(f"{'rows in the table after the phase':44} {'':14} {tui.rows:14d}")
+    print(
+        f"{'UI lag, flow open to row (ms) p50 / p99':44} {'':14} "
+        f"{p50:6.0f} / {p99:5.0f} {'≤250 p99':>16}"
+    )
+    print(f"{'UI lag samples':44} {'':14} {len(tui.lag_ms):14d}")
+    if tui.many_load is not None:
+        made = tui.many_load.flows / tui.many_load.seconds
+        print(f"{'flows opened as fast as possible (/s)':44} {'':14} {made:14.0f}")
+        print(f"{'rows in the table':44} {'':14} {tui.many_rows:14d}")
+        print(
+            f"{'process RSS after those flows (MiB)':44} {rss_start:14.0f} "
+            f"{tui.rss_mib:14.0f} {'≤300':>16}"
+        )
+        print(f"{'page up with 100k rows (ms per key)':44} {'':14} {tui.page_ms:14.1f}")
+    print("RSS 'headless' column: this process before either phase.")
+
+
+if __name__ == "__main__":
+    main()

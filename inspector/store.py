@@ -1,0 +1,356 @@
+"""The flow store behind the TUI: an index of flows in memory, their payload bytes on disk.
+
+The store is owned by one thread (the UI's). It keeps one small record per flow and, for the
+detail view, the bytes of each direction up to a per-flow cap; those bytes go to a
+`PayloadSpill`, which holds a fixed budget in memory and writes the rest to a temporary
+file, so a long session does not grow the process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+
+from flowtap.proxy.flow import (
+    Direction,
+    Flow,
+    FlowClosed,
+    FlowData,
+    FlowEvent,
+    FlowOpened,
+    FlowState,
+)
+
+from .summary import EMPTY, HEAD_BYTES, Summary, summarize
+
+MiB = 1024 * 1024
+
+
+class PayloadSpill:
+    """Append-only byte storage: the first `memory_budget_bytes` in memory, the rest on disk."""
+
+    def __init__(
+        self, *, memory_budget_bytes: int = 32 * MiB, directory: str | None = None
+    ) -> None:
+        self._budget = memory_budget_bytes
+        self._memory = bytearray()
+        self._directory = directory
+        self._fd: int | None = None
+        self._disk_size = 0
+        self._pending = bytearray()
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self._memory) + self._disk_size + len(self._pending)
+
+    @property
+    def memory_bytes(self) -> int:
+        return len(self._memory) + len(self._pending)
+
+    def append(self, data: bytes) -> int:
+        """Store `data`; return the offset to read it back with."""
+        offset = self.size_bytes
+        if (
+            not self._disk_size
+            and not self._pending
+            and len(self._memory) + len(data) <= self._budget
+        ):
+            self._memory += data
+            return offset
+        self._pending += data
+        if len(self._pending) >= 256 * 1024:
+            self._flush()
+        return offset
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._fd is None:
+            handle, path = tempfile.mkstemp(prefix="flowtap-spill-", dir=self._directory)
+            os.unlink(path)  # the file lives as long as the descriptor
+            self._fd = handle
+        os.pwrite(self._fd, self._pending, self._disk_size)
+        self._disk_size += len(self._pending)
+        self._pending.clear()
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The `length` bytes stored at `offset`."""
+        in_memory = len(self._memory)
+        if offset + length <= in_memory:
+            return bytes(self._memory[offset : offset + length])
+        self._flush()
+        assert self._fd is not None
+        return os.pread(self._fd, length, offset - in_memory)
+
+    def clear(self) -> None:
+        self._memory = bytearray()
+        self._pending.clear()
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+        self._disk_size = 0
+
+    def close(self) -> None:
+        self._memory = bytearray()
+        self._pending.clear()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Bytes one side sent, as kept by the store; `offset` is relative to the flow's start."""
+
+    direction: Direction
+    timestamp: float
+    data: bytes
+
+
+class FlowRecord:
+    """What the store knows of one flow; mutated only by its `FlowStore`."""
+
+    __slots__ = (
+        "bytes_down",
+        "bytes_up",
+        "chunks",
+        "flow",
+        "gaps",
+        "head_down",
+        "head_up",
+        "kept_down",
+        "kept_up",
+        "summary",
+        "summary_stale",
+    )
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+        self.bytes_up = flow.bytes_up
+        self.bytes_down = flow.bytes_down
+        # (is_up, timestamp, spill offset, length) per kept chunk
+        self.chunks: list[tuple[bool, float, int, int]] = []
+        self.kept_up = 0
+        self.kept_down = 0
+        self.head_up: bytes | None = b""
+        self.head_down: bytes | None = b""
+        self.summary: Summary = EMPTY
+        self.summary_stale = False
+        self.gaps = 0
+
+    @property
+    def id(self) -> int:
+        return self.flow.id
+
+    @property
+    def is_closed(self) -> bool:
+        return self.flow.state is FlowState.CLOSED
+
+    @property
+    def state_text(self) -> str:
+        flow = self.flow
+        if flow.state is FlowState.CLOSED and flow.reason is not None:
+            return str(flow.reason)
+        return str(flow.state)
+
+    @property
+    def truncated_bytes(self) -> int:
+        """Bytes the flow carried that the store did not keep."""
+        return max(0, self.bytes_up - self.kept_up) + max(0, self.bytes_down - self.kept_down)
+
+
+@dataclass
+class StoreChanges:
+    """What one `FlowStore.apply` changed: new flows, and flows whose row must be redrawn."""
+
+    added: list[int] = field(default_factory=list)
+    changed: set[int] = field(default_factory=set)
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class FlowStore:
+    """Flows by id in arrival order, with their kept payload; owned by a single thread."""
+
+    def __init__(
+        self,
+        spill: PayloadSpill | None = None,
+        *,
+        max_kept_bytes_per_direction: int = 16 * MiB,
+    ) -> None:
+        self._spill = spill or PayloadSpill()
+        self._max_kept = max_kept_bytes_per_direction
+        self.records: dict[int, FlowRecord] = {}
+        self.open_count = 0
+        self._stale: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get(self, flow_id: int) -> FlowRecord | None:
+        return self.records.get(flow_id)
+
+    def apply(self, events: Iterable[FlowEvent | object]) -> StoreChanges:
+        """Fold events into the store; unknown event kinds (such as capture gaps) are counted."""
+        changes = StoreChanges()
+        records = self.records
+        for event in events:
+            if isinstance(event, FlowData):
+                record = records.get(event.flow_id)
+                if record is None:
+                    continue
+                self._add_data(record, event)
+                if event.direction is Direction.UP:
+                    changes.bytes_up += len(event.data)
+                else:
+                    changes.bytes_down += len(event.data)
+                changes.changed.add(record.id)
+            elif isinstance(event, FlowOpened):
+                flow = event.flow
+                if flow.id in records:
+                    continue
+                records[flow.id] = FlowRecord(flow)
+                self.open_count += 1
+                changes.added.append(flow.id)
+            elif isinstance(event, FlowClosed):
+                flow = event.flow
+                record = records.get(flow.id)
+                if record is None:
+                    record = records[flow.id] = FlowRecord(flow)
+                    changes.added.append(flow.id)
+                    self.open_count += 1
+                if record.is_closed:
+                    continue
+                record.flow = flow
+                record.bytes_up = max(record.bytes_up, flow.bytes_up)
+                record.bytes_down = max(record.bytes_down, flow.bytes_down)
+                self.open_count -= 1
+                record.summary_stale = True
+                self._stale.add(flow.id)
+                changes.changed.add(flow.id)
+            else:
+                flow_id = getattr(event, "flow_id", None)
+                record = records.get(flow_id) if isinstance(flow_id, int) else None
+                if record is not None:
+                    record.gaps += 1
+                    changes.changed.add(record.id)
+        return changes
+
+    def _add_data(self, record: FlowRecord, event: FlowData) -> None:
+        if record.flow.state is FlowState.CONNECTING:
+            # The relay moves bytes only once both sides are connected.
+            record.flow = replace(record.flow, state=FlowState.OPEN)
+        data = event.data
+        is_up = event.direction is Direction.UP
+        if is_up:
+            record.bytes_up += len(data)
+            kept = record.kept_up
+            head = record.head_up
+        else:
+            record.bytes_down += len(data)
+            kept = record.kept_down
+            head = record.head_down
+        if head is not None and len(head) < HEAD_BYTES:
+            head += data[: HEAD_BYTES - len(head)]
+            if is_up:
+                record.head_up = head
+            else:
+                record.head_down = head
+            if not record.summary_stale:
+                record.summary_stale = True
+                self._stale.add(record.id)
+        room = self._max_kept - kept
+        if room <= 0:
+            return
+        if len(data) > room:
+            data = data[:room]
+        offset = self._spill.append(data)
+        record.chunks.append((is_up, event.timestamp, offset, len(data)))
+        if is_up:
+            record.kept_up += len(data)
+        else:
+            record.kept_down += len(data)
+
+    def refresh_summaries(self, limit: int = 2000) -> list[int]:
+        """Recompute up to `limit` stale summaries; return the ids whose summary changed."""
+        changed: list[int] = []
+        stale = self._stale
+        while stale and len(changed) < limit:
+            record = self.records.get(stale.pop())
+            if record is None:
+                continue
+            record.summary_stale = False
+            summary = summarize(
+                record.head_up or self._head(record, True),
+                record.head_down or self._head(record, False),
+                transport=str(record.flow.transport),
+                server_port=record.flow.server.port,
+            )
+            if record.is_closed:
+                record.head_up = record.head_down = None  # the spill has them
+            if summary != record.summary:
+                record.summary = summary
+                changed.append(record.id)
+        return changed
+
+    def _head(self, record: FlowRecord, is_up: bool) -> bytes:
+        out = bytearray()
+        for chunk_up, _, offset, length in record.chunks:
+            if chunk_up is is_up:
+                out += self._spill.read(offset, min(length, HEAD_BYTES - len(out)))
+                if len(out) >= HEAD_BYTES:
+                    break
+        return bytes(out)
+
+    def chunks(self, flow_id: int, *, limit_bytes: int | None = None) -> Iterator[Chunk]:
+        """The kept chunks of a flow in order, read back from the spill, up to `limit_bytes`."""
+        record = self.records.get(flow_id)
+        if record is None:
+            return
+        total = 0
+        for is_up, timestamp, offset, length in record.chunks:
+            if limit_bytes is not None and total >= limit_bytes:
+                return
+            if limit_bytes is not None:
+                length = min(length, limit_bytes - total)
+            total += length
+            yield Chunk(
+                Direction.UP if is_up else Direction.DOWN,
+                timestamp,
+                self._spill.read(offset, length),
+            )
+
+    def raw_bytes(self, flow_id: int, direction: Direction) -> bytes:
+        """All kept bytes one side of a flow sent, in order."""
+        return b"".join(c.data for c in self.chunks(flow_id) if c.direction is direction)
+
+    def contains(self, flow_id: int, pattern: re.Pattern[bytes]) -> bool:
+        """Whether `pattern` matches within one chunk of the flow's kept payload."""
+        return any(pattern.search(c.data) for c in self.chunks(flow_id))
+
+    def events(self, flow_id: int) -> Iterator[FlowEvent]:
+        """The flow's events as the store can replay them: opened, kept data, closed if closed."""
+        record = self.records.get(flow_id)
+        if record is None:
+            return
+        flow = record.flow
+        yield FlowOpened(flow)
+        for chunk in self.chunks(flow_id):
+            yield FlowData(flow.id, chunk.direction, chunk.timestamp, chunk.data)
+        if record.is_closed:
+            yield FlowClosed(flow)
+
+    def clear_closed(self) -> list[int]:
+        """Forget closed flows; return their ids. Spilled bytes are reclaimed when none is open."""
+        gone = [flow_id for flow_id, record in self.records.items() if record.is_closed]
+        for flow_id in gone:
+            del self.records[flow_id]
+            self._stale.discard(flow_id)
+        if not self.records:
+            self._spill.clear()
+        return gone
+
+    def close(self) -> None:
+        self._spill.close()

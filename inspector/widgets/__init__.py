@@ -1,0 +1,1 @@
+"""The widgets of the flowtap terminal UI, one per module."""

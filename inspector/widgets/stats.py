@@ -1,0 +1,64 @@
+"""The stats bar: open and total flows, throughput, and a sparkline of the last minute."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal
+from textual.widgets import Sparkline, Static
+
+from ..log import human_bytes
+
+HISTORY_S = 60
+
+
+class StatsBar(Horizontal):
+    """Counts flows and bytes; a sample every `SAMPLE_INTERVAL_S` feeds the sparkline."""
+
+    SAMPLE_INTERVAL_S = 1.0
+
+    DEFAULT_CSS = """
+    StatsBar { height: 1; background: $panel; }
+    StatsBar > #stats-text { width: auto; padding: 0 1; }
+    StatsBar > Sparkline { width: 1fr; min-width: 10; margin: 0 1; }
+    """
+
+    def __init__(self, source: str, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.source = source
+        self.open_flows = 0
+        self.total_flows = 0
+        self.rate_bps = 0.0
+        self._bytes_since_sample = 0
+        self._last_sample = time.monotonic()
+        self._history: collections.deque[float] = collections.deque(
+            [0.0] * HISTORY_S, maxlen=HISTORY_S
+        )
+
+    def compose(self) -> ComposeResult:
+        self._label = Static(self._text(), id="stats-text")
+        self._sparkline = Sparkline(list(self._history), id="sparkline")
+        yield self._label
+        yield self._sparkline
+
+    def _text(self) -> str:
+        return (
+            f"{self.source}  open {self.open_flows}  total {self.total_flows}  "
+            f"{human_bytes(int(self.rate_bps))}/s"
+        )
+
+    def count(self, *, open_flows: int, total_flows: int, new_bytes: int) -> None:
+        """Record the current flow counts and bytes moved since the last call."""
+        self.open_flows = open_flows
+        self.total_flows = total_flows
+        self._bytes_since_sample += new_bytes
+        now = time.monotonic()
+        if now - self._last_sample >= self.SAMPLE_INTERVAL_S:
+            self.rate_bps = self._bytes_since_sample / (now - self._last_sample)
+            self._history.append(self.rate_bps)
+            self._bytes_since_sample = 0
+            self._last_sample = now
+            self._sparkline.data = list(self._history)
+        self._label.update(self._text())

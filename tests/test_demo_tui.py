@@ -1,0 +1,91 @@
+"""The real `flowtap demo` in a real terminal (tmux): flows on screen fast, `q` quits cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from capture_checks import fields
+
+from conftest import flowtap_command, wait_for
+
+ROW = re.compile(r"^\s*\d+ \d\d:\d\d:\d\d\.\d{3} 127\.0\.0\.1:\d+\s+127\.0\.0\.1:\d+\s+tcp ", re.M)
+
+
+class Tmux:
+    """A private tmux server (its own socket) running one command in a 160x48 window."""
+
+    def __init__(self, name: str) -> None:
+        self.socket = name
+        self.session = name
+
+    def run(self, *args: str) -> str:
+        result = subprocess.run(
+            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=True
+        )
+        return result.stdout
+
+    def start(self, command: str, cwd: Path) -> None:
+        self.run(
+            "new-session",
+            "-d",
+            "-s",
+            self.session,
+            "-x",
+            "160",
+            "-y",
+            "48",
+            "-c",
+            str(cwd),
+            command,
+        )
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", self.session)
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+
+
+@pytest.fixture
+def tmux() -> Iterator[Tmux]:
+    if shutil.which("tmux") is None:
+        pytest.fail("tmux is not installed: run tests/setup-debian.sh")
+    session = Tmux(f"flowtap-test-{os.getpid()}")
+    yield session
+    session.kill()
+
+
+def test_demo_shows_flow_rows_in_a_terminal_and_quits_on_q(tmux: Tmux, tmp_path: Path) -> None:
+    status = tmp_path / "status"
+    command = " ".join(shlex.quote(part) for part in flowtap_command())
+    started = time.monotonic()
+    # Under pytest COLUMNS and LINES may be set, and they would override the terminal's size.
+    tmux.start(
+        f"env -u COLUMNS -u LINES {command} demo; echo $? > {shlex.quote(str(status))}; sleep 30",
+        tmp_path,
+    )
+    wait_for(lambda: len(ROW.findall(tmux.screen())) >= 3, 15, "three flow rows on screen")
+    appeared_s = time.monotonic() - started
+    # tmux may size the window just after the app's first frame; the app redraws on resize.
+    wait_for(lambda: "GET / (127.0.0.1:" in tmux.screen(), 10, "an HTTP flow's summary")
+    screen = tmux.screen()
+    assert "q Quit" in screen and "Filter" in screen  # the footer lists the keys
+    # Python and Textual start in about a second; allow for a loaded shared machine.
+    assert appeared_s < 6, f"flows took {appeared_s:.1f}s to appear"
+    tmux.run("send-keys", "-t", tmux.session, "q")
+    wait_for(status.exists, 15, "flowtap demo to exit")
+    wait_for(lambda: status.read_text().strip() != "", 5, "the exit status")
+    assert status.read_text().strip() == "0"
+    assert "Traceback" not in tmux.screen()
+    captures = list((tmp_path / "captures").glob("flowtap-*.pcapng"))
+    assert len(captures) == 1, captures
+    streams = {row[0] for row in fields(captures[0], "tcp.stream") if row[0]}
+    assert len(streams) >= 3

@@ -1,0 +1,121 @@
+"""The flow store: index in memory, payload spilled to disk beyond a budget."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from flowtap.inspector.store import FlowStore, PayloadSpill
+from flowtap.proxy.flow import (
+    Address,
+    CloseReason,
+    Direction,
+    Flow,
+    FlowClosed,
+    FlowData,
+    FlowOpened,
+    FlowState,
+    Transport,
+)
+
+
+def _flow(flow_id: int, port: int = 80) -> Flow:
+    return Flow(
+        id=flow_id,
+        transport=Transport.TCP,
+        client=Address("127.0.0.1", 40000 + flow_id),
+        server=Address("127.0.0.1", port),
+        listener=Address("127.0.0.1", 8080),
+        started_at=1000.0 + flow_id,
+        state=FlowState.OPEN,
+    )
+
+
+def test_spill_keeps_the_budget_in_memory_and_the_rest_on_disk() -> None:
+    spill = PayloadSpill(memory_budget_bytes=1000)
+    blobs = [os.urandom(300) for _ in range(10)]
+    offsets = [spill.append(blob) for blob in blobs]
+    assert spill.size_bytes == 3000
+    assert spill.memory_bytes <= 1000 + 256 * 1024
+    assert [spill.read(o, 300) for o in offsets] == blobs
+    big = os.urandom(600_000)
+    offset = spill.append(big)
+    assert spill.memory_bytes < 256 * 1024 + 1000
+    assert spill.read(offset, len(big)) == big
+    spill.close()
+
+
+def test_store_follows_a_flow_from_open_to_close() -> None:
+    store = FlowStore()
+    flow = _flow(1)
+    changes = store.apply(
+        [
+            FlowOpened(flow),
+            FlowData(1, Direction.UP, 1001.1, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"),
+            FlowData(1, Direction.DOWN, 1001.2, b"HTTP/1.1 200 OK\r\n\r\n"),
+        ]
+    )
+    assert changes.added == [1]
+    assert store.open_count == 1
+    store.refresh_summaries()
+    record = store.get(1)
+    assert record is not None
+    assert record.summary.headline == "GET / (h) → 200 OK"
+    closed = flow.closed(
+        ended_at=1002.0, bytes_up=27, bytes_down=19, reason=CloseReason.CLIENT_CLOSED
+    )
+    store.apply([FlowClosed(closed)])
+    store.refresh_summaries()
+    assert store.open_count == 0
+    assert record.is_closed and record.state_text == "client-closed"
+    assert record.head_up is None  # after close the summary reads back from the spill
+    assert store.raw_bytes(1, Direction.DOWN) == b"HTTP/1.1 200 OK\r\n\r\n"
+    assert [type(e).__name__ for e in store.events(1)] == [
+        "FlowOpened",
+        "FlowData",
+        "FlowData",
+        "FlowClosed",
+    ]
+
+
+def test_bytes_beyond_the_per_flow_cap_are_counted_but_not_kept() -> None:
+    store = FlowStore(max_kept_bytes_per_direction=1000)
+    store.apply([FlowOpened(_flow(1))])
+    store.apply([FlowData(1, Direction.UP, 1.0, b"x" * 700) for _ in range(3)])
+    record = store.get(1)
+    assert record is not None
+    assert record.bytes_up == 2100
+    assert record.kept_up == 1000
+    assert record.truncated_bytes == 1100
+    assert len(store.raw_bytes(1, Direction.UP)) == 1000
+
+
+def test_content_search_and_clearing_closed_flows() -> None:
+    store = FlowStore()
+    store.apply([FlowOpened(_flow(1)), FlowOpened(_flow(2))])
+    store.apply(
+        [FlowData(1, Direction.UP, 1.0, b"needle in here"), FlowData(2, Direction.UP, 1.0, b"hay")]
+    )
+    assert store.contains(1, re.compile(rb"need+le"))
+    assert not store.contains(2, re.compile(rb"needle"))
+    store.apply(
+        [
+            FlowClosed(
+                _flow(2).closed(ended_at=2.0, bytes_up=3, bytes_down=0, reason=CloseReason.KILLED)
+            )
+        ]
+    )
+    assert store.clear_closed() == [2]
+    assert list(store.records) == [1]
+
+
+def test_unknown_events_mark_the_flow_without_failing() -> None:
+    class Gap:
+        flow_id = 1
+
+    store = FlowStore()
+    store.apply([FlowOpened(_flow(1))])
+    changes = store.apply([Gap()])
+    record = store.get(1)
+    assert record is not None and record.gaps == 1
+    assert changes.changed == {1}

@@ -1,0 +1,407 @@
+"""The terminal UI driven by Textual's pilot while a real relay carries real traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from capture_checks import assert_tshark_clean, follow_tcp
+from textual.pilot import Pilot
+
+from flowtap.inspector.app import FlowtapApp
+from flowtap.inspector.capture import CaptureObserver
+from flowtap.inspector.widgets.flow_detail import FlowDetail
+from flowtap.inspector.widgets.flow_table import FlowTable
+from flowtap.inspector.widgets.hex_view import HexView
+from flowtap.proxy.events import Bus, EventQueue
+from flowtap.proxy.flow import Address, Direction
+from flowtap.proxy.listener import ListenerSpec
+from flowtap.proxy.relay import Relay
+
+SIZE = (160, 48)
+
+
+class LiveRelay:
+    """A relay on loopback in front of the echo server, with the queue a TUI drains."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.events = EventQueue()
+        self.bus = Bus([self.events])
+        spec = ListenerSpec(Address("127.0.0.1", 0), Address(upstream[0], upstream[1]))
+        self.relay = Relay([spec], self.bus)
+        self.relay.start()
+        self.port = self.relay.listeners[0].address.port
+
+    def app(self, **kwargs: object) -> FlowtapApp:
+        return FlowtapApp(events=self.events, relay=self.relay, source="test", **kwargs)  # type: ignore[arg-type]
+
+    def exchange(self, payload: bytes) -> bytes:
+        """Send `payload` through the relay, half-close, and return what came back."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            received = bytearray()
+            while chunk := sock.recv(65536):
+                received += chunk
+        return bytes(received)
+
+
+@pytest.fixture
+def live(echo_server: tuple[str, int]) -> Iterator[LiveRelay]:
+    relay = LiveRelay(echo_server)
+    yield relay
+    relay.relay.stop(1.0)
+    relay.bus.close()
+
+
+async def until(
+    pilot: Pilot[None], predicate: Callable[[], bool], what: str, timeout_s: float = 10.0
+) -> None:
+    """Let the app run until `predicate()` holds, failing after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await pilot.pause(0.02)
+
+
+def run(app: FlowtapApp, scenario: Callable[[Pilot[None]], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await scenario(pilot)
+
+    asyncio.run(main())
+
+
+def closed_rows(app: FlowtapApp) -> int:
+    return sum(1 for i in app.query_one(FlowTable).ids if app.store.records[i].is_closed)
+
+
+def test_a_relayed_flow_appears_in_the_table_with_its_summary(live: LiveRelay) -> None:
+    app = live.app()
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        request = b"GET /hello HTTP/1.1\r\nHost: demo.test\r\n\r\n"
+        assert await asyncio.to_thread(live.exchange, request) == request
+        await until(pilot, lambda: closed_rows(app) == 1, "the flow to close")
+        await until(
+            pilot,
+            lambda: app.store.records[app.query_one(FlowTable).ids[0]].summary.protocol == "http",
+            "the summary",
+        )
+        table = app.query_one(FlowTable)
+        record = app.store.records[table.ids[0]]
+        assert (record.bytes_up, record.bytes_down) == (len(request), len(request))
+        row = table.row_text(record)
+        assert f"127.0.0.1:{live.relay.listeners[0].upstream.port}" in row
+        assert "GET /hello (demo.test)" in row
+        assert "client-closed" in row or "server-closed" in row
+
+    run(app, scenario)
+
+
+def test_selecting_a_flow_shows_its_conversation_and_hex(live: LiveRelay) -> None:
+    app = live.app()
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await asyncio.to_thread(live.exchange, b"first flow\r\n")
+        await asyncio.to_thread(live.exchange, b"second flow says hello\r\n")
+        await until(pilot, lambda: closed_rows(app) == 2, "two flows")
+        table = app.query_one(FlowTable)
+        await pilot.press("down")
+        await pilot.pause()
+        detail = app.query_one(FlowDetail)
+        assert detail.flow_id == table.ids[1]
+        await until(
+            pilot,
+            lambda: "second flow says hello\\r\\n" in str(app.query_one("#conversation").render()),
+            "the conversation",
+        )
+        await pilot.press("h")
+        await until(pilot, lambda: app.query_one(HexView).display, "the hex view")
+        hex_dump = str(app.query_one(HexView).render())
+        assert "73 65 63 6f 6e 64 20 66" in hex_dump  # "second f"
+        assert "|second flow says|" in hex_dump
+        await pilot.press("h")
+        await pilot.pause()
+        assert not app.query_one(HexView).display
+
+    run(app, scenario)
+
+
+def test_the_filter_narrows_the_table_by_content_and_port(live: LiveRelay) -> None:
+    app = live.app()
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        for text in (b"alpha\r\n", b"needle in a haystack\r\n", b"gamma\r\n"):
+            await asyncio.to_thread(live.exchange, text)
+        await until(pilot, lambda: closed_rows(app) == 3, "three flows")
+        table = app.query_one(FlowTable)
+        await pilot.press("slash")
+        await pilot.press(*"has:needle")
+        await until(pilot, lambda: len(table.ids) == 1, "the filter to apply")
+        assert app.store.raw_bytes(table.ids[0], Direction.UP) == b"needle in a haystack\r\n"
+        await pilot.press("escape")
+        assert app.focused is table
+        app.query_one("#filter").value = f"port:{live.relay.listeners[0].upstream.port}"  # type: ignore[attr-defined]
+        await until(pilot, lambda: len(table.ids) == 3, "the port filter")
+        await pilot.press("slash", "ctrl+u", *"re:[unclosed")
+        await pilot.pause()
+        assert not app._notifications  # no nagging while typing, only a red border
+        assert app.query_one("#filter").has_class("-invalid")
+        await pilot.press("enter")
+        await until(pilot, lambda: bool(app._notifications), "a notification")
+        assert "not a valid regex" in list(app._notifications)[-1].message
+        # a bad expression leaves the last one that parsed ("re", a bare word) in place
+        assert table.flow_filter is not None and table.flow_filter.text == "re"
+
+    run(app, scenario)
+
+
+def test_sorting_by_a_column_orders_rows_and_reverses(live: LiveRelay) -> None:
+    app = live.app()
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        sizes = [300, 100, 200]
+        for size in sizes:
+            await asyncio.to_thread(live.exchange, b"x" * size)
+        await until(pilot, lambda: closed_rows(app) == 3, "three flows")
+        table = app.query_one(FlowTable)
+        app.action_sort("up")
+        await pilot.pause()
+        assert [app.store.records[i].bytes_up for i in table.ids] == [100, 200, 300]
+        await pilot.press("S")
+        await pilot.pause()
+        assert [app.store.records[i].bytes_up for i in table.ids] == [300, 200, 100]
+        assert "↑ bytes ▼" in table.header_text()
+        await pilot.press("s")  # the next column, ascending
+        await pilot.pause()
+        assert table.sort_column == "down" and not table.sort_reverse
+        await pilot.click(FlowTable, offset=(2, 0))  # the header of the id column
+        await pilot.pause()
+        assert table.sort_column == "id"
+        assert table.ids == sorted(table.ids)
+
+    run(app, scenario)
+
+
+def test_kill_resets_both_sides_of_a_live_flow(live: LiveRelay) -> None:
+    app = live.app()
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        client = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+        try:
+            client.sendall(b"stay a while\r\n")
+            assert client.recv(100) == b"stay a while\r\n"
+            table = app.query_one(FlowTable)
+            await until(pilot, lambda: len(table.ids) == 1, "the live flow")
+            assert table.row_text(app.store.records[table.ids[0]]).split()[5] == "open"
+            await pilot.press("k")
+            await until(pilot, lambda: closed_rows(app) == 1, "the flow to close")
+            assert app.store.records[table.ids[0]].state_text == "killed"
+
+            def client_sees_reset() -> bool:
+                try:
+                    return client.recv(100) == b""
+                except ConnectionResetError:
+                    return True
+
+            assert await asyncio.to_thread(client_sees_reset)
+            await pilot.press("k")  # killing it again only tells the user
+            await pilot.pause()
+            assert "already ended" in list(app._notifications)[-1].message
+        finally:
+            client.close()
+
+    run(app, scenario)
+
+
+def test_export_writes_one_directions_bytes_and_a_bad_path_notifies(
+    live: LiveRelay, tmp_path: Path
+) -> None:
+    app = live.app(export_dir=tmp_path)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        payload = bytes(range(256)) * 40
+        await asyncio.to_thread(live.exchange, payload)
+        await until(pilot, lambda: closed_rows(app) == 1, "the flow")
+        await pilot.press("e")
+        await pilot.pause()
+        await pilot.press("enter")  # accept the suggested path
+        target = tmp_path / f"flow-{app.query_one(FlowTable).ids[0]}-client.bin"
+        await until(pilot, target.exists, "the export")
+        assert target.read_bytes() == payload
+        blocked = tmp_path / "a-file"
+        blocked.write_bytes(b"")
+        flow_id = app.query_one(FlowTable).ids[0]
+        assert not app.export_raw(flow_id, Direction.DOWN, blocked / "x.bin")
+        await pilot.pause()
+        assert "Cannot write" in list(app._notifications)[-1].message
+
+    run(app, scenario)
+
+
+def test_clear_closed_keeps_live_flows(live: LiveRelay) -> None:
+    app = live.app()
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await asyncio.to_thread(live.exchange, b"done\r\n")
+        client = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+        try:
+            table = app.query_one(FlowTable)
+            await until(pilot, lambda: len(table.ids) == 2 and closed_rows(app) == 1, "flows")
+            await pilot.press("c")
+            await pilot.pause()
+            assert len(table.ids) == 1
+            assert not app.store.records[table.ids[0]].is_closed
+        finally:
+            client.close()
+
+    run(app, scenario)
+
+
+def test_follow_keeps_the_cursor_on_the_newest_flow(live: LiveRelay) -> None:
+    app = live.app()
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        table = app.query_one(FlowTable)
+        await pilot.press("f")
+        for n in range(3):
+            await asyncio.to_thread(live.exchange, b"flow %d\r\n" % n)
+        await until(pilot, lambda: len(table.ids) == 3, "three flows")
+        assert table.selected_id == table.ids[-1]
+
+    run(app, scenario)
+
+
+def test_a_terminal_too_small_gets_a_message() -> None:
+    app = FlowtapApp(events=EventQueue(), source="test")
+
+    async def main() -> None:
+        async with app.run_test(size=(50, 10)) as pilot:
+            await pilot.pause()
+            assert app.screen.has_class("-too-small")
+            assert "too small (50x10)" in str(app.query_one("#too-small").render())
+            assert not app.query_one("#main").display or app.screen.has_class("-too-small")
+
+    asyncio.run(main())
+
+
+def test_saving_flows_writes_captures_that_tshark_reassembles(
+    live: LiveRelay, tmp_path: Path
+) -> None:
+    app = live.app(export_dir=tmp_path)
+    first = b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n" + bytes(range(256)) * 300
+    second = b"second flow payload\r\n" * 50
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        for payload in (first, second):
+            await asyncio.to_thread(live.exchange, payload)
+        await until(pilot, lambda: closed_rows(app) == 2, "two flows")
+        table = app.query_one(FlowTable)
+        await pilot.press("w")  # the selected (first) flow, to the suggested .pcapng
+        await pilot.pause()
+        await pilot.press("enter")
+        one = tmp_path / f"flow-{table.ids[0]}.pcapng"
+        await until(pilot, one.exists, "the saved flow")
+        await pilot.press("W")
+        await pilot.pause()
+        await pilot.press("ctrl+u", *str(tmp_path / "all.pcap"), "enter")
+        await until(pilot, (tmp_path / "all.pcap").exists, "all flows saved")
+        await pilot.pause(0.2)
+        assert "Saved 2 flow(s)" in list(app._notifications)[-1].message
+        assert not app.save_flows(tmp_path / "flows.txt", table.ids)
+        await pilot.pause()
+        assert "name the file .pcap or .pcapng" in list(app._notifications)[-1].message
+
+    run(app, scenario)
+    assert follow_tcp(tmp_path / f"flow-{min(app.store.records)}.pcapng", 0) == (first, first)
+    assert_tshark_clean(tmp_path / f"flow-{min(app.store.records)}.pcapng")
+    assert follow_tcp(tmp_path / "all.pcap", 0) == (first, first)
+    assert follow_tcp(tmp_path / "all.pcap", 1) == (second, second)
+    assert_tshark_clean(tmp_path / "all.pcap")
+
+
+def _record_capture(live: LiveRelay, path: Path, payloads: list[bytes]) -> None:
+    """Relay `payloads` (one flow each) with flowtap's capture observer writing `path`."""
+    capture = CaptureObserver(path)
+    events = EventQueue()
+    bus = Bus([capture, events])
+    spec = live.relay.listeners[0].spec
+    relay = Relay([ListenerSpec(Address("127.0.0.1", 0), spec.upstream)], bus)
+    relay.start()
+    port = relay.listeners[0].address.port
+    try:
+        for payload in payloads:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(65536):
+                    pass
+    finally:
+        relay.stop(2.0)
+        bus.close()
+
+
+def test_a_capture_loads_offline_with_its_flows_and_payloads(
+    live: LiveRelay, tmp_path: Path
+) -> None:
+    path = tmp_path / "recorded.pcapng"
+    payloads = [b"GET /a HTTP/1.1\r\nHost: offline.test\r\n\r\n", b"x" * 100_000, b"PING\r\n"]
+    _record_capture(live, path, payloads)
+    app = FlowtapApp(capture=path)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        table = app.query_one(FlowTable)
+        await until(pilot, lambda: not app.loading, "the capture to load")
+        await until(pilot, lambda: len(table.ids) == 3, "three flows")
+        assert not app.query_one("#loading").display
+        assert [app.store.raw_bytes(i, Direction.UP) for i in table.ids] == payloads
+        assert [app.store.raw_bytes(i, Direction.DOWN) for i in table.ids] == payloads
+        await until(
+            pilot,
+            lambda: app.store.records[table.ids[0]].summary.headline.startswith("GET /a"),
+            "the summary",
+        )
+        assert "Loaded" in list(app._notifications)[-1].message
+        await pilot.press("k")  # nothing to kill offline: a notification, not a crash
+        await pilot.pause()
+        assert "cannot be killed" in list(app._notifications)[-1].message
+
+    run(app, scenario)
+
+
+def test_a_damaged_capture_shows_what_it_holds_and_a_notification(
+    live: LiveRelay, tmp_path: Path
+) -> None:
+    path = tmp_path / "whole.pcap"
+    _record_capture(live, path, [b"first\r\n", b"second\r\n"])
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(path.read_bytes()[:-30])
+    garbage = tmp_path / "garbage.pcap"
+    garbage.write_bytes(b"this is not a capture at all\n" * 10)
+
+    app = FlowtapApp(capture=cut)
+
+    async def cut_short(pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: not app.loading, "the capture to load")
+        await pilot.pause(0.2)
+        assert len(app.query_one(FlowTable).ids) == 2
+        notes = [n.message for n in app._notifications]
+        assert any("cut short" in n or "damaged" in n or "truncated" in n for n in notes), notes
+
+    run(app, cut_short)
+
+    bad = FlowtapApp(capture=garbage)
+
+    async def not_a_capture(pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: not bad.loading, "the load to fail")
+        await pilot.pause(0.2)
+        assert len(bad.query_one(FlowTable).ids) == 0
+        assert "is not a pcap or pcapng capture" in list(bad._notifications)[-1].message
+
+    run(bad, not_a_capture)
