@@ -264,6 +264,7 @@ class PcapFile(_GatheredFile):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.add(_PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
+        self.flush()  # a valid, empty capture from the start
 
     def write_packet(
         self,
@@ -310,6 +311,7 @@ class PcapNgFile(_GatheredFile):
             + _U32.pack(idb_length)
         )
         self.add(shb + idb)
+        self.flush()  # a valid, empty capture from the start
         self._tail = b""
 
     def write_packet(

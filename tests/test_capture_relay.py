@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,34 @@ def test_dns_over_the_udp_relay_is_captured_as_checksummed_datagrams(
     conversation = flowtap_show(str(capture), "--flow", "1").stdout.decode()
     assert f">> client {len(query)} bytes" in conversation
     assert f"<< server {len(reply)} bytes" in conversation
+
+
+def test_capture_is_flushed_within_a_second_while_flows_stay_open(
+    flowtap, echo_server: tuple[str, int], tmp_path: Path
+) -> None:
+    from flowtap.inspector.reassembly import read_capture
+    from flowtap.proxy.errors import FlowtapError
+    from flowtap.proxy.flow import FlowData
+
+    capture = tmp_path / "live.pcap"
+    proxy = flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo_server[1]}",
+        "--pcap", str(capture),
+    )  # fmt: skip
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"still open\n")
+        assert sock.recv(100) == b"still open\n"
+
+        def on_disk() -> bytes:
+            try:
+                events = list(read_capture(capture))
+            except FlowtapError:  # a record half-written as we read
+                return b""
+            return b"".join(
+                e.data for e in events if isinstance(e, FlowData) and e.direction == "up"
+            )
+
+        started = time.monotonic()
+        wait_for(lambda: on_disk() == b"still open\n", 5.0, "the open flow's bytes on disk")
+        assert time.monotonic() - started < 1.5
+        assert proxy.proc.poll() is None
