@@ -15,8 +15,9 @@ Contract of the event stream:
   out-of-order segments are put in place, retransmitted and overlapping bytes appear once
   (first copy wins), and bytes the capture never saw are a `FlowGap`, never glued over.
   A gap is declared when the receiver has acknowledged bytes the capture lacks and a later
-  segment does not bring them, when more than `max_buffered_bytes` wait behind a hole, or
-  when the flow ends.
+  segment does not bring them, when more than `max_buffered_bytes` wait behind a hole (or
+  `max_total_buffered_bytes` behind all holes of all flows), or when the flow ends. Memory
+  is bounded by these limits plus a small record per flow, whatever the capture's size.
 - `FlowClosed.flow.reason` is how the flow ended in the capture: `client-reset` /
   `server-reset` for a RST, `client-closed` / `server-closed` for whoever sent FIN first;
   captures written by flowtap name the exact reason (and error) in a packet comment. A flow
@@ -144,9 +145,12 @@ class Reassembler:
         *,
         data_for: Callable[[int], bool] | None = None,
         max_buffered_bytes: int = 8 << 20,
+        max_total_buffered_bytes: int = 64 << 20,
     ) -> None:
         self._data_for = data_for
         self._max_buffered = max_buffered_bytes
+        self._max_total_buffered = max_total_buffered_bytes
+        self._buffered_total = 0
         self._flows: dict[_Key, tuple[_Conversation, bool]] = {}
         self._closed: OrderedDict[_Key, None] = OrderedDict()
         self._next_id = 1
@@ -377,8 +381,11 @@ class Reassembler:
                 stream.pending, (start, self._arrivals, length, timestamp, segment.payload)
             )
             stream.pending_bytes += length
+            self._buffered_total += length
             if stream.pending_bytes > self._max_buffered:
                 self._advance(conversation, stream, direction, stream.pending[0][0], timestamp)
+            if self._buffered_total > self._max_total_buffered:
+                self._relieve(timestamp)
         self._check_finished(conversation, stream)
 
     def _deliver(
@@ -424,8 +431,25 @@ class Reassembler:
         while pending and pending[0][0] <= stream.offset:
             start, _, length, timestamp, payload = heapq.heappop(pending)
             stream.pending_bytes -= length
+            self._buffered_total -= length
             if start + length > stream.offset:
                 self._deliver(conversation, stream, direction, start, length, payload, timestamp)
+
+    def _relieve(self, timestamp: float) -> None:
+        """Too many bytes wait behind holes across all flows: declare the biggest holes gaps."""
+        waiting = []
+        seen: set[int] = set()
+        for conversation, from_client in self._flows.values():
+            if from_client and id(conversation) not in seen:
+                seen.add(id(conversation))
+                for stream, direction in zip(conversation.streams, _DIRECTIONS, strict=True):
+                    if stream.pending:
+                        waiting.append((stream.pending_bytes, conversation, stream, direction))
+        waiting.sort(key=lambda item: item[0], reverse=True)
+        for _, conversation, stream, direction in waiting:
+            if self._buffered_total <= self._max_total_buffered // 2:
+                break
+            self._advance(conversation, stream, direction, stream.pending[0][0], timestamp)
 
     def _advance(
         self,
@@ -476,8 +500,7 @@ class Reassembler:
         return out
 
 
-def _other(direction: Direction) -> Direction:
-    return Direction.DOWN if direction is Direction.UP else Direction.UP
+_DIRECTIONS = (Direction.UP, Direction.DOWN)
 
 
 def _address(value: object, fallback: Address) -> Address:

@@ -283,3 +283,18 @@ def test_data_for_limits_payload_copies_but_not_accounting() -> None:
     (end,) = closed(events)
     assert end.flow.bytes_up == 4
     assert [e.size_bytes for e in events if isinstance(e, FlowGap)] == [2]
+
+
+def test_bytes_waiting_behind_holes_are_bounded_across_flows() -> None:
+    reassembler = Reassembler(max_buffered_bytes=10_000, max_total_buffered_bytes=5_000)
+    events: list[CaptureEvent] = []
+    for port in range(40000, 40010):  # ten flows, each with a hole and 1000 bytes behind it
+        events += reassembler.feed(seg(True, 1, ACK, b"a", ports=(port, 80)))
+        events += reassembler.feed(seg(True, 3, ACK, b"x" * 1000, ports=(port, 80)))
+    gaps_before_the_end = [e for e in events if isinstance(e, FlowGap)]
+    assert gaps_before_the_end, "holes are declared while the capture goes on"
+    assert all(e.size_bytes == 1 for e in gaps_before_the_end)
+    events += reassembler.finish()
+    for flow_id in range(1, 11):
+        data = b"".join(e.data for e in events if isinstance(e, FlowData) and e.flow_id == flow_id)
+        assert data == b"a" + b"x" * 1000
