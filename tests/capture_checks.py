@@ -53,11 +53,16 @@ def expert_entries(path: Path, *prefs: str) -> dict[str, list[str]]:
 
 def assert_tshark_clean(path: Path, *prefs: str, allowed_warnings: tuple[str, ...] = ()) -> None:
     """tshark reads `path` with no malformed packet, no expert error, and no expert warning
-    but those named in `allowed_warnings` (a reset flow warns "Connection reset (RST)")."""
+    but those named in `allowed_warnings` (a reset flow warns "Connection reset (RST)");
+    scapy reads every packet too."""
     sections = expert_entries(path, *prefs)
     assert not sections.get("Errors"), sections
     unexpected = [w for w in sections.get("Warns", []) if w not in allowed_warnings]
     assert not unexpected, sections
+    # scapy reads the same packets.
+    assert scapy_count(path) == len(
+        tshark("-r", str(path), "-T", "fields", "-e", "frame.number").split()
+    )
 
 
 def follow_tcp(path: Path, stream: int) -> tuple[bytes, bytes]:
@@ -100,11 +105,12 @@ def fields(
     return [line.split("|") for line in tshark(*args).splitlines() if line]
 
 
-def scapy_packets(path: Path) -> list[object]:
-    """Every packet of `path` as scapy dissects it (pcap or pcapng)."""
-    from scapy.utils import rdpcap
+def scapy_count(path: Path) -> int:
+    """How many packets scapy's streaming reader finds in `path` (pcap or pcapng)."""
+    from scapy.utils import PcapReader
 
-    return list(rdpcap(str(path)))
+    with PcapReader(str(path)) as reader:
+        return sum(1 for _ in reader)
 
 
 @contextlib.contextmanager
@@ -160,3 +166,10 @@ def flowtap_show(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedPr
     return subprocess.run(
         [*flowtap_command(), "show", *args], capture_output=True, timeout=timeout_s, check=False
     )
+
+
+def scapy_packets(path: Path) -> list[object]:
+    """Every packet of `path` as scapy dissects it (pcap or pcapng), in memory."""
+    from scapy.utils import rdpcap
+
+    return list(rdpcap(str(path)))

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from capture_checks import flowtap_show, tshark
+from capture_checks import assert_tshark_clean, flowtap_show
 
 from flowtap.inspector.show import list_flows, show_flow
 from flowtap.proxy.errors import FlowtapError
@@ -38,7 +38,7 @@ def seeds(tmp_path: Path) -> list[Path]:
             CloseReason.SERVER_RESET,
         ),
         *conversation(
-            make_flow(3, Address("127.0.0.1", 5000), Address("127.0.0.1", 53), Transport.UDP),
+            make_flow(3, Address("127.0.0.1", 5000), Address("127.0.0.1", 9999), Transport.UDP),
             [(Direction.UP, b"q"), (Direction.DOWN, b"answer")],
         ),
     ]
@@ -48,7 +48,7 @@ def seeds(tmp_path: Path) -> list[Path]:
     # Re-encapsulated by editcap: other writer, other byte layout of the same packets.
     subprocess.run(["editcap", "-F", "pcapng", str(pcap), str(cooked)], check=True, timeout=60)
     for path in (pcap, pcapng, cooked):
-        tshark("-r", str(path))
+        assert_tshark_clean(path, allowed_warnings=("Connection reset (RST)",))
     return [pcap, pcapng, cooked]
 
 

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from capture_checks import tshark
+from capture_checks import assert_tshark_clean, scapy_count, tshark
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1Q, Ether, Loopback
@@ -49,6 +49,8 @@ def write_pcap(
         out.append(struct.pack(endianness + "IIII", T0 + i, fraction, len(frame), len(frame)))
         out.append(frame)
     path.write_bytes(b"".join(out))
+    assert len(tshark("-r", str(path)).splitlines()) == len(frames)
+    assert scapy_count(path) == len(frames)
     return path
 
 
@@ -138,6 +140,7 @@ def test_pcapng_with_several_interfaces_and_sections(tmp_path: Path) -> None:
     both = tmp_path / "sections.pcapng"
     both.write_bytes(merged.read_bytes() + second.read_bytes())
     assert len(tshark("-r", str(both)).splitlines()) == 24
+    assert scapy_count(both) == 24
     with CaptureReader(both) as reader:
         records = list(reader.records())
         assert reader.format == "pcapng"
@@ -180,6 +183,7 @@ def test_flowtap_captures_read_back_to_the_flows_written(tmp_path: Path, suffix:
         ),
     ]
     path = write_capture(tmp_path / f"round{suffix}", events)
+    assert_tshark_clean(path, allowed_warnings=("Connection reset (RST)",))
     read = list(read_capture(path))
     flows = {e.flow.id: e.flow for e in read if isinstance(e, FlowClosed)}
     assert summary([e for e in read if not isinstance(e, FlowGap)])[1] == b"PING\r\n" + payload

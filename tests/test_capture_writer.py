@@ -13,7 +13,7 @@ from capture_checks import (
     fields,
     follow_tcp,
     follow_udp,
-    scapy_packets,
+    scapy_count,
 )
 
 from flowtap.inspector.pcap import CaptureWriter, open_packet_file
@@ -120,7 +120,7 @@ def test_tcp_flow_follows_in_tshark_to_exact_bytes(
     # Segments fill but never overflow an IP packet (IPv6's limit excludes its own header).
     largest = 65535 - 20 - (0 if client.is_ipv6 else 20)
     assert max(int(row[4]) for row in rows) == largest
-    assert len(scapy_packets(path)) == len(rows)
+    assert scapy_count(path) == len(rows)
 
 
 @pytest.mark.parametrize("suffix", [".pcap", ".pcapng"])
@@ -212,7 +212,7 @@ def test_udp_datagrams_carry_valid_checksums(tmp_path: Path) -> None:
     assert [int(row[2]) for row in rows] == [17, 16, 8, 65515]
     up, down = follow_udp(path, 0)
     assert up == b"query-one" and down == sent_bytes(chunks, Direction.DOWN)
-    assert len(scapy_packets(path)) == 4
+    assert scapy_count(path) == 4
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])

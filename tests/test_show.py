@@ -9,7 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from capture_checks import capture_loopback, flowtap_show, follow_tcp, tshark
+from capture_checks import (
+    assert_tshark_clean,
+    capture_loopback,
+    flowtap_show,
+    follow_tcp,
+    tshark,
+)
 
 from conftest import free_port, wait_port
 from flowtap.inspector.show import printable
@@ -223,6 +229,7 @@ def flowtap_capture(tmp_path: Path, suffix: str = ".pcap") -> Path:
             flow, [(Direction.UP, b"GET / HTTP/1.0\r\n\r\n"), (Direction.DOWN, b"x" * 3000)]
         )
     path = write_capture(tmp_path / f"three{suffix}", events)
+    assert_tshark_clean(path)
     assert len(tshark("-r", str(path)).splitlines()) == 3 * 10
     return path
 
