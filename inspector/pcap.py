@@ -143,18 +143,22 @@ def _create_private(path: Path) -> int:
     return fd
 
 
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+def _libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """A C library function for the file-system calls Python's `os` lacks, or None."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.sync_file_range
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.argtypes = argtypes
     function.restype = ctypes.c_int
-    return function
+    return function  # type: ignore[no-any-return]
 
 
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = _libc_function(
+    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+)
+_fallocate = _libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_FALLOC_FL_KEEP_SIZE = 1
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT_AFTER = 4
@@ -168,6 +172,13 @@ def _sync_range(fd: int, offset: int, size: int, flags: int) -> None:
     if _sync_file_range(fd, offset, size, flags) != 0:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
+
+
+def _preallocate(fd: int, offset: int, size: int) -> None:
+    """Reserve disk blocks past the end of the file without changing its size."""
+    if _fallocate is None or _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, size) != 0:
+        error = ctypes.get_errno() if _fallocate is not None else 0
+        raise OSError(error, os.strerror(error) if error else "fallocate is not available")
 
 
 def _start_writeback(fd: int, offset: int, size: int) -> None:
@@ -195,6 +206,9 @@ class _GatheredFile:
     # with new ones, which costs the kernel several times more per byte (measured here: 0.3 s
     # of system time per GiB instead of 1.3-2 s), and it does not evict other files' pages.
     _WINDOW_BYTES = 16 << 20
+    # Blocks are reserved ahead in steps of this size: ext4 then maps pages to blocks it
+    # already has instead of allocating block by block (a third less system time per GiB).
+    _PREALLOCATE_BYTES = 32 << 20
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -206,6 +220,8 @@ class _GatheredFile:
         self._window_start = 0  # where the window being written starts
         self._previous_window: tuple[int, int] | None = None
         self._drops_pages = True
+        self._allocated_bytes = 0
+        self._preallocates = True
 
     def add(self, part: bytes | memoryview) -> None:
         self._parts.append(part)
@@ -221,6 +237,13 @@ class _GatheredFile:
         self._parts = []
         self._waiting_bytes = 0
         left = sum(len(part) for part in parts)
+        if self._preallocates and self._written_bytes + left > self._allocated_bytes:
+            step = max(self._PREALLOCATE_BYTES, self._written_bytes + left - self._allocated_bytes)
+            try:
+                _preallocate(self._fd, self._allocated_bytes, step)
+                self._allocated_bytes += step
+            except OSError:
+                self._preallocates = False  # a file system that cannot: allocate as we go
         self._written_bytes += left
         while True:
             written = os.writev(self._fd, parts)
@@ -253,6 +276,9 @@ class _GatheredFile:
             return
         try:
             self.flush()
+            if self._allocated_bytes > self._written_bytes:
+                with contextlib.suppress(OSError):  # give back the blocks reserved ahead
+                    os.ftruncate(self._fd, self._written_bytes)
         finally:
             os.close(self._fd)
             self._fd = -1

@@ -273,3 +273,10 @@ def test_unknown_extension_is_a_one_line_error(tmp_path: Path) -> None:
         open_packet_file(tmp_path / "capture.txt")
     with pytest.raises(FlowtapError, match="cannot create capture file"):
         open_packet_file(tmp_path / "missing" / "capture.pcap")
+
+
+def test_closed_capture_keeps_no_blocks_reserved_ahead(tmp_path: Path) -> None:
+    flow = make_flow(1, Address("127.0.0.1", 40000), Address("127.0.0.1", 47000))
+    path = write_capture(tmp_path / "small.pcapng", conversation(flow, [(Direction.UP, b"hi")]))
+    assert_tshark_clean(path)
+    assert path.stat().st_blocks * 512 < 64 * 1024
