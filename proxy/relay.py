@@ -245,13 +245,20 @@ class _TcpFlow:
         src = pipe.src
         dst = pipe.dst
         bus = worker.bus
+        wants_data = bus.wants_data
+        data = b""
         turns = 0
         while pipe.readable and not pipe.eof:
             if turns == _CHUNKS_PER_TURN:
                 return True
             turns += 1
             try:
-                n = src.recv_into(buf)
+                if wants_data:
+                    # A fresh bytes object that observers keep: the chunk's one copy.
+                    data = src.recv(size)
+                    n = len(data)
+                else:
+                    n = src.recv_into(buf)
             except BlockingIOError:
                 pipe.readable = False
                 break
@@ -274,8 +281,7 @@ class _TcpFlow:
                 pipe.readable = False
             self.last_active = now
             pipe.count += n
-            if bus.wants_data:
-                data = bytes(view[:n])
+            if wants_data:
                 bus.emit(FlowData(self.flow.id, pipe.direction, time.time(), data))
                 chunk = memoryview(data)
             else:
