@@ -1,7 +1,7 @@
 """The flowtap terminal UI: live flows from a relay, or flows loaded from a capture file.
 
-Relay threads never wait on the UI: they hand events to an `EventQueue`, which the app drains
-in batches on a timer (at most 20 times a second) into its `FlowStore`, then redraws.
+Relay threads never wait on the UI: they hand events to a `FlowFeed` (an `EventQueue`), which
+the app drains in batches on a timer (at most 20 times a second) into its `FlowStore`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -25,7 +25,6 @@ from textual.screen import Screen
 from textual.widgets import Footer, ProgressBar, Static
 
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.events import EventQueue
 from flowtap.proxy.flow import Direction, FlowClosed, FlowData, FlowEvent
 from flowtap.proxy.relay import Relay
 
@@ -35,12 +34,19 @@ from .messages import FilterChanged, FilterClosed, FlowSelected, LoadFinished, L
 from .pcap import CaptureWriter, open_packet_file
 from .reader import CaptureError, CaptureReader
 from .reassembly import Reassembler
-from .store import FlowStore
+from .store import FlowFeed, FlowStore
 from .widgets.filter_box import FilterBox
 from .widgets.flow_detail import FlowDetail
 from .widgets.flow_table import COLUMNS, FlowTable
 from .widgets.path_prompt import PathPrompt
 from .widgets.stats import StatsBar
+
+
+class EventSource(Protocol):
+    """Where live flow events wait for the app (an `EventQueue` or a `FlowFeed`)."""
+
+    def drain(self, limit: int = 100_000) -> list[FlowEvent]: ...
+
 
 TICK_S = 0.05
 """How often the app drains events and redraws: 20 times a second at most."""
@@ -104,7 +110,7 @@ class FlowtapApp(App[None]):
     def __init__(
         self,
         *,
-        events: EventQueue | None = None,
+        events: EventSource | None = None,
         relay: Relay | None = None,
         capture: Path | None = None,
         source: str = "",
@@ -122,6 +128,7 @@ class FlowtapApp(App[None]):
         self._loaded: queue.Queue[list[object]] = queue.Queue(maxsize=8)
         self._stop_loading = threading.Event()
         self._last_detail = 0.0
+        self._last_counts = 0.0
         self._detail_stale = False
         self.lag_samples: list[float] | None = None
         """When a list, the app appends how long each flow took from opening to its row."""
@@ -197,18 +204,27 @@ class FlowtapApp(App[None]):
         changed = set(renamed)
         if changes is not None:
             changed |= changes.changed
+        new_bytes = 0 if changes is None else changes.bytes_up + changes.bytes_down
+        now = time.monotonic()
+        if self.relay is not None and store.capped and now - self._last_counts >= 0.5:
+            # The feed stops sending a flow's data past the keep cap; ask the relay instead.
+            self._last_counts = now
+            for flow_id in list(store.capped):
+                counts = self.relay.byte_counts(flow_id)
+                if counts is not None:
+                    new_bytes += store.set_live_counts(flow_id, *counts)
+                    changed.add(flow_id)
         if changed:
             table.update_flows(changed)
         table.tick()
         self.stats.count(
             open_flows=store.open_count,
             total_flows=len(store),
-            new_bytes=0 if changes is None else changes.bytes_up + changes.bytes_down,
+            new_bytes=new_bytes,
         )
         detail = self.detail
         if detail.flow_id is not None and detail.flow_id in changed:
             self._detail_stale = True
-        now = time.monotonic()
         if self._detail_stale and now - self._last_detail >= DETAIL_REFRESH_S:
             self._detail_stale = False
             self._last_detail = now
@@ -501,7 +517,7 @@ def run_tui(args: argparse.Namespace) -> int:
             raise FlowtapError(f"{path} is not a file: give the path of a pcap or pcapng capture")
         FlowtapApp(capture=path).run()
         return 0
-    events = EventQueue()
+    events = FlowFeed()
     relay = run_relay(args, [events], log=False)
     try:
         FlowtapApp(events=events, relay=relay, source=_describe_listeners(relay)).run()

@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from flowtap.proxy.events import EventQueue, Observer
+from flowtap.proxy.events import Observer
 from flowtap.proxy.relay import Relay
 
 from .capture import default_capture_path
+from .store import FlowFeed
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def run_demo_tui(*, duration_s: float = 120.0) -> int:
     """Run the demo with the TUI: flows appear at once, traffic goes on a while, `q` quits."""
     from .app import FlowtapApp
 
-    events = EventQueue()
+    events = FlowFeed()
     capture = default_capture_path()
     relay, services = start_demo_relay(["--pcap", str(capture)], observers=[events], log=False)
     stop = threading.Event()

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
+from flowtap.proxy.events import EventQueue
 from flowtap.proxy.flow import (
     Direction,
     Flow,
@@ -27,6 +28,52 @@ from flowtap.proxy.flow import (
 from .summary import EMPTY, HEAD_BYTES, Summary, summarize
 
 MiB = 1024 * 1024
+KEPT_BYTES_PER_DIRECTION = 1 * MiB
+"""How many bytes of each direction of a flow the store keeps for the detail view and saving."""
+
+
+class FlowFeed:
+    """The display's observer: an `EventQueue` that wants each flow direction's data only up
+    to `max_data_bytes_per_direction`, so the relay stops copying bulk transfers for it."""
+
+    def __init__(
+        self,
+        *,
+        max_data_bytes_per_direction: int = KEPT_BYTES_PER_DIRECTION,
+        max_data_events: int = 10_000,
+    ) -> None:
+        self._queue = EventQueue(max_data_events=max_data_events)
+        self._cap = max_data_bytes_per_direction
+        # Each flow is handled by one relay thread; distinct keys need no lock.
+        self._seen: dict[tuple[int, Direction], int] = {}
+
+    @property
+    def wants_data(self) -> bool:
+        return True
+
+    @property
+    def dropped_data_events(self) -> int:
+        return self._queue.dropped_data_events
+
+    def handle(self, event: FlowEvent) -> bool | None:
+        if isinstance(event, FlowData):
+            key = (event.flow_id, event.direction)
+            seen = self._seen.get(key, 0) + len(event.data)
+            self._seen[key] = seen
+            self._queue.handle(event)
+            return seen < self._cap
+        if isinstance(event, FlowClosed):
+            self._seen.pop((event.flow.id, Direction.UP), None)
+            self._seen.pop((event.flow.id, Direction.DOWN), None)
+        self._queue.handle(event)
+        return None
+
+    def drain(self, limit: int = 100_000) -> list[FlowEvent]:
+        """Take up to `limit` waiting events, oldest first."""
+        return self._queue.drain(limit)
+
+    def close(self) -> None:
+        self._queue.close()
 
 
 class PayloadSpill:
@@ -178,13 +225,16 @@ class FlowStore:
         self,
         spill: PayloadSpill | None = None,
         *,
-        max_kept_bytes_per_direction: int = 16 * MiB,
+        max_kept_bytes_per_direction: int = KEPT_BYTES_PER_DIRECTION,
     ) -> None:
         self._spill = spill or PayloadSpill()
         self._max_kept = max_kept_bytes_per_direction
         self.records: dict[int, FlowRecord] = {}
         self.open_count = 0
         self._stale: set[int] = set()
+        self.capped: set[int] = set()
+        """Open flows past the keep cap in a direction: their live byte counts come from
+        elsewhere (`set_live_counts`), since the feed stops sending their data."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -224,6 +274,7 @@ class FlowStore:
                 if record.is_closed:
                     continue
                 record.flow = flow
+                self.capped.discard(flow.id)
                 record.bytes_up = max(record.bytes_up, flow.bytes_up)
                 record.bytes_down = max(record.bytes_down, flow.bytes_down)
                 self.open_count -= 1
@@ -264,14 +315,26 @@ class FlowStore:
         room = self._max_kept - kept
         if room <= 0:
             return
-        if len(data) > room:
+        if len(data) >= room:
             data = data[:room]
+            if not record.is_closed:
+                self.capped.add(record.id)
         offset = self._spill.append(data)
         record.chunks.append((is_up, event.timestamp, offset, len(data)))
         if is_up:
             record.kept_up += len(data)
         else:
             record.kept_down += len(data)
+
+    def set_live_counts(self, flow_id: int, bytes_up: int, bytes_down: int) -> int:
+        """Raise a live flow's byte counts to what the relay reports; return the bytes added."""
+        record = self.records.get(flow_id)
+        if record is None or record.is_closed:
+            return 0
+        added = max(0, bytes_up - record.bytes_up) + max(0, bytes_down - record.bytes_down)
+        record.bytes_up = max(record.bytes_up, bytes_up)
+        record.bytes_down = max(record.bytes_down, bytes_down)
+        return added
 
     def refresh_summaries(self, limit: int = 2000) -> list[int]:
         """Recompute up to `limit` stale summaries; return the ids whose summary changed."""
@@ -348,6 +411,7 @@ class FlowStore:
         for flow_id in gone:
             del self.records[flow_id]
             self._stale.discard(flow_id)
+            self.capped.discard(flow_id)
         if not self.records:
             self._spill.clear()
         return gone

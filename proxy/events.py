@@ -28,8 +28,12 @@ class Observer(Protocol):
         """Whether `FlowData` events are delivered; when no observer wants them, none are built."""
         ...
 
-    def handle(self, event: FlowEvent) -> None:
-        """Take one event; called from relay threads, possibly several at once."""
+    def handle(self, event: FlowEvent) -> bool | None:
+        """Take one event; called from relay threads, possibly several at once.
+
+        For a `FlowData`, returning False says this observer needs no more data of that
+        direction of that flow; once no observer needs it, the relay stops copying it.
+        """
         ...
 
     def close(self) -> None:
@@ -52,6 +56,14 @@ class Bus:
         """Add an observer; call before the relay starts."""
         self._observers = (*self._observers, observer)
         self.wants_data = self.wants_data or observer.wants_data
+
+    def emit_data(self, event: FlowData) -> bool:
+        """Deliver one data event; False once no observer wants more of this flow direction."""
+        wanted = False
+        for observer in self._observers:
+            if observer.wants_data and observer.handle(event) is not False:
+                wanted = True
+        return wanted
 
     def emit(self, event: FlowEvent) -> None:
         if isinstance(event, FlowData):

@@ -141,6 +141,7 @@ class _Pipe:
         "readable",
         "shut",
         "src",
+        "wants_data",
         "writable",
     )
 
@@ -156,6 +157,7 @@ class _Pipe:
         self.peer_closed = False
         self.shut = False
         self.count = 0
+        self.wants_data = True
 
 
 class _TcpFlow:
@@ -252,8 +254,10 @@ class _TcpFlow:
             if turns == _CHUNKS_PER_TURN:
                 return True
             turns += 1
+            # Observers may stop wanting a flow direction's data (a display past its cap).
+            copying = wants_data and pipe.wants_data
             try:
-                if wants_data:
+                if copying:
                     # A fresh bytes object that observers keep: the chunk's one copy.
                     data = src.recv(size)
                     n = len(data)
@@ -281,8 +285,9 @@ class _TcpFlow:
                 pipe.readable = False
             self.last_active = now
             pipe.count += n
-            if wants_data:
-                bus.emit(FlowData(self.flow.id, pipe.direction, time.time(), data))
+            if copying:
+                event = FlowData(self.flow.id, pipe.direction, time.time(), data)
+                pipe.wants_data = bus.emit_data(event)
                 chunk = memoryview(data)
             else:
                 chunk = view[:n]
@@ -770,6 +775,14 @@ class Relay:
             len(worker.flows) + sum(len(udp.sessions) for udp in worker.udp)
             for worker in self._workers
         )
+
+    def byte_counts(self, flow_id: int) -> tuple[int, int] | None:
+        """Bytes a live TCP flow has moved so far (up, down), or None if it is not live."""
+        for worker in self._workers:
+            flow = worker.flows.get(flow_id)
+            if flow is not None:
+                return flow.up.count, flow.down.count
+        return None
 
     def kill(self, flow_id: int) -> None:
         """Reset both sides of a live flow; a flow that already ended is ignored."""

@@ -254,7 +254,10 @@ class FlowTable(ScrollView, can_focus=True):
         """Give the scrollbar the row count; a new size costs a layout, so callers throttle."""
         size = Size(_FIXED_WIDTH + _MIN_SUMMARY, len(self.ids) + 1)
         if size != self.virtual_size:
-            self.virtual_size = size
+            # The scrollbar gutter is reserved (CSS), so a longer list changes no layout:
+            # update the scrollbars alone, as Textual does for a resize without layout.
+            self.set_reactive(ScrollView.virtual_size, size)
+            self._scroll_update(size)
         self._last_size_sync = time.monotonic() if now is None else now
 
     def _rows_changed(self, *, redraw: bool = True) -> None:

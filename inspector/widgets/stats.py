@@ -18,6 +18,7 @@ class StatsBar(Horizontal):
     """Counts flows and bytes; a sample every `SAMPLE_INTERVAL_S` feeds the sparkline."""
 
     SAMPLE_INTERVAL_S = 1.0
+    LABEL_INTERVAL_S = 0.25
 
     DEFAULT_CSS = """
     StatsBar { height: 1; background: $panel; }
@@ -33,6 +34,8 @@ class StatsBar(Horizontal):
         self.rate_bps = 0.0
         self._bytes_since_sample = 0
         self._last_sample = time.monotonic()
+        self._last_label = 0.0
+        self._shown_text = ""
         self._history: collections.deque[float] = collections.deque(
             [0.0] * HISTORY_S, maxlen=HISTORY_S
         )
@@ -61,4 +64,10 @@ class StatsBar(Horizontal):
             self._bytes_since_sample = 0
             self._last_sample = now
             self._sparkline.data = list(self._history)
-        self._label.update(self._text())
+        if now - self._last_label >= self.LABEL_INTERVAL_S:
+            # Each new text costs the screen a layout pass: a few times a second is plenty.
+            self._last_label = now
+            text = self._text()
+            if text != self._shown_text:
+                self._shown_text = text
+                self._label.update(text)
