@@ -234,11 +234,13 @@ class FlowTable(ScrollView, can_focus=True):
             if now - self._last_sort >= interval:
                 self._sort_now()
                 self._rows_changed()
-        if now - self._last_size_sync >= 0.25:
+        if now - self._last_size_sync >= 0.5:
             self._sync_size(now=now)
         if now - self._last_redraw >= 1.0:
             self._last_redraw = now
-            self.refresh()
+            records = self.store.records
+            if any(not records[i].is_closed for i in self._visible_ids() if i in records):
+                self.refresh()  # open flows' durations move on
 
     def _sort_now(self) -> None:
         self._last_sort = time.monotonic()
@@ -262,7 +264,7 @@ class FlowTable(ScrollView, can_focus=True):
 
     def _rows_changed(self, *, redraw: bool = True) -> None:
         count = len(self.ids)
-        if redraw or time.monotonic() - self._last_size_sync >= 0.25:
+        if redraw or time.monotonic() - self._last_size_sync >= 0.5:
             self._sync_size()
         if self.follow and count:
             self.cursor = count - 1
@@ -291,8 +293,8 @@ class FlowTable(ScrollView, can_focus=True):
             self.post_message(FlowSelected(selected))
 
     def _scroll_to_cursor(self) -> None:
-        if self.virtual_size.height != len(self.ids) + 1:
-            self._sync_size()
+        if self.cursor + 2 > self.virtual_size.height:
+            self._sync_size()  # the scrollbar must know the row before we can scroll to it
         rows_visible = max(1, self.scrollable_content_region.height - 1)
         top = round(self.scroll_y)
         if self.cursor < top:

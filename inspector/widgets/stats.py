@@ -18,11 +18,12 @@ class StatsBar(Horizontal):
     """Counts flows and bytes; a sample every `SAMPLE_INTERVAL_S` feeds the sparkline."""
 
     SAMPLE_INTERVAL_S = 1.0
-    LABEL_INTERVAL_S = 0.25
+    LABEL_INTERVAL_S = 0.5
 
     DEFAULT_CSS = """
     StatsBar { height: 1; background: $panel; }
-    StatsBar > #stats-text { width: auto; padding: 0 1; }
+    StatsBar > #stats-source { width: auto; max-width: 60%; padding: 0 1; }
+    StatsBar > #stats-text { width: 42; padding: 0 1; }
     StatsBar > Sparkline { width: 1fr; min-width: 10; margin: 0 1; }
     """
 
@@ -43,13 +44,13 @@ class StatsBar(Horizontal):
     def compose(self) -> ComposeResult:
         self._label = Static(self._text(), id="stats-text")
         self._sparkline = Sparkline(list(self._history), id="sparkline")
+        yield Static(self.source, id="stats-source", markup=False)
         yield self._label
         yield self._sparkline
 
     def _text(self) -> str:
         return (
-            f"{self.source}  open {self.open_flows}  total {self.total_flows}  "
-            f"{human_bytes(int(self.rate_bps))}/s"
+            f"open {self.open_flows}  total {self.total_flows}  {human_bytes(int(self.rate_bps))}/s"
         )
 
     def count(self, *, open_flows: int, total_flows: int, new_bytes: int) -> None:
@@ -70,4 +71,4 @@ class StatsBar(Horizontal):
             text = self._text()
             if text != self._shown_text:
                 self._shown_text = text
-                self._label.update(text)
+                self._label.update(text, layout=False)  # a fixed width: no layout pass
