@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,6 +16,11 @@ import pytest
 from capture_checks import fields
 
 from conftest import flowtap_command, wait_for
+from flowtap.inspector.capture import CaptureObserver
+from flowtap.proxy.events import Bus
+from flowtap.proxy.flow import Address
+from flowtap.proxy.listener import ListenerSpec
+from flowtap.proxy.relay import Relay
 
 ROW = re.compile(r"^\s*\d+ \d\d:\d\d:\d\d\.\d{3} 127\.0\.0\.1:\d+\s+127\.0\.0\.1:\d+\s+tcp ", re.M)
 
@@ -89,3 +95,64 @@ def test_demo_shows_flow_rows_in_a_terminal_and_quits_on_q(tmux: Tmux, tmp_path:
     assert len(captures) == 1, captures
     streams = {row[0] for row in fields(captures[0], "tcp.stream") if row[0]}
     assert len(streams) >= 3
+
+
+def _flowtap(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*flowtap_command(), *args], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_tui_on_a_port_in_use_fails_with_one_line_before_the_app_starts() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _flowtap("tui", "--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:9")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"flowtap: error: port {port} is in use on 127.0.0.1: pick another port, or :0 for a "
+        "free one"
+    ]
+    assert "\x1b[" not in result.stdout  # no screen was drawn
+
+
+def test_tui_rejects_a_missing_capture_and_mixed_modes_with_one_line(tmp_path: Path) -> None:
+    missing = _flowtap("tui", str(tmp_path / "nope.pcapng"))
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("flowtap: error: ") and missing.stderr.count("\n") == 1
+    assert "nope.pcapng" in missing.stderr
+    both = _flowtap("tui", str(tmp_path), "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9")
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_tui_browses_a_capture_file_in_a_terminal(
+    tmux: Tmux, tmp_path: Path, echo_server: tuple[str, int]
+) -> None:
+    path = tmp_path / "browse.pcapng"
+    capture = CaptureObserver(path)
+    bus = Bus([capture])
+    relay = Relay([ListenerSpec(Address("127.0.0.1", 0), Address(*echo_server))], bus)
+    relay.start()
+    try:
+        for n in range(3):
+            with socket.create_connection(("127.0.0.1", relay.listeners[0].address.port)) as s:
+                s.sendall(b"GET /browse/%d HTTP/1.1\r\nHost: offline.test\r\n\r\n" % n)
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(65536):
+                    pass
+    finally:
+        relay.stop(2.0)
+        bus.close()
+    status = tmp_path / "status"
+    command = " ".join(shlex.quote(part) for part in flowtap_command())
+    tmux.start(
+        f"env -u COLUMNS -u LINES {command} tui {shlex.quote(str(path))}; "
+        f"echo $? > {shlex.quote(str(status))}; sleep 30",
+        tmp_path,
+    )
+    wait_for(lambda: len(ROW.findall(tmux.screen())) == 3, 15, "three rows from the capture")
+    wait_for(lambda: "GET /browse/2 (offline.test)" in tmux.screen(), 10, "the summaries")
+    tmux.run("send-keys", "-t", tmux.session, "q")
+    wait_for(lambda: status.exists() and status.read_text().strip() != "", 15, "exit")
+    assert status.read_text().strip() == "0"
