@@ -8,6 +8,7 @@ import http.server
 import logging
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -69,35 +70,85 @@ class _Server(socketserver.ThreadingTCPServer):
         pass  # the demo resets connections on purpose
 
 
+def dns_query(name: str, query_id: int) -> bytes:
+    """A DNS query for the A record of `name`."""
+    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
+    return struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0) + labels + b"\0" + b"\0\1\0\1"
+
+
+def dns_answer(query: bytes, address: str = "127.0.0.1") -> bytes | None:
+    """The answer to an A query: `address` for any name; None for what is not a query."""
+    if len(query) < 17:
+        return None
+    query_id, flags, questions = struct.unpack_from("!HHH", query)
+    if flags & 0x8000 or questions != 1:
+        return None
+    end = query.find(b"\0", 12)
+    if end < 0 or len(query) < end + 5:
+        return None
+    question = query[12 : end + 5]
+    header = struct.pack("!HHHHHH", query_id, 0x8180 | (flags & 0x0100), 1, 1, 0, 0)
+    record = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(address)
+    return header + question + record
+
+
+class _DnsHandler(socketserver.BaseRequestHandler):
+    """A toy resolver: every A query gets 127.0.0.1."""
+
+    def handle(self) -> None:
+        data, sock = self.request
+        answer = dns_answer(data)
+        if answer is not None:
+            sock.sendto(answer, self.client_address)
+
+
+class _UdpServer(socketserver.ThreadingUDPServer):
+    daemon_threads = True
+
+
 @dataclass
 class DemoServices:
     """The built-in upstream services, each on a free loopback port."""
 
     chat: _Server
     http: _Server
+    dns: _UdpServer
 
     @classmethod
     def start(cls) -> DemoServices:
         services = cls(
             chat=_Server(("127.0.0.1", 0), _ChatHandler),
             http=_Server(("127.0.0.1", 0), _HttpHandler),
+            dns=_UdpServer(("127.0.0.1", 0), _DnsHandler),
         )
-        for server in (services.chat, services.http):
+        for server in services.servers:
             threading.Thread(target=server.serve_forever, daemon=True).start()
         return services
 
     @property
+    def servers(self) -> tuple[socketserver.BaseServer, ...]:
+        return (self.chat, self.http, self.dns)
+
+    @property
     def upstreams(self) -> dict[str, str]:
-        """Service name to `HOST:PORT`."""
+        """Service name to `HOST:PORT`; the `dns` service is UDP."""
         return {
             "chat": f"127.0.0.1:{self.chat.server_address[1]}",
             "http": f"127.0.0.1:{self.http.server_address[1]}",
+            "dns": f"127.0.0.1:{self.dns.server_address[1]}",
         }
 
     def stop(self) -> None:
-        for server in (self.chat, self.http):
+        for server in self.servers:
             server.shutdown()
             server.server_close()
+
+
+def _dns_lookup(port: int, name: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        sock.sendto(dns_query(name, 0x4242), ("127.0.0.1", port))
+        sock.recv(512)
 
 
 def _chat_session(port: int, lines: list[bytes]) -> None:
@@ -148,6 +199,7 @@ def drive_traffic(ports: dict[str, int], rounds: int = 1) -> None:
             lambda: _chat_session(ports["chat"], [b"hello", b"how are you?", b"flowtap rocks"]),
             lambda: _http_get(ports["http"], "/"),
             lambda: _http_get(ports["http"], "/missing"),
+            lambda: _dns_lookup(ports["dns"], "shop.flowtap.test"),
             functools.partial(_chat_session, ports["chat"], [f"round {i}".encode()]),
         ]
     steps += [lambda: _slow_stream(ports["chat"]), lambda: _reset_midway(ports["chat"])]
@@ -166,8 +218,9 @@ def start_demo_relay(
 
     services = DemoServices.start()
     argv = ["run"]
-    for upstream in services.upstreams.values():
-        argv += ["--listen", "127.0.0.1:0", "--upstream", upstream]
+    for name, upstream in services.upstreams.items():
+        listen = "udp:127.0.0.1:0" if name == "dns" else "127.0.0.1:0"
+        argv += ["--listen", listen, "--upstream", upstream]
     args: argparse.Namespace = build_parser().parse_args([*argv, *(extra_args or [])])
     try:
         relay = run_relay(args, observers, log=log)
@@ -198,6 +251,7 @@ def keep_driving(
         lambda: _http_get(ports["http"], "/"),
         lambda: _slow_stream(ports["chat"]),
         lambda: _http_get(ports["http"], "/missing"),
+        lambda: _dns_lookup(ports["dns"], "api.flowtap.test"),
         lambda: _reset_midway(ports["chat"]),
     ]
     for count in range(max_steps):
@@ -225,11 +279,11 @@ def run_demo_tui(*, duration_s: float = 120.0) -> int:
         daemon=True,
     )
     driver.start()
-    source = "demo  " + "  ".join(
-        f"{name} {listener.address}"
+    source = "demo " + " ".join(
+        f"{name} :{listener.address.port}"
         for name, listener in zip(services.upstreams, relay.listeners, strict=True)
     )
-    source += f"  capture {capture}"
+    source += f" → {capture}"
     try:
         FlowtapApp(events=events, relay=relay, source=source).run()
     finally:

@@ -17,6 +17,8 @@ from capture_checks import fields
 
 from conftest import flowtap_command, wait_for
 from flowtap.inspector.capture import CaptureObserver
+from flowtap.inspector.demo import DemoServices, dns_answer, dns_query
+from flowtap.inspector.summary import summarize
 from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import Address
 from flowtap.proxy.listener import ListenerSpec
@@ -82,8 +84,9 @@ def test_demo_shows_flow_rows_in_a_terminal_and_quits_on_q(tmux: Tmux, tmp_path:
     appeared_s = time.monotonic() - started
     # tmux may size the window just after the app's first frame; the app redraws on resize.
     wait_for(lambda: "GET / (127.0.0.1:" in tmux.screen(), 10, "an HTTP flow's summary")
-    screen = tmux.screen()
-    assert "q Quit" in screen and "Filter" in screen  # the footer lists the keys
+    wait_for(lambda: "query shop.flowtap.test. A" in tmux.screen(), 10, "the DNS flow")
+    # the footer lists the keys
+    wait_for(lambda: "q Quit" in tmux.screen() and "Filter" in tmux.screen(), 10, "the footer")
     # Python and Textual start in about a second; allow for a loaded shared machine.
     assert appeared_s < 6, f"flows took {appeared_s:.1f}s to appear"
     tmux.run("send-keys", "-t", tmux.session, "q")
@@ -156,3 +159,25 @@ def test_tui_browses_a_capture_file_in_a_terminal(
     tmux.run("send-keys", "-t", tmux.session, "q")
     wait_for(lambda: status.exists() and status.read_text().strip() != "", 15, "exit")
     assert status.read_text().strip() == "0"
+
+
+def test_the_demo_dns_service_answers_dig_and_its_flow_is_summarised() -> None:
+    services = DemoServices.start()
+    try:
+        port = services.dns.server_address[1]
+        result = subprocess.run(
+            ["dig", "@127.0.0.1", "-p", str(port), "shop.flowtap.test", "A", "+short", "+tries=1"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        assert result.stdout.strip() == "127.0.0.1"
+    finally:
+        services.stop()
+    query = dns_query("shop.flowtap.test", 7)
+    answer = dns_answer(query)
+    assert answer is not None
+    summary = summarize(query, answer, transport="udp")
+    assert summary.headline == "query shop.flowtap.test. A → 127.0.0.1"
+    assert dns_answer(answer) is None  # an answer is not a query

@@ -22,7 +22,7 @@ class StatsBar(Horizontal):
 
     DEFAULT_CSS = """
     StatsBar { height: 1; background: $panel; }
-    StatsBar > #stats-source { width: auto; max-width: 60%; padding: 0 1; }
+    StatsBar > #stats-source { width: auto; max-width: 75%; padding: 0 1; }
     StatsBar > #stats-text { width: 42; padding: 0 1; }
     StatsBar > Sparkline { width: 1fr; min-width: 10; margin: 0 1; }
     """
