@@ -116,6 +116,7 @@ class FlowtapApp(App[None]):
         source: str = "",
         store: FlowStore | None = None,
         export_dir: Path = Path("captures"),
+        select_flow: int | None = None,
     ) -> None:
         super().__init__()
         self.events = events
@@ -124,6 +125,7 @@ class FlowtapApp(App[None]):
         self.source = source or (str(capture) if capture else "live")
         self.store = store or FlowStore()
         self.export_dir = export_dir
+        self._select_flow = select_flow
         self.loading = capture is not None
         self._loaded: queue.Queue[list[object]] = queue.Queue(maxsize=8)
         self._stop_loading = threading.Event()
@@ -142,14 +144,17 @@ class FlowtapApp(App[None]):
         self.stats = StatsBar(self.source, id="stats")
         self.filter_box = FilterBox(id="filter")
         yield self.stats
-        with Vertical(id="loading"):
-            yield Static(f"Loading {self.capture} …", id="loading-text")
-            yield ProgressBar(total=100, show_eta=False, id="progress")
+        self.loading_box = Vertical(id="loading")
+        self.progress = ProgressBar(total=100, show_eta=False, id="progress")
+        self.too_small = Static("", id="too-small")
+        with self.loading_box:
+            yield Static(f"Loading {self.capture} …", id="loading-text", markup=False)
+            yield self.progress
         with Vertical(id="main"):
             yield self.filter_box
             yield self.table
             yield self.detail
-        yield Static("", id="too-small")
+        yield self.too_small
         yield Footer()
 
     def on_mount(self) -> None:
@@ -157,7 +162,7 @@ class FlowtapApp(App[None]):
         self._check_size()
         self.set_interval(TICK_S, self._tick)
         if self.capture is not None:
-            self.query_one("#loading").add_class("-shown")
+            self.loading_box.add_class("-shown")
             self._load(self.capture)
 
     def on_resize(self) -> None:
@@ -168,7 +173,7 @@ class FlowtapApp(App[None]):
         too_small = width < MIN_WIDTH or height < MIN_HEIGHT
         self.screen.set_class(too_small, "-too-small")
         if too_small:
-            self.query_one("#too-small", Static).update(
+            self.too_small.update(
                 f"The terminal is too small ({width}x{height}): flowtap needs at least "
                 f"{MIN_WIDTH}x{MIN_HEIGHT}. Enlarge the window, or press q to quit."
             )
@@ -259,17 +264,20 @@ class FlowtapApp(App[None]):
 
     @on(LoadProgress)
     def _load_progress(self, message: LoadProgress) -> None:
-        bar = self.query_one("#progress", ProgressBar)
+        bar = self.progress
         bar.update(total=max(1, message.total_bytes), progress=message.done_bytes)
 
     @on(LoadFinished)
     def _load_finished(self, message: LoadFinished) -> None:
         self.loading = False
-        self.query_one("#loading").remove_class("-shown")
+        self.loading_box.remove_class("-shown")
+        self._tick()  # the last batch, so that the selection below finds its flow
         if message.error:
             self.tell(message.error, title="Cannot load the capture", severity="error")
         else:
             self.tell(f"Loaded {self.capture}", timeout=3)
+        if self._select_flow is not None and not self.table.select_flow(self._select_flow):
+            self.tell(f"The capture has no flow #{self._select_flow}.", severity="warning")
 
     def on_unmount(self) -> None:
         self._stop_loading.set()
@@ -503,6 +511,15 @@ def _describe_listeners(relay: Relay) -> str:
     return "  ".join(f"{listener.address} → {listener.upstream}" for listener in relay.listeners)
 
 
+def browse_capture(file: str, *, select_flow: int | None = None) -> int:
+    """`flowtap tui FILE` and `flowtap show FILE --tui`: the capture's flows in the TUI."""
+    path = Path(file)
+    if not path.is_file():
+        raise FlowtapError(f"{path} is not a file: give the path of a pcap or pcapng capture")
+    FlowtapApp(capture=path, select_flow=select_flow).run()
+    return 0
+
+
 def run_tui(args: argparse.Namespace) -> int:
     """`flowtap tui`: browse a capture, or relay live; a bad port fails before the app starts."""
     from .cli import run_relay
@@ -512,11 +529,7 @@ def run_tui(args: argparse.Namespace) -> int:
             raise FlowtapError(
                 "give a capture FILE to browse or --listen/--upstream to relay, not both"
             )
-        path = Path(args.file)
-        if not path.is_file():
-            raise FlowtapError(f"{path} is not a file: give the path of a pcap or pcapng capture")
-        FlowtapApp(capture=path).run()
-        return 0
+        return browse_capture(args.file)
     events = FlowFeed()
     relay = run_relay(args, [events], log=False)
     try:

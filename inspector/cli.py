@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("client", "server"),
         help="write the reassembled bytes one side sent to stdout",
     )
+    shape.add_argument("--tui", action="store_true", help="browse the capture in the terminal UI")
     show.add_argument("--json", action="store_true", help="print JSON lines")
     return parser
 
@@ -363,6 +364,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from .show import run_show
 
+    if args.tui:
+        from .app import browse_capture
+
+        return browse_capture(args.file, select_flow=args.flow)
     try:
         return run_show(
             args.file, flow_id=args.flow, as_hex=args.hex, raw=args.raw, as_json=args.json

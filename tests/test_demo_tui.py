@@ -129,24 +129,32 @@ def test_tui_rejects_a_missing_capture_and_mixed_modes_with_one_line(tmp_path: P
     assert both.returncode == 2 and "not both" in both.stderr
 
 
-def test_tui_browses_a_capture_file_in_a_terminal(
-    tmux: Tmux, tmp_path: Path, echo_server: tuple[str, int]
-) -> None:
-    path = tmp_path / "browse.pcapng"
-    capture = CaptureObserver(path)
-    bus = Bus([capture])
-    relay = Relay([ListenerSpec(Address("127.0.0.1", 0), Address(*echo_server))], bus)
+def _record(path: Path, upstream: tuple[str, int], payloads: list[bytes]) -> None:
+    """Relay one flow per payload to `upstream` while flowtap's capture writes `path`."""
+    bus = Bus([CaptureObserver(path)])
+    relay = Relay([ListenerSpec(Address("127.0.0.1", 0), Address(*upstream))], bus)
     relay.start()
     try:
-        for n in range(3):
+        for payload in payloads:
             with socket.create_connection(("127.0.0.1", relay.listeners[0].address.port)) as s:
-                s.sendall(b"GET /browse/%d HTTP/1.1\r\nHost: offline.test\r\n\r\n" % n)
+                s.sendall(payload)
                 s.shutdown(socket.SHUT_WR)
                 while s.recv(65536):
                     pass
     finally:
         relay.stop(2.0)
         bus.close()
+
+
+def test_tui_browses_a_capture_file_in_a_terminal(
+    tmux: Tmux, tmp_path: Path, echo_server: tuple[str, int]
+) -> None:
+    path = tmp_path / "browse.pcapng"
+    _record(
+        path,
+        echo_server,
+        [b"GET /browse/%d HTTP/1.1\r\nHost: offline.test\r\n\r\n" % n for n in range(3)],
+    )
     status = tmp_path / "status"
     command = " ".join(shlex.quote(part) for part in flowtap_command())
     tmux.start(
@@ -181,3 +189,22 @@ def test_the_demo_dns_service_answers_dig_and_its_flow_is_summarised() -> None:
     summary = summarize(query, answer, transport="udp")
     assert summary.headline == "query shop.flowtap.test. A → 127.0.0.1"
     assert dns_answer(answer) is None  # an answer is not a query
+
+
+def test_show_tui_opens_a_capture_on_the_asked_flow(
+    tmux: Tmux, tmp_path: Path, echo_server: tuple[str, int]
+) -> None:
+    path = tmp_path / "show.pcap"
+    _record(path, echo_server, [b"first flow\r\n", b"second flow, the one asked for\r\n"])
+    status = tmp_path / "status"
+    command = " ".join(shlex.quote(part) for part in flowtap_command())
+    tmux.start(
+        f"env -u COLUMNS -u LINES {command} show {shlex.quote(str(path))} --tui --flow 2; "
+        f"echo $? > {shlex.quote(str(status))}; sleep 30",
+        tmp_path,
+    )
+    wait_for(lambda: "\n #2 tcp 127.0.0.1:" in tmux.screen(), 15, "flow 2 in the detail pane")
+    assert "second flow, the one asked for\\r\\n" in tmux.screen()  # its conversation
+    tmux.run("send-keys", "-t", tmux.session, "q")
+    wait_for(lambda: status.exists() and status.read_text().strip() != "", 15, "exit")
+    assert status.read_text().strip() == "0"
