@@ -425,12 +425,20 @@ class FlowtapApp(App[None]):
 
         def chosen(path: str | None) -> None:
             if path:
-                self.save_flows(Path(path), flow_ids)
+                # Off the UI thread: saving many flows takes a while.
+                self.run_worker(
+                    functools.partial(self.save_flows, Path(path), flow_ids),
+                    thread=True,
+                    group="save",
+                )
 
         self.push_screen(PathPrompt(question, str(suggestion)), chosen)
 
     def save_flows(self, path: Path, flow_ids: list[int]) -> bool:
-        """Write the kept packets of `flow_ids` as a capture at `path`; notify, never raise."""
+        """Write the kept packets of `flow_ids` as a capture at `path`; notify, never raise.
+
+        Safe to run on a worker thread: it only reads the store.
+        """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             out = open_packet_file(path)

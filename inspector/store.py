@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -77,7 +78,10 @@ class FlowFeed:
 
 
 class PayloadSpill:
-    """Append-only byte storage: the first `memory_budget_bytes` in memory, the rest on disk."""
+    """Append-only byte storage: the first `memory_budget_bytes` in memory, the rest on disk.
+
+    Thread-safe, so that a save can read while the UI thread appends.
+    """
 
     def __init__(
         self, *, memory_budget_bytes: int = 32 * MiB, directory: str | None = None
@@ -88,6 +92,7 @@ class PayloadSpill:
         self._fd: int | None = None
         self._disk_size = 0
         self._pending = bytearray()
+        self._lock = threading.Lock()
 
     @property
     def size_bytes(self) -> int:
@@ -99,6 +104,10 @@ class PayloadSpill:
 
     def append(self, data: bytes) -> int:
         """Store `data`; return the offset to read it back with."""
+        with self._lock:
+            return self._append(data)
+
+    def _append(self, data: bytes) -> int:
         offset = self.size_bytes
         if (
             not self._disk_size
@@ -125,6 +134,10 @@ class PayloadSpill:
 
     def read(self, offset: int, length: int) -> bytes:
         """The `length` bytes stored at `offset`."""
+        with self._lock:
+            return self._read(offset, length)
+
+    def _read(self, offset: int, length: int) -> bytes:
         in_memory = len(self._memory)
         if offset + length <= in_memory:
             return bytes(self._memory[offset : offset + length])
@@ -133,6 +146,10 @@ class PayloadSpill:
         return os.pread(self._fd, length, offset - in_memory)
 
     def clear(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
         self._memory = bytearray()
         self._pending.clear()
         if self._fd is not None:
@@ -140,6 +157,10 @@ class PayloadSpill:
         self._disk_size = 0
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         self._memory = bytearray()
         self._pending.clear()
         if self._fd is not None:
@@ -398,11 +419,14 @@ class FlowStore:
         record = self.records.get(flow_id)
         if record is None:
             return
+        # A snapshot, so that a save on another thread sees one consistent state of the flow.
         flow = record.flow
+        kept = list(record.chunks)
         yield FlowOpened(flow)
-        for chunk in self.chunks(flow_id):
-            yield FlowData(flow.id, chunk.direction, chunk.timestamp, chunk.data)
-        if record.is_closed:
+        for is_up, timestamp, offset, length in kept:
+            direction = Direction.UP if is_up else Direction.DOWN
+            yield FlowData(flow.id, direction, timestamp, self._spill.read(offset, length))
+        if flow.state is FlowState.CLOSED:
             yield FlowClosed(flow)
 
     def clear_closed(self) -> list[int]:
