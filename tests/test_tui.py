@@ -405,3 +405,22 @@ def test_a_damaged_capture_shows_what_it_holds_and_a_notification(
         assert "is not a pcap or pcapng capture" in list(bad._notifications)[-1].message
 
     run(bad, not_a_capture)
+
+
+def test_the_command_palette_offers_the_flow_actions(live: LiveRelay) -> None:
+    app = live.app()
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        for size in (300, 100):
+            await asyncio.to_thread(live.exchange, b"p" * size)
+        await until(pilot, lambda: closed_rows(app) == 2, "two flows")
+        await pilot.press("ctrl+p")
+        await until(pilot, lambda: type(app.screen).__name__ == "CommandPalette", "the palette")
+        await pilot.press(*"sort by up")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        table = app.query_one(FlowTable)
+        await until(pilot, lambda: table.sort_column == "up", "the sort from the palette")
+        assert [app.store.records[i].bytes_up for i in table.ids] == [100, 300]
+
+    run(app, scenario)
