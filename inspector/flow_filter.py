@@ -3,7 +3,8 @@
 An expression is words separated by spaces, all of which must match a flow:
 `port:N` (client or server port), `host:TEXT` (in an address), `state:TEXT` (state or close
 reason), `proto:TEXT` (protocol or transport), `has:TEXT` (in the payload), `re:REGEX`
-(payload regex) and any other word, found in the row's text (addresses, state, summary).
+(payload regex; write a space as \\s), and any other word, found in the row's text
+(addresses, state, summary).
 """
 
 from __future__ import annotations
