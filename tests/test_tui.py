@@ -14,6 +14,7 @@ from textual.pilot import Pilot
 
 from flowtap.inspector.app import FlowtapApp
 from flowtap.inspector.capture import CaptureObserver
+from flowtap.inspector.store import FlowFeed
 from flowtap.inspector.widgets.flow_detail import FlowDetail
 from flowtap.inspector.widgets.flow_table import FlowTable
 from flowtap.inspector.widgets.hex_view import HexView
@@ -29,7 +30,7 @@ class LiveRelay:
     """A relay on loopback in front of the echo server, with the queue a TUI drains."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
-        self.events = EventQueue()
+        self.events = FlowFeed()
         self.bus = Bus([self.events])
         spec = ListenerSpec(Address("127.0.0.1", 0), Address(upstream[0], upstream[1]))
         self.relay = Relay([spec], self.bus)
@@ -422,5 +423,37 @@ def test_the_command_palette_offers_the_flow_actions(live: LiveRelay) -> None:
         table = app.query_one(FlowTable)
         await until(pilot, lambda: table.sort_column == "up", "the sort from the palette")
         assert [app.store.records[i].bytes_up for i in table.ids] == [100, 300]
+
+    run(app, scenario)
+
+
+def test_a_live_bulk_flow_past_the_keep_cap_still_counts_its_bytes(live: LiveRelay) -> None:
+    app = live.app()
+    size = 3 * 1024 * 1024  # three times what the store keeps of a direction
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        client = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+
+        def send_and_read_back() -> None:
+            client.sendall(b"b" * size)
+            got = 0
+            while got < size:
+                got += len(client.recv(262144))
+
+        try:
+            await asyncio.to_thread(send_and_read_back)
+            table = app.query_one(FlowTable)
+            await until(pilot, lambda: len(table.ids) == 1, "the flow")
+            record = app.store.records[table.ids[0]]
+            await until(
+                pilot,
+                lambda: (record.bytes_up, record.bytes_down) == (size, size),
+                "the live byte counts from the relay",
+            )
+            assert not record.is_closed
+            assert record.kept_up == record.kept_down == 1024 * 1024
+            assert "3.0MiB" in table.row_text(record)
+        finally:
+            client.close()
 
     run(app, scenario)
