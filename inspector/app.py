@@ -538,6 +538,11 @@ def run_tui(args: argparse.Namespace) -> int:
                 "give a capture FILE to browse or --listen/--upstream to relay, not both"
             )
         return browse_capture(args.file)
+    if not args.listen:
+        raise FlowtapError(
+            "nothing to show: give --listen 127.0.0.1:0 --upstream HOST:PORT to relay live, "
+            "or a capture FILE to browse"
+        )
     events = FlowFeed()
     relay = run_relay(args, [events], log=False)
     try:

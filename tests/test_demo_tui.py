@@ -127,6 +127,9 @@ def test_tui_rejects_a_missing_capture_and_mixed_modes_with_one_line(tmp_path: P
     assert "nope.pcapng" in missing.stderr
     both = _flowtap("tui", str(tmp_path), "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9")
     assert both.returncode == 2 and "not both" in both.stderr
+    neither = _flowtap("tui")
+    assert neither.returncode == 2
+    assert neither.stderr.startswith("flowtap: error: nothing to show: give --listen")
 
 
 def _record(path: Path, upstream: tuple[str, int], payloads: list[bytes]) -> None:
