@@ -92,8 +92,8 @@ def sent_bytes(chunks: list[tuple[Direction, bytes]], direction: Direction) -> b
 @pytest.mark.parametrize(
     ("client", "server"),
     [
-        (Address("127.0.0.1", 40000), Address("127.0.0.1", 6379)),
-        (Address("::1", 40000), Address("::1", 6379)),
+        (Address("127.0.0.1", 40000), Address("127.0.0.1", 47001)),
+        (Address("::1", 40000), Address("::1", 47001)),
     ],
     ids=["ipv4", "ipv6"],
 )
