@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from flowtap.proxy.flow import Direction, FlowClosed, FlowData, FlowEvent, FlowOpened
+
 LISTENING = re.compile(r"^listening (tcp|udp) (\S+) -> (\S+)$")
 
 
@@ -325,26 +327,38 @@ def dns_server() -> Iterator[int]:
 
 
 class EventRecorder:
-    """A lossless observer that keeps every flow event, for tests that replay what they saw."""
+    """An observer that keeps every flow event, data included, in the order emitted."""
 
     wants_data = True
 
     def __init__(self) -> None:
-        self.events: list[object] = []
+        self.events: list[FlowEvent] = []
         self._lock = threading.Lock()
 
-    def handle(self, event: object) -> None:
+    def handle(self, event: FlowEvent) -> None:
         with self._lock:
             self.events.append(event)
 
     def close(self) -> None:
         pass
 
-    def closed_count(self) -> int:
-        from flowtap.proxy.flow import FlowClosed
-
+    def snapshot(self) -> list[FlowEvent]:
         with self._lock:
-            return sum(1 for e in self.events if isinstance(e, FlowClosed))
+            return list(self.events)
+
+    def closed(self) -> list[FlowClosed]:
+        return [e for e in self.snapshot() if isinstance(e, FlowClosed)]
+
+    def opened(self) -> list[FlowOpened]:
+        return [e for e in self.snapshot() if isinstance(e, FlowOpened)]
+
+    def closed_count(self) -> int:
+        return len(self.closed())
+
+    def data(self, direction: Direction) -> list[bytes]:
+        return [
+            e.data for e in self.snapshot() if isinstance(e, FlowData) and e.direction is direction
+        ]
 
 
 @dataclass

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from conftest import EventRecorder as Recorder
 from conftest import wait_for
 from flowtap.inspector.store import FlowFeed
 from flowtap.proxy.events import Bus
@@ -15,21 +16,6 @@ from flowtap.proxy.listener import ListenerSpec
 from flowtap.proxy.relay import Relay
 
 CAP = 64 * 1024
-
-
-class Recorder:
-    """A plain observer that keeps every event (returns None: it always wants data)."""
-
-    wants_data = True
-
-    def __init__(self) -> None:
-        self.events: list[FlowEvent] = []
-
-    def handle(self, event: FlowEvent) -> None:
-        self.events.append(event)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture

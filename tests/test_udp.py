@@ -14,48 +14,17 @@ from typing import Any
 
 import pytest
 
+from conftest import EventRecorder as Recorder
 from conftest import FlowtapProcess, UdpEchoServer, free_port, wait_for
 from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import (
     Address,
     CloseReason,
     Direction,
-    FlowClosed,
-    FlowData,
-    FlowEvent,
-    FlowOpened,
     Transport,
 )
 from flowtap.proxy.listener import ListenerSpec
 from flowtap.proxy.relay import Relay, RelayConfig
-
-
-class Recorder:
-    """An observer that keeps every event, data included."""
-
-    wants_data = True
-
-    def __init__(self) -> None:
-        self.events: list[FlowEvent] = []
-
-    def handle(self, event: FlowEvent) -> None:
-        self.events.append(event)
-
-    def close(self) -> None:
-        pass
-
-    def closed(self) -> list[FlowClosed]:
-        return [e for e in list(self.events) if isinstance(e, FlowClosed)]
-
-    def opened(self) -> list[FlowOpened]:
-        return [e for e in list(self.events) if isinstance(e, FlowOpened)]
-
-    def data(self, direction: Direction) -> list[bytes]:
-        return [
-            e.data
-            for e in list(self.events)
-            if isinstance(e, FlowData) and e.direction is direction
-        ]
 
 
 class Relays:
