@@ -9,6 +9,7 @@ pattern and closes), `P` ping-pong (one byte echoed at a time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -29,6 +30,12 @@ def pattern_digest(size_bytes: int) -> str:
 
 
 def _serve_bulk(conn: socket.socket) -> None:
+    # A client may give up early (a killed flow, a benchmark stopping): not an error here.
+    with contextlib.suppress(ConnectionError):
+        _bulk_job(conn)
+
+
+def _bulk_job(conn: socket.socket) -> None:
     with conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         kind = conn.recv(1)
