@@ -125,6 +125,8 @@ def test_kill_resets_both_sides(relay_to: tuple[Relay, Recorder]) -> None:
     sock = socket.create_connection(("127.0.0.1", relay.listeners[0].address.port))
     sock.sendall(b"x")
     assert sock.recv(1) == b"x"
+    # The recorder consumes on its own thread: wait until it has seen the flow open.
+    wait_for(lambda: any(isinstance(e, FlowOpened) for e in list(recorder.events)), 10, "the open")
     flow_id = next(e.flow.id for e in recorder.events if isinstance(e, FlowOpened))
     relay.kill(flow_id)
     sock.settimeout(5)
