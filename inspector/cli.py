@@ -61,6 +61,12 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         help="where the matching --listen relays to (one per --listen, or one for all)",
     )
     parser.add_argument("--udp", action="store_true", help="relay UDP instead of TCP")
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share the listening ports with other flowtap processes (SO_REUSEPORT); "
+        "the kernel spreads clients across them",
+    )
     parser.add_argument("--json", action="store_true", help="print flow events as JSON lines")
     parser.add_argument(
         "--pcap", metavar="FILE", help="capture flows to FILE (.pcap or .pcapng, mode 0600)"
@@ -266,6 +272,7 @@ def listener_specs(args: argparse.Namespace) -> list[ListenerSpec]:
                 listen=Address.parse(listen),
                 upstream=Address.parse(upstream),
                 transport=transport,
+                reuse_port=args.reuse_port,
             )
         )
     return specs

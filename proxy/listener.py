@@ -20,6 +20,8 @@ class ListenerSpec:
     listen: Address
     upstream: Address
     transport: Transport = Transport.TCP
+    # SO_REUSEPORT: several processes listen on one port and the kernel spreads clients.
+    reuse_port: bool = False
 
 
 # sockaddr_un holds 108 bytes including the terminating NUL.
@@ -63,11 +65,17 @@ def bind(spec: ListenerSpec, *, backlog: int = 4096) -> socket.socket:
     family, sockaddr = resolve(spec.listen, spec.transport)
     kind = socket.SOCK_DGRAM if spec.transport is Transport.UDP else socket.SOCK_STREAM
     if family == socket.AF_UNIX:
+        if spec.reuse_port:
+            raise FlowtapError(
+                f"--reuse-port does not apply to {spec.listen}: drop it, or listen on HOST:PORT"
+            )
         remove_stale_unix_socket(str(sockaddr))
     sock = socket.socket(family, kind)
     try:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if spec.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)  # type: ignore[arg-type]
@@ -140,6 +148,11 @@ def _bind_error(spec: ListenerSpec, exc: OSError) -> FlowtapError:
     if exc.errno == errno.EADDRINUSE:
         if spec.listen.is_unix:
             return FlowtapError(f"{where} is in use by another program: pick another path")
+        if spec.reuse_port:
+            return FlowtapError(
+                f"port {spec.listen.port} is in use on {spec.listen.host} by a program that "
+                "does not share it: pick another port (every sharer needs --reuse-port)"
+            )
         return FlowtapError(
             f"port {spec.listen.port} is in use on {spec.listen.host}: "
             f"pick another port, or :0 for a free one"

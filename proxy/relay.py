@@ -35,7 +35,6 @@ from .flow import (
     FlowClosed,
     FlowData,
     FlowOpened,
-    FlowState,
     Transport,
     next_flow_id,
 )
@@ -664,16 +663,6 @@ class Worker(threading.Thread):
             self.fail_connect(tcp, err)
 
     def connected(self, tcp: _TcpFlow) -> None:
-        flow = tcp.flow
-        tcp.flow = Flow(
-            id=flow.id,
-            transport=flow.transport,
-            client=flow.client,
-            server=flow.server,
-            listener=flow.listener,
-            started_at=flow.started_at,
-            state=FlowState.OPEN,
-        )
         self._register(tcp.client.fileno(), _FLOW_EVENTS, tcp)
 
     def fail_connect(self, tcp: _TcpFlow, err: int) -> None:

@@ -586,3 +586,41 @@ def test_non_loopback_listener_warns(flowtap: Any, echo_server: tuple[str, int])
     assert proc.stop() == 0
     warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "anyone who can reach it" in warnings[0]
+
+
+def test_reuse_port_lets_two_processes_share_one_port(
+    flowtap: Any, echo_server: tuple[str, int]
+) -> None:
+    upstream = f"127.0.0.1:{echo_server[1]}"
+    first = flowtap("run", "--json", "--reuse-port", "--listen", "0", "--upstream", upstream)
+    port = str(first.port)
+    second = flowtap("run", "--json", "--reuse-port", "--listen", port, "--upstream", upstream)
+    assert second.port == first.port
+    for i in range(200):
+        with socket.create_connection(("127.0.0.1", first.port)) as sock:
+            sock.sendall(b"%d" % i)
+            assert sock.recv(10) == b"%d" % i
+    wait_for(
+        lambda: (
+            sum(line.count('"event":"closed"') for p in (first, second) for line in list(p.lines))
+            == 200
+        ),
+        20,
+        "200 closed events across both processes",
+    )
+    shares = [sum('"event":"closed"' in line for line in p.lines) for p in (first, second)]
+    assert min(shares) > 0, shares  # the kernel spread the clients over both
+
+
+def test_port_in_use_without_reuse_port_on_the_other_side() -> None:
+    from conftest import flowtap_command
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    result = subprocess.run(
+        [*flowtap_command(), "run", "--reuse-port", "--listen", str(port), "--upstream", "1"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    taken.close()
+    assert result.returncode == 2
+    assert "every sharer needs --reuse-port" in result.stderr
