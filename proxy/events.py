@@ -67,12 +67,10 @@ class Bus:
 
     def emit(self, event: FlowEvent) -> None:
         if isinstance(event, FlowData):
-            for observer in self._observers:
-                if observer.wants_data:
-                    observer.handle(event)
-        else:
-            for observer in self._observers:
-                observer.handle(event)
+            self.emit_data(event)
+            return
+        for observer in self._observers:
+            observer.handle(event)
 
     def close(self) -> None:
         for observer in self._observers:
