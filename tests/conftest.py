@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,6 +135,15 @@ class FlowtapProcess:
         self._reader.join(5)
         self.read_stderr()
         return code
+
+
+def json_events(process: FlowtapProcess, event: str) -> list[dict[str, Any]]:
+    """The `--json` records of `process` whose `event` is `event` (opened, closed), so far."""
+    return [
+        record
+        for line in list(process.lines)
+        if line.startswith("{") and (record := json.loads(line))["event"] == event
+    ]
 
 
 def flowtap_command() -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -13,16 +12,8 @@ from typing import Any
 import pytest
 import redis
 
-from conftest import FlowtapProcess, UdpEchoServer, flowtap_command, wait_for
+from conftest import UdpEchoServer, flowtap_command, json_events, wait_for
 from flowtap.proxy.flow import Address
-
-
-def json_events(process: FlowtapProcess, event: str) -> list[dict[str, Any]]:
-    return [
-        record
-        for line in list(process.lines)
-        if line.startswith("{") and (record := json.loads(line))["event"] == event
-    ]
 
 
 def redis_cli(*args: str) -> str:

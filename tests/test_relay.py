@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import FlowtapProcess, free_port, start_flowtap, wait_for, wait_port
+from conftest import FlowtapProcess, free_port, json_events, start_flowtap, wait_for, wait_port
 
 
 def closed_events(
@@ -25,17 +25,10 @@ def closed_events(
 ) -> list[dict[str, Any]]:
     """Wait for `count` JSON `closed` events and return them."""
 
-    def events() -> list[dict[str, Any]]:
-        out = []
-        for line in list(process.lines):
-            if line.startswith("{"):
-                record = json.loads(line)
-                if record["event"] == "closed":
-                    out.append(record)
-        return out
-
-    wait_for(lambda: len(events()) >= count, timeout_s, f"{count} closed events")
-    return events()
+    wait_for(
+        lambda: len(json_events(process, "closed")) >= count, timeout_s, f"{count} closed events"
+    )
+    return json_events(process, "closed")
 
 
 def recv_all(sock: socket.socket) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import socket
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import EventRecorder as Recorder
-from conftest import FlowtapProcess, UdpEchoServer, free_port, wait_for
+from conftest import UdpEchoServer, free_port, json_events, wait_for
 from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import (
     Address,
@@ -64,14 +63,6 @@ def udp_client(host: str = "127.0.0.1", timeout_s: float = 5.0) -> socket.socket
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.settimeout(timeout_s)
     return sock
-
-
-def json_events(process: FlowtapProcess, event: str) -> list[dict[str, Any]]:
-    return [
-        record
-        for line in list(process.lines)
-        if line.startswith("{") and (record := json.loads(line))["event"] == event
-    ]
 
 
 def listen_port(relay: Relay) -> int:
