@@ -1,9 +1,17 @@
-"""The capture observer: every flow event written to pcap/pcapng off the relay threads, losslessly.
+"""The capture observer: every flow event written to pcap/pcapng, losslessly.
 
-The relay hands events to one writer thread through a bounded queue and waits when the
-writer falls behind, so nothing is ever dropped. The file is flushed at least once a second
-(busy or idle), so after a crash it reads up to the last flush. With a size limit the
-capture becomes a ring of files, like dumpcap's `-b filesize:... -b files:...`.
+Each event becomes packets on the relay thread that emitted it: headers are packed and the
+payload copied into the file's staging buffer at once, so a chunk is never queued, and the
+disk writes happen on the file's own I/O thread (see `pcap._StagedFile`). When the disk
+falls behind, every staging buffer is waiting to be written and the relay waits for one, so
+nothing is ever dropped. A timer thread flushes the file twice a second (busy or idle), so
+after a crash it reads up to the last flush. With a size limit the capture becomes a ring
+of files, like dumpcap's `-b filesize:... -b files:...`.
+
+Writing on the relay thread rather than handing chunks to a writer thread is what makes the
+capture cheap: a queued chunk costs an allocation that is still alive when the next one is
+made (fresh, page-faulting memory), and two thread switches, which cost more than packing
+a few headers (measured with `perf`; see `benchmarks/capture.py`).
 """
 
 from __future__ import annotations
@@ -11,13 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections import deque
 from datetime import datetime
 from pathlib import Path
 
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.events import LosslessObserver
 from flowtap.proxy.flow import FlowEvent
 
 from .pcap import CaptureWriter, PcapFile, PcapNgFile, open_packet_file
@@ -110,21 +116,22 @@ class RotatingCapture:
         current = self._current
         current.write_packet(timestamp_ns, header, payload, comment)
         if self._max_size_bytes is not None and current.size_bytes >= self._max_size_bytes:
-            current.close()
+            current.close(wait=False)  # its I/O thread finishes it while the next one fills
             self._current = self._open_next()
 
-    def flush(self) -> None:
-        self._current.flush()
+    def flush(self, *, wait: bool = True) -> None:
+        self._current.flush(wait=wait)
 
-    def close(self) -> None:
-        self._current.close()
+    def close(self, *, wait: bool = True) -> None:
+        self._current.close(wait=wait)
 
 
 class CaptureObserver:
-    """Captures every flow event to pcap/pcapng from its own thread; the relay waits if it lags.
+    """Captures every flow event to pcap/pcapng; the relay waits when the disk lags.
 
     The file (or first file of a ring) is created when the observer is, so a bad path fails
-    at start-up; `close` writes what is queued and closes the file.
+    at start-up; `close` writes what is left and closes the file. If writing fails (a full
+    disk, say), the capture stops with one logged line and the relay goes on.
     """
 
     def __init__(
@@ -135,25 +142,21 @@ class CaptureObserver:
         max_files: int | None = None,
         checksums: bool = False,
         flush_interval_s: float = 0.5,
-        max_pending: int = 32,
     ) -> None:
         self.files = RotatingCapture(path, max_size_bytes=max_size_bytes, max_files=max_files)
         self._writer = CaptureWriter(
             self.files, checksums=checksums, file_generation=lambda: self.files.generation
         )
         self._flush_interval_s = flush_interval_s
-        self._flushed_at = time.monotonic()
+        self._lock = threading.Lock()  # one relay thread writes at a time
         self._dirty = False
-        self._lock = threading.Lock()
         self._closed = False
-        # At 256 KiB a chunk, 32 waiting events bound the queue to 8 MiB.
-        self._observer = LosslessObserver(
-            self._consume,
-            max_pending=max_pending,
-            name="flowtap-capture",
-            on_idle=self._flush_if_dirty,
-            idle_interval_s=min(0.5, flush_interval_s),
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(
+            target=self._flush_periodically, name="flowtap-capture-flush", daemon=True
         )
+        self._flusher.start()
 
     @property
     def wants_data(self) -> bool:
@@ -162,37 +165,45 @@ class CaptureObserver:
     @property
     def error(self) -> BaseException | None:
         """Why the capture stopped writing, if it did (a full disk, say)."""
-        return self._observer.error
+        return self._error
 
     def handle(self, event: FlowEvent) -> None:
-        self._observer.handle(event)
+        with self._lock:
+            if self._error is not None or self._closed:
+                return
+            try:
+                self._writer.write(event)
+            except (OSError, FlowtapError) as exc:
+                self._fail(exc)
+            self._dirty = True
 
-    def _consume(self, batch: list[FlowEvent]) -> None:
-        write = self._writer.write
-        for event in batch:
-            write(event)
-        self._dirty = True
-        now = time.monotonic()
-        if now - self._flushed_at >= self._flush_interval_s:
-            self.files.flush()
-            self._flushed_at = now
-            self._dirty = False
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        log.error("the capture stopped early: %s", exc)
 
-    def _flush_if_dirty(self) -> None:
-        if self._dirty:
-            self.files.flush()
-            self._dirty = False
-        self._flushed_at = time.monotonic()
+    def _flush_periodically(self) -> None:
+        while not self._stop.wait(self._flush_interval_s):
+            with self._lock:
+                if not self._dirty or self._error is not None or self._closed:
+                    continue
+                self._dirty = False
+                try:
+                    self.files.flush(wait=False)
+                except (OSError, FlowtapError) as exc:
+                    self._fail(exc)
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._observer.close()
-        self.files.close()
-        if self._observer.error is not None:
-            log.error("the capture stopped early: %s", self._observer.error)
+        self._stop.set()
+        self._flusher.join()
+        try:
+            self.files.close()
+        except (OSError, FlowtapError) as exc:
+            if self._error is None:
+                self._fail(exc)
 
 
 def capture_path_for(pcap: str | None, capture: bool) -> Path | None:

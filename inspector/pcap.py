@@ -19,9 +19,9 @@ Conventions a reader of the capture should know:
   default, and computing them costs the relay about a millisecond a megabyte); IP and UDP
   checksums are always correct.
 
-The files are written with `os.writev` rather than through scapy's raw writers: scapy's
-pcapng writer has only microsecond resolution and copies each packet several times, while
-gathering headers and payloads into one `writev` hands each payload to the kernel as is.
+The files are written through staging buffers and an I/O thread of their own (see
+`_StagedFile`) rather than through scapy's raw writers: scapy's pcapng writer has only
+microsecond resolution and copies each packet several times.
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ import json
 import logging
 import mmap
 import os
+import queue
 import socket
+import stat
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -99,6 +102,9 @@ def _pad4(size: int) -> bytes:
     return b"\0" * (-size % 4)
 
 
+_PADDING = tuple(_pad4(size) for size in range(4))  # by size % 4
+
+
 def _fold(total: int) -> int:
     """The ones'-complement checksum of a sum of 16-bit words (never 0: 0 means none in UDP)."""
     return 0xFFFF - total % 0xFFFF
@@ -126,9 +132,9 @@ class PacketFile(Protocol):
         comment: str | None = None,
     ) -> None: ...
 
-    def flush(self) -> None: ...
+    def flush(self, *, wait: bool = True) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, *, wait: bool = True) -> None: ...
 
 
 def _create_private(path: Path) -> int:
@@ -210,58 +216,70 @@ def _finish_writeback(fd: int, offset: int, size: int) -> None:
     )
 
 
-class _GatheredFile:
-    """A capture file written in large sequential writes, in one of two ways.
+class _StagedFile:
+    """A capture file filled through staging buffers that its own I/O thread writes out.
 
-    Direct (the default where the file system allows it): headers and payloads are copied
-    into an aligned staging buffer and whole blocks go to disk with `O_DIRECT`, bypassing
-    the page cache. Filling page-cache pages is what writing a capture costs most here
-    (the kernel's copy into fresh pages, buffer heads, writeback: about half of the relay
-    process's CPU time while capturing, measured with `perf`), and a long capture must not
-    evict every other file's pages either. The last, partial block is written through an
-    ordinary descriptor at each flush, so the file on disk is always complete up to the last
-    flush; the next direct write covers that block again.
+    `add` copies a part into the current staging buffer, on the caller's thread; a full
+    buffer goes to the I/O thread, and the caller waits only when every buffer is still
+    being written (backpressure: nothing is dropped). One thread adds at a time.
 
-    Gathered (the fallback, e.g. on a file system without `O_DIRECT`): parts are collected
-    and handed to the kernel with one `writev`, without a copy in user space; written
-    windows are pushed to disk and dropped from the page cache as the capture goes on.
+    The I/O thread writes whole blocks with `O_DIRECT` where the file system allows it,
+    bypassing the page cache. Filling page-cache pages is what writing a capture costs most
+    here (the kernel's copy into fresh pages, buffer heads and writeback took about half of
+    the relay process's CPU time while capturing, measured with `perf`), and a long capture
+    must not evict every other file's pages either. At each `flush` the partial last block
+    is written through an ordinary descriptor, so the file is complete up to the last flush;
+    the next direct write covers that block again. Where `O_DIRECT` is refused, everything
+    goes through the page cache, and written windows are pushed to disk and dropped from it
+    as the capture goes on.
     """
 
-    _MAX_PARTS = 1000  # under IOV_MAX (1024)
-    _MAX_BYTES = 4 << 20
-    # Written bytes go to disk in windows of this size, the previous window's pages then
-    # leave the page cache: a long capture reuses a few warm pages instead of filling memory
-    # with new ones, which costs the kernel several times more per byte (measured here: 0.3 s
-    # of system time per GiB instead of 1.3-2 s), and it does not evict other files' pages.
-    _WINDOW_BYTES = 16 << 20
-    # Blocks are reserved ahead in steps of this size: ext4 then maps pages to blocks it
-    # already has instead of allocating block by block (a third less system time per GiB).
-    _PREALLOCATE_BYTES = 32 << 20
     # Direct writes: offsets, lengths and the buffer's address are multiples of this (a page,
     # which covers every logical block size Linux file systems use for O_DIRECT).
     _ALIGN = 4096
     _STAGING_BYTES = 4 << 20
+    _BUFFERS = 3  # one being filled, two being written or waiting to be
+    # Without O_DIRECT, written bytes go to disk in windows of this size, and the previous
+    # window's pages then leave the page cache: a long capture reuses a few warm pages instead
+    # of filling memory with new ones, which costs the kernel several times more per byte
+    # (measured here: 0.3 s of system time per GiB instead of 1.3-2 s).
+    _WINDOW_BYTES = 16 << 20
+    # Blocks are reserved ahead in steps of this size: ext4 then maps pages to blocks it
+    # already has instead of allocating block by block (a third less system time per GiB).
+    _PREALLOCATE_BYTES = 32 << 20
 
     def __init__(self, path: Path, *, direct: bool = True) -> None:
         self.path = path
         self._fd = _create_private(path)
-        self._parts: list[bytes | memoryview] = []
-        self._waiting_bytes = 0
+        # A pipe or a device (`--pcap` to a FIFO that Wireshark reads, say) is written in
+        # order with plain writes; a regular file with positioned ones, so that the partial
+        # block a flush wrote can be written again whole.
+        self._seekable = stat.S_ISREG(os.fstat(self._fd).st_mode)
+        self._direct_fd = _open_direct(path) if direct and self._seekable else -1
+        self._align = self._ALIGN if self._direct_fd >= 0 else 1
         self.size_bytes = 0
-        self._written_bytes = 0
-        self._window_start = 0  # where the window being written starts
-        self._previous_window: tuple[int, int] | None = None
-        self._drops_pages = True
-        self._allocated_bytes = 0
+        # The caller's side: the buffer being filled, and where it starts in the file.
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._buffers = 1
+        self._buffer = mmap.mmap(-1, self._STAGING_BYTES)
+        self._view = memoryview(self._buffer)
+        self._fill = 0
+        self._staged_at = 0
+        self._flushed_to = 0
+        # The I/O thread's side.
+        self._jobs: queue.SimpleQueue[_WriteJob | threading.Event | None] = queue.SimpleQueue()
+        self._error: OSError | None = None
+        self._end = 0  # the furthest byte written
+        self._allocated = 0
         self._preallocates = True
-        self._direct_fd = _open_direct(path) if direct else -1
-        if self._direct_fd >= 0:
-            self._staging: mmap.mmap | None = mmap.mmap(-1, self._STAGING_BYTES)
-            self._staged = memoryview(self._staging)
-        else:
-            self._staging = None
-        self._fill = 0  # bytes waiting in the staging buffer
-        self._staged_at = 0  # the file offset of the staging buffer's first byte
+        self._window_start = 0
+        self._previous_window: tuple[int, int] | None = None
+        self._drops_pages = self._direct_fd < 0
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._write_jobs, name="flowtap-capture-io", daemon=True
+        )
+        self._thread.start()
 
     @property
     def direct(self) -> bool:
@@ -269,122 +287,153 @@ class _GatheredFile:
         return self._direct_fd >= 0
 
     def add(self, part: bytes | memoryview) -> None:
-        self.size_bytes += len(part)
-        if self._direct_fd >= 0:
-            self._stage(part)
-            return
-        self._parts.append(part)
-        self._waiting_bytes += len(part)
-        if self._waiting_bytes >= self._MAX_BYTES or len(self._parts) >= self._MAX_PARTS:
-            self.flush()
-
-    def _stage(self, part: bytes | memoryview) -> None:
         size = len(part)
+        self.size_bytes += size
         fill = self._fill
-        room = self._STAGING_BYTES - fill
-        if size <= room:
-            self._staged[fill : fill + size] = part
+        if size < self._STAGING_BYTES - fill:
+            self._view[fill : fill + size] = part
             self._fill = fill + size
-            if size == room:
-                self._write_blocks()
             return
-        view = memoryview(part)
+        whole = memoryview(part)
         start = 0
         while start < size:
             fill = self._fill
             step = min(size - start, self._STAGING_BYTES - fill)
-            self._staged[fill : fill + step] = view[start : start + step]
+            self._view[fill : fill + step] = whole[start : start + step]
             self._fill = fill + step
             start += step
             if self._fill == self._STAGING_BYTES:
-                self._write_blocks()
+                self._hand_over()
 
-    def _write_blocks(self) -> None:
-        """Write the staging buffer's whole blocks with O_DIRECT; keep the partial last one."""
-        whole = self._fill - self._fill % self._ALIGN
+    def add_packet(self, head: bytes, payload: bytes | memoryview, tail: bytes) -> None:
+        """`add` of the three parts of one record, in one call (the per-packet path)."""
+        middle = len(head) + len(payload)
+        end = self._fill + middle + len(tail)
+        if end >= self._STAGING_BYTES:
+            self.add(head)
+            self.add(payload)
+            self.add(tail)
+            return
+        fill = self._fill
+        view = self._view
+        view[fill : fill + len(head)] = head
+        view[fill + len(head) : fill + middle] = payload
+        view[fill + middle : end] = tail
+        self._fill = end
+        self.size_bytes += end - fill
+
+    def _hand_over(self) -> None:
+        """Give the buffer's whole blocks to the I/O thread; go on in a free buffer."""
+        self._raise_if_failed()
+        whole = self._fill - self._fill % self._align
         if not whole:
             return
-        self._preallocate(self._staged_at + whole)
-        done = 0
         try:
-            while done < whole:
-                done += os.pwrite(self._direct_fd, self._staged[done:whole], self._staged_at + done)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            # The file system takes O_DIRECT but not these alignments: write through the
-            # page cache from now on.
-            log.debug("O_DIRECT writes refused (%s); writing through the page cache", exc)
-            self._leave_direct(done)
-            return
+            fresh = self._free.get_nowait()
+        except queue.Empty:
+            if self._buffers < self._BUFFERS:
+                self._buffers += 1
+                fresh = mmap.mmap(-1, self._STAGING_BYTES)
+            else:
+                fresh = self._free.get()  # every buffer is being written: wait for one
         tail = self._fill - whole
-        self._staged[:tail] = self._staged[whole : self._fill]
-        self._fill = tail
+        view = memoryview(fresh)
+        view[:tail] = self._view[whole : self._fill]
+        self._jobs.put(_WriteJob(self._buffer, self._staged_at, whole, direct=True))
+        self._buffer, self._view = fresh, view
         self._staged_at += whole
-        self._written_bytes = self._staged_at
+        self._fill = tail
 
-    def _leave_direct(self, done: int) -> None:
-        """Write what is staged past `done` through the ordinary descriptor; stop staging."""
-        os.close(self._direct_fd)
-        self._direct_fd = -1
-        rest = bytes(self._staged[done : self._fill])
-        self._written_bytes = self._staged_at + done
-        os.lseek(self._fd, self._written_bytes, os.SEEK_SET)
-        self._staged.release()
-        assert self._staging is not None
-        self._staging.close()
-        self._staging = None
-        self._fill = 0
-        self._parts.append(rest)
-        self._waiting_bytes = len(rest)
-        self._flush_parts()
+    def flush(self, *, wait: bool = True) -> None:
+        """Hand everything added so far to the I/O thread; with `wait`, until it is written."""
+        if self._flushed_to < self._staged_at + self._fill:
+            self._hand_over()
+            if self._fill:
+                # The partial last block, through the page cache: complete up to here.
+                tail = bytes(self._view[: self._fill])
+                self._jobs.put(_WriteJob(tail, self._staged_at, self._fill, direct=False))
+            self._flushed_to = self._staged_at + self._fill
+        if wait:
+            done = threading.Event()
+            self._jobs.put(done)
+            done.wait()
+            self._raise_if_failed()
 
-    def _preallocate(self, end: int) -> None:
-        if not self._preallocates or end <= self._allocated_bytes:
+    def close(self, *, wait: bool = True) -> None:
+        """Flush and close; without `wait` the I/O thread finishes the file on its own."""
+        if self._closed:
             return
-        step = max(self._PREALLOCATE_BYTES, end - self._allocated_bytes)
+        self._closed = True
         try:
-            _preallocate(self._fd, self._allocated_bytes, step)
-            self._allocated_bytes += step
-        except OSError:
-            self._preallocates = False  # a file system that cannot: allocate as we go
+            self.flush(wait=False)
+        finally:
+            self._jobs.put(None)
+        if wait:
+            self._thread.join()
+            self._raise_if_failed()
 
-    def flush(self) -> None:
-        if self._direct_fd < 0:
-            self._flush_parts()
-            return
-        self._write_blocks()
-        if self._direct_fd >= 0 and self._fill:
-            # The partial last block, through the page cache: complete on disk up to here.
-            tail = self._staged[: self._fill]
-            done = 0
-            while done < self._fill:
-                done += os.pwrite(self._fd, tail[done:], self._staged_at + done)
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise FlowtapError(
+                f"cannot write capture file {str(self.path)!r}: {self._error.strerror}; "
+                "free space or pick another folder"
+            )
 
-    def _flush_parts(self) -> None:
-        parts = self._parts
-        if not parts:
+    def _write_jobs(self) -> None:
+        jobs = self._jobs
+        try:
+            while (job := jobs.get()) is not None:
+                if isinstance(job, threading.Event):
+                    job.set()
+                    continue
+                if self._error is None:
+                    try:
+                        self._write(job)
+                    except OSError as exc:
+                        log.debug("capture file %s: %s", self.path, exc)
+                        self._error = exc
+                if isinstance(job.data, mmap.mmap):
+                    self._free.put(job.data)
+        finally:
+            self._finish()
+
+    def _write(self, job: _WriteJob) -> None:
+        end = job.offset + job.size
+        if not self._seekable:
+            _write_all(self._fd, job.data, job.size)
+            self._end = end
             return
-        self._parts = []
-        self._waiting_bytes = 0
-        left = sum(len(part) for part in parts)
-        self._preallocate(self._written_bytes + left)
-        self._written_bytes += left
-        while True:
-            written = os.writev(self._fd, parts)
-            left -= written
-            if not left:
-                break
-            # A short write (a signal, a full disk): go on from where it stopped.
-            while written >= len(parts[0]):
-                written -= len(parts.pop(0))
-            parts[0] = memoryview(parts[0])[written:]
-        if self._drops_pages and self._written_bytes - self._window_start >= self._WINDOW_BYTES:
+        if self._preallocates and end > self._allocated:
+            step = max(self._PREALLOCATE_BYTES, end - self._allocated)
+            try:
+                _preallocate(self._fd, self._allocated, step)
+                self._allocated += step
+            except OSError:
+                self._preallocates = False  # a file system that cannot: allocate as we go
+        data = memoryview(job.data)[: job.size]
+        done = 0
+        if job.direct and self._direct_fd >= 0:
+            try:
+                while done < job.size:
+                    done += os.pwrite(self._direct_fd, data[done:], job.offset + done)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # O_DIRECT taken at open but not these alignments: use the page cache.
+                log.debug("O_DIRECT refused for %s (%s); using the page cache", self.path, exc)
+                os.close(self._direct_fd)
+                self._direct_fd = -1
+                self._drops_pages = True
+        while done < job.size:
+            done += os.pwrite(self._fd, data[done:], job.offset + done)
+        data.release()
+        self._end = max(self._end, end)
+        if self._drops_pages and self._end - self._window_start >= self._WINDOW_BYTES:
             self._next_window()
 
     def _next_window(self) -> None:
         """Start writing out the window just filled; wait for the one before and drop it."""
-        start, end = self._window_start, self._written_bytes
+        start, end = self._window_start, self._end
         try:
             _start_writeback(self._fd, start, end - start)
             if self._previous_window is not None:
@@ -396,28 +445,36 @@ class _GatheredFile:
         self._previous_window = (start, end)
         self._window_start = end
 
-    def close(self) -> None:
-        if self._fd < 0:
-            return
-        try:
-            self.flush()
-            end = self._staged_at + self._fill if self._direct_fd >= 0 else self._written_bytes
-            if self._allocated_bytes > end:
-                with contextlib.suppress(OSError):  # give back the blocks reserved ahead
-                    os.ftruncate(self._fd, end)
-        finally:
-            if self._direct_fd >= 0:
-                os.close(self._direct_fd)
-                self._direct_fd = -1
-                self._staged.release()
-                assert self._staging is not None
-                self._staging.close()
-                self._staging = None
-            os.close(self._fd)
-            self._fd = -1
+    def _finish(self) -> None:
+        if self._seekable and self._allocated > self._end:
+            with contextlib.suppress(OSError):  # give back the blocks reserved ahead
+                os.ftruncate(self._fd, self._end)
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+        os.close(self._fd)
 
 
-class PcapFile(_GatheredFile):
+def _write_all(fd: int, data: mmap.mmap | bytes, size: int) -> None:
+    with memoryview(data) as view:
+        done = 0
+        while done < size:
+            done += os.write(fd, view[done:size])
+
+
+class _WriteJob:
+    """`size` bytes of `data` for the I/O thread to write at `offset`."""
+
+    __slots__ = ("data", "direct", "offset", "size")
+
+    def __init__(self, data: mmap.mmap | bytes, offset: int, size: int, *, direct: bool) -> None:
+        self.data = data
+        self.offset = offset
+        self.size = size
+        self.direct = direct
+
+
+class PcapFile(_StagedFile):
     """A classic pcap file (little-endian, microsecond timestamps, Ethernet)."""
 
     def __init__(self, path: Path) -> None:
@@ -434,12 +491,10 @@ class PcapFile(_GatheredFile):
     ) -> None:
         size = len(header) + len(payload)
         sec, ns = divmod(timestamp_ns, 1_000_000_000)
-        self.add(_PCAP_RECORD.pack(sec, ns // 1000, size, size) + header)
-        if payload:
-            self.add(payload)
+        self.add_packet(_PCAP_RECORD.pack(sec, ns // 1000, size, size) + header, payload, b"")
 
 
-class PcapNgFile(_GatheredFile):
+class PcapNgFile(_StagedFile):
     """A pcapng file: one section, one Ethernet interface with nanosecond timestamps."""
 
     def __init__(self, path: Path, *, application: str = "flowtap") -> None:
@@ -481,7 +536,7 @@ class PcapNgFile(_GatheredFile):
         comment: str | None = None,
     ) -> None:
         size = len(header) + len(payload)
-        tail = _pad4(size)
+        tail = _PADDING[size & 3]
         if comment:
             text = comment.encode()
             tail += _OPT.pack(1, len(text)) + text + _pad4(len(text)) + _OPT.pack(0, 0)
@@ -489,12 +544,7 @@ class PcapNgFile(_GatheredFile):
         epb = _PCAPNG_EPB.pack(
             6, total, 0, timestamp_ns >> 32, timestamp_ns & 0xFFFFFFFF, size, size
         )
-        if payload:
-            self.add(epb + header)
-            self.add(payload)
-            self.add(tail + _U32.pack(total))
-        else:
-            self.add(epb + header + tail + _U32.pack(total))
+        self.add_packet(epb + header, payload, tail + _U32.pack(total))
 
 
 def open_packet_file(path: Path) -> PcapFile | PcapNgFile:
@@ -791,10 +841,16 @@ class CaptureWriter:
             return
         view = memoryview(data)
         size = len(data)
+        write_packet = self._out.write_packet
+        tcp_header = conversation.tcp_header
+        checksums = self._checksums
+        comment = self._comment(conversation)
         for start in range(0, size, step):
             chunk = view[start : start + step]
-            last = start + step >= size
-            self._emit(conversation, src, dst, _PSH | _ACK if last else _ACK, timestamp_ns, chunk)
+            flags = _PSH | _ACK if start + step >= size else _ACK
+            header = tcp_header(src, dst, flags, chunk, checksums=checksums)
+            write_packet(timestamp_ns, header, chunk, comment)
+            comment = None
             src.seq = (src.seq + len(chunk)) & 0xFFFFFFFF
         self._emit(conversation, dst, src, _ACK, timestamp_ns)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from capture_checks import assert_tshark_clean, fields, follow_tcp, scapy_count
 
-from conftest import flowtap_command, wait_for
+from conftest import flowtap_command, start_flowtap, wait_for
 
 
 def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
@@ -178,6 +178,95 @@ def test_bad_capture_options_are_one_line_errors(
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flowtap: error:") and message in lines[0]
+
+
+def test_a_full_disk_at_start_is_a_one_line_error(tmp_path: Path) -> None:
+    full = tmp_path / "full.pcapng"
+    full.symlink_to("/dev/full")  # every write fails with ENOSPC
+    result = subprocess.run(
+        [*flowtap_command(), "run", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
+         "--pcap", str(full)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr
+    assert "free space or pick another folder" in lines[0]
+
+
+def test_a_capture_that_cannot_grow_stops_with_one_line_and_the_relay_goes_on(
+    echo_server: tuple[str, int], tmp_path: Path
+) -> None:
+    """A file-size limit makes writes fail mid-capture, as a full disk does."""
+    import resource
+
+    capture = tmp_path / "limited.pcapng"
+    limit = 1 << 20
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.Popen(
+        [*flowtap_command(), "run", "--listen", "127.0.0.1:0",
+         "--upstream", f"127.0.0.1:{echo_server[1]}", "--pcap", str(capture)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit_file_size,
+    )  # fmt: skip
+    from conftest import FlowtapProcess
+
+    proxy = FlowtapProcess(proc)
+    wait_for(lambda: bool(proxy.listeners) or proc.poll() is not None, 15, "flowtap to listen")
+    payloads = [os.urandom(4 << 20), b"still relayed\n", os.urandom(4 << 20)]
+    for payload in payloads:
+        assert exchange(proxy.port, payload) == payload
+    proxy.wait_line(r"#3 closed")
+    assert proxy.stop() == 0
+    errors = [line for line in proxy.stderr.splitlines() if "capture" in line]
+    assert len(errors) == 1 and "File too large" in errors[0], proxy.stderr
+    assert "Traceback" not in proxy.stderr
+    assert capture.stat().st_size <= limit
+    # What was written before the failure reads, and `show` says where the file stops.
+    shown = subprocess.run(
+        [*flowtap_command(), "show", str(capture)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert shown.returncode == 1 and "1 flow" in shown.stdout, shown.stderr
+    assert "cut short" in shown.stderr and "Traceback" not in shown.stderr
+
+
+def test_a_slow_capture_reader_slows_the_relay_and_loses_nothing(
+    echo_server: tuple[str, int], tmp_path: Path
+) -> None:
+    """A FIFO read slowly (as Wireshark reading `-i -` might) is a disk that lags."""
+    fifo = tmp_path / "live.pcapng"
+    os.mkfifo(fifo)
+    saved = tmp_path / "saved.pcapng"
+    rate = 16 << 20  # bytes a second the reader takes
+
+    def read_slowly() -> None:
+        with fifo.open("rb") as source, saved.open("wb") as out:
+            while chunk := source.read(1 << 20):
+                out.write(chunk)
+                time.sleep(len(chunk) / rate)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    proxy = start_flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo_server[1]}",
+        "--pcap", str(fifo),
+    )  # fmt: skip
+    try:
+        payload = os.urandom(16 << 20)
+        started = time.monotonic()
+        assert exchange(proxy.port, payload) == payload
+        elapsed = time.monotonic() - started
+        proxy.wait_line(r"#1 closed", timeout_s=60)
+    finally:
+        assert proxy.stop() == 0
+        reader.join(60)
+    # 32 MiB of capture at 16 MiB/s: the relay waited for the reader instead of dropping.
+    assert elapsed > 1.0
+    assert_tshark_clean(saved)
+    assert follow_tcp(saved, 0) == (payload, payload)
 
 
 def _sha256_of_stream(size_bytes: int, seed: bytes) -> tuple[bytes, str]:
