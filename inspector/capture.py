@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections import deque
 from datetime import datetime
 from pathlib import Path
 
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.flow import FlowEvent
+from flowtap.proxy.events import Loan
+from flowtap.proxy.flow import Direction, FlowEvent
 
 from .pcap import CaptureWriter, PcapFile, PcapNgFile, open_packet_file
 
@@ -119,6 +121,20 @@ class RotatingCapture:
             current.close(wait=False)  # its I/O thread finishes it while the next one fills
             self._current = self._open_next()
 
+    def record_layout(self, header_size: int, payload_size: int) -> tuple[int, int]:
+        return self._current.record_layout(header_size, payload_size)
+
+    def reserve(self, size: int) -> memoryview:
+        return self._current.reserve(size)
+
+    def frame_record(
+        self, region: memoryview, at: int, timestamp_ns: int, header: bytes, payload_size: int
+    ) -> int:
+        return self._current.frame_record(region, at, timestamp_ns, header, payload_size)
+
+    def commit(self, size: int) -> Loan:
+        return self._current.commit(size)
+
     def flush(self, *, wait: bool = True) -> None:
         self._current.flush(wait=wait)
 
@@ -176,6 +192,22 @@ class CaptureObserver:
             except (OSError, FlowtapError) as exc:
                 self._fail(exc)
             self._dirty = True
+
+    def receive(
+        self, flow_id: int, direction: Direction, sock: socket.socket, size: int
+    ) -> tuple[int, list[memoryview], Loan | None]:
+        """Receive a chunk straight into the capture file (the relay's `ChunkSink` path)."""
+        with self._lock:
+            if self._error is None and not self._closed:
+                try:
+                    received = self._writer.receive(flow_id, direction, sock, size)
+                except FlowtapError as exc:  # the file, not the socket
+                    self._fail(exc)
+                else:
+                    self._dirty = True
+                    return received
+        data = sock.recv(size)
+        return len(data), [memoryview(data)], None
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc

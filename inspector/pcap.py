@@ -38,11 +38,13 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from flowtap.proxy.errors import FlowtapError
+from flowtap.proxy.events import Loan
 from flowtap.proxy.flow import (
     Address,
     CloseReason,
@@ -135,6 +137,21 @@ class PacketFile(Protocol):
     def flush(self, *, wait: bool = True) -> None: ...
 
     def close(self, *, wait: bool = True) -> None: ...
+
+
+@runtime_checkable
+class InPlaceFile(PacketFile, Protocol):
+    """A `PacketFile` whose records can be built in place around a payload received there."""
+
+    def record_layout(self, header_size: int, payload_size: int) -> tuple[int, int]: ...
+
+    def reserve(self, size: int) -> memoryview: ...
+
+    def frame_record(
+        self, region: memoryview, at: int, timestamp_ns: int, header: bytes, payload_size: int
+    ) -> int: ...
+
+    def commit(self, size: int) -> Loan: ...
 
 
 def _create_private(path: Path) -> int:
@@ -266,6 +283,9 @@ class _StagedFile:
         self._fill = 0
         self._staged_at = 0
         self._flushed_to = 0
+        self._pool_lock = threading.Lock()
+        self._loans: dict[int, int] = {}  # buffer id -> chunks the relay is still sending
+        self._written_lent: dict[int, mmap.mmap] = {}  # written, waiting for their loans
         # The I/O thread's side.
         self._jobs: queue.SimpleQueue[_WriteJob | threading.Event | None] = queue.SimpleQueue()
         self._error: OSError | None = None
@@ -321,6 +341,42 @@ class _StagedFile:
         view[fill + middle : end] = tail
         self._fill = end
         self.size_bytes += end - fill
+
+    def reserve(self, size: int) -> memoryview:
+        """The next `size` bytes of the file, to fill in place; only `commit` makes them part
+        of it, and nothing may be added in between."""
+        if self._fill + size > self._STAGING_BYTES:
+            self._hand_over()
+        return self._view[self._fill : self._fill + size]
+
+    def commit(self, size: int) -> _Loan:
+        """Add the first `size` bytes of the reservation; the buffer holding them is lent
+        out (not reused) until the loan is released."""
+        self._fill += size
+        self.size_bytes += size
+        buffer = self._buffer
+        with self._pool_lock:
+            self._loans[id(buffer)] = self._loans.get(id(buffer), 0) + 1
+        return _Loan(self, buffer)
+
+    def give_back(self, buffer: mmap.mmap) -> None:
+        with self._pool_lock:
+            count = self._loans[id(buffer)] - 1
+            if count:
+                self._loans[id(buffer)] = count
+                return
+            del self._loans[id(buffer)]
+            written = self._written_lent.pop(id(buffer), None)
+        if written is not None:
+            self._free.put(written)
+
+    def _recycle(self, buffer: mmap.mmap) -> None:
+        """A written buffer goes back to the free ones, once no loan of it is out."""
+        with self._pool_lock:
+            if self._loans.get(id(buffer)):
+                self._written_lent[id(buffer)] = buffer
+                return
+        self._free.put(buffer)
 
     def _hand_over(self) -> None:
         """Give the buffer's whole blocks to the I/O thread; go on in a free buffer."""
@@ -393,7 +449,7 @@ class _StagedFile:
                         log.debug("capture file %s: %s", self.path, exc)
                         self._error = exc
                 if isinstance(job.data, mmap.mmap):
-                    self._free.put(job.data)
+                    self._recycle(job.data)
         finally:
             self._finish()
 
@@ -462,6 +518,19 @@ def _write_all(fd: int, data: mmap.mmap | bytes, size: int) -> None:
             done += os.write(fd, view[done:size])
 
 
+class _Loan:
+    """A staging buffer lent to the relay for one chunk (see `ChunkSink`)."""
+
+    __slots__ = ("buffer", "file")
+
+    def __init__(self, file: _StagedFile, buffer: mmap.mmap) -> None:
+        self.file = file
+        self.buffer = buffer
+
+    def release(self) -> None:
+        self.file.give_back(self.buffer)
+
+
 class _WriteJob:
     """`size` bytes of `data` for the I/O thread to write at `offset`."""
 
@@ -481,6 +550,22 @@ class PcapFile(_StagedFile):
         super().__init__(path)
         self.add(_PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
         self.flush()  # a valid, empty capture from the start
+
+    @staticmethod
+    def record_layout(header_size: int, payload_size: int) -> tuple[int, int]:
+        """Bytes a record puts before its payload and after it."""
+        return 16 + header_size, 0
+
+    def frame_record(
+        self, region: memoryview, at: int, timestamp_ns: int, header: bytes, payload_size: int
+    ) -> int:
+        """Write the record around a payload already at `at + record_layout(...)[0]` in
+        `region`; return where the record ends."""
+        size = len(header) + payload_size
+        sec, ns = divmod(timestamp_ns, 1_000_000_000)
+        _PCAP_RECORD.pack_into(region, at, sec, ns // 1000, size, size)
+        region[at + 16 : at + 16 + len(header)] = header
+        return at + 16 + size
 
     def write_packet(
         self,
@@ -526,7 +611,28 @@ class PcapNgFile(_StagedFile):
         )
         self.add(shb + idb)
         self.flush()  # a valid, empty capture from the start
-        self._tail = b""
+
+    @staticmethod
+    def record_layout(header_size: int, payload_size: int) -> tuple[int, int]:
+        """Bytes a record (without comment) puts before its payload and after it."""
+        return 28 + header_size, (-(header_size + payload_size) & 3) + 4
+
+    def frame_record(
+        self, region: memoryview, at: int, timestamp_ns: int, header: bytes, payload_size: int
+    ) -> int:
+        """Write the record around a payload already at `at + record_layout(...)[0]` in
+        `region`; return where the record ends."""
+        size = len(header) + payload_size
+        pad = -size & 3
+        total = 32 + size + pad
+        _PCAPNG_EPB.pack_into(
+            region, at, 6, total, 0, timestamp_ns >> 32, timestamp_ns & 0xFFFFFFFF, size, size
+        )
+        region[at + 28 : at + 28 + len(header)] = header
+        end = at + 28 + size
+        region[end : end + pad] = _PADDING[size & 3]
+        _U32.pack_into(region, end + pad, total)
+        return end + pad + 4
 
     def write_packet(
         self,
@@ -638,6 +744,7 @@ class _Conversation:
         "client",
         "comment_generation",
         "flow",
+        "header_size",
         "is_udp",
         "is_v6",
         "last_ns",
@@ -662,6 +769,7 @@ class _Conversation:
         ip_header = 40 if is_v6 else 20
         transport_header = 8 if self.is_udp else 20
         self.max_payload = 65535 - transport_header - (0 if is_v6 else ip_header)
+        self.header_size = 14 + ip_header + transport_header  # Ethernet, IP, TCP or UDP
         self.last_ns = 0
         self.comment_generation = -1
 
@@ -761,6 +869,7 @@ class CaptureWriter:
         file_generation: Callable[[], int] | None = None,
     ) -> None:
         self._out = out
+        self._in_place = out if isinstance(out, InPlaceFile) else None
         self._checksums = checksums
         self._conversations: dict[int, _Conversation] = {}
         self._generation = file_generation or (lambda: 0)
@@ -781,6 +890,62 @@ class CaptureWriter:
             found = self._conversations.pop(event.flow.id, None)
             if found is not None:
                 self._close(found, event.flow)
+
+    def receive(
+        self, flow_id: int, direction: Direction, sock: socket.socket, size: int
+    ) -> tuple[int, list[memoryview], Loan | None]:
+        """Receive up to `size` bytes of a TCP flow straight into the file's records.
+
+        The payload slots of the records a full chunk needs are reserved in the file and
+        handed to `recvmsg_into`; the records are then framed around what arrived. A flow
+        whose next packet carries a comment, or a file that cannot frame in place, takes the
+        ordinary path (`recv`, then `write`).
+        """
+        out = self._in_place
+        conversation = self._conversations.get(flow_id)
+        if (
+            out is None
+            or conversation is None
+            or conversation.is_udp
+            or conversation.comment_generation != self._generation()
+        ):
+            data = sock.recv(size)
+            if data:
+                self.write(FlowData(flow_id, direction, time.time(), data))
+            return len(data), [memoryview(data)], None
+        step = conversation.max_payload
+        header_size = conversation.header_size
+        prefix, suffix = out.record_layout(header_size, step)
+        slot = prefix + step + suffix
+        count = -(-size // step)
+        # A short last record may need up to 3 bytes more padding than a full one.
+        region = out.reserve(count * slot + 4)
+        slots = [region[i * slot + prefix : (i + 1) * slot - suffix] for i in range(count)]
+        slots[-1] = slots[-1][: size - (count - 1) * step]
+        received = sock.recvmsg_into(slots)[0]
+        if not received:
+            return 0, [], None
+        timestamp_ns = max(_timestamp_ns(time.time()), conversation.last_ns)
+        conversation.last_ns = timestamp_ns
+        if direction is Direction.UP:
+            src, dst = conversation.client, conversation.server
+        else:
+            src, dst = conversation.server, conversation.client
+        parts = []
+        at = 0
+        left = received
+        while left:
+            length = min(step, left)
+            left -= length
+            payload = region[at + prefix : at + prefix + length]
+            flags = _ACK if left else _PSH | _ACK
+            header = conversation.tcp_header(src, dst, flags, payload, checksums=self._checksums)
+            at = out.frame_record(region, at, timestamp_ns, header, length)
+            src.seq = (src.seq + length) & 0xFFFFFFFF
+            parts.append(payload)
+        loan = out.commit(at)
+        self._emit(conversation, dst, src, _ACK, timestamp_ns)
+        return received, parts, loan
 
     def _comment(self, conversation: _Conversation) -> str | None:
         generation = self._generation()

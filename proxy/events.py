@@ -4,6 +4,10 @@ The relay calls `Bus.emit` on its own thread for every event. An observer's `han
 return quickly: a display observer hands events to another thread without ever blocking
 (`EventQueue`), while a lossless observer such as the capture may block the relay when it
 falls behind (`LosslessObserver`), which is how backpressure reaches the sockets.
+
+An observer that is also a `ChunkSink` can take a flow's data where it is received: when it
+is the only observer that wants data, the relay has it read each chunk into its own memory
+and sends the chunk from there, so the data is never copied for it.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from .flow import FlowData, FlowEvent
+from .flow import Direction, FlowData, FlowEvent
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +46,45 @@ class Observer(Protocol):
         ...
 
 
+class Loan(Protocol):
+    """Memory a `ChunkSink` lent the relay for one chunk."""
+
+    def release(self) -> None:
+        """The relay is done with the chunk's memory (sent, or what was left copied)."""
+        ...
+
+
+@runtime_checkable
+class ChunkSink(Protocol):
+    """An observer that receives a flow's TCP data into its own memory: nothing is copied.
+
+    For each chunk the relay calls `receive`, sends the parts it returns (which may be in
+    the sink's memory), then releases the loan; the sink keeps that memory from being reused
+    until then. `receive` raises what `socket.recv` raises, and returns no parts at the end
+    of the stream.
+    """
+
+    def receive(
+        self, flow_id: int, direction: Direction, sock: socket.socket, size: int
+    ) -> tuple[int, list[memoryview], Loan | None]:
+        """Read up to `size` bytes of `sock` (one flow direction), as `FlowData` would carry."""
+        ...
+
+
 class Bus:
     """Fans flow events out to a fixed list of observers."""
 
     def __init__(self, observers: Iterable[Observer] = ()) -> None:
         self._observers: tuple[Observer, ...] = tuple(observers)
-        self.wants_data = any(o.wants_data for o in self._observers)
+        self.wants_data = False
+        self.sink: ChunkSink | None = None
+        self._survey()
+
+    def _survey(self) -> None:
+        wanting = [o for o in self._observers if o.wants_data]
+        self.wants_data = bool(wanting)
+        only = wanting[0] if len(wanting) == 1 else None
+        self.sink = only if isinstance(only, ChunkSink) else None
 
     @property
     def observers(self) -> Sequence[Observer]:
@@ -55,7 +93,7 @@ class Bus:
     def subscribe(self, observer: Observer) -> None:
         """Add an observer; call before the relay starts."""
         self._observers = (*self._observers, observer)
-        self.wants_data = self.wants_data or observer.wants_data
+        self._survey()
 
     def emit_data(self, event: FlowData) -> bool:
         """Deliver one data event; False once no observer wants more of this flow direction."""

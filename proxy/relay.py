@@ -2,8 +2,10 @@
 
 Every flow lives on one worker from accept to close, so a flow's events are emitted in order
 from one thread. Each worker owns one receive buffer; a chunk is copied at most once, for the
-observers, and only when an observer wants data. A destination that cannot take more stops
-its source from being read (backpressure), so a stalled peer costs at most one chunk.
+observers, and only when an observer wants data; when the only one that does is a
+`ChunkSink` (the capture), chunks are received straight into its memory and sent from there.
+A destination that cannot take more stops its source from being read (backpressure), so a
+stalled peer costs at most one chunk.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import FlowtapError
-from .events import Bus
+from .events import Bus, Loan
 from .flow import (
     Address,
     CloseReason,
@@ -247,7 +249,10 @@ class _TcpFlow:
         dst = pipe.dst
         bus = worker.bus
         wants_data = bus.wants_data
+        sink = bus.sink
         data = b""
+        parts: list[memoryview] = []
+        loan: Loan | None = None
         turns = 0
         while pipe.readable and not pipe.eof:
             if turns == _CHUNKS_PER_TURN:
@@ -256,7 +261,10 @@ class _TcpFlow:
             # Observers may stop wanting a flow direction's data (a display past its cap).
             copying = wants_data and pipe.wants_data
             try:
-                if copying:
+                if copying and sink is not None:
+                    # Received into the sink's memory (the capture's file buffer): no copy.
+                    n, parts, loan = sink.receive(self.flow.id, pipe.direction, src, size)
+                elif copying:
                     # A fresh bytes object that observers keep: the chunk's one copy.
                     data = src.recv(size)
                     n = len(data)
@@ -284,6 +292,14 @@ class _TcpFlow:
                 pipe.readable = False
             self.last_active = now
             pipe.count += n
+            if copying and sink is not None:
+                try:
+                    if not self._send_parts(pipe, parts, n):
+                        return False
+                finally:
+                    if loan is not None:
+                        loan.release()
+                continue
             if copying:
                 event = FlowData(self.flow.id, pipe.direction, time.time(), data)
                 pipe.wants_data = bus.emit_data(event)
@@ -308,6 +324,31 @@ class _TcpFlow:
                 dst.shutdown(socket.SHUT_WR)
             except OSError as exc:
                 raise _SideReset(pipe.dst_is_client, exc.strerror or str(exc)) from None
+        return False
+
+    def _send_parts(self, pipe: _Pipe, parts: list[memoryview], size: int) -> bool:
+        """Send a chunk held in parts; False if some is left pending (copied, so the parts'
+        memory can go back to its owner)."""
+        dst = pipe.dst
+        try:
+            sent = dst.sendmsg(parts) if len(parts) > 1 else dst.send(parts[0])
+        except BlockingIOError:
+            sent = 0
+        except _RESET_ERRORS as exc:
+            raise _SideReset(pipe.dst_is_client, exc.strerror or "reset") from None
+        except OSError as exc:
+            raise _SideReset(pipe.dst_is_client, exc.strerror or str(exc)) from None
+        if sent == size:
+            return True
+        rest = bytearray()
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            rest += part[sent:]
+            sent = 0
+        pipe.pending = memoryview(bytes(rest))
+        pipe.writable = False
         return False
 
     def _flush(self, pipe: _Pipe) -> None:

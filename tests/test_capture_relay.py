@@ -269,6 +269,49 @@ def test_a_slow_capture_reader_slows_the_relay_and_loses_nothing(
     assert follow_tcp(saved, 0) == (payload, payload)
 
 
+@pytest.mark.parametrize("suffix", [".pcap", ".pcapng"])
+def test_parallel_flows_to_slow_readers_are_captured_exactly(
+    flowtap, echo_server: tuple[str, int], tmp_path: Path, suffix: str
+) -> None:
+    """Chunks received straight into the capture's buffers, sent from there in pieces to
+    readers that lag, on two relay workers at once, still follow to the exact bytes."""
+    capture = tmp_path / f"parallel{suffix}"
+    proxy = flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo_server[1]}",
+        "--pcap", str(capture), "--workers", "2",
+    )  # fmt: skip
+    payloads = [os.urandom(8 << 20) for _ in range(4)]
+    echoed: list[bytes] = [b""] * len(payloads)
+
+    def slow_exchange(index: int) -> None:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sender = threading.Thread(target=sock.sendall, args=(payloads[index],))
+            sender.start()
+            received = bytearray()
+            while len(received) < len(payloads[index]):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+                time.sleep(0.001)
+            sender.join(30)
+            echoed[index] = bytes(received)
+
+    threads = [threading.Thread(target=slow_exchange, args=(i,)) for i in range(len(payloads))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert echoed == payloads
+    for number in range(1, len(payloads) + 1):
+        proxy.wait_line(rf"#{number} closed")
+    assert proxy.stop() == 0
+    assert_tshark_clean(capture)
+    streams = {follow_tcp(capture, stream) for stream in range(len(payloads))}
+    assert streams == {(payload, payload) for payload in payloads}
+
+
 def _sha256_of_stream(size_bytes: int, seed: bytes) -> tuple[bytes, str]:
     block = hashlib.sha256(seed).digest() * (1 << 15)  # 1 MiB
     digest = hashlib.sha256()
