@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.events import Loan
+from flowtap.proxy.events import Chunk, Loan
 from flowtap.proxy.flow import Direction, FlowEvent
 
 from .pcap import CaptureWriter, PcapFile, PcapNgFile, open_packet_file
@@ -193,9 +193,7 @@ class CaptureObserver:
                 self._fail(exc)
             self._dirty = True
 
-    def receive(
-        self, flow_id: int, direction: Direction, sock: socket.socket, size: int
-    ) -> tuple[int, list[memoryview], Loan | None]:
+    def receive(self, flow_id: int, direction: Direction, sock: socket.socket, size: int) -> Chunk:
         """Receive a chunk straight into the capture file (the relay's `ChunkSink` path)."""
         with self._lock:
             if self._error is None and not self._closed:
@@ -207,7 +205,7 @@ class CaptureObserver:
                     self._dirty = True
                     return received
         data = sock.recv(size)
-        return len(data), [memoryview(data)], None
+        return Chunk(len(data), [memoryview(data)], None, size)
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc

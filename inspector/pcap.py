@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.events import Loan
+from flowtap.proxy.events import Chunk, Loan
 from flowtap.proxy.flow import (
     Address,
     CloseReason,
@@ -891,9 +891,7 @@ class CaptureWriter:
             if found is not None:
                 self._close(found, event.flow)
 
-    def receive(
-        self, flow_id: int, direction: Direction, sock: socket.socket, size: int
-    ) -> tuple[int, list[memoryview], Loan | None]:
+    def receive(self, flow_id: int, direction: Direction, sock: socket.socket, size: int) -> Chunk:
         """Receive up to `size` bytes of a TCP flow straight into the file's records.
 
         The payload slots of the records a full chunk needs are reserved in the file and
@@ -912,8 +910,10 @@ class CaptureWriter:
             data = sock.recv(size)
             if data:
                 self.write(FlowData(flow_id, direction, time.time(), data))
-            return len(data), [memoryview(data)], None
+            return Chunk(len(data), [memoryview(data)], None, size)
         step = conversation.max_payload
+        if size > step:
+            size -= size % step  # whole segments: 256 KiB would leave a 164-byte fifth one
         header_size = conversation.header_size
         prefix, suffix = out.record_layout(header_size, step)
         slot = prefix + step + suffix
@@ -924,7 +924,7 @@ class CaptureWriter:
         slots[-1] = slots[-1][: size - (count - 1) * step]
         received = sock.recvmsg_into(slots)[0]
         if not received:
-            return 0, [], None
+            return Chunk(0, [], None, size)
         timestamp_ns = max(_timestamp_ns(time.time()), conversation.last_ns)
         conversation.last_ns = timestamp_ns
         if direction is Direction.UP:
@@ -945,7 +945,7 @@ class CaptureWriter:
             parts.append(payload)
         loan = out.commit(at)
         self._emit(conversation, dst, src, _ACK, timestamp_ns)
-        return received, parts, loan
+        return Chunk(received, parts, loan, size)
 
     def _comment(self, conversation: _Conversation) -> str | None:
         generation = self._generation()

@@ -18,7 +18,7 @@ import queue
 import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from .flow import Direction, FlowData, FlowEvent
 
@@ -54,20 +54,26 @@ class Loan(Protocol):
         ...
 
 
+class Chunk(NamedTuple):
+    """One chunk a `ChunkSink` received for the relay."""
+
+    size: int  # bytes received; 0 at the end of the stream
+    parts: list[memoryview]  # the bytes, in order, for the relay to send
+    loan: Loan | None  # to release once they are sent (or what is left of them copied)
+    asked: int  # bytes the read asked for: fewer received means the socket is drained
+
+
 @runtime_checkable
 class ChunkSink(Protocol):
     """An observer that receives a flow's TCP data into its own memory: nothing is copied.
 
     For each chunk the relay calls `receive`, sends the parts it returns (which may be in
     the sink's memory), then releases the loan; the sink keeps that memory from being reused
-    until then. `receive` raises what `socket.recv` raises, and returns no parts at the end
-    of the stream.
+    until then. `receive` raises what `socket.recv` raises.
     """
 
-    def receive(
-        self, flow_id: int, direction: Direction, sock: socket.socket, size: int
-    ) -> tuple[int, list[memoryview], Loan | None]:
-        """Read up to `size` bytes of `sock` (one flow direction), as `FlowData` would carry."""
+    def receive(self, flow_id: int, direction: Direction, sock: socket.socket, size: int) -> Chunk:
+        """Read at most `size` bytes of `sock` (one flow direction), as `FlowData` would carry."""
         ...
 
 

@@ -253,6 +253,7 @@ class _TcpFlow:
         data = b""
         parts: list[memoryview] = []
         loan: Loan | None = None
+        asked = size
         turns = 0
         while pipe.readable and not pipe.eof:
             if turns == _CHUNKS_PER_TURN:
@@ -263,7 +264,7 @@ class _TcpFlow:
             try:
                 if copying and sink is not None:
                     # Received into the sink's memory (the capture's file buffer): no copy.
-                    n, parts, loan = sink.receive(self.flow.id, pipe.direction, src, size)
+                    n, parts, loan, asked = sink.receive(self.flow.id, pipe.direction, src, size)
                 elif copying:
                     # A fresh bytes object that observers keep: the chunk's one copy.
                     data = src.recv(size)
@@ -286,7 +287,7 @@ class _TcpFlow:
                         else CloseReason.CLIENT_CLOSED
                     )
                 break
-            if n < size and not pipe.peer_closed:
+            if n < asked and not pipe.peer_closed:
                 # Edge-triggered epoll reports any later arrival as a new event; a FIN that
                 # came with this data was flagged by EPOLLRDHUP, so the loop reads on to it.
                 pipe.readable = False

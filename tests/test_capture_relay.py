@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -267,6 +268,32 @@ def test_a_slow_capture_reader_slows_the_relay_and_loses_nothing(
     assert elapsed > 1.0
     assert_tshark_clean(saved)
     assert follow_tcp(saved, 0) == (payload, payload)
+
+
+def test_a_burst_is_relayed_whole_while_the_client_waits_for_the_answer(
+    flowtap, echo_server: tuple[str, int], tmp_path: Path
+) -> None:
+    """No half-close to wake the relay: every byte of a burst must be read while it is there,
+    whatever size of reads the capture asks for."""
+    capture = tmp_path / "burst.pcapng"
+    proxy = flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo_server[1]}",
+        "--pcap", str(capture),
+    )  # fmt: skip
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        for size in (300_000, 1_000_000, 65_495 * 4, 65_495 * 4 + 1, 262_144):
+            payload = os.urandom(size)
+            sender = threading.Thread(target=sock.sendall, args=(payload,))
+            sender.start()
+            echoed = b""
+            with contextlib.suppress(TimeoutError):  # a stranded rest never comes
+                while len(echoed) < size and (data := sock.recv(size - len(echoed))):
+                    echoed += data
+            sender.join(10)
+            assert echoed == payload, f"{len(echoed)} of {size} bytes came back"
+    proxy.wait_line(r"#1 closed")
+    assert proxy.stop() == 0
+    assert_tshark_clean(capture)
 
 
 @pytest.mark.parametrize("suffix", [".pcap", ".pcapng"])
