@@ -68,6 +68,9 @@ class RelayConfig:
     workers: int = 2
     udp_idle_timeout_s: float | None = 60.0
     udp_max_sessions: int = 10_000
+    # While events come closer together than this, a worker polls without sleeping between
+    # them (see `Worker.run`); 0 turns it off.
+    busy_poll_s: float = 200e-6
 
 
 @dataclass(slots=True)
@@ -531,11 +534,33 @@ class Worker(threading.Thread):
         handlers = self._handlers
         ready = self.ready
         udp_listeners = self.udp
+        # Busy polling, like HAProxy's `busy-polling`: each time a thread sleeps in the poller
+        # its CPU may halt, and on a virtual machine waking it again costs tens of
+        # microseconds, more than relaying a datagram. So while events keep coming closer
+        # together than `busy_poll_s` (a running average of the gaps), the worker polls
+        # without sleeping, for at most `busy_poll_s` after the last event: sparse traffic
+        # never spins, and an idle relay sleeps. Measured here (benchmarks/udp.py): UDP
+        # request/response rates x1.3-1.6, ping-pong x1.8; TCP ping-pong latency too.
+        busy_poll_s = self.config.busy_poll_s
+        cold_gap_s = 4 * busy_poll_s  # the gap counted for a sleep, however long it was
+        average_gap_s = cold_gap_s
+        last_event = 0.0
         try:
             while not self._exit:
-                timeout = 0.0 if ready else self._poll_timeout()
-                events = poll(timeout)
+                if ready:
+                    events = poll(0.0)
+                elif average_gap_s < busy_poll_s and time.monotonic() - last_event < busy_poll_s:
+                    events = poll(0.0)
+                    if not events:
+                        os.sched_yield()  # a peer on this CPU goes first
+                        continue
+                else:
+                    events = poll(self._poll_timeout())
                 now = time.monotonic()
+                if events:
+                    gap = min(now - last_event, cold_gap_s)
+                    average_gap_s += (gap - average_gap_s) / 8
+                    last_event = now
                 for fd, mask in events:
                     handler = handlers.get(fd)
                     if handler is not None:

@@ -540,6 +540,10 @@ def test_too_many_open_files_keeps_running_and_recovers(echo_server: tuple[str, 
             ["--listen", "0", "--upstream", "127.0.0.1:1", "--connect-timeout", "soon"],
             "is not a number of seconds",
         ),
+        (
+            ["--listen", "0", "--upstream", "127.0.0.1:1", "--busy-poll", "-5"],
+            "must be from 0 to 1000000 microseconds",
+        ),
     ],
 )
 def test_bad_arguments_get_one_line_error(args: list[str], message: str) -> None:
@@ -553,6 +557,34 @@ def test_bad_arguments_get_one_line_error(args: list[str], message: str) -> None
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flowtap: error: "), result.stderr
     assert message in lines[0]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("busy_poll", ["200", "0"])
+def test_dense_traffic_is_relayed_and_then_the_relay_sleeps(
+    flowtap: Any, echo_server: tuple[str, int], busy_poll: str
+) -> None:
+    """Busy polling (on by default) lasts only while events are dense: once traffic stops,
+    the relay uses no CPU."""
+    proxy = flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo_server[1]}",
+        "--busy-poll", busy_poll,
+    )  # fmt: skip
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for index in range(2000):  # ping-pong: events tens of microseconds apart
+            message = b"%08d" % index
+            sock.sendall(message)
+            assert sock.recv(8, socket.MSG_WAITALL) == message
+        time.sleep(0.2)
+        before = _cpu_seconds(proxy.proc.pid)
+        time.sleep(1.0)
+        idle_cpu = _cpu_seconds(proxy.proc.pid) - before
+    assert idle_cpu < 0.05, f"{idle_cpu:.2f} s of CPU in 1 s without traffic"
 
 
 def test_port_in_use_names_port_and_suggests_zero() -> None:
