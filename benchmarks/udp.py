@@ -8,7 +8,9 @@ Modes, each for 64 B and 1,400 B datagrams, one client, every peer a process of 
 - `one-way`: datagrams to a sink that acknowledges its count straight to the client (not
   through the relay), so the client keeps a bounded window in flight: a rate the path sustains.
 Loss is what was sent and never arrived (for one-way, counted by the sink). socat runs as
-`socat UDP-LISTEN:P,fork,reuseaddr UDP:127.0.0.1:Q`; flowtap as `flowtap run --udp`.
+`socat UDP-LISTEN:P,fork,reuseaddr UDP:127.0.0.1:Q`; flowtap as `flowtap run --udp` (its
+defaults, which busy-poll while datagrams are dense), and `flowtap-sleeping` adds
+`--busy-poll 0` to show what busy polling is worth.
 `relay us/dgram` is the relay's CPU time (user + system, all its processes) per datagram it
 relayed: steadier than rates, which depend on how the shared CPUs are divided between the
 client, the peer and the relay. Target: flowtap at >= 1.5x socat's rate with 0 loss.
@@ -38,7 +40,7 @@ RR_WINDOW = 16
 ONE_WAY_WINDOW = 64
 ACK_EVERY = 32
 MODES = ("ping-pong", "rr-window", "one-way")
-PATHS = ("direct", "socat", "flowtap")
+PATHS = ("direct", "socat", "flowtap", "flowtap-sleeping")
 LISTENING = re.compile(r"^listening udp \S+:(\d+) -> ")
 _SOL_UDP = 17
 _UDP_SEGMENT = 103
@@ -199,7 +201,7 @@ class RelayPath:
 
 @contextmanager
 def path_to(kind: str, upstream_port: int) -> Iterator[RelayPath]:
-    """Where a client sends for `kind` (direct, socat, flowtap) towards upstream_port."""
+    """Where a client sends for `kind` (see PATHS) towards upstream_port."""
     if kind == "direct":
         yield RelayPath(upstream_port, None)
         return
@@ -226,6 +228,7 @@ def path_to(kind: str, upstream_port: int) -> Iterator[RelayPath]:
                 f"{HOST}:0",
                 "--upstream",
                 f"{HOST}:{upstream_port}",
+                *(["--busy-poll", "0"] if kind == "flowtap-sleeping" else []),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -438,7 +441,7 @@ def main() -> int:
         f"taking turns; {os.cpu_count()} CPUs (shared)\n"
     )
     print(
-        f"{'mode':<10} {'size':>6} {'path':<8} {'datagrams/s':>12} {'loss':>6} "
+        f"{'mode':<10} {'size':>6} {'path':<16} {'datagrams/s':>12} {'loss':>6} "
         f"{'vs socat':>9} {'relay us/dgram':>15}"
     )
     modes = args.mode or MODES
@@ -462,7 +465,7 @@ def main() -> int:
                     cpu = median(r.relay_us_per_datagram for r in runs[kind])
                     shown_cpu = f"{cpu:.2f}" if kind != "direct" else ""
                     print(
-                        f"{mode:<10} {size:>5}B {kind:<8} {rate:>12,.0f} "
+                        f"{mode:<10} {size:>5}B {kind:<16} {rate:>12,.0f} "
                         f"{lost:>6} {ratio:>9} {shown_cpu:>15}",
                         flush=True,
                     )
