@@ -164,6 +164,18 @@ class _Pipe:
         self.wants_data = True
 
 
+def _send(pipe: _Pipe, data: memoryview | list[memoryview]) -> int:
+    """Send what `pipe.dst` takes now (a list in one `sendmsg`); its failure is a _SideReset."""
+    try:
+        return pipe.dst.sendmsg(data) if isinstance(data, list) else pipe.dst.send(data)
+    except BlockingIOError:
+        return 0
+    except _RESET_ERRORS as exc:
+        raise _SideReset(pipe.dst_is_client, exc.strerror or "reset") from None
+    except OSError as exc:
+        raise _SideReset(pipe.dst_is_client, exc.strerror or str(exc)) from None
+
+
 class _TcpFlow:
     """A TCP flow owned by one worker: connect upstream, relay both ways, close exactly once."""
 
@@ -310,14 +322,7 @@ class _TcpFlow:
                 chunk = memoryview(data)
             else:
                 chunk = view[:n]
-            try:
-                sent = dst.send(chunk)
-            except BlockingIOError:
-                sent = 0
-            except _RESET_ERRORS as exc:
-                raise _SideReset(pipe.dst_is_client, exc.strerror or "reset") from None
-            except OSError as exc:
-                raise _SideReset(pipe.dst_is_client, exc.strerror or str(exc)) from None
+            sent = _send(pipe, chunk)
             if sent < n:
                 pipe.pending = memoryview(bytes(chunk[sent:])) if chunk.obj is buf else chunk[sent:]
                 pipe.writable = False
@@ -333,15 +338,7 @@ class _TcpFlow:
     def _send_parts(self, pipe: _Pipe, parts: list[memoryview], size: int) -> bool:
         """Send a chunk held in parts; False if some is left pending (copied, so the parts'
         memory can go back to its owner)."""
-        dst = pipe.dst
-        try:
-            sent = dst.sendmsg(parts) if len(parts) > 1 else dst.send(parts[0])
-        except BlockingIOError:
-            sent = 0
-        except _RESET_ERRORS as exc:
-            raise _SideReset(pipe.dst_is_client, exc.strerror or "reset") from None
-        except OSError as exc:
-            raise _SideReset(pipe.dst_is_client, exc.strerror or str(exc)) from None
+        sent = _send(pipe, parts[0]) if len(parts) == 1 else _send(pipe, parts)
         if sent == size:
             return True
         rest = bytearray()
@@ -358,14 +355,7 @@ class _TcpFlow:
     def _flush(self, pipe: _Pipe) -> None:
         pending = pipe.pending
         assert pending is not None
-        try:
-            sent = pipe.dst.send(pending)
-        except BlockingIOError:
-            sent = 0
-        except _RESET_ERRORS as exc:
-            raise _SideReset(pipe.dst_is_client, exc.strerror or "reset") from None
-        except OSError as exc:
-            raise _SideReset(pipe.dst_is_client, exc.strerror or str(exc)) from None
+        sent = _send(pipe, pending)
         if sent == len(pending):
             pipe.pending = None
         else:
