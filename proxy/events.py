@@ -2,8 +2,9 @@
 
 The relay calls `Bus.emit` on its own thread for every event. An observer's `handle` must
 return quickly: a display observer hands events to another thread without ever blocking
-(`EventQueue`), while a lossless observer such as the capture may block the relay when it
-falls behind (`LosslessObserver`), which is how backpressure reaches the sockets.
+(`EventQueue`), while a lossless observer may block the relay when it falls behind, which
+is how backpressure reaches the sockets: the capture waits for a free file buffer, and
+`LosslessObserver` gives any consumer a thread behind a bounded queue.
 
 An observer that is also a `ChunkSink` can take a flow's data where it is received: when it
 is the only observer that wants data, the relay has it read each chunk into its own memory
