@@ -124,6 +124,12 @@ class RotatingCapture:
     def record_layout(self, header_size: int, payload_size: int) -> tuple[int, int]:
         return self._current.record_layout(header_size, payload_size)
 
+    @property
+    def room_bytes(self) -> int:
+        if self._max_size_bytes is None:
+            return self._current.room_bytes
+        return self._max_size_bytes - self._current.size_bytes
+
     def reserve(self, size: int) -> memoryview:
         return self._current.reserve(size)
 

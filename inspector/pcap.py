@@ -37,6 +37,7 @@ import queue
 import socket
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -144,6 +145,11 @@ class InPlaceFile(PacketFile, Protocol):
     """A `PacketFile` whose records can be built in place around a payload received there."""
 
     def record_layout(self, header_size: int, payload_size: int) -> tuple[int, int]: ...
+
+    @property
+    def room_bytes(self) -> int:
+        """Bytes the file takes before it is full (a ring of files then starts the next)."""
+        ...
 
     def reserve(self, size: int) -> memoryview: ...
 
@@ -341,6 +347,10 @@ class _StagedFile:
         view[fill + middle : end] = tail
         self._fill = end
         self.size_bytes += end - fill
+
+    @property
+    def room_bytes(self) -> int:
+        return sys.maxsize  # one file never fills; see capture.RotatingCapture
 
     def reserve(self, size: int) -> memoryview:
         """The next `size` bytes of the file, to fill in place; only `commit` makes them part
@@ -917,7 +927,10 @@ class CaptureWriter:
         header_size = conversation.header_size
         prefix, suffix = out.record_layout(header_size, step)
         slot = prefix + step + suffix
-        count = -(-size // step)
+        # No more records than the file has room for: a ring of files rotates after the
+        # record that fills one, as it would packet by packet.
+        count = min(-(-size // step), max(1, -(-out.room_bytes // slot)))
+        size = min(size, count * step)
         # A short last record may need up to 3 bytes more padding than a full one.
         region = out.reserve(count * slot + 4)
         slots = [region[i * slot + prefix : (i + 1) * slot - suffix] for i in range(count)]
