@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep the big captures in this folder")
     args = parser.parse_args()
     size = (64 if args.quick else 256) * MiB
-    rounds = 1 if args.quick else 3
+    rounds = 1 if args.quick else 7
     big = (128 if args.quick else 1024) * MiB
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="flowtap-capture-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
