@@ -115,8 +115,11 @@ class RotatingCapture:
         payload: bytes | memoryview,
         comment: str | None = None,
     ) -> None:
+        self._current.write_packet(timestamp_ns, header, payload, comment)
+        self._rotate_if_full()
+
+    def _rotate_if_full(self) -> None:
         current = self._current
-        current.write_packet(timestamp_ns, header, payload, comment)
         if self._max_size_bytes is not None and current.size_bytes >= self._max_size_bytes:
             current.close(wait=False)  # its I/O thread finishes it while the next one fills
             self._current = self._open_next()
@@ -139,7 +142,9 @@ class RotatingCapture:
         return self._current.frame_record(region, at, timestamp_ns, header, payload_size)
 
     def commit(self, size: int) -> Loan:
-        return self._current.commit(size)
+        loan = self._current.commit(size)
+        self._rotate_if_full()
+        return loan
 
     def flush(self, *, wait: bool = True) -> None:
         self._current.flush(wait=wait)

@@ -932,7 +932,8 @@ class CaptureWriter:
         count = min(-(-size // step), max(1, -(-out.room_bytes // slot)))
         size = min(size, count * step)
         # A short last record may need up to 3 bytes more padding than a full one.
-        region = out.reserve(count * slot + 4)
+        ack_prefix, ack_suffix = out.record_layout(header_size, 0)
+        region = out.reserve(count * slot + 4 + ack_prefix + ack_suffix)
         slots = [region[i * slot + prefix : (i + 1) * slot - suffix] for i in range(count)]
         slots[-1] = slots[-1][: size - (count - 1) * step]
         received = sock.recvmsg_into(slots)[0]
@@ -956,8 +957,10 @@ class CaptureWriter:
             at = out.frame_record(region, at, timestamp_ns, header, length)
             src.seq = (src.seq + length) & 0xFFFFFFFF
             parts.append(payload)
+        # The receiver's ACK, in the same reservation.
+        header = conversation.tcp_header(dst, src, _ACK, b"", checksums=self._checksums)
+        at = out.frame_record(region, at, timestamp_ns, header, 0)
         loan = out.commit(at)
-        self._emit(conversation, dst, src, _ACK, timestamp_ns)
         return Chunk(received, parts, loan, size)
 
     def _comment(self, conversation: _Conversation) -> str | None:
