@@ -34,9 +34,15 @@ def tshark(*args: str, timeout_s: float = TSHARK_TIMEOUT_S) -> str:
     return result.stdout
 
 
-def expert_entries(path: Path, *prefs: str) -> dict[str, list[str]]:
-    """tshark's expert info for `path`: section name (Errors, Warns, ...) to entry summaries."""
+def expert_entries(path: Path, *prefs: str, data_port: int | None = None) -> dict[str, list[str]]:
+    """tshark's expert info for `path`: section name (Errors, Warns, ...) to entry summaries.
+
+    With `data_port`, that TCP port's payload is decoded as plain data: random bytes are
+    otherwise now and then claimed by a heuristic dissector (Thrift, say), which then warns.
+    """
     options = [arg for pref in prefs for arg in ("-o", pref)]
+    if data_port is not None:
+        options += ["-d", f"tcp.port=={data_port},data"]
     out = tshark("-r", str(path), *options, "-q", "-z", "expert")
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
@@ -51,11 +57,16 @@ def expert_entries(path: Path, *prefs: str) -> dict[str, list[str]]:
     return sections
 
 
-def assert_tshark_clean(path: Path, *prefs: str, allowed_warnings: tuple[str, ...] = ()) -> None:
+def assert_tshark_clean(
+    path: Path,
+    *prefs: str,
+    allowed_warnings: tuple[str, ...] = (),
+    data_port: int | None = None,
+) -> None:
     """tshark reads `path` with no malformed packet, no expert error, and no expert warning
     but those named in `allowed_warnings` (a reset flow warns "Connection reset (RST)");
-    scapy reads every packet too."""
-    sections = expert_entries(path, *prefs)
+    scapy reads every packet too. `data_port`: see `expert_entries`."""
+    sections = expert_entries(path, *prefs, data_port=data_port)
     assert not sections.get("Errors"), sections
     unexpected = [w for w in sections.get("Warns", []) if w not in allowed_warnings]
     assert not unexpected, sections

@@ -52,7 +52,7 @@ def test_relayed_flows_follow_in_tshark_to_the_bytes_peers_sent(
     proxy.wait_line(r"#3 closed")
     assert proxy.stop() == 0
     assert stat.S_IMODE(capture.stat().st_mode) == 0o600
-    assert_tshark_clean(capture)
+    assert_tshark_clean(capture, data_port=echo_server[1])
     for stream, payload in enumerate(payloads):
         assert follow_tcp(capture, stream) == (payload, payload)
     assert scapy_count(capture) == len(fields(capture, "frame.number"))
@@ -106,7 +106,7 @@ def test_capture_survives_sigkill_up_to_the_last_flush(
     # Flushed within a second: the whole flow is on disk before the process dies.
     wait_for(lambda: capture.stat().st_size > 2 * len(payload), 5.0, "the capture to be flushed")
     proxy.stop(signal.SIGKILL)
-    assert_tshark_clean(capture)
+    assert_tshark_clean(capture, data_port=echo_server[1])
     assert follow_tcp(capture, 0) == (payload, payload)
 
 
@@ -130,7 +130,7 @@ def test_rotation_keeps_a_ring_of_the_newest_files(
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         # A file that starts mid-flow has no handshake; tshark still reads it cleanly.
         # A file that starts in the middle of the flow reads cleanly too.
-        assert_tshark_clean(path)
+        assert_tshark_clean(path, data_port=echo_server[1])
         assert scapy_count(path) > 0
 
 
@@ -266,7 +266,7 @@ def test_a_slow_capture_reader_slows_the_relay_and_loses_nothing(
         reader.join(60)
     # 32 MiB of capture at 16 MiB/s: the relay waited for the reader instead of dropping.
     assert elapsed > 1.0
-    assert_tshark_clean(saved)
+    assert_tshark_clean(saved, data_port=echo_server[1])
     assert follow_tcp(saved, 0) == (payload, payload)
 
 
@@ -293,7 +293,7 @@ def test_a_burst_is_relayed_whole_while_the_client_waits_for_the_answer(
             assert echoed == payload, f"{len(echoed)} of {size} bytes came back"
     proxy.wait_line(r"#1 closed")
     assert proxy.stop() == 0
-    assert_tshark_clean(capture)
+    assert_tshark_clean(capture, data_port=echo_server[1])
 
 
 @pytest.mark.parametrize("suffix", [".pcap", ".pcapng"])
@@ -334,7 +334,7 @@ def test_parallel_flows_to_slow_readers_are_captured_exactly(
     for number in range(1, len(payloads) + 1):
         proxy.wait_line(rf"#{number} closed")
     assert proxy.stop() == 0
-    assert_tshark_clean(capture)
+    assert_tshark_clean(capture, data_port=echo_server[1])
     streams = {follow_tcp(capture, stream) for stream in range(len(payloads))}
     assert streams == {(payload, payload) for payload in payloads}
 
@@ -377,7 +377,7 @@ def test_64_mib_each_way_is_captured_without_loss(
     assert count == size and received.hexdigest() == expected
     proxy.wait_line(r"#1 closed")
     assert proxy.stop() == 0
-    assert_tshark_clean(capture)
+    assert_tshark_clean(capture, data_port=echo_server[1])
     up, down = follow_tcp(capture, 0)
     assert hashlib.sha256(up).hexdigest() == expected
     assert hashlib.sha256(down).hexdigest() == expected
