@@ -37,12 +37,12 @@ def tshark(*args: str, timeout_s: float = TSHARK_TIMEOUT_S) -> str:
 def expert_entries(path: Path, *prefs: str, data_port: int | None = None) -> dict[str, list[str]]:
     """tshark's expert info for `path`: section name (Errors, Warns, ...) to entry summaries.
 
-    With `data_port`, that TCP port's payload is decoded as plain data: random bytes are
-    otherwise now and then claimed by a heuristic dissector (Thrift, say), which then warns.
+    With `data_port`, that TCP and UDP port's payload is decoded as plain data: random bytes
+    are otherwise now and then claimed by a heuristic dissector (Thrift, say), which warns.
     """
     options = [arg for pref in prefs for arg in ("-o", pref)]
     if data_port is not None:
-        options += ["-d", f"tcp.port=={data_port},data"]
+        options += ["-d", f"tcp.port=={data_port},data", "-d", f"udp.port=={data_port},data"]
     out = tshark("-r", str(path), *options, "-q", "-z", "expert")
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
