@@ -215,7 +215,7 @@ class CaptureObserver:
                 else:
                     self._dirty = True
                     return received
-        data = sock.recv(size)
+        data = sock.recv(size)  # the capture has stopped: relay only
         return Chunk(len(data), [memoryview(data)], None, size)
 
     def _fail(self, exc: BaseException) -> None:

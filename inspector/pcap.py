@@ -271,14 +271,14 @@ class _StagedFile:
     # already has instead of allocating block by block (a third less system time per GiB).
     _PREALLOCATE_BYTES = 32 << 20
 
-    def __init__(self, path: Path, *, direct: bool = True) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = _create_private(path)
         # A pipe or a device (`--pcap` to a FIFO that Wireshark reads, say) is written in
         # order with plain writes; a regular file with positioned ones, so that the partial
         # block a flush wrote can be written again whole.
         self._seekable = stat.S_ISREG(os.fstat(self._fd).st_mode)
-        self._direct_fd = _open_direct(path) if direct and self._seekable else -1
+        self._direct_fd = _open_direct(path) if self._seekable else -1
         self._align = self._ALIGN if self._direct_fd >= 0 else 1
         self.size_bytes = 0
         # The caller's side: the buffer being filled, and where it starts in the file.
@@ -306,11 +306,6 @@ class _StagedFile:
             target=self._write_jobs, name="flowtap-capture-io", daemon=True
         )
         self._thread.start()
-
-    @property
-    def direct(self) -> bool:
-        """Whether whole blocks are being written with O_DIRECT."""
-        return self._direct_fd >= 0
 
     def add(self, part: bytes | memoryview) -> None:
         size = len(part)
