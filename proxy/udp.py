@@ -16,6 +16,11 @@ them as separate datagrams of the same sizes, but the relay pays for one system 
 route lookup per run, which about halves its CPU time per datagram in bursts (see
 benchmarks/udp.py). Where segmentation is refused (a segment larger than the path MTU allows),
 the run goes out datagram by datagram.
+
+The other way round, each socket asks for receive coalescing (`UDP_GRO`, Linux 5.0+): a run a
+peer sent with segmentation offload (as QUIC stacks do) reaches the relay in one receive, with
+its segment size in a control message, and leaves again as one run. The relay still records,
+counts and reports each datagram of it on its own, a shorter last one included.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +83,10 @@ _GSO_MAX_SEGMENTS = 64
 _GSO_MAX_BYTES = 65_000
 _GSO_REFUSED = (errno.EINVAL, errno.EIO, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 _U16 = struct.Struct("=H")
+# Receive coalescing (`UDP_GRO`, Linux 5.0+): a run a peer sent with segmentation offload
+# arrives in one receive, with the segment size in a control message.
+_UDP_GRO = 104
+_GRO_ANCBUF = socket.CMSG_SPACE(4)
 
 ClientAddr = tuple[Any, ...]
 """A client's socket address as `recvfrom` returns it: the key of its session."""
@@ -89,6 +99,22 @@ def check_spec(spec: ListenerSpec) -> None:
             f"UDP over unix sockets is not supported ({spec.listen} -> {spec.upstream}): "
             "give IP addresses with --udp, or drop --udp for a unix stream socket"
         )
+
+
+def _coalesced(n: int, ancillary: list[tuple[int, int, bytes]]) -> tuple[int, int]:
+    """(segment size, datagrams) of a receive of `n` bytes with these control messages."""
+    for level, kind, data in ancillary:
+        if level == _SOL_UDP and kind == _UDP_GRO and len(data) >= 4:
+            segment = int.from_bytes(data[:4], sys.byteorder)
+            if 0 < segment < n:
+                return segment, -(-n // segment)
+    return n, 1
+
+
+def _want_coalesced(sock: socket.socket) -> None:
+    """Have the kernel deliver runs sent with segmentation offload whole, where it can."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
 
 
 def _plural(count: int, noun: str) -> str:
@@ -158,9 +184,11 @@ class UdpSession:
         view = worker.view
         size = len(view)
         refill_at = size - _MAX_DATAGRAM_BYTES
-        recv_into = self.sock.recv_into
+        recvmsg_into = self.sock.recvmsg_into
         gso_max = owner.gso_max_segment_bytes
         send_run = owner.send_run
+        # The run waiting to be sent: `count` datagrams of `segment` bytes (the last one may
+        # be shorter, as in a coalesced receive), the buffer's [start, end).
         start = end = segment = count = 0
         for _ in range(_DATAGRAMS_PER_TURN):
             if end > refill_at:
@@ -169,7 +197,7 @@ class UdpSession:
                     count = 0
                 end = 0
             try:
-                n = recv_into(view[end:], 0, _TRUNC)
+                n, ancillary, _flags, _addr = recvmsg_into([view[end:]], _GRO_ANCBUF, _TRUNC)
             except BlockingIOError:
                 break
             except ConnectionRefusedError:
@@ -186,16 +214,20 @@ class UdpSession:
             if n > size - end:
                 owner.count_truncated(self, n, size - end)
                 continue
+            seg, k = _coalesced(n, ancillary) if ancillary else (n, 1)
             if count and not (
-                n == segment and count < _GSO_MAX_SEGMENTS and end - start + n <= _GSO_MAX_BYTES
+                seg == segment
+                and end - start == count * segment
+                and count + k <= _GSO_MAX_SEGMENTS
+                and end - start + n <= _GSO_MAX_BYTES
             ):
                 send_run(self, Direction.DOWN, start, end, segment, count)
                 count = 0
             if not count:
-                start, segment = end, n
-            count += 1
+                start, segment = end, seg
+            count += k
             end += n
-            if not 0 < n <= gso_max:
+            if not 0 < seg <= gso_max:
                 send_run(self, Direction.DOWN, start, end, segment, count)
                 count = 0
         else:
@@ -267,6 +299,7 @@ class UdpListener:
         self._warned: set[str] = set()
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _LISTENER_RCVBUF_BYTES)
+        _want_coalesced(self.sock)
 
     # -- events from the worker ------------------------------------------------------------
 
@@ -286,12 +319,12 @@ class UdpListener:
         view = worker.view
         size = len(view)
         refill_at = size - _MAX_DATAGRAM_BYTES
-        recvfrom_into = self.sock.recvfrom_into
+        recvmsg_into = self.sock.recvmsg_into
         sessions = self.sessions
         move_to_end = sessions.move_to_end
         gso_max = self.gso_max_segment_bytes
         send_run = self.send_run
-        # The run waiting to be sent: `count` datagrams of `segment` bytes each, of `run`.
+        # The run waiting to be sent, of session `run`: as in `UdpSession._relay_down`.
         run: UdpSession | None = None
         start = end = segment = count = 0
         for _ in range(_DATAGRAMS_PER_TURN):
@@ -301,7 +334,7 @@ class UdpListener:
                     run = None
                 end = 0
             try:
-                n, addr = recvfrom_into(view[end:], 0, _TRUNC)
+                n, ancillary, _flags, addr = recvmsg_into([view[end:]], _GRO_ANCBUF, _TRUNC)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -321,19 +354,21 @@ class UdpListener:
             if n > size - end:
                 self.count_truncated(session, n, size - end)
                 continue
+            seg, k = _coalesced(n, ancillary) if ancillary else (n, 1)
             if run is not None and not (
                 session is run
-                and n == segment
-                and count < _GSO_MAX_SEGMENTS
+                and seg == segment
+                and end - start == count * segment
+                and count + k <= _GSO_MAX_SEGMENTS
                 and end - start + n <= _GSO_MAX_BYTES
             ):
                 send_run(run, Direction.UP, start, end, segment, count)
                 run = None
             if run is None:
-                run, start, segment, count = session, end, n, 0
-            count += 1
+                run, start, segment, count = session, end, seg, 0
+            count += k
             end += n
-            if not 0 < n <= gso_max:
+            if not 0 < seg <= gso_max:
                 send_run(run, Direction.UP, start, end, segment, count)
                 run = None
         else:
@@ -352,7 +387,13 @@ class UdpListener:
         segment: int,
         count: int,
     ) -> None:
-        """Send `count` datagrams of `segment` bytes, the buffer's [start, end), in one call."""
+        """Send `count` datagrams of `segment` bytes, the buffer's [start, end), in one call.
+
+        The last datagram may be shorter than `segment`, as in a coalesced receive.
+        """
+        if count > 1 and segment > self.gso_max_segment_bytes:
+            self._send_one_by_one(session, direction, start, end, segment)
+            return
         chunk = self.worker.view[start:end]
         up = direction is Direction.UP
         try:
@@ -375,15 +416,20 @@ class UdpListener:
             session.bytes_down += end - start
         bus = self.worker.bus
         if bus.wants_data:
-            view = self.worker.view
             flow_id = session.flow.id
             timestamp = time.time()
             if count == 1:
-                bus.emit(FlowData(flow_id, direction, timestamp, bytes(view[start:end])))
+                bus.emit(FlowData(flow_id, direction, timestamp, bytes(chunk)))
             else:
-                for offset in range(start, end, segment):
-                    data = bytes(view[offset : offset + segment])
+                for offset in range(0, end - start, segment):
+                    data = bytes(chunk[offset : offset + segment])
                     bus.emit(FlowData(flow_id, direction, timestamp, data))
+
+    def _send_one_by_one(
+        self, session: UdpSession, direction: Direction, start: int, end: int, segment: int
+    ) -> None:
+        for offset in range(start, end, segment):
+            self.send_run(session, direction, offset, min(offset + segment, end), segment, 1)
 
     def _send(
         self, session: UdpSession, up: bool, chunk: memoryview, segment: int, count: int
@@ -414,8 +460,7 @@ class UdpListener:
             # Segmentation refused (e.g. segments above the path MTU): batch only smaller
             # segments from now on, and send this run datagram by datagram.
             self.gso_max_segment_bytes = min(self.gso_max_segment_bytes, segment - 1)
-            for offset in range(start, end, segment):
-                self.send_run(session, direction, offset, offset + segment, segment, 1)
+            self._send_one_by_one(session, direction, start, end, segment)
             return
         self.count_unsent(session, exc, end - start if count == 1 else segment, direction, count)
 
@@ -486,6 +531,7 @@ class UdpListener:
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SESSION_RCVBUF_BYTES)
+        _want_coalesced(sock)
         session = UdpSession(self, flow, addr, sock, now)
         self.worker.bus.emit(FlowOpened(flow))
         err = sock.connect_ex(listener.upstream_sockaddr)  # type: ignore[arg-type]

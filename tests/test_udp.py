@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import signal
 import socket
+import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,6 +61,10 @@ def relays() -> Iterator[Relays]:
     harness = Relays()
     yield harness
     harness.stop_all()
+
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
 
 
 def udp_client(host: str = "127.0.0.1", timeout_s: float = 5.0) -> socket.socket:
@@ -203,6 +212,83 @@ def test_bursts_keep_every_datagram_boundary_and_order_both_ways(relays: Relays)
     sizes = {e.flow.client.port: (e.flow.bytes_up, e.flow.bytes_down) for e in recorder.closed()}
     assert sizes[first.getsockname()[1]] == (sum(map(len, burst)) + 20 * 8, sum(map(len, replies)))
     assert sizes[second.getsockname()[1]] == (12 + 20 * 8, 0)
+
+
+def send_segmented(sock: socket.socket, payloads: list[bytes], target: Any) -> None:
+    """Send `payloads` in one call with UDP_SEGMENT: all but the last the same size."""
+    segment = struct.pack("=H", len(payloads[0]))
+    sock.sendmsg([b"".join(payloads)], [(SOL_UDP, UDP_SEGMENT, segment)], 0, target)
+
+
+def test_runs_sent_with_segmentation_offload_keep_every_boundary(relays: Relays) -> None:
+    # The relay receives such a run whole (UDP_GRO) and must still relay, record and count
+    # each datagram on its own, a shorter last one included, both ways.
+    upstream = udp_client()
+    upstream.bind(("127.0.0.1", 0))
+    relay, recorder = relays.start(f"127.0.0.1:{upstream.getsockname()[1]}")
+    client = udp_client()
+    for sock in (client, upstream):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    runs = [
+        [b"%02d" % i + b"u" * 98 for i in range(16)],
+        [b"%02d" % i + b"v" * 98 for i in range(15)] + [b"short"],
+        [b"w" * 1400] * 40,
+        [b"x" * 100, b"y"],
+    ]
+    target = ("127.0.0.1", listen_port(relay))
+    for run in runs:
+        send_segmented(client, run, target)
+    sent_up = [payload for run in runs for payload in run]
+    arrived = [upstream.recvfrom(70_000) for _ in sent_up]
+    assert [data for data, _ in arrived] == sent_up
+    session = arrived[0][1]
+    replies = [[b"%02d" % i + b"r" * 62 for i in range(64)], [b"z" * 999] * 3 + [b"end"]]
+    for run in replies:
+        send_segmented(upstream, run, session)
+    sent_down = [payload for run in replies for payload in run]
+    assert [client.recv(70_000) for _ in sent_down] == sent_down
+    wait_for(lambda: len(recorder.data(Direction.DOWN)) == len(sent_down), 5, "replies recorded")
+    assert recorder.data(Direction.UP) == sent_up
+    assert recorder.data(Direction.DOWN) == sent_down
+    relays.stop(relay)
+    (closed,) = recorder.closed()
+    assert (closed.flow.bytes_up, closed.flow.bytes_down) == (
+        sum(map(len, sent_up)),
+        sum(map(len, sent_down)),
+    )
+    assert closed.flow.error is None
+
+
+def test_runs_the_route_cannot_segment_go_datagram_by_datagram() -> None:
+    # In a network namespace of its own, the upstream's route has a 600-byte MTU: the kernel
+    # refuses to segment runs of 1,000-byte datagrams, which then leave one at a time.
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode
+    ):
+        pytest.skip("needs unshare --net (root) for a network namespace")
+    runs = [[b"a" * 1000] * 3 + [b"b" * 10], [b"c" * 1000] * 2, [b"d" * 100] * 4]
+    script = Path(__file__).with_name("udp_small_mtu.py")
+    result = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            sys.executable,
+            str(script),
+            json.dumps([[p.hex() for p in run] for run in runs]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=script.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    sent = [payload.hex() for run in runs for payload in run]
+    assert outcome["received"] == sent
+    assert outcome["recorded"] == sent
+    assert outcome["error"] is None
+    assert outcome["bytes_up"] == sum(len(bytes.fromhex(p)) for p in sent)
 
 
 def test_100k_datagrams_are_relayed_and_counted_exactly(udp_echo: Any, flowtap: Any) -> None:
