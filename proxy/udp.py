@@ -227,7 +227,9 @@ class UdpSession:
                 start, segment = end, seg
             count += k
             end += n
-            if not 0 < seg <= gso_max:
+            # A coalesced receive leaves at once: its sender batched already, and request/
+            # response traffic waits for it (one more receive first costs a round trip ~2 us).
+            if k > 1 or not 0 < seg <= gso_max:
                 send_run(self, Direction.DOWN, start, end, segment, count)
                 count = 0
         else:
@@ -368,7 +370,7 @@ class UdpListener:
                 run, start, segment, count = session, end, seg, 0
             count += k
             end += n
-            if not 0 < seg <= gso_max:
+            if k > 1 or not 0 < seg <= gso_max:
                 send_run(run, Direction.UP, start, end, segment, count)
                 run = None
         else:
