@@ -227,8 +227,8 @@ class UdpSession:
                 start, segment = end, seg
             count += k
             end += n
-            # A coalesced receive leaves at once: its sender batched already, and request/
-            # response traffic waits for it (one more receive first costs a round trip ~2 us).
+            # A coalesced receive leaves at once: its sender batched already, and trying one
+            # more receive first would delay every request/response round by a system call.
             if k > 1 or not 0 < seg <= gso_max:
                 send_run(self, Direction.DOWN, start, end, segment, count)
                 count = 0
