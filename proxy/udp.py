@@ -139,6 +139,7 @@ class UdpSession:
         "queued",
         "refused",
         "sock",
+        "sparse",
         "too_large",
         "truncated",
     )
@@ -160,6 +161,7 @@ class UdpSession:
         self.bytes_down = 0
         self.closed = False
         self.queued = False
+        self.sparse = True
         self.refused = 0
         self.too_large = 0
         self.truncated = 0
@@ -190,6 +192,10 @@ class UdpSession:
         # The run waiting to be sent: `count` datagrams of `segment` bytes (the last one may
         # be shorter, as in a coalesced receive), the buffer's [start, end).
         start = end = segment = count = 0
+        # Datagrams received this turn; when the last turn had one at most (request/response
+        # traffic), the first leaves before trying another receive that would delay it.
+        got = 0
+        sparse = self.sparse
         for _ in range(_DATAGRAMS_PER_TURN):
             if end > refill_at:
                 if count:
@@ -208,6 +214,7 @@ class UdpSession:
                 self.failure = f"receive from {self.flow.server}: {exc.strerror or exc}"
                 owner.warn_once("recv-down", self.failure)
                 continue
+            got += 1
             if self.last_active != now:
                 self.last_active = now
                 owner.sessions.move_to_end(self.client_addr)
@@ -227,15 +234,15 @@ class UdpSession:
                 start, segment = end, seg
             count += k
             end += n
-            # A coalesced receive leaves at once: its sender batched already, and trying one
-            # more receive first would delay every request/response round by a system call.
-            if k > 1 or not 0 < seg <= gso_max:
+            # A coalesced receive leaves at once too: its sender batched already.
+            if k > 1 or (sparse and got == 1) or not 0 < seg <= gso_max:
                 send_run(self, Direction.DOWN, start, end, segment, count)
                 count = 0
         else:
             if not self.queued:
                 self.queued = True
                 worker.ready.append(self)
+        self.sparse = got <= 1
         if count:
             send_run(self, Direction.DOWN, start, end, segment, count)
 
@@ -280,6 +287,7 @@ class UdpListener:
         "queued",
         "sessions",
         "sock",
+        "sparse",
         "stopping",
         "worker",
     )
@@ -296,6 +304,7 @@ class UdpListener:
         self.closed = False
         self.queued = False
         self.stopping = False
+        self.sparse = True
         # Runs of datagrams up to this size leave in one segmentation-offload send.
         self.gso_max_segment_bytes = _MAX_DATAGRAM_BYTES
         self._warned: set[str] = set()
@@ -326,9 +335,11 @@ class UdpListener:
         move_to_end = sessions.move_to_end
         gso_max = self.gso_max_segment_bytes
         send_run = self.send_run
-        # The run waiting to be sent, of session `run`: as in `UdpSession._relay_down`.
+        # The run waiting to be sent, of session `run`, and the datagrams received this turn:
+        # as in `UdpSession._relay_down`.
         run: UdpSession | None = None
-        start = end = segment = count = 0
+        start = end = segment = count = got = 0
+        sparse = self.sparse
         for _ in range(_DATAGRAMS_PER_TURN):
             if end > refill_at:
                 if run is not None:
@@ -342,6 +353,7 @@ class UdpListener:
             except OSError as exc:
                 self.warn_once("recv-up", f"receive on {self.listener.address}: {exc.strerror}")
                 continue
+            got += 1
             session = sessions.get(addr)
             if session is None:
                 if run is not None:  # opening may close a session: send what is waiting first
@@ -370,13 +382,14 @@ class UdpListener:
                 run, start, segment, count = session, end, seg, 0
             count += k
             end += n
-            if k > 1 or not 0 < seg <= gso_max:
+            if k > 1 or (sparse and got == 1) or not 0 < seg <= gso_max:
                 send_run(run, Direction.UP, start, end, segment, count)
                 run = None
         else:
             if not self.queued:
                 self.queued = True
                 worker.ready.append(self)
+        self.sparse = got <= 1
         if run is not None:
             send_run(run, Direction.UP, start, end, segment, count)
 
