@@ -891,6 +891,9 @@ class CaptureWriter:
         self._checksums = checksums
         self._conversations: dict[int, _Conversation] = {}
         self._generation = file_generation or (lambda: 0)
+        # Per (header size, segment size): where a full segment's payload starts in its record,
+        # the record's size, and the room an ACK record after the segments needs (see receive).
+        self._layouts: dict[tuple[int, int], tuple[int, int, int]] = {}
 
     def write(self, event: FlowEvent) -> None:
         if type(event) is FlowData:
@@ -933,16 +936,20 @@ class CaptureWriter:
         if size > step:
             size -= size % step  # whole segments: 256 KiB would leave a 164-byte fifth one
         header_size = conversation.header_size
-        prefix, suffix = out.record_layout(header_size, step)
-        slot = prefix + step + suffix
+        layout = self._layouts.get((header_size, step))
+        if layout is None:
+            prefix, suffix = out.record_layout(header_size, step)
+            ack_prefix, ack_suffix = out.record_layout(header_size, 0)
+            # A short last record may need up to 3 bytes more padding than a full one.
+            layout = (prefix, prefix + step + suffix, 4 + ack_prefix + ack_suffix)
+            self._layouts[header_size, step] = layout
+        prefix, slot, ack_room = layout
         # No more records than the file has room for: a ring of files rotates after the
         # record that fills one, as it would packet by packet.
         count = min(-(-size // step), max(1, -(-out.room_bytes // slot)))
         size = min(size, count * step)
-        # A short last record may need up to 3 bytes more padding than a full one.
-        ack_prefix, ack_suffix = out.record_layout(header_size, 0)
-        region = out.reserve(count * slot + 4 + ack_prefix + ack_suffix)
-        slots = [region[i * slot + prefix : (i + 1) * slot - suffix] for i in range(count)]
+        region = out.reserve(count * slot + ack_room)
+        slots = [region[i * slot + prefix : i * slot + prefix + step] for i in range(count)]
         slots[-1] = slots[-1][: size - (count - 1) * step]
         received = sock.recvmsg_into(slots)[0]
         if not received:
@@ -953,6 +960,9 @@ class CaptureWriter:
             src, dst = conversation.client, conversation.server
         else:
             src, dst = conversation.server, conversation.client
+        tcp_header = conversation.tcp_header
+        frame_record = out.frame_record
+        checksums = self._checksums
         parts = []
         at = 0
         left = received
@@ -961,13 +971,13 @@ class CaptureWriter:
             left -= length
             payload = region[at + prefix : at + prefix + length]
             flags = _ACK if left else _PSH | _ACK
-            header = conversation.tcp_header(src, dst, flags, payload, checksums=self._checksums)
-            at = out.frame_record(region, at, timestamp_ns, header, length)
+            header = tcp_header(src, dst, flags, payload, checksums=checksums)
+            at = frame_record(region, at, timestamp_ns, header, length)
             src.seq = (src.seq + length) & 0xFFFFFFFF
             parts.append(payload)
         # The receiver's ACK, in the same reservation.
-        header = conversation.tcp_header(dst, src, _ACK, b"", checksums=self._checksums)
-        at = out.frame_record(region, at, timestamp_ns, header, 0)
+        header = tcp_header(dst, src, _ACK, b"", checksums=checksums)
+        at = frame_record(region, at, timestamp_ns, header, 0)
         loan = out.commit(at)
         return Chunk(received, parts, loan, size)
 
