@@ -11,6 +11,10 @@ Loss is what was sent and never arrived (for one-way, counted by the sink). soca
 `socat UDP-LISTEN:P,fork,reuseaddr UDP:127.0.0.1:Q`; flowtap as `flowtap run --udp` (its
 defaults, which busy-poll while datagrams are dense), and `flowtap-sleeping` adds
 `--busy-poll 0` to show what busy polling is worth.
+By default the client and the echo send runs of datagrams with UDP segmentation offload, as
+QUIC stacks do, so the load generator leaves the CPUs to the relay; flowtap receives such a
+run whole (UDP_GRO), which socat cannot. `--plain-client` sends one datagram per system call
+instead: every relay then receives datagram by datagram.
 `relay us/dgram` is the relay's CPU time (user + system, all its processes) per datagram it
 relayed: steadier than rates, which depend on how the shared CPUs are divided between the
 client, the peer and the relay. Target: flowtap at >= 1.5x socat's rate with 0 loss.
