@@ -401,8 +401,9 @@ def test_session_limit_closes_the_least_recently_active(udp_echo: Any, flowtap: 
     for client in (a, c, d):
         client.sendto(b"still", target)
         assert client.recv(10) == b"still"
-    assert len(json_events(process, "opened")) == 4
+    # Counted once flowtap has exited: the output of a busy relay may lag the datagrams.
     assert process.stop() == 0
+    assert len(json_events(process, "opened")) == 4
     assert len(json_events(process, "closed")) == 4
 
 
@@ -423,9 +424,8 @@ def test_icmp_port_unreachable_is_recorded_and_the_session_goes_on(
     client.settimeout(5)
     client.sendto(b"now?", target)
     assert client.recv(10) == b"now?"
-    assert len(json_events(process, "opened")) == 1  # one session throughout
-    assert json_events(process, "closed") == []
     assert process.stop() == 0
+    assert len(json_events(process, "opened")) == 1  # one session throughout
     (closed,) = json_events(process, "closed")
     assert closed["reason"] == "shutdown"
     assert "ICMP port unreachable" in closed["error"]
