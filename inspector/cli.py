@@ -296,7 +296,9 @@ def listener_specs(args: argparse.Namespace) -> list[ListenerSpec]:
     return specs
 
 
-def _wait_for_signal() -> None:
+def _catch_stop_signals() -> threading.Event:
+    """An event that SIGINT or SIGTERM sets from now on (before the listening line is printed:
+    a signal sent right after it must still stop flowtap gracefully)."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -304,8 +306,7 @@ def _wait_for_signal() -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    while not stop.wait(3600):
-        pass
+    return stop
 
 
 def run_relay(
@@ -356,8 +357,10 @@ def run_relay(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    stop = _catch_stop_signals()
     relay = run_relay(args)
-    _wait_for_signal()
+    while not stop.wait(3600):
+        pass
     relay.stop(args.grace)
     relay.bus.close()
     return 0
