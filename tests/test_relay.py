@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import resource
+import signal
 import socket
 import struct
 import subprocess
@@ -17,7 +18,15 @@ from typing import Any
 
 import pytest
 
-from conftest import FlowtapProcess, free_port, json_events, start_flowtap, wait_for, wait_port
+from conftest import (
+    FlowtapProcess,
+    flowtap_command,
+    free_port,
+    json_events,
+    start_flowtap,
+    wait_for,
+    wait_port,
+)
 
 
 def closed_events(
@@ -375,6 +384,31 @@ def test_sigterm_closes_open_flows_as_shutdown_and_exits_0(echo_server: tuple[st
         assert recv_all(sock) == b""
         sock.close()
     assert "Traceback" not in proc.stderr
+
+
+def test_a_signal_right_after_the_listening_line_is_a_clean_exit(
+    echo_server: tuple[str, int],
+) -> None:
+    # Scripts stop flowtap as soon as they have seen it listen: that must be a graceful stop.
+    for sig in (signal.SIGTERM, signal.SIGINT) * 3:
+        proc = subprocess.Popen(
+            [
+                *flowtap_command(),
+                "run",
+                "--listen",
+                "0",
+                "--upstream",
+                f"127.0.0.1:{echo_server[1]}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening tcp ")
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=20)
+        assert (proc.returncode, stderr) == (0, "")
 
 
 def test_sigint_lets_a_finishing_flow_end_normally(echo_server: tuple[str, int]) -> None:
