@@ -220,13 +220,25 @@ def send_segmented(sock: socket.socket, payloads: list[bytes], target: Any) -> N
     sock.sendmsg([b"".join(payloads)], [(SOL_UDP, UDP_SEGMENT, segment)], 0, target)
 
 
-def test_runs_sent_with_segmentation_offload_keep_every_boundary(relays: Relays) -> None:
+@pytest.mark.parametrize(
+    ("client_host", "upstream_host"),
+    [("127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("::1", "127.0.0.1")],
+)
+def test_runs_sent_with_segmentation_offload_keep_every_boundary(
+    relays: Relays, client_host: str, upstream_host: str
+) -> None:
     # The relay receives such a run whole (UDP_GRO) and must still relay, record and count
     # each datagram on its own, a shorter last one included, both ways.
-    upstream = udp_client()
-    upstream.bind(("127.0.0.1", 0))
-    relay, recorder = relays.start(f"127.0.0.1:{upstream.getsockname()[1]}")
-    client = udp_client()
+    upstream = udp_client(upstream_host)
+    upstream.bind((upstream_host, 0))
+    upstream_port = upstream.getsockname()[1]
+    relay, recorder = relays.start(
+        f"[{upstream_host}]:{upstream_port}"
+        if ":" in upstream_host
+        else f"{upstream_host}:{upstream_port}",
+        listen="[::1]:0" if ":" in client_host else "127.0.0.1:0",
+    )
+    client = udp_client(client_host)
     for sock in (client, upstream):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     runs = [
@@ -235,7 +247,7 @@ def test_runs_sent_with_segmentation_offload_keep_every_boundary(relays: Relays)
         [b"w" * 1400] * 40,
         [b"x" * 100, b"y"],
     ]
-    target = ("127.0.0.1", listen_port(relay))
+    target = (client_host, listen_port(relay))
     for run in runs:
         send_segmented(client, run, target)
     sent_up = [payload for run in runs for payload in run]
