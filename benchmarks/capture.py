@@ -31,7 +31,6 @@ from relay import (
     bulk_down,
     bulk_up,
     flowtap_command,
-    free_port,
     start_socat,
     wait_port,
 )
@@ -101,18 +100,6 @@ def start_peers() -> tuple[subprocess.Popen[str], int]:
     bulk = int(line.split()[1])
     wait_port(bulk)
     return proc, bulk
-
-
-def start_default_socat(bulk: int) -> Target:
-    """socat as a user runs it, with its default 8 KiB buffer (for context: the target is
-    against `socat -b 262144`, as in the relay benchmark)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        ["socat", f"TCP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1", f"TCP:127.0.0.1:{bulk}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    wait_port(port)
-    return Target("socat (default buffer)", port, 0, [proc])  # type: ignore[list-item]
 
 
 def start_flowtap(bulk: int, workdir: Path, *capture: str) -> Target:
@@ -226,7 +213,8 @@ def main() -> None:
     try:
         make: dict[str, Callable[[], Target]] = {
             "socat -b 262144": lambda: start_socat(bulk, bulk),
-            "socat -b 8192": lambda: start_default_socat(bulk),
+            # socat as users run it, with its default buffer; the target is against -b 262144.
+            "socat -b 8192": lambda: start_socat(bulk, bulk, buffer_bytes=8192),
             "capture off": lambda: start_flowtap(bulk, workdir),
             "pcap": lambda: start_flowtap(bulk, workdir, "--pcap", str(workdir / "t.pcap")),
             "pcapng": lambda: start_flowtap(bulk, workdir, "--pcap", str(workdir / "t.pcapng")),

@@ -87,7 +87,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_socat(bulk: int, echo: int) -> Target:
+def start_socat(bulk: int, echo: int, buffer_bytes: int = 262144) -> Target:
+    """socat in front of each peer, reading and writing `buffer_bytes` at a time (its own
+    default is 8192)."""
     procs = []
     ports = []
     for upstream in (bulk, echo):
@@ -97,7 +99,7 @@ def start_socat(bulk: int, echo: int) -> Target:
                 [
                     "socat",
                     "-b",
-                    "262144",
+                    str(buffer_bytes),
                     f"TCP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1,backlog=4096",
                     f"TCP:127.0.0.1:{upstream}",
                 ],
