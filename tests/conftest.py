@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,13 +151,20 @@ def flowtap_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "flowtap.inspector.cli"]
 
 
-def start_flowtap(*args: str, listeners: int = 1, timeout_s: float = 15.0) -> FlowtapProcess:
-    """Start `flowtap ARGS` and wait for its `listening` lines."""
+def start_flowtap(
+    *args: str,
+    listeners: int = 1,
+    timeout_s: float = 15.0,
+    preexec_fn: Callable[[], None] | None = None,
+) -> FlowtapProcess:
+    """Start `flowtap ARGS` and wait for its `listening` lines; `preexec_fn` runs in the child
+    before flowtap starts (to set a resource limit, say)."""
     proc = subprocess.Popen(
         [*flowtap_command(), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec_fn,
     )
     process = FlowtapProcess(proc)
     wait_for(

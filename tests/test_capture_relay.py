@@ -207,15 +207,10 @@ def test_a_capture_that_cannot_grow_stops_with_one_line_and_the_relay_goes_on(
     def limit_file_size() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.Popen(
-        [*flowtap_command(), "run", "--listen", "127.0.0.1:0",
-         "--upstream", f"127.0.0.1:{echo_server[1]}", "--pcap", str(capture)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit_file_size,
+    proxy = start_flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo_server[1]}",
+        "--pcap", str(capture), preexec_fn=limit_file_size,
     )  # fmt: skip
-    from conftest import FlowtapProcess
-
-    proxy = FlowtapProcess(proc)
-    wait_for(lambda: bool(proxy.listeners) or proc.poll() is not None, 15, "flowtap to listen")
     payloads = [os.urandom(4 << 20), b"still relayed\n", os.urandom(4 << 20)]
     for payload in payloads:
         assert exchange(proxy.port, payload) == payload

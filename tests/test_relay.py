@@ -505,25 +505,15 @@ def test_too_many_open_files_keeps_running_and_recovers(echo_server: tuple[str, 
     def low_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 
-    from conftest import FlowtapProcess, flowtap_command
-
-    popen = subprocess.Popen(
-        [
-            *flowtap_command(),
-            "run",
-            "--json",
-            "--listen",
-            "0",
-            "--upstream",
-            f"127.0.0.1:{echo_server[1]}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_flowtap(
+        "run",
+        "--json",
+        "--listen",
+        "0",
+        "--upstream",
+        f"127.0.0.1:{echo_server[1]}",
         preexec_fn=low_fd_limit,
     )
-    proc = FlowtapProcess(popen)
-    wait_for(lambda: bool(proc.listeners), 15, "listening")
     clients = []
     for _ in range(40):  # more than 48 descriptors once each flow has two sockets
         sock = socket.create_connection(("127.0.0.1", proc.port))
