@@ -573,8 +573,6 @@ def test_too_many_open_files_keeps_running_and_recovers(echo_server: tuple[str, 
     ],
 )
 def test_bad_arguments_get_one_line_error(args: list[str], message: str) -> None:
-    from conftest import flowtap_command
-
     result = subprocess.run(
         [*flowtap_command(), "run", *args], capture_output=True, text=True, timeout=20
     )
@@ -614,8 +612,6 @@ def test_dense_traffic_is_relayed_and_then_the_relay_sleeps(
 
 
 def test_port_in_use_names_port_and_suggests_zero() -> None:
-    from conftest import flowtap_command
-
     taken = socket.create_server(("127.0.0.1", 0))
     port = taken.getsockname()[1]
     result = subprocess.run(
@@ -664,8 +660,6 @@ def test_reuse_port_lets_two_processes_share_one_port(
 
 
 def test_port_in_use_without_reuse_port_on_the_other_side() -> None:
-    from conftest import flowtap_command
-
     taken = socket.create_server(("127.0.0.1", 0))
     port = taken.getsockname()[1]
     result = subprocess.run(
