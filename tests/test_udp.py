@@ -231,12 +231,9 @@ def test_runs_sent_with_segmentation_offload_keep_every_boundary(
     # each datagram on its own, a shorter last one included, both ways.
     upstream = udp_client(upstream_host)
     upstream.bind((upstream_host, 0))
-    upstream_port = upstream.getsockname()[1]
     relay, recorder = relays.start(
-        f"[{upstream_host}]:{upstream_port}"
-        if ":" in upstream_host
-        else f"{upstream_host}:{upstream_port}",
-        listen="[::1]:0" if ":" in client_host else "127.0.0.1:0",
+        str(Address(upstream_host, upstream.getsockname()[1])),
+        listen=str(Address(client_host, 0)),
     )
     client = udp_client(client_host)
     for sock in (client, upstream):
