@@ -65,6 +65,7 @@ def relays() -> Iterator[Relays]:
 
 SOL_UDP = 17
 UDP_SEGMENT = 103
+UDP_GRO = 104
 
 
 def udp_client(host: str = "127.0.0.1", timeout_s: float = 5.0) -> socket.socket:
@@ -266,6 +267,44 @@ def test_runs_sent_with_segmentation_offload_keep_every_boundary(
         sum(map(len, sent_down)),
     )
     assert closed.flow.error is None
+
+
+def coalesced_receives(sock: socket.socket, datagrams: int) -> list[tuple[int, int]]:
+    """(bytes, segment size) of each receive until `datagrams` arrived, with UDP_GRO on."""
+    receives = []
+    while datagrams > 0:
+        data, ancillary, _flags, _addr = sock.recvmsg(70_000, socket.CMSG_SPACE(4))
+        segment = next(
+            (
+                int.from_bytes(cmsg[:4], sys.byteorder)
+                for level, kind, cmsg in ancillary
+                if (level, kind) == (SOL_UDP, UDP_GRO)
+            ),
+            len(data),
+        )
+        receives.append((len(data), segment))
+        datagrams -= -(-len(data) // segment)
+    return receives
+
+
+def test_a_run_leaves_as_its_first_datagram_then_one_segmented_send(relays: Relays) -> None:
+    # Seen by an upstream that asks for receive coalescing, each send of the relay arrives
+    # whole: the first datagram of a run on its own (a sleeping peer wakes on it sooner), the
+    # rest in one send with segmentation offload, not datagram by datagram.
+    upstream = udp_client()
+    upstream.bind(("127.0.0.1", 0))
+    upstream.setsockopt(SOL_UDP, UDP_GRO, 1)
+    probe = udp_client()
+    send_segmented(probe, [b"p" * 100] * 4, upstream.getsockname())
+    if coalesced_receives(upstream, 4) != [(400, 100)]:
+        pytest.skip("this kernel does not deliver a run sent with UDP_SEGMENT whole")
+    relay, recorder = relays.start(f"127.0.0.1:{upstream.getsockname()[1]}")
+    client = udp_client()
+    run = [b"%02d" % i + b"q" * 98 for i in range(16)]
+    send_segmented(client, run, ("127.0.0.1", listen_port(relay)))
+    assert coalesced_receives(upstream, 16) == [(100, 100), (1500, 100)]
+    wait_for(lambda: len(recorder.data(Direction.UP)) == 16, 5, "datagrams recorded")
+    assert recorder.data(Direction.UP) == run
 
 
 def test_runs_the_route_cannot_segment_go_datagram_by_datagram() -> None:
