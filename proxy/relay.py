@@ -529,9 +529,9 @@ class Worker(threading.Thread):
         # microseconds, more than relaying a datagram. So while events keep coming closer
         # together than `busy_poll_s` (a running average of the gaps), the worker polls
         # without sleeping, for at most `busy_poll_s` after the last event: sparse traffic
-        # never spins, and an idle relay sleeps. Measured here: UDP ping-pong about x1.6 and
-        # request/response with 16 in flight x0.95-1.3 (benchmarks/udp.py), TCP ping-pong
-        # p50 52 -> 40 us (benchmarks/relay.py).
+        # never spins, and an idle relay sleeps. Measured here against `--busy-poll 0`: UDP
+        # ping-pong x1.7-1.8 and request/response with 16 in flight x1.6-1.9
+        # (benchmarks/udp.py), TCP ping-pong p50 52 -> 40 us (benchmarks/relay.py).
         busy_poll_s = self.config.busy_poll_s
         cold_gap_s = 4 * busy_poll_s  # the gap counted for a sleep, however long it was
         average_gap_s = cold_gap_s
