@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.flow import Direction, Flow, FlowClosed, FlowData, FlowOpened
+from flowtap.proxy.flow import Direction, Flow, FlowClosed, FlowData, FlowOpened, Transport
 
 from .log import flow_record, human_bytes
 from .reader import (
@@ -149,7 +149,7 @@ def list_flows(path: Path, out: TextIO, *, as_json: bool = False) -> ShowResult:
     rows = [("ID", "PROTO", "CLIENT", "SERVER", "START", "DURATION", "UP", "DOWN", "END")]
     for listed in ordered:
         flow = listed.flow
-        end = str(flow.reason) if flow.reason is not None else f"{flow.state} at capture end"
+        end = _end_text(flow, "")
         missing = listed.gap_bytes_up + listed.gap_bytes_down
         if missing:
             end += f", {human_bytes(missing)} missing"
@@ -222,8 +222,19 @@ def _flow_heading(flow: Flow) -> str:
     return line
 
 
+def _end_text(flow: Flow, still: str) -> str:
+    """How a flow ended, as far as the capture tells."""
+    if flow.reason is not None:
+        return str(flow.reason)
+    if flow.transport is Transport.UDP:
+        # A UDP session ends without a packet (an idle timeout, a relay stopping): the
+        # capture holds its datagrams, not its end.
+        return "no end on the wire (udp)"
+    return f"{still}{flow.state} at capture end"
+
+
 def _closing_line(flow: Flow) -> str:
-    end = str(flow.reason) if flow.reason is not None else f"still {flow.state} at capture end"
+    end = _end_text(flow, "still ")
     line = (
         f"{_clock(flow.ended_at or flow.started_at)} -- {end}: "
         f"up {human_bytes(flow.bytes_up)}, down {human_bytes(flow.bytes_down)}, "

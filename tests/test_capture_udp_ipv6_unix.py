@@ -19,7 +19,8 @@ from capture_checks import (
     tshark,
 )
 
-from conftest import UdpEchoServer, wait_for
+from conftest import UdpEchoServer, flowtap_command, wait_for
+from flowtap.inspector.log import human_bytes
 
 CHECKSUMS = ("udp.check_checksum:TRUE", "ip.check_checksum:TRUE")
 
@@ -95,6 +96,17 @@ def test_udp_datagrams_are_captured_one_packet_each_with_exact_bytes(
     assert up == sizes and down == sizes
     assert follow_udp(capture, 0) == (b"".join(sent), b"".join(sent))
     assert len(scapy_packets(capture)) == 2 * len(sizes)
+    # `show` lists the session like a TCP flow; its end (here the relay stopping) sent no
+    # packet, and `show` says so rather than calling the session open.
+    shown = subprocess.run(
+        [*flowtap_command(), "show", str(capture)],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    (row,) = shown.stdout.splitlines()[2:]
+    assert row.split()[1:4] == ["udp", f"127.0.0.1:{client_port}", f"127.0.0.1:{echo.port}"]
+    total = sum(sizes)
+    assert row.split()[6:8] == [human_bytes(total), human_bytes(total)]
+    assert row.endswith("no end on the wire (udp)")
 
 
 def test_ipv6_flows_are_captured_as_ipv6(
