@@ -120,7 +120,11 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         help="on SIGINT/SIGTERM, let open flows finish for S seconds (default 5)",
     )
     parser.add_argument(
-        "--workers", type=int, default=2, metavar="N", help="relay threads (default 2)"
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="relay threads (default 1: they share the GIL; --reuse-port scales across processes)",
     )
     parser.add_argument(
         "--busy-poll",
