@@ -295,6 +295,9 @@ def main() -> None:
     idle = 1000 if args.quick else args.idle
     rounds = 2000 if args.quick else 20_000
     bulk_rounds = 1 if args.quick else 5
+    # New connections take turns with the bulk rounds too: a single 3 s sample per path
+    # varied by up to 20% from one run to the next here.
+    conn_seconds = 3.0 if args.quick else 2.0
     processes = 1
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 2 * idle + 1024  # flowtap holds two sockets a flow
@@ -328,8 +331,9 @@ def main() -> None:
     }
     targets = {name: start() for name, start in starters.items()}
     try:
-        # Throughput alternates between the paths, round after round, and keeps each one's
-        # median: on a small shared machine, drift in the background hits all paths alike.
+        # Throughput and new connections alternate between the paths, round after round, and
+        # keep each one's median: on a small shared machine, drift in the background hits all
+        # paths alike.
         samples: dict[str, dict[str, list[float]]] = {name: {} for name in targets}
         for _ in range(bulk_rounds):
             for name, target in targets.items():
@@ -341,12 +345,14 @@ def main() -> None:
                 row_samples.setdefault("8 streams MB/s", []).append(
                     parallel_down(target.bulk_port, 8, size // 4)
                 )
+                row_samples.setdefault("conn/s", []).append(
+                    connection_rate(target.echo_port, conn_seconds, 20_000)
+                )
         for name, target in targets.items():
             row = {metric: statistics.median(values) for metric, values in samples[name].items()}
             p50, p99 = ping_pong(target.bulk_port, rounds)
             row["ping-pong p50 us"] = p50
             row["ping-pong p99 us"] = p99
-            row["conn/s"] = connection_rate(target.echo_port, 3.0, 20_000)
             if name != "direct":
                 held = idle if name == "flowtap" else min(idle, 1000)
                 if name == "flowtap":
@@ -369,8 +375,8 @@ def main() -> None:
 
     metrics = list(results["flowtap"])
     print(
-        f"\nbulk {size // MiB} MiB each way (median of {bulk_rounds} alternating rounds), "
-        f"{rounds} ping-pong rounds"
+        f"\nbulk {size // MiB} MiB each way and conn/s {conn_seconds:g} s (median of "
+        f"{bulk_rounds} alternating rounds), {rounds} ping-pong rounds"
     )
     print(f"{'metric':<22}" + "".join(f"{n:>12}" for n in results) + f"{'flowtap/socat':>15}")
     for metric in metrics:
