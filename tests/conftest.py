@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -23,6 +24,17 @@ import pytest
 from flowtap.proxy.flow import Direction, FlowClosed, FlowData, FlowEvent, FlowOpened
 
 LISTENING = re.compile(r"^listening (tcp|udp) (\S+) -> (\S+)$")
+
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+
+
+def send_segmented(sock: socket.socket, payloads: list[bytes], target: Any) -> None:
+    """Send `payloads` in one call with UDP_SEGMENT: all but the last the same size."""
+    segment = struct.pack("=H", len(payloads[0]))
+    sock.sendmsg([b"".join(payloads)], [(SOL_UDP, UDP_SEGMENT, segment)], 0, target)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

@@ -7,7 +7,6 @@ import logging
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -18,8 +17,16 @@ from typing import Any
 
 import pytest
 
+from conftest import (
+    SOL_UDP,
+    UDP_GRO,
+    UdpEchoServer,
+    free_port,
+    json_events,
+    send_segmented,
+    wait_for,
+)
 from conftest import EventRecorder as Recorder
-from conftest import UdpEchoServer, free_port, json_events, wait_for
 from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import (
     Address,
@@ -61,11 +68,6 @@ def relays() -> Iterator[Relays]:
     harness = Relays()
     yield harness
     harness.stop_all()
-
-
-SOL_UDP = 17
-UDP_SEGMENT = 103
-UDP_GRO = 104
 
 
 def udp_client(host: str = "127.0.0.1", timeout_s: float = 5.0) -> socket.socket:
@@ -213,12 +215,6 @@ def test_bursts_keep_every_datagram_boundary_and_order_both_ways(relays: Relays)
     sizes = {e.flow.client.port: (e.flow.bytes_up, e.flow.bytes_down) for e in recorder.closed()}
     assert sizes[first.getsockname()[1]] == (sum(map(len, burst)) + 20 * 8, sum(map(len, replies)))
     assert sizes[second.getsockname()[1]] == (12 + 20 * 8, 0)
-
-
-def send_segmented(sock: socket.socket, payloads: list[bytes], target: Any) -> None:
-    """Send `payloads` in one call with UDP_SEGMENT: all but the last the same size."""
-    segment = struct.pack("=H", len(payloads[0]))
-    sock.sendmsg([b"".join(payloads)], [(SOL_UDP, UDP_SEGMENT, segment)], 0, target)
 
 
 @pytest.mark.parametrize(

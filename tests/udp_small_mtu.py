@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 import subprocess
 import sys
 
-from conftest import EventRecorder
+from conftest import EventRecorder, send_segmented
 from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import Address, Direction, Transport
 from flowtap.proxy.listener import ListenerSpec
 from flowtap.proxy.relay import Relay, RelayConfig
-
-SOL_UDP = 17
-UDP_SEGMENT = 103
 
 
 def main() -> int:
@@ -41,9 +37,7 @@ def main() -> int:
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     target = ("127.0.0.1", relay.listeners[0].address.port)
     for run in json.loads(sys.argv[1]):
-        payloads = [bytes.fromhex(p) for p in run]
-        segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(payloads[0])))]
-        client.sendmsg([b"".join(payloads)], segment, 0, target)
+        send_segmented(client, [bytes.fromhex(p) for p in run], target)
     received = []
     try:
         while True:
