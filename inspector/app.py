@@ -272,6 +272,11 @@ class FlowtapApp(App[None]):
         self.loading = False
         self.loading_box.remove_class("-shown")
         self._tick()  # the last batch, so that the selection below finds its flow
+        ended = self.store.mark_capture_end()
+        if ended:
+            self.table.update_flows(set(ended))
+            if self.detail.flow_id in ended:
+                self.detail.show_flow(self.detail.flow_id)
         if message.error:
             self.tell(message.error, title="Cannot load the capture", severity="error")
         else:

@@ -24,6 +24,7 @@ from flowtap.proxy.flow import (
     FlowEvent,
     FlowOpened,
     FlowState,
+    Transport,
 )
 
 from .summary import EMPTY, HEAD_BYTES, Summary, summarize
@@ -190,6 +191,7 @@ class FlowRecord:
         "head_up",
         "kept_down",
         "kept_up",
+        "past_capture_end",
         "summary",
         "summary_stale",
     )
@@ -207,6 +209,9 @@ class FlowRecord:
         self.summary: Summary = EMPTY
         self.summary_stale = False
         self.gaps = 0
+        # Read from a capture that ended while the flow was open: its state is the last
+        # one the packets told, not a live one.
+        self.past_capture_end = False
 
     @property
     def id(self) -> int:
@@ -221,6 +226,9 @@ class FlowRecord:
         flow = self.flow
         if flow.state is FlowState.CLOSED and flow.reason is not None:
             return str(flow.reason)
+        if self.past_capture_end and flow.state is not FlowState.CLOSED:
+            # A UDP session ends without a packet, so a capture cannot tell its end.
+            return "no end (udp)" if flow.transport is Transport.UDP else f"{flow.state} at end"
         return str(flow.state)
 
     @property
@@ -356,6 +364,15 @@ class FlowStore:
         record.bytes_up = max(record.bytes_up, bytes_up)
         record.bytes_down = max(record.bytes_down, bytes_down)
         return added
+
+    def mark_capture_end(self) -> list[int]:
+        """The capture these flows were read from has ended: the ids of those still open."""
+        ended = []
+        for record in self.records.values():
+            if not record.is_closed and not record.past_capture_end:
+                record.past_capture_end = True
+                ended.append(record.id)
+        return ended
 
     def refresh_summaries(self, limit: int = 2000) -> list[int]:
         """Recompute up to `limit` stale summaries; return the ids whose summary changed."""

@@ -457,3 +457,38 @@ def test_a_live_bulk_flow_past_the_keep_cap_still_counts_its_bytes(live: LiveRel
             client.close()
 
     run(app, scenario)
+
+
+def test_flows_a_capture_ends_before_say_so_rather_than_open(tmp_path: Path) -> None:
+    """A capture cut while a TCP flow was open, and a UDP session (which never sends an end)."""
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.utils import wrpcap
+
+    client, server = "127.0.0.1", "127.0.0.2"
+    tcp = [
+        IP(src=client, dst=server) / TCP(sport=40000, dport=6379, flags="S", seq=100),
+        IP(src=server, dst=client) / TCP(sport=6379, dport=40000, flags="SA", seq=500, ack=101),
+        IP(src=client, dst=server) / TCP(sport=40000, dport=6379, flags="A", seq=101, ack=501),
+        IP(src=client, dst=server)
+        / TCP(sport=40000, dport=6379, flags="PA", seq=101, ack=501)
+        / b"PING\r\n",
+    ]
+    udp = [
+        IP(src=client, dst=server) / UDP(sport=40001, dport=53) / b"query",
+        IP(src=server, dst=client) / UDP(sport=53, dport=40001) / b"answer",
+    ]
+    path = tmp_path / "cut.pcap"
+    wrpcap(str(path), tcp + udp)
+    app = FlowtapApp(capture=path)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        table = app.query_one(FlowTable)
+        await until(pilot, lambda: not app.loading, "the capture to load")
+        await until(pilot, lambda: len(table.ids) == 2, "two flows")
+        states = {str(r.flow.transport): r.state_text for r in app.store.records.values()}
+        assert states == {"tcp": "open at end", "udp": "no end (udp)"}
+        for flow_id in table.ids:
+            record = app.store.records[flow_id]
+            assert record.state_text in table.row_text(record)
+
+    run(app, scenario)
