@@ -115,7 +115,7 @@ def start_flowtap(bulk: int, workdir: Path, *capture: str) -> Target:
     while time.monotonic() < deadline:
         found = re.search(r"^listening tcp 127\.0\.0\.1:(\d+) ->", log_path.read_text(), re.M)
         if found:
-            return Target("flowtap", int(found.group(1)), 0, [proc])  # type: ignore[list-item]
+            return Target("flowtap", int(found.group(1)), 0, [proc])
         time.sleep(0.01)
     proc.kill()
     raise RuntimeError("flowtap did not print its listening line")

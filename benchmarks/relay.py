@@ -140,7 +140,7 @@ def start_flowtap(
     elapsed = time.perf_counter() - started
     if len(ports) < 2:
         raise RuntimeError("flowtap did not print its listening lines")
-    return Target("flowtap", ports[0], ports[1], [proc]), elapsed  # type: ignore[list-item]
+    return Target("flowtap", ports[0], ports[1], [proc]), elapsed
 
 
 # -- workloads -------------------------------------------------------------------------------
