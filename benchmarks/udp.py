@@ -1,6 +1,6 @@
 """UDP relay benchmark: datagram rates direct, through socat and through flowtap, loss counted.
 
-    python benchmarks/udp.py [--seconds 1] [--rounds 5] [--mode M] [--size B] [--path P]
+    python benchmarks/udp.py [--seconds 1] [--rounds 9] [--mode M] [--size B] [--path P]
 
 Modes, each for 64 B and 1,400 B datagrams, one client, every peer a process of its own:
 - `ping-pong`: one datagram in flight, echoed back (latency bound).
@@ -17,7 +17,9 @@ run whole (UDP_GRO), which socat cannot. `--plain-client` sends one datagram per
 instead: every relay then receives datagram by datagram.
 `relay us/dgram` is the relay's CPU time (user + system, all its processes) per datagram it
 relayed: steadier than rates, which depend on how the shared CPUs are divided between the
-client, the peer and the relay. Target: flowtap at >= 1.5x socat's rate with 0 loss.
+client, the peer and the relay. flowtap's includes its busy polling: while it polls a whole
+CPU, the figure only mirrors its rate (`flowtap-sleeping` shows the work per datagram).
+Target: flowtap at >= 1.5x socat's rate with 0 loss.
 
 A relay adds a hop to every round trip, so where the direct path itself (client and peer,
 no relay) stays under 1.5x socat's rate, the target is out of any relay's reach and becomes
@@ -415,9 +417,10 @@ def main() -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=5,
-        help="measurements per row, the paths taking turns; the median is shown (default 5: "
-        "socat's own rate varies by a factor of 1.7 between runs)",
+        default=9,
+        help="measurements per row, the paths taking turns; the median is shown (default 9: "
+        "socat's own rate varies by a factor of 1.7 between runs, and on a shared machine "
+        "spells of a few seconds slow every path's peers by a third)",
     )
     parser.add_argument(
         "--mode", action="append", choices=MODES, help="only this mode (repeatable)"
