@@ -274,7 +274,7 @@ class FlowtapApp(App[None]):
         self._tick()  # the last batch, so that the selection below finds its flow
         ended = self.store.mark_capture_end()
         if ended:
-            self.table.update_flows(set(ended))
+            self.table.update_flows(ended)
             if self.detail.flow_id in ended:
                 self.detail.show_flow(self.detail.flow_id)
         if message.error:

@@ -365,13 +365,13 @@ class FlowStore:
         record.bytes_down = max(record.bytes_down, bytes_down)
         return added
 
-    def mark_capture_end(self) -> list[int]:
+    def mark_capture_end(self) -> set[int]:
         """The capture these flows were read from has ended: the ids of those still open."""
-        ended = []
+        ended = set()
         for record in self.records.values():
             if not record.is_closed and not record.past_capture_end:
                 record.past_capture_end = True
-                ended.append(record.id)
+                ended.add(record.id)
         return ended
 
     def refresh_summaries(self, limit: int = 2000) -> list[int]:
