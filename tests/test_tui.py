@@ -479,6 +479,7 @@ def test_flows_a_capture_ends_before_say_so_rather_than_open(tmp_path: Path) -> 
     ]
     path = tmp_path / "cut.pcap"
     wrpcap(str(path), tcp + udp)
+    assert_tshark_clean(path, data_port=53)  # the UDP payloads are not DNS messages
     app = FlowtapApp(capture=path)
 
     async def scenario(pilot: Pilot[None]) -> None:
