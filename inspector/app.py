@@ -1,18 +1,18 @@
 """The flowtap terminal UI: live flows from a relay, or flows loaded from a capture file.
 
-Relay threads never wait on the UI: they hand events to a `FlowFeed` (an `EventQueue`), which
-the app drains in batches on a timer (at most 20 times a second) into its `FlowStore`.
+Live events wait in an event source (a `ControlClient` reading a relay's control socket, or
+an in-process `FlowFeed`), which the app drains in batches on a timer (at most 20 times a
+second) into its `FlowStore`.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import heapq
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -26,7 +26,6 @@ from textual.widgets import Footer, ProgressBar, Static
 
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.flow import Direction, FlowClosed, FlowData, FlowEvent
-from flowtap.proxy.relay import Relay
 
 from .flow_filter import parse_filter
 from .log import human_bytes
@@ -34,7 +33,8 @@ from .messages import FilterChanged, FilterClosed, FlowSelected, LoadFinished, L
 from .pcap import CaptureWriter, open_packet_file
 from .reader import CaptureError, CaptureReader
 from .reassembly import Reassembler
-from .store import FlowFeed, FlowStore
+from .store import FlowStore
+from .viewer import RelayGone
 from .widgets.filter_box import FilterBox
 from .widgets.flow_detail import FlowDetail
 from .widgets.flow_table import COLUMNS, FlowTable
@@ -43,9 +43,21 @@ from .widgets.stats import StatsBar
 
 
 class EventSource(Protocol):
-    """Where live flow events wait for the app (an `EventQueue` or a `FlowFeed`)."""
+    """Where live flow events wait for the app (a `ControlClient`, a `FlowFeed`)."""
 
-    def drain(self, limit: int = 100_000) -> list[FlowEvent]: ...
+    def drain(self, limit: int = 100_000) -> Sequence[object]: ...
+
+
+class RelayHandle(Protocol):
+    """What the app asks of the relay it shows: a `ControlClient`, or a `Relay` in-process."""
+
+    def kill(self, flow_id: int) -> object:
+        """Reset both sides of a live flow."""
+        ...
+
+    def byte_counts(self, flow_id: int) -> tuple[int, int] | None:
+        """Bytes a live flow has moved so far (up, down), if known."""
+        ...
 
 
 TICK_S = 0.05
@@ -111,7 +123,7 @@ class FlowtapApp(App[None]):
         self,
         *,
         events: EventSource | None = None,
-        relay: Relay | None = None,
+        relay: RelayHandle | None = None,
         capture: Path | None = None,
         source: str = "",
         store: FlowStore | None = None,
@@ -132,6 +144,8 @@ class FlowtapApp(App[None]):
         self._last_detail = 0.0
         self._last_counts = 0.0
         self._detail_stale = False
+        self.relay_gone: str | None = None
+        """Why the relay this app was attached to went away, once it has."""
         self.lag_samples: list[float] | None = None
         """When a list, the app appends how long each flow took from opening to its row."""
 
@@ -194,6 +208,9 @@ class FlowtapApp(App[None]):
     def _tick(self) -> None:
         """Drain waiting events into the store and redraw what changed."""
         taken = self._take_events()
+        if taken and isinstance(gone := taken[-1], RelayGone):  # the source's last event
+            taken.pop()
+            self._relay_gone(gone)
         table = self.table
         store = self.store
         changes = store.apply(taken) if taken else None
@@ -234,6 +251,17 @@ class FlowtapApp(App[None]):
             self._detail_stale = False
             self._last_detail = now
             detail.show_flow(detail.flow_id)
+
+    def _relay_gone(self, gone: RelayGone) -> None:
+        self.relay_gone = gone.text
+        self.relay = None
+        self.stats.query_one("#stats-source", Static).update(f"{self.source} (gone)")
+        self.tell(
+            f"{gone.text}. The flows received so far stay browsable; q quits.",
+            title="Relay gone",
+            severity="error",
+            timeout=30,
+        )
 
     # -- offline loading ------------------------------------------------------------------
 
@@ -365,7 +393,9 @@ class FlowtapApp(App[None]):
         if flow_id is None:
             return
         record = self.store.get(flow_id)
-        if self.relay is None:
+        if self.relay_gone is not None:
+            self.tell(f"Cannot kill: {self.relay_gone}.", severity="warning")
+        elif self.relay is None:
             self.tell("Flows loaded from a capture cannot be killed.", severity="warning")
         elif record is None or record.is_closed:
             self.tell(f"Flow #{flow_id} has already ended.", severity="warning", timeout=3)
@@ -520,39 +550,10 @@ def _event_time(event: FlowEvent) -> float:
     return flow.started_at
 
 
-def _describe_listeners(relay: Relay) -> str:
-    return "  ".join(f"{listener.address} → {listener.upstream}" for listener in relay.listeners)
-
-
 def browse_capture(file: str, *, select_flow: int | None = None) -> int:
     """`flowtap tui FILE` and `flowtap show FILE --tui`: the capture's flows in the TUI."""
     path = Path(file)
     if not path.is_file():
         raise FlowtapError(f"{path} is not a file: give the path of a pcap or pcapng capture")
     FlowtapApp(capture=path, select_flow=select_flow).run()
-    return 0
-
-
-def run_tui(args: argparse.Namespace) -> int:
-    """`flowtap tui`: browse a capture, or relay live; a bad port fails before the app starts."""
-    from .cli import run_relay
-
-    if args.file:
-        if args.listen:
-            raise FlowtapError(
-                "give a capture FILE to browse or --listen/--upstream to relay, not both"
-            )
-        return browse_capture(args.file)
-    if not args.listen:
-        raise FlowtapError(
-            "nothing to show: give --listen 127.0.0.1:0 --upstream HOST:PORT to relay live, "
-            "or a capture FILE to browse"
-        )
-    events = FlowFeed()
-    relay = run_relay(args, [events], log=False)
-    try:
-        FlowtapApp(events=events, relay=relay, source=_describe_listeners(relay)).run()
-    finally:
-        relay.stop(grace_s=min(args.grace, 1.0))
-        relay.bus.close()
     return 0

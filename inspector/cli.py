@@ -13,13 +13,8 @@ from types import FrameType
 from typing import NoReturn
 
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.events import Bus, Observer
-from flowtap.proxy.flow import Address, Transport
-from flowtap.proxy.listener import ListenerSpec, is_loopback
-from flowtap.proxy.relay import Relay, RelayConfig, raise_fd_limit
 
-from .capture import CaptureObserver, capture_path_for
-from .log import FlowLog
+from .relay_process import start_relay
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,6 +144,21 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         help="UDP sessions per listener; at the limit the least recently active one is closed "
         "(default 10000)",
     )
+    control = parser.add_mutually_exclusive_group()
+    control.add_argument(
+        "--control",
+        metavar="PATH",
+        help="serve the control socket (for flowtap tui --attach) at PATH (default: "
+        "$XDG_RUNTIME_DIR/flowtap/ or /tmp/flowtap-UID/)",
+    )
+    control.add_argument(
+        "--no-control", action="store_true", help="serve no control socket: no TUI can attach"
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the listening and control lines, not one line per flow event",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_relay_options(run)
     tui = commands.add_parser("tui", help="relay with a live terminal UI, or browse a capture")
     tui.add_argument("file", nargs="?", metavar="FILE", help="a pcap or pcapng file to browse")
+    tui.add_argument(
+        "--attach",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="attach to a running relay's control socket (without PATH: the only relay you "
+        "run, or pick one from a list); q detaches and leaves the relay running",
+    )
     _add_relay_options(tui)
     demo = commands.add_parser("demo", help="relay built-in loopback services and show the flows")
     demo.add_argument(
@@ -267,39 +285,6 @@ def _add_playback_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print reports as JSON lines")
 
 
-def listener_specs(args: argparse.Namespace) -> list[ListenerSpec]:
-    """Pair each --listen with its --upstream; raise FlowtapError when they do not pair up."""
-    listens: list[str] = args.listen
-    upstreams: list[str] = args.upstream
-    if not listens:
-        raise FlowtapError("no --listen given: add --listen 127.0.0.1:0 --upstream HOST:PORT")
-    if not upstreams:
-        raise FlowtapError("no --upstream given: add --upstream HOST:PORT after --listen")
-    if len(upstreams) == 1:
-        upstreams = upstreams * len(listens)
-    if len(upstreams) != len(listens):
-        raise FlowtapError(
-            f"{len(listens)} --listen but {len(upstreams)} --upstream: give one --upstream "
-            "per --listen, or a single one for all"
-        )
-    specs = []
-    for listen, upstream in zip(listens, upstreams, strict=True):
-        transport = Transport.UDP if args.udp else Transport.TCP
-        for prefix in ("tcp:", "udp:"):
-            if listen.startswith(prefix):
-                transport = Transport(prefix[:-1])
-                listen = listen[len(prefix) :]
-        specs.append(
-            ListenerSpec(
-                listen=Address.parse(listen),
-                upstream=Address.parse(upstream),
-                transport=transport,
-                reuse_port=args.reuse_port,
-            )
-        )
-    return specs
-
-
 def _catch_stop_signals() -> threading.Event:
     """An event that SIGINT or SIGTERM sets from now on (before the listening line is printed:
     a signal sent right after it must still stop flowtap gracefully)."""
@@ -313,56 +298,9 @@ def _catch_stop_signals() -> threading.Event:
     return stop
 
 
-def run_relay(
-    args: argparse.Namespace, extra_observers: Sequence[Observer] = (), *, log: bool = True
-) -> Relay:
-    """Bind the listeners of `args` and start relaying (printing events if `log`)."""
-    specs = listener_specs(args)
-    raise_fd_limit()
-    observers: list[Observer] = [FlowLog(sys.stdout, as_json=args.json)] if log else []
-    observers += extra_observers
-    capture_path = capture_path_for(args.pcap, args.capture)
-    if capture_path is not None:
-        max_size = args.pcap_max_size
-        observers.append(
-            CaptureObserver(
-                capture_path,
-                max_size_bytes=None if max_size is None else max_size * 1_000_000,
-                max_files=args.pcap_max_files,
-            )
-        )
-    elif args.pcap_max_size or args.pcap_max_files:
-        raise FlowtapError("--pcap-max-size and --pcap-max-files need --pcap FILE or --capture")
-    bus = Bus(observers)
-    config = RelayConfig(
-        connect_timeout_s=args.connect_timeout,
-        idle_timeout_s=args.idle_timeout or None,
-        workers=max(1, args.workers),
-        busy_poll_s=args.busy_poll / 1e6,
-        udp_idle_timeout_s=args.udp_idle_timeout or None,
-        udp_max_sessions=args.udp_max_sessions,
-    )
-    try:
-        relay = Relay(specs, bus, config)
-    except BaseException:
-        bus.close()
-        raise
-    for listener in relay.listeners:
-        if not is_loopback(listener.address):
-            print(
-                f"flowtap: warning: listening on {listener.address}: anyone who can reach it "
-                "can relay through it; listen on 127.0.0.1 unless that is intended",
-                file=sys.stderr,
-            )
-    for listener in relay.listeners:
-        print(listener.describe(), flush=True)
-    relay.start()
-    return relay
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     stop = _catch_stop_signals()
-    relay = run_relay(args)
+    relay = start_relay(args, log=not args.quiet)
     while not stop.wait(3600):
         pass
     relay.stop(args.grace)
@@ -371,7 +309,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
-    from .app import run_tui
+    from .attach import run_tui
 
     return run_tui(args)
 
@@ -413,7 +351,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    # `flowtap tui --listen ...` starts `flowtap run` with the same relay options.
+    args.argv = argv
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="flowtap: %(levelname)s: %(message)s",

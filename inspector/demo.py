@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import http.server
 import logging
@@ -12,14 +11,12 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-
-from flowtap.proxy.events import Observer
-from flowtap.proxy.relay import Relay
+from typing import IO
 
 from .capture import default_capture_path
-from .store import FlowFeed
+from .relay_process import RelayChild
 
 log = logging.getLogger(__name__)
 
@@ -211,30 +208,26 @@ def drive_traffic(ports: dict[str, int], rounds: int = 1) -> None:
 
 
 def start_demo_relay(
-    extra_args: list[str] | None = None, observers: Sequence[Observer] = (), *, log: bool = True
-) -> tuple[Relay, DemoServices]:
-    """Start the services and a relay in front of each; return both for the caller to stop."""
-    from .cli import build_parser, run_relay
-
-    services = DemoServices.start()
-    argv = ["run"]
+    services: DemoServices, extra_args: list[str] | None = None, *, stdout: IO[str] | None = None
+) -> tuple[RelayChild, dict[str, int]]:
+    """Start a relay child in front of each service; return it with its port per service."""
+    argv: list[str] = []
     for name, upstream in services.upstreams.items():
         listen = "udp:127.0.0.1:0" if name == "dns" else "127.0.0.1:0"
         argv += ["--listen", listen, "--upstream", upstream]
-    args: argparse.Namespace = build_parser().parse_args([*argv, *(extra_args or [])])
-    try:
-        relay = run_relay(args, observers, log=log)
-    except BaseException:
-        services.stop()
-        raise
-    return relay, services
-
-
-def _ports(relay: Relay, services: DemoServices) -> dict[str, int]:
-    names = list(services.upstreams)
-    return {
-        name: listener.address.port for name, listener in zip(names, relay.listeners, strict=True)
+    extra = extra_args or []
+    child = RelayChild(
+        [*argv, *extra],
+        listeners=len(services.upstreams),
+        control="--no-control" not in extra,
+        stdout=stdout,
+        stderr=sys.stderr if stdout is not None else None,
+    )
+    ports = {
+        name: int(line.split(" ")[2].rsplit(":", 1)[1])
+        for name, line in zip(services.upstreams, child.listening, strict=True)
     }
+    return child, ports
 
 
 def keep_driving(
@@ -265,32 +258,38 @@ def keep_driving(
 
 def run_demo_tui(*, duration_s: float = 120.0) -> int:
     """Run the demo with the TUI: flows appear at once, traffic goes on a while, `q` quits."""
-    from .app import FlowtapApp
+    from .attach import attach
 
-    events = FlowFeed()
     capture = default_capture_path()
-    relay, services = start_demo_relay(["--pcap", str(capture)], observers=[events], log=False)
+    services = DemoServices.start()
+    try:
+        child, ports = start_demo_relay(services, ["--pcap", str(capture), "--quiet"])
+    except BaseException:
+        services.stop()
+        raise
     stop = threading.Event()
     driver = threading.Thread(
         target=keep_driving,
-        args=(_ports(relay, services), stop),
+        args=(ports, stop),
         kwargs={"duration_s": duration_s},
         name="flowtap-demo-traffic",
         daemon=True,
     )
-    driver.start()
-    source = "demo " + " ".join(
-        f"{name} :{listener.address.port}"
-        for name, listener in zip(services.upstreams, relay.listeners, strict=True)
-    )
+    source = "demo " + " ".join(f"{name} :{port}" for name, port in ports.items())
     source += f" → {capture}"
     try:
-        FlowtapApp(events=events, relay=relay, source=source).run()
+        assert child.control_path is not None
+        attach(
+            child.control_path,
+            gone_note=child.exit_note,
+            source=source,
+            app_ready=lambda app: driver.start(),
+        )
     finally:
         stop.set()
-        driver.join(5)
-        relay.stop(grace_s=0.5)
-        relay.bus.close()
+        if driver.is_alive():
+            driver.join(5)
+        child.stop(grace_s=0.5)
         services.stop()
     print(f"flowtap: demo flows captured to {capture}")
     return 0
@@ -298,12 +297,17 @@ def run_demo_tui(*, duration_s: float = 120.0) -> int:
 
 def run_demo() -> int:
     """Run the headless demo: relay the services, drive traffic, print the flows, stop."""
-    relay, services = start_demo_relay()
-    ports = _ports(relay, services)
+    services = DemoServices.start()
     try:
-        drive_traffic(ports)
+        child, ports = start_demo_relay(
+            services, ["--no-control", "--grace", "2"], stdout=sys.stdout
+        )
+        for line in child.listening:
+            print(line, flush=True)
+        try:
+            drive_traffic(ports)
+        finally:
+            child.stop(grace_s=2.0)
     finally:
-        relay.stop(grace_s=2.0)
-        relay.bus.close()
         services.stop()
     return 0

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
+from flowtap.proxy.control_protocol import DataNotShown
 from flowtap.proxy.events import EventQueue
 from flowtap.proxy.flow import (
     Direction,
@@ -191,6 +192,7 @@ class FlowRecord:
         "head_up",
         "kept_down",
         "kept_up",
+        "not_shown",
         "past_capture_end",
         "summary",
         "summary_stale",
@@ -209,6 +211,8 @@ class FlowRecord:
         self.summary: Summary = EMPTY
         self.summary_stale = False
         self.gaps = 0
+        # Bytes the relay did not send this viewer because it fell behind.
+        self.not_shown = 0
         # Read from a capture that ended while the flow was open: its state is the last
         # one the packets told, not a live one.
         self.past_capture_end = False
@@ -297,9 +301,12 @@ class FlowStore:
                 flow = event.flow
                 record = records.get(flow.id)
                 if record is None:
+                    # Closed before this store heard of it (a viewer's backlog of recent flows).
                     record = records[flow.id] = FlowRecord(flow)
                     changes.added.append(flow.id)
-                    self.open_count += 1
+                    record.summary_stale = True
+                    self._stale.add(flow.id)
+                    continue
                 if record.is_closed:
                     continue
                 record.flow = flow
@@ -310,6 +317,15 @@ class FlowStore:
                 record.summary_stale = True
                 self._stale.add(flow.id)
                 changes.changed.add(flow.id)
+            elif isinstance(event, DataNotShown):
+                record = records.get(event.flow_id)
+                if record is not None:
+                    record.not_shown += event.size_bytes
+                    if event.direction is Direction.UP:
+                        record.bytes_up += event.size_bytes
+                    else:
+                        record.bytes_down += event.size_bytes
+                    changes.changed.add(record.id)
             else:
                 flow_id = getattr(event, "flow_id", None)
                 record = records.get(flow_id) if isinstance(flow_id, int) else None

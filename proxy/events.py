@@ -102,6 +102,10 @@ class Bus:
         self._observers = (*self._observers, observer)
         self._survey()
 
+    def refresh(self) -> None:
+        """Ask the observers again whether they want data (one's answer changed); any thread."""
+        self._survey()
+
     def emit_data(self, event: FlowData) -> bool:
         """Deliver one data event; False once no observer wants more of this flow direction."""
         wanted = False

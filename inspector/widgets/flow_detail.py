@@ -28,6 +28,8 @@ def facts_text(record: FlowRecord) -> str:
         lines.append(f"error: {flow.error}")
     if record.truncated_bytes:
         lines.append(f"{human_bytes(record.truncated_bytes)} not kept for display")
+    if record.not_shown:
+        lines.append(f"{record.not_shown} bytes not shown (this viewer fell behind the relay)")
     if record.gaps:
         lines.append(f"{record.gaps} gap(s) in the capture")
     summary = record.summary

@@ -1,0 +1,271 @@
+"""The relay process: a relay with its consumers (flow log, capture, control socket), built in
+this process for `flowtap run`, or started as a `flowtap run` child for the TUI and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import IO
+
+from flowtap.proxy.control import ControlServer, default_control_path
+from flowtap.proxy.errors import FlowtapError
+from flowtap.proxy.events import Bus, Observer
+from flowtap.proxy.flow import Address, Transport
+from flowtap.proxy.listener import ListenerSpec, is_loopback
+from flowtap.proxy.relay import Relay, RelayConfig, raise_fd_limit
+
+from .capture import CaptureObserver, capture_path_for
+from .log import FlowLog
+
+ERROR_PREFIX = "flowtap: error: "
+
+
+def listener_specs(args: argparse.Namespace) -> list[ListenerSpec]:
+    """Pair each --listen with its --upstream; raise FlowtapError when they do not pair up."""
+    listens: list[str] = args.listen
+    upstreams: list[str] = args.upstream
+    if not listens:
+        raise FlowtapError("no --listen given: add --listen 127.0.0.1:0 --upstream HOST:PORT")
+    if not upstreams:
+        raise FlowtapError("no --upstream given: add --upstream HOST:PORT after --listen")
+    if len(upstreams) == 1:
+        upstreams = upstreams * len(listens)
+    if len(upstreams) != len(listens):
+        raise FlowtapError(
+            f"{len(listens)} --listen but {len(upstreams)} --upstream: give one --upstream "
+            "per --listen, or a single one for all"
+        )
+    specs = []
+    for listen, upstream in zip(listens, upstreams, strict=True):
+        transport = Transport.UDP if args.udp else Transport.TCP
+        for prefix in ("tcp:", "udp:"):
+            if listen.startswith(prefix):
+                transport = Transport(prefix[:-1])
+                listen = listen[len(prefix) :]
+        specs.append(
+            ListenerSpec(
+                listen=Address.parse(listen),
+                upstream=Address.parse(upstream),
+                transport=transport,
+                reuse_port=args.reuse_port,
+            )
+        )
+    return specs
+
+
+def start_relay(
+    args: argparse.Namespace, extra_observers: Sequence[Observer] = (), *, log: bool = True
+) -> Relay:
+    """Bind the listeners and the control socket of `args`, print their lines, start relaying
+    (printing flow events if `log`)."""
+    specs = listener_specs(args)
+    raise_fd_limit()
+    observers: list[Observer] = [FlowLog(sys.stdout, as_json=args.json)] if log else []
+    observers += extra_observers
+    capture_path = capture_path_for(args.pcap, args.capture)
+    if capture_path is None and (args.pcap_max_size or args.pcap_max_files):
+        raise FlowtapError("--pcap-max-size and --pcap-max-files need --pcap FILE or --capture")
+    control: ControlServer | None = None
+    if not getattr(args, "no_control", True):
+        control = ControlServer(getattr(args, "control", None) or default_control_path())
+        observers.append(control)
+    if capture_path is not None:
+        max_size = args.pcap_max_size
+        try:
+            observers.append(
+                CaptureObserver(
+                    capture_path,
+                    max_size_bytes=None if max_size is None else max_size * 1_000_000,
+                    max_files=args.pcap_max_files,
+                )
+            )
+        except BaseException:
+            Bus(observers).close()
+            raise
+    bus = Bus(observers)
+    config = RelayConfig(
+        connect_timeout_s=args.connect_timeout,
+        idle_timeout_s=args.idle_timeout or None,
+        workers=max(1, args.workers),
+        busy_poll_s=args.busy_poll / 1e6,
+        udp_idle_timeout_s=args.udp_idle_timeout or None,
+        udp_max_sessions=args.udp_max_sessions,
+    )
+    try:
+        relay = Relay(specs, bus, config)
+    except BaseException:
+        bus.close()
+        raise
+    for listener in relay.listeners:
+        if not is_loopback(listener.address):
+            print(
+                f"flowtap: warning: listening on {listener.address}: anyone who can reach it "
+                "can relay through it; listen on 127.0.0.1 unless that is intended",
+                file=sys.stderr,
+            )
+    relay.start()
+    if control is not None:
+        control.start(relay)
+    for listener in relay.listeners:
+        print(listener.describe(), flush=True)
+    if control is not None:
+        print(control.describe(), flush=True)
+    return relay
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, so no relay outlives its TUI."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class RelayChild:
+    """A `flowtap run` child process whose `listening` (and `control`) lines have been read.
+
+    Its later stdout goes to `stdout` (or is discarded) and its stderr to `stderr` (or is kept,
+    the last lines, for `exit_note`), so that a full pipe never stalls the relay.
+    """
+
+    def __init__(
+        self,
+        run_args: Sequence[str],
+        *,
+        listeners: int,
+        control: bool = True,
+        stdout: IO[str] | None = None,
+        stderr: IO[str] | None = None,
+        timeout_s: float = 15.0,
+    ) -> None:
+        command = [sys.executable, "-m", "flowtap.inspector.cli", "run", *run_args]
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # the terminal's ^C is the TUI's; the parent stops the child
+            preexec_fn=_die_with_parent,
+        )
+        self.pid = self.proc.pid
+        self.listening: list[str] = []
+        self.control_path: str | None = None
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._stderr_to = stderr
+        self._stderr_thread = threading.Thread(
+            target=self._read_stderr, name="flowtap-relay-stderr", daemon=True
+        )
+        self._stderr_thread.start()
+        assert self.proc.stdout is not None
+        lines = self._lines(self.proc.stdout, timeout_s, listeners, control)
+        for line in lines:
+            if line.startswith("listening "):
+                self.listening.append(line)
+            elif line.startswith("control unix:"):
+                self.control_path = line[len("control unix:") :]
+            elif stdout is not None:
+                stdout.write(line + "\n")
+                stdout.flush()
+            if len(self.listening) >= listeners and (self.control_path or not control):
+                break
+        else:
+            self._stop_unstarted()
+            raise FlowtapError(self._start_failure())
+        self._stdout_thread = threading.Thread(
+            target=self._copy_stdout, args=(stdout,), name="flowtap-relay-stdout", daemon=True
+        )
+        self._stdout_thread.start()
+
+    def _lines(
+        self, stream: IO[str], timeout_s: float, listeners: int, control: bool
+    ) -> Iterator[str]:
+        # Read on a thread so that a child that hangs before listening cannot hang us.
+        found: collections.deque[str | None] = collections.deque()
+        ready = threading.Event()
+
+        def read() -> None:
+            seen = 0
+            for line in stream:
+                found.append(line.rstrip("\n"))
+                ready.set()
+                seen += line.startswith("listening ")
+                if line.startswith("control unix:") or (not control and seen >= listeners):
+                    break
+            found.append(None)
+            ready.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            while found:
+                line = found.popleft()
+                if line is None:
+                    return
+                yield line
+            if time.monotonic() > deadline:
+                return
+            ready.wait(0.05)
+            ready.clear()
+
+    def _stop_unstarted(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def _start_failure(self) -> str:
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return "the relay did not start listening in time: try flowtap run with these options"
+        self._stderr_thread.join(2)
+        for line in self._stderr_tail:
+            if line.startswith(ERROR_PREFIX):
+                return line[len(ERROR_PREFIX) :]
+        return f"the relay exited with status {self.proc.returncode} before listening" + (
+            f": {self._stderr_tail[-1]}" if self._stderr_tail else ""
+        )
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr_tail.append(line.rstrip("\n"))
+            if self._stderr_to is not None and not line.startswith(ERROR_PREFIX):
+                self._stderr_to.write(line)
+                self._stderr_to.flush()
+
+    def _copy_stdout(self, to: IO[str] | None) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if to is not None:
+                to.write(line)
+                to.flush()
+
+    def exit_note(self) -> str:
+        """One line on how the child ended (or that it runs)."""
+        code = self.proc.poll()
+        if code is None:
+            return f"the relay (pid {self.pid}) closed its control socket"
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        self._stderr_thread.join(1)
+        last = f": {self._stderr_tail[-1]}" if self._stderr_tail else ""
+        return f"the relay (pid {self.pid}) {how}{last}"
+
+    def stop(self, grace_s: float = 1.0) -> int:
+        """SIGTERM the child (open flows get `grace_s` to finish), SIGKILL if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(grace_s + 5.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._stdout_thread.join(2)
+        self._stderr_thread.join(2)
+        return code
