@@ -1,4 +1,5 @@
-"""The terminal UI driven by Textual's pilot while a real relay carries real traffic."""
+"""The terminal UI driven by Textual's pilot, attached to a real relay process carrying real
+traffic."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import pytest
 from capture_checks import assert_tshark_clean, follow_tcp
 from textual.pilot import Pilot
 
+from conftest import start_flowtap
 from flowtap.inspector.app import FlowtapApp
 from flowtap.inspector.capture import CaptureObserver
-from flowtap.inspector.store import FlowFeed
+from flowtap.inspector.viewer import ControlClient
 from flowtap.inspector.widgets.flow_detail import FlowDetail
 from flowtap.inspector.widgets.flow_table import FlowTable
 from flowtap.inspector.widgets.hex_view import HexView
@@ -27,18 +29,31 @@ SIZE = (160, 48)
 
 
 class LiveRelay:
-    """A relay on loopback in front of the echo server, with the queue a TUI drains."""
+    """A `flowtap run` process on loopback in front of the echo server; apps attach to it
+    through its control socket, as `flowtap tui` does."""
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.events = FlowFeed()
-        self.bus = Bus([self.events])
-        spec = ListenerSpec(Address("127.0.0.1", 0), Address(upstream[0], upstream[1]))
-        self.relay = Relay([spec], self.bus)
-        self.relay.start()
-        self.port = self.relay.listeners[0].address.port
+    def __init__(self, upstream: tuple[str, int], control: Path) -> None:
+        self.process = start_flowtap(
+            "run",
+            "--quiet",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            f"{upstream[0]}:{upstream[1]}",
+            "--control",
+            str(control),
+        )
+        self.process.wait_line("^control unix:")
+        self.control = control
+        self.port = self.process.port
+        self.upstream_port = upstream[1]
+        self.clients: list[ControlClient] = []
 
     def app(self, **kwargs: object) -> FlowtapApp:
-        return FlowtapApp(events=self.events, relay=self.relay, source="test", **kwargs)  # type: ignore[arg-type]
+        client = ControlClient(str(self.control))
+        client.subscribe()
+        self.clients.append(client)
+        return FlowtapApp(events=client, relay=client, source="test", **kwargs)  # type: ignore[arg-type]
 
     def exchange(self, payload: bytes) -> bytes:
         """Send `payload` through the relay, half-close, and return what came back."""
@@ -50,13 +65,17 @@ class LiveRelay:
                 received += chunk
         return bytes(received)
 
+    def stop(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.process.stop()
+
 
 @pytest.fixture
-def live(echo_server: tuple[str, int]) -> Iterator[LiveRelay]:
-    relay = LiveRelay(echo_server)
+def live(echo_server: tuple[str, int], tmp_path: Path) -> Iterator[LiveRelay]:
+    relay = LiveRelay(echo_server, tmp_path / "control.sock")
     yield relay
-    relay.relay.stop(1.0)
-    relay.bus.close()
+    relay.stop()
 
 
 async def until(
@@ -98,7 +117,7 @@ def test_a_relayed_flow_appears_in_the_table_with_its_summary(live: LiveRelay) -
         record = app.store.records[table.ids[0]]
         assert (record.bytes_up, record.bytes_down) == (len(request), len(request))
         row = table.row_text(record)
-        assert f"127.0.0.1:{live.relay.listeners[0].upstream.port}" in row
+        assert f"127.0.0.1:{live.upstream_port}" in row
         assert "GET /hello (demo.test)" in row
         assert "client-closed" in row or "server-closed" in row
 
@@ -148,7 +167,7 @@ def test_the_filter_narrows_the_table_by_content_and_port(live: LiveRelay) -> No
         assert app.store.raw_bytes(table.ids[0], Direction.UP) == b"needle in a haystack\r\n"
         await pilot.press("escape")
         assert app.focused is table
-        app.query_one("#filter").value = f"port:{live.relay.listeners[0].upstream.port}"  # type: ignore[attr-defined]
+        app.query_one("#filter").value = f"port:{live.upstream_port}"  # type: ignore[attr-defined]
         await until(pilot, lambda: len(table.ids) == 3, "the port filter")
         await pilot.press("slash", "ctrl+u", *"re:[unclosed")
         await pilot.pause()
@@ -327,13 +346,12 @@ def test_saving_flows_writes_captures_that_tshark_reassembles(
     assert_tshark_clean(tmp_path / "all.pcap")
 
 
-def _record_capture(live: LiveRelay, path: Path, payloads: list[bytes]) -> None:
+def _record_capture(upstream: tuple[str, int], path: Path, payloads: list[bytes]) -> None:
     """Relay `payloads` (one flow each) with flowtap's capture observer writing `path`."""
     capture = CaptureObserver(path)
     events = EventQueue()
     bus = Bus([capture, events])
-    spec = live.relay.listeners[0].spec
-    relay = Relay([ListenerSpec(Address("127.0.0.1", 0), spec.upstream)], bus)
+    relay = Relay([ListenerSpec(Address("127.0.0.1", 0), Address(*upstream))], bus)
     relay.start()
     port = relay.listeners[0].address.port
     try:
@@ -349,11 +367,11 @@ def _record_capture(live: LiveRelay, path: Path, payloads: list[bytes]) -> None:
 
 
 def test_a_capture_loads_offline_with_its_flows_and_payloads(
-    live: LiveRelay, tmp_path: Path
+    echo_server: tuple[str, int], tmp_path: Path
 ) -> None:
     path = tmp_path / "recorded.pcapng"
     payloads = [b"GET /a HTTP/1.1\r\nHost: offline.test\r\n\r\n", b"x" * 100_000, b"PING\r\n"]
-    _record_capture(live, path, payloads)
+    _record_capture(echo_server, path, payloads)
     app = FlowtapApp(capture=path)
 
     async def scenario(pilot: Pilot[None]) -> None:
@@ -377,10 +395,10 @@ def test_a_capture_loads_offline_with_its_flows_and_payloads(
 
 
 def test_a_damaged_capture_shows_what_it_holds_and_a_notification(
-    live: LiveRelay, tmp_path: Path
+    echo_server: tuple[str, int], tmp_path: Path
 ) -> None:
     path = tmp_path / "whole.pcap"
-    _record_capture(live, path, [b"first\r\n", b"second\r\n"])
+    _record_capture(echo_server, path, [b"first\r\n", b"second\r\n"])
     cut = tmp_path / "cut.pcap"
     cut.write_bytes(path.read_bytes()[:-30])
     garbage = tmp_path / "garbage.pcap"
