@@ -17,6 +17,8 @@ from conftest import start_flowtap
 from flowtap.inspector.app import FlowtapApp
 from flowtap.inspector.capture import CaptureObserver
 from flowtap.inspector.viewer import ControlClient
+from flowtap.inspector.widgets.chunk_view import ChunkView
+from flowtap.inspector.widgets.conversation import Conversation
 from flowtap.inspector.widgets.flow_detail import FlowDetail
 from flowtap.inspector.widgets.flow_table import FlowTable
 from flowtap.inspector.widgets.hex_view import HexView
@@ -97,6 +99,12 @@ def run(app: FlowtapApp, scenario: Callable[[Pilot[None]], Awaitable[None]]) -> 
     asyncio.run(main())
 
 
+def screen_text(view: ChunkView) -> str:
+    """The lines a payload view draws on screen now."""
+    height = view.scrollable_content_region.height
+    return "\n".join(view.render_line(y).text.rstrip() for y in range(height))
+
+
 def closed_rows(app: FlowtapApp) -> int:
     return sum(1 for i in app.query_one(FlowTable).ids if app.store.records[i].is_closed)
 
@@ -138,12 +146,12 @@ def test_selecting_a_flow_shows_its_conversation_and_hex(live: LiveRelay) -> Non
         assert detail.flow_id == table.ids[1]
         await until(
             pilot,
-            lambda: "second flow says hello\\r\\n" in str(app.query_one("#conversation").render()),
+            lambda: "second flow says hello\\r\\n" in screen_text(app.query_one(Conversation)),
             "the conversation",
         )
         await pilot.press("h")
         await until(pilot, lambda: app.query_one(HexView).display, "the hex view")
-        hex_dump = str(app.query_one(HexView).render())
+        hex_dump = screen_text(app.query_one(HexView))
         assert "73 65 63 6f 6e 64 20 66" in hex_dump  # "second f"
         assert "|second flow says|" in hex_dump
         await pilot.press("h")

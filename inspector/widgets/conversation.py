@@ -2,36 +2,84 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from rich.style import Style
+from textual import events
+from textual.cache import LRUCache
 
-from rich.text import Text
-from textual.widgets import Static
-
-from flowtap.proxy.flow import Direction
-
-from ..store import Chunk
+from ..store import FlowRecord, FlowStore
 from ..summary import escape_bytes
+from .chunk_view import DOWN_BODY, DOWN_HEADER, UP_BODY, UP_HEADER, ChunkView
 
 
-def conversation_text(chunks: Iterable[Chunk], started_at: float) -> Text:
-    """The chunks as text: a header line per chunk, printable bytes as is, others escaped."""
-    text = Text(no_wrap=False)
-    for chunk in chunks:
-        is_up = chunk.direction is Direction.UP
-        arrow = "client →" if is_up else "← server"
-        text.append(
-            f"+{chunk.timestamp - started_at:.3f}s {arrow} {len(chunk.data)} B\n",
-            style="bold cyan" if is_up else "bold magenta",
-        )
-        body = escape_bytes(chunk.data, keep_newlines=True)
-        if not body.endswith("\n"):
-            body += "\n"
-        text.append(body, style="cyan" if is_up else "magenta")
-    return text
+def header_line(is_up: bool, timestamp: float, started_at: float, size_bytes: int) -> str:
+    """The line above a chunk: its time since the flow started, who sent it, its size."""
+    arrow = "client →" if is_up else "← server"
+    return f"+{timestamp - started_at:.3f}s {arrow} {size_bytes} B"
 
 
-class Conversation(Static):
-    """Shows a flow's kept bytes as a conversation."""
+def body_lines(data: bytes, width: int) -> list[str]:
+    """A chunk's bytes as lines at most `width` wide: printable bytes as is, others escaped,
+    its own newlines kept as line ends and longer lines cut (an empty chunk is one blank line)."""
+    text = escape_bytes(data, keep_newlines=True)
+    if text.endswith("\n"):
+        text = text[:-1]
+    lines: list[str] = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            lines.append(line)
+        else:
+            lines += [line[at : at + width] for at in range(0, len(line), width)]
+    return lines
 
-    def show(self, chunks: Iterable[Chunk], started_at: float) -> None:
-        self.update(conversation_text(chunks, started_at))
+
+def body_line_count(data: bytes, width: int) -> int:
+    """`len(body_lines(data, width))`, without escaping when no line can be too wide."""
+    if 4 * len(data) <= width:  # an escape is at most four characters (\xNN)
+        return data.count(b"\n") + (not data.endswith(b"\n"))
+    return len(body_lines(data, width))
+
+
+class Conversation(ChunkView):
+    """Shows a flow's kept bytes as a conversation: a header line per chunk, then its bytes
+    wrapped to the view's width."""
+
+    DEFAULT_CSS = """
+    Conversation { overflow-x: hidden; }
+    """
+
+    def __init__(self, store: FlowStore, *, id: str | None = None) -> None:
+        super().__init__(store, id=id)
+        self._wrap_width = 0
+        self._bodies: LRUCache[int, list[str]] = LRUCache(64)
+
+    def _reset_index(self) -> None:
+        super()._reset_index()
+        self._wrap_width = self.scrollable_content_region.width
+        self._bodies.clear()
+
+    def _can_index(self) -> bool:
+        return self._wrap_width > 0
+
+    def _chunk_line_count(self, record: FlowRecord, i: int) -> int:
+        return 1 + body_line_count(self.store.chunk_bytes(record, i), self._wrap_width)
+
+    def _chunk_line(self, record: FlowRecord, i: int, k: int) -> tuple[str, Style]:
+        chunks = record.chunks
+        is_up = bool(chunks.is_up[i])
+        if k == 0:
+            header = header_line(
+                is_up, chunks.timestamps[i], record.flow.started_at, chunks.lengths[i]
+            )
+            return header, UP_HEADER if is_up else DOWN_HEADER
+        body = self._bodies.get(i)
+        if body is None:
+            body = self._bodies[i] = body_lines(
+                self.store.chunk_bytes(record, i), self._wrap_width
+            )
+        return body[k - 1] if k <= len(body) else "", UP_BODY if is_up else DOWN_BODY
+
+    def on_resize(self, event: events.Resize) -> None:
+        if self.scrollable_content_region.width != self._wrap_width:
+            self.reindex()
+        else:
+            super().on_resize(event)

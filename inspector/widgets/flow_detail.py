@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Vertical, VerticalScroll
+from textual.containers import Vertical
 from textual.widgets import Static
 
 from ..log import human_bytes
 from ..store import FlowRecord, FlowStore
+from .chunk_view import ChunkView
 from .conversation import Conversation
 from .hex_view import HexView
-
-DISPLAY_LIMIT_BYTES = 64 * 1024
-"""How many bytes of a flow the detail pane draws; export the flow to see them all."""
 
 
 def facts_text(record: FlowRecord) -> str:
@@ -47,7 +45,6 @@ class FlowDetail(Vertical):
     DEFAULT_CSS = """
     FlowDetail { height: 1fr; border-top: solid $primary; }
     FlowDetail > #facts { height: auto; max-height: 12; padding: 0 1; color: $text; }
-    FlowDetail > #payload { height: 1fr; padding: 0 1; }
     FlowDetail HexView { display: none; }
     FlowDetail.-hex HexView { display: block; }
     FlowDetail.-hex Conversation { display: none; }
@@ -58,47 +55,50 @@ class FlowDetail(Vertical):
         self.store = store
         self.flow_id: int | None = None
         self.show_hex = False
-        self._drawn: tuple[object, ...] | None = None
         # Built here so that a selection arriving before mounting has somewhere to go.
         self.facts = Static("No flow selected.", id="facts")
-        self.payload = VerticalScroll(id="payload")
-        self.conversation = Conversation(id="conversation")
-        self.hex_view = HexView(id="hex")
+        self.conversation = Conversation(store, id="conversation")
+        self.hex_view = HexView(store, id="hex")
 
     def compose(self) -> ComposeResult:
         yield self.facts
-        with self.payload:
-            yield self.conversation
-            yield self.hex_view
+        yield self.conversation
+        yield self.hex_view
+
+    @property
+    def payload(self) -> ChunkView:
+        """The view on screen: the conversation or the hex dump."""
+        return self.hex_view if self.show_hex else self.conversation
 
     def show_flow(self, flow_id: int | None) -> None:
-        """Show `flow_id` (None: nothing); redraws only what changed since the last call."""
+        """Show `flow_id` (None: nothing): another flow from scratch, following its tail
+        while it is live; the flow already shown by drawing only the chunks that arrived."""
         record = self.store.get(flow_id) if flow_id is not None else None
-        facts = self.facts
+        payload = self.payload
         if record is None:
             self.flow_id = None
-            self._drawn = None
-            facts.update("No flow selected.")
-            self.conversation.update("")
-            self.hex_view.update("")
+            self.facts.update("No flow selected.")
+            payload.show(None, follow=False)
             return
-        if flow_id != self.flow_id:
-            self.payload.scroll_home(animate=False)
+        self.facts.update(Text(facts_text(record)))
+        if flow_id == self.flow_id and payload.record is record:
+            payload.sync()
+            return
         self.flow_id = flow_id
-        facts.update(Text(facts_text(record)))
-        shown = min(record.kept_up + record.kept_down, DISPLAY_LIMIT_BYTES)
-        drawn = (flow_id, shown, self.show_hex)
-        if drawn == self._drawn:
-            return
-        self._drawn = drawn
-        chunks = list(self.store.chunks(record.id, limit_bytes=DISPLAY_LIMIT_BYTES))
-        if self.show_hex:
-            self.hex_view.show(chunks)
-        else:
-            self.conversation.show(chunks, record.flow.started_at)
+        payload.show(record, follow=_is_live(record))
 
     def toggle_hex(self) -> None:
+        """Switch between the conversation and the hex dump, at the same chunk."""
+        shown = self.payload
         self.show_hex = not self.show_hex
         self.set_class(self.show_hex, "-hex")
-        self._drawn = None
-        self.show_flow(self.flow_id)
+        payload = self.payload
+        top = shown.chunk_at(round(shown.scroll_y))
+        payload.show(shown.record, follow=shown.following, top_chunk=top)
+        shown.show(None, follow=False)  # the hidden view holds no index
+        if shown.has_focus:
+            payload.focus()
+
+
+def _is_live(record: FlowRecord) -> bool:
+    return not record.is_closed and not record.past_capture_end

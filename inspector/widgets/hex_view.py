@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from array import array
 
-from rich.text import Text
-from textual.widgets import Static
+from rich.style import Style
 
-from flowtap.proxy.flow import Direction
-
-from ..store import Chunk
+from ..store import FlowRecord, FlowStore
+from .chunk_view import DOWN_BODY, DOWN_HEADER, UP_BODY, UP_HEADER, ChunkView
 
 _PRINTABLE = bytes(b if 32 <= b < 127 else ord(".") for b in range(256))
+ROW_BYTES = 16
+ROW_WIDTH = 78
+"""The width of a full `hex_lines` row."""
 
 
-def hex_lines(data: bytes, *, start_offset: int = 0, width: int = 16) -> list[str]:
+def hex_lines(data: bytes, *, start_offset: int = 0, width: int = ROW_BYTES) -> list[str]:
     """`data` as `hexdump -C`-style lines: offset, hex bytes in two groups, ASCII."""
     lines = []
     half = width // 2
@@ -29,23 +30,39 @@ def hex_lines(data: bytes, *, start_offset: int = 0, width: int = 16) -> list[st
     return lines
 
 
-def hex_text(chunks: Iterable[Chunk]) -> Text:
-    """The hex dump of a flow's chunks; each direction counts its own offsets."""
-    text = Text(no_wrap=True)
-    offsets = {Direction.UP: 0, Direction.DOWN: 0}
-    for chunk in chunks:
-        is_up = chunk.direction is Direction.UP
-        style = "bold cyan" if is_up else "bold magenta"
-        label = "client → server" if is_up else "server → client"
-        text.append(f"{label}  {len(chunk.data)} B\n", style=style)
-        body = "\n".join(hex_lines(chunk.data, start_offset=offsets[chunk.direction]))
-        text.append(body + "\n", style="cyan" if is_up else "magenta")
-        offsets[chunk.direction] += len(chunk.data)
-    return text
+class HexView(ChunkView):
+    """Shows a flow's kept bytes as a hex dump: a header line per chunk, then its rows; each
+    direction counts its own offsets."""
 
+    def __init__(self, store: FlowStore, *, id: str | None = None) -> None:
+        super().__init__(store, id=id)
+        self._offsets = array("q")
+        self._sent = [0, 0]
 
-class HexView(Static):
-    """Shows a flow's kept bytes as a hex dump."""
+    def _reset_index(self) -> None:
+        super()._reset_index()
+        self._offsets = array("q")
+        self._sent = [0, 0]
 
-    def show(self, chunks: Iterable[Chunk]) -> None:
-        self.update(hex_text(chunks))
+    def _content_width(self) -> int:
+        return ROW_WIDTH
+
+    def _index_chunk(self, record: FlowRecord, i: int) -> None:
+        chunks = record.chunks
+        side = chunks.is_up[i]
+        self._offsets.append(self._sent[side])
+        self._sent[side] += chunks.lengths[i]
+
+    def _chunk_line_count(self, record: FlowRecord, i: int) -> int:
+        return 1 + -(-record.chunks.lengths[i] // ROW_BYTES)
+
+    def _chunk_line(self, record: FlowRecord, i: int, k: int) -> tuple[str, Style]:
+        chunks = record.chunks
+        is_up = bool(chunks.is_up[i])
+        if k == 0:
+            label = "client → server" if is_up else "server → client"
+            return f"{label}  {chunks.lengths[i]} B", UP_HEADER if is_up else DOWN_HEADER
+        start = (k - 1) * ROW_BYTES
+        row = self.store.chunk_bytes(record, i, start, ROW_BYTES)
+        line = hex_lines(row, start_offset=self._offsets[i] + start)
+        return line[0] if line else "", UP_BODY if is_up else DOWN_BODY

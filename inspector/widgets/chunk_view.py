@@ -1,0 +1,193 @@
+"""The base of the payload views: a flow's kept chunks as lines, drawn only where on screen.
+
+A view keeps an index of where each chunk's lines start (eight bytes a chunk) and computes
+line N from the stored chunk when it is drawn, so a flow of 100,000 chunks neither holds
+its rendered text nor rebuilds it when a chunk arrives: `sync` indexes the new chunks only.
+Like Textual's `Log` and toolong's `LogLines`, it is a `ScrollView` on the Line API.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_right
+from typing import ClassVar
+
+from rich.segment import Segment
+from rich.style import Style
+from textual import events
+from textual.binding import Binding, BindingType
+from textual.cache import LRUCache
+from textual.geometry import Size
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+from ..store import FlowRecord, FlowStore
+
+UP_HEADER = Style.parse("bold cyan")
+DOWN_HEADER = Style.parse("bold magenta")
+UP_BODY = Style.parse("cyan")
+DOWN_BODY = Style.parse("magenta")
+
+
+class ChunkView(ScrollView, can_focus=True):
+    """One flow's kept chunks as lines; follows the tail while scrolled to the bottom."""
+
+    DEFAULT_CSS = """
+    ChunkView { height: 1fr; padding: 0 1; scrollbar-gutter: stable; }
+    """
+    # A pager's keys: no scrolling animation, so that reaching the end is known at once.
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("up", "step(-1)", "Scroll up", show=False),
+        Binding("down", "step(1)", "Scroll down", show=False),
+        Binding("pageup", "page(-1)", "Page up", show=False),
+        Binding("pagedown", "page(1)", "Page down", show=False),
+        Binding("home", "scroll_home", "Top", show=False),
+        Binding("end", "scroll_end", "Bottom (follow)", show=False),
+    ]
+
+    def __init__(self, store: FlowStore, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.store = store
+        self.record: FlowRecord | None = None
+        self.following = False
+        """Whether new lines scroll into view: true while the view is at its bottom."""
+        self._starts = array("q")
+        self._line_count = 0
+        self._top_chunk = 0
+        self._strips: LRUCache[int, Strip] = LRUCache(1024)
+
+    # -- what subclasses draw -------------------------------------------------------------
+
+    def _chunk_line_count(self, record: FlowRecord, i: int) -> int:
+        """How many lines chunk `i` takes (its header included)."""
+        raise NotImplementedError
+
+    def _chunk_line(self, record: FlowRecord, i: int, k: int) -> tuple[str, Style]:
+        """Line `k` of chunk `i` and its style."""
+        raise NotImplementedError
+
+    def _content_width(self) -> int:
+        """The widest line, for the horizontal scrollbar."""
+        return self.scrollable_content_region.width
+
+    def _can_index(self) -> bool:
+        """Whether the line layout is known yet (a wrapping view waits for its width)."""
+        return True
+
+    def _index_chunk(self, record: FlowRecord, i: int) -> None:
+        """Note what chunk `i` means for the chunks after it (such as a running offset)."""
+
+    def _reset_index(self) -> None:
+        self._starts = array("q")
+        self._line_count = 0
+        self._strips.clear()
+
+    # -- the index ------------------------------------------------------------------------
+
+    @property
+    def line_count(self) -> int:
+        return self._line_count
+
+    @property
+    def chunk_count(self) -> int:
+        """How many of the flow's chunks the view has indexed."""
+        return len(self._starts)
+
+    def show(self, record: FlowRecord | None, *, follow: bool, top_chunk: int = 0) -> None:
+        """Show `record` from scratch: at its tail and following, or from chunk `top_chunk`."""
+        self.record = record
+        self._reset_index()
+        self.following = follow
+        self._top_chunk = top_chunk
+        self.sync()
+        if not self._can_index():
+            return  # `reindex` places it once the layout is known
+        if follow:
+            self.scroll_end(animate=False, immediate=True, x_axis=False)
+        else:
+            top = self._starts[top_chunk] if 0 < top_chunk < len(self._starts) else 0
+            self.scroll_to(0, top, animate=False, immediate=True)
+        self.refresh()
+
+    def sync(self) -> int:
+        """Index the chunks that arrived since the last call and draw them if in view;
+        return how many there were."""
+        record = self.record
+        if record is None or not self._can_index():
+            return 0
+        starts = self._starts
+        first = len(starts)
+        count = len(record.chunks)
+        if count == first:
+            return 0
+        total = self._line_count
+        for i in range(first, count):
+            starts.append(total)
+            self._index_chunk(record, i)
+            total += self._chunk_line_count(record, i)
+        old_total = self._line_count
+        self._line_count = total
+        self.virtual_size = Size(self._content_width(), total)
+        if self.following and not self.is_vertical_scrollbar_grabbed:
+            self.scroll_end(animate=False, immediate=True, x_axis=False)
+        else:
+            self.refresh_lines(old_total, total - old_total)
+        return count - first
+
+    def reindex(self) -> None:
+        """Rebuild the index (the line layout changed), keeping the chunk at the top in view."""
+        record = self.record
+        if record is None:
+            return
+        top = self.chunk_at(round(self.scroll_y)) if self._starts else self._top_chunk
+        self.show(record, follow=self.following, top_chunk=top)
+
+    def chunk_at(self, line: int) -> int:
+        """The index of the chunk that line `line` belongs to."""
+        return max(0, bisect_right(self._starts, line) - 1)
+
+    # -- drawing --------------------------------------------------------------------------
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._strips.clear()
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        line = scroll_y + y
+        width = self.scrollable_content_region.width
+        base = self.rich_style
+        record = self.record
+        if record is None or line >= self._line_count:
+            return Strip.blank(width, base)
+        strip = self._strips.get(line)
+        if strip is None:
+            i = self.chunk_at(line)
+            text, style = self._chunk_line(record, i, line - self._starts[i])
+            strip = Strip([Segment(text, base + style)], len(text))
+            self._strips[line] = strip
+        return strip.crop_extend(scroll_x, scroll_x + width, base)
+
+    # -- following ------------------------------------------------------------------------
+
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        super().watch_scroll_y(old_value, new_value)
+        self.following = new_value >= self.max_scroll_y
+
+    def on_resize(self, event: events.Resize) -> None:
+        if self.following:
+            self.scroll_end(animate=False, immediate=True, x_axis=False)
+
+    def action_step(self, lines: int) -> None:
+        self.scroll_to(y=self.scroll_y + lines, animate=False, immediate=True)
+
+    def action_page(self, pages: int) -> None:
+        height = self.scrollable_content_region.height
+        self.scroll_to(y=self.scroll_y + pages * height, animate=False, immediate=True)
+
+    def action_scroll_home(self) -> None:
+        self.scroll_to(0, 0, animate=False, immediate=True)
+
+    def action_scroll_end(self) -> None:
+        self.following = True
+        self.scroll_end(animate=False, immediate=True, x_axis=False)
