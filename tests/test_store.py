@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tracemalloc
 
 from flowtap.inspector.store import FlowStore, PayloadSpill
 from flowtap.proxy.flow import (
@@ -119,3 +120,25 @@ def test_unknown_events_mark_the_flow_without_failing() -> None:
     record = store.get(1)
     assert record is not None and record.gaps == 1
     assert changes.changed == {1}
+
+
+def test_the_chunk_index_of_a_flow_takes_tens_of_bytes_a_chunk() -> None:
+    """100,000 small chunks: the index in memory stays a small multiple of the bytes kept."""
+    store = FlowStore(PayloadSpill(memory_budget_bytes=64 * 1024))  # payload on disk
+    store.apply([FlowOpened(_flow(1))])
+    events = [
+        FlowData(1, Direction.UP if i % 2 else Direction.DOWN, 2000.0 + i, b"%06d\n" % i)
+        for i in range(100_000)
+    ]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store.apply(events)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 40 * 100_000  # a tuple per chunk took about 170 bytes
+    chunks = list(store.chunks(1))
+    assert len(chunks) == 100_000
+    assert chunks[12_345].data == events[12_345].data and chunks[12_345].timestamp == 14345.0
+    store.close()

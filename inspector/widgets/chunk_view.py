@@ -54,6 +54,7 @@ class ChunkView(ScrollView, can_focus=True):
         self._starts = array("q")
         self._line_count = 0
         self._top_chunk = 0
+        self._placed = False
         self._strips: LRUCache[int, Strip] = LRUCache(1024)
 
     # -- what subclasses draw -------------------------------------------------------------
@@ -100,11 +101,17 @@ class ChunkView(ScrollView, can_focus=True):
         self.following = follow
         self._top_chunk = top_chunk
         self.sync()
-        if not self._can_index():
-            return  # `reindex` places it once the layout is known
-        if follow:
+        self._place()
+
+    def _place(self) -> None:
+        """Scroll to where `show` asked, once the view has a size to scroll in."""
+        self._placed = self._can_index() and self.scrollable_content_region.height > 0
+        if not self._placed:
+            return  # `on_resize` places it
+        if self.following:
             self.scroll_end(animate=False, immediate=True, x_axis=False)
         else:
+            top_chunk = self._top_chunk
             top = self._starts[top_chunk] if 0 < top_chunk < len(self._starts) else 0
             self.scroll_to(0, top, animate=False, immediate=True)
         self.refresh()
@@ -175,7 +182,9 @@ class ChunkView(ScrollView, can_focus=True):
         self.following = new_value >= self.max_scroll_y
 
     def on_resize(self, event: events.Resize) -> None:
-        if self.following:
+        if not self._placed:
+            self._place()
+        elif self.following:
             self.scroll_end(animate=False, immediate=True, x_axis=False)
 
     def action_step(self, lines: int) -> None:

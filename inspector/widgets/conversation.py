@@ -73,9 +73,7 @@ class Conversation(ChunkView):
             return header, UP_HEADER if is_up else DOWN_HEADER
         body = self._bodies.get(i)
         if body is None:
-            body = self._bodies[i] = body_lines(
-                self.store.chunk_bytes(record, i), self._wrap_width
-            )
+            body = self._bodies[i] = body_lines(self.store.chunk_bytes(record, i), self._wrap_width)
         return body[k - 1] if k <= len(body) else "", UP_BODY if is_up else DOWN_BODY
 
     def on_resize(self, event: events.Resize) -> None:

@@ -1,0 +1,324 @@
+"""The detail pane's conversation and hex views on big flows: only what is on screen is drawn,
+new chunks are indexed as they come, the tail is followed while the view is at its bottom,
+and the selected flow redraws at a bounded rate."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from test_tui import screen_text, until
+from textual.pilot import Pilot
+
+from flowtap.inspector import app as app_module
+from flowtap.inspector.app import FlowtapApp
+from flowtap.inspector.widgets.chunk_view import ChunkView
+from flowtap.inspector.widgets.conversation import Conversation
+from flowtap.inspector.widgets.hex_view import HexView
+from flowtap.proxy.events import EventQueue
+from flowtap.proxy.flow import (
+    Address,
+    CloseReason,
+    Direction,
+    Flow,
+    FlowClosed,
+    FlowData,
+    FlowEvent,
+    FlowOpened,
+    FlowState,
+    Transport,
+)
+
+SIZE = (160, 48)
+T0 = 1_767_225_600.0
+BIG = 100_000
+
+
+def opened(flow_id: int) -> Flow:
+    return Flow(
+        id=flow_id,
+        transport=Transport.TCP,
+        client=Address("127.0.0.1", 50000 + flow_id),
+        server=Address("127.0.0.1", 6379),
+        listener=Address("127.0.0.1", 40000),
+        started_at=T0,
+        state=FlowState.OPEN,
+    )
+
+
+def line_chunk(flow_id: int, i: int) -> FlowData:
+    """Chunk `i` of a line flow: the client and server take turns, half a second apart."""
+    direction = Direction.UP if i % 2 == 0 else Direction.DOWN
+    return FlowData(flow_id, direction, T0 + 0.5 * (i + 1), b"line %06d\n" % i)
+
+
+def conversation_line(n: int) -> str:
+    """Line `n` of a line flow's conversation, as a reader would write it out."""
+    i, body = divmod(n, 2)
+    if body:
+        return f"line {i:06d}\\n"
+    who = "client →" if i % 2 == 0 else "← server"
+    return f"+{0.5 * (i + 1):.3f}s {who} 12 B"
+
+
+def closed(flow: Flow, up: int, down: int) -> FlowClosed:
+    return FlowClosed(
+        flow.closed(
+            ended_at=T0 + 1e6, bytes_up=up, bytes_down=down, reason=CloseReason.CLIENT_CLOSED
+        )
+    )
+
+
+def app_with(events: list[FlowEvent]) -> tuple[FlowtapApp, EventQueue]:
+    queue = EventQueue(max_data_events=10 * BIG)
+    for event in events:
+        queue.handle(event)
+    return FlowtapApp(events=queue, source="test"), queue
+
+
+def run(app: FlowtapApp, scenario: Callable[[Pilot[None]], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await scenario(pilot)
+
+    asyncio.run(main())
+
+
+def shown_lines(view: ChunkView) -> list[str]:
+    return screen_text(view).split("\n")
+
+
+def expected_lines(view: ChunkView) -> list[str]:
+    """The conversation lines that belong on screen at the view's scroll position."""
+    top = round(view.scroll_y)
+    height = view.scrollable_content_region.height
+    return [conversation_line(n) if n < view.line_count else "" for n in range(top, top + height)]
+
+
+def test_a_flow_of_100000_chunks_shows_the_right_lines_wherever_it_is_scrolled() -> None:
+    small, big = opened(1), opened(2)
+    events: list[FlowEvent] = [FlowOpened(small), line_chunk(1, 0), closed(small, 12, 0)]
+    events += [FlowOpened(big), *(line_chunk(2, i) for i in range(BIG))]
+    events.append(closed(big, 12 * BIG // 2, 12 * BIG // 2))
+    app, _ = app_with(events)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: len(app.store) == 2 and app.store.open_count == 0, "the flows")
+        await pilot.press("down")  # the big flow, closed: shown from its top
+        view = app.query_one(Conversation)
+        await until(pilot, lambda: view.chunk_count == BIG, "the big flow's index")
+        assert view.line_count == 2 * BIG
+        height = view.scrollable_content_region.height
+        assert height > 10
+        assert shown_lines(view) == expected_lines(view)
+        assert shown_lines(view)[:2] == ["+0.500s client → 12 B", "line 000000\\n"]
+        view.focus()
+        await pilot.press("end")
+        assert round(view.scroll_y) == 2 * BIG - height
+        assert shown_lines(view)[-1] == "line 099999\\n"
+        assert shown_lines(view) == expected_lines(view)
+        await pilot.press("home", "pagedown", "pagedown")
+        assert round(view.scroll_y) == 2 * height
+        assert shown_lines(view) == expected_lines(view)
+        view.scroll_to(y=123_457, animate=False, immediate=True)
+        await pilot.pause()
+        assert round(view.scroll_y) == 123_457
+        assert shown_lines(view)[0] == "line 061728\\n"
+        assert shown_lines(view) == expected_lines(view)
+
+    run(app, scenario)
+
+
+def test_following_keeps_the_tail_in_view_and_scrolling_up_keeps_the_position() -> None:
+    live = opened(1)
+    app, queue = app_with([FlowOpened(live), *(line_chunk(1, i) for i in range(BIG))])
+
+    def send(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            queue.handle(line_chunk(1, i))
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        view = app.query_one(Conversation)
+        await until(pilot, lambda: view.chunk_count == BIG, "the live flow's index")
+        assert view.following  # a live flow opens at its tail
+        assert shown_lines(view)[-1] == conversation_line(2 * BIG - 1)
+        send(BIG, 500)
+        await until(pilot, lambda: view.chunk_count == BIG + 500, "the new chunks")
+        await pilot.pause()
+        assert shown_lines(view)[-1] == conversation_line(2 * (BIG + 500) - 1)
+        assert shown_lines(view) == expected_lines(view)
+
+        view.focus()
+        await pilot.press("pageup")
+        assert not view.following
+        where, before = round(view.scroll_y), shown_lines(view)
+        send(BIG + 500, 500)
+        await until(pilot, lambda: view.chunk_count == BIG + 1000, "more chunks")
+        await pilot.pause()
+        assert (round(view.scroll_y), shown_lines(view)) == (where, before)
+
+        await pilot.press("end")  # back at the bottom: following again
+        assert view.following
+        send(BIG + 1000, 10)
+        await until(pilot, lambda: view.chunk_count == BIG + 1010, "the last chunks")
+        await pilot.pause()
+        assert shown_lines(view)[-1] == conversation_line(2 * (BIG + 1010) - 1)
+        assert shown_lines(view) == expected_lines(view)
+
+    run(app, scenario)
+
+
+def hexdump(path: Path, offset: int, length: int) -> list[str]:
+    """`hexdump -C` (the util-linux tool) of `length` bytes of `path` from `offset`."""
+    if not length:
+        return []
+    out = subprocess.run(
+        ["hexdump", "-C", "-v", "-s", str(offset), "-n", str(length), str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    return out[:-1]  # the last line is the offset past the end
+
+
+def test_the_hex_view_matches_hexdump_of_each_direction(tmp_path: Path) -> None:
+    rng = random.Random(15)
+    flow = opened(1)
+    chunks = [
+        FlowData(1, rng.choice(list(Direction)), T0 + i, rng.randbytes(rng.randrange(0, 70)))
+        for i in range(3000)
+    ]
+    streams = {d: b"".join(c.data for c in chunks if c.direction is d) for d in Direction}
+    paths = {d: tmp_path / f"{d}.bin" for d in Direction}
+    for direction, path in paths.items():
+        path.write_bytes(streams[direction])
+    up, down = len(streams[Direction.UP]), len(streams[Direction.DOWN])
+    app, _ = app_with([FlowOpened(flow), *chunks, closed(flow, up, down)])
+
+    def expected(view: HexView) -> list[str]:
+        """The hex lines for the chunks on screen, from hexdump of each direction's bytes."""
+        top = round(view.scroll_y)
+        height = view.scrollable_content_region.height
+        lines: list[str] = []
+        sent = {d: 0 for d in Direction}
+        first_line = 0
+        for chunk in chunks:
+            size = len(chunk.data)
+            rows = -(-size // 16)
+            if first_line + 1 + rows > top and first_line < top + height:
+                label = "client → server" if chunk.direction is Direction.UP else "server → client"
+                dump = hexdump(paths[chunk.direction], sent[chunk.direction], size)
+                chunk_lines = [f"{label}  {size} B", *dump]
+                lines += chunk_lines[max(0, top - first_line) :]
+            first_line += 1 + rows
+            sent[chunk.direction] += size
+        return [line.rstrip() for line in lines[:height]]
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: app.store.open_count == 0 and len(app.store) == 1, "the flow")
+        await pilot.press("h")
+        view = app.query_one(HexView)
+        await until(pilot, lambda: view.chunk_count == len(chunks), "the hex index")
+        view.focus()
+        assert shown_lines(view) == expected(view)
+        for position in (1, 4321, view.max_scroll_y // 2, view.max_scroll_y):
+            view.scroll_to(y=position, animate=False, immediate=True)
+            await pilot.pause()
+            assert round(view.scroll_y) == position
+            assert shown_lines(view) == expected(view), position
+
+    run(app, scenario)
+
+
+def test_toggling_hex_keeps_the_chunk_at_the_top() -> None:
+    flow = opened(1)
+    app, _ = app_with([FlowOpened(flow), *(line_chunk(1, i) for i in range(1000))])
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        conversation = app.query_one(Conversation)
+        await until(pilot, lambda: conversation.chunk_count == 1000, "the index")
+        conversation.focus()
+        conversation.scroll_to(y=2 * 321, animate=False, immediate=True)
+        await pilot.pause()
+        assert not conversation.following
+        await pilot.press("h")
+        hex_view = app.query_one(HexView)
+        await pilot.pause()
+        assert hex_view.has_focus
+        assert shown_lines(hex_view)[0] == "server → client  12 B"  # chunk 321, a reply
+        assert hex_view.chunk_at(round(hex_view.scroll_y)) == 321
+        assert conversation.chunk_count == 0  # the hidden view keeps no index
+
+    run(app, scenario)
+
+
+class SyncCounter:
+    """Counts the payload view refreshes that drew new chunks."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        sync = ChunkView.sync
+
+        def counted(view: ChunkView) -> int:
+            added = sync(view)
+            self.count += added > 0
+            return added
+
+        monkeypatch.setattr(ChunkView, "sync", counted)
+
+
+def test_thousands_of_chunks_between_two_ticks_cause_one_refresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    flow = opened(1)
+    app, queue = app_with([FlowOpened(flow), line_chunk(1, 0)])
+    refreshes = SyncCounter(monkeypatch)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        view = app.query_one(Conversation)
+        await until(pilot, lambda: view.chunk_count == 1, "the first chunk")
+        await pilot.pause(0.3)
+        refreshes.count = 0
+        for i in range(1, 20_001):  # no await: the app cannot tick in between
+            queue.handle(line_chunk(1, i))
+        await until(pilot, lambda: view.chunk_count == 20_001, "the chunks")
+        await pilot.pause(0.6)
+        assert refreshes.count == 1
+        assert shown_lines(view)[-1] == conversation_line(2 * 20_001 - 1)
+
+    run(app, scenario)
+
+
+def test_a_steady_stream_of_chunks_redraws_at_a_bounded_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    flow = opened(1)
+    app, queue = app_with([FlowOpened(flow), line_chunk(1, 0)])
+    refreshes = SyncCounter(monkeypatch)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        view = app.query_one(Conversation)
+        await until(pilot, lambda: view.chunk_count == 1, "the first chunk")
+        refreshes.count = 0
+        started = time.monotonic()
+        sent = 1
+
+        def stored_chunks_are(count: int) -> bool:
+            return len(app.store.records[1].chunks) == count
+
+        for _ in range(40):  # a batch on (nearly) every tick
+            for _ in range(50):
+                queue.handle(line_chunk(1, sent))
+                sent += 1
+            await until(pilot, functools.partial(stored_chunks_are, sent), "the batch")
+        await until(pilot, lambda: view.chunk_count == sent, "the last batch drawn")
+        elapsed = time.monotonic() - started
+        assert refreshes.count <= elapsed / app_module.DETAIL_REFRESH_S + 2
+
+    run(app, scenario)
