@@ -450,24 +450,17 @@ class FlowStore:
                     break
         return bytes(out)
 
-    def chunks(self, flow_id: int, *, limit_bytes: int | None = None) -> Iterator[Chunk]:
-        """The kept chunks of a flow in order, read back from the spill, up to `limit_bytes`."""
+    def chunks(self, flow_id: int) -> Iterator[Chunk]:
+        """The kept chunks of a flow in order, read back from the spill."""
         record = self.records.get(flow_id)
         if record is None:
             return
         index = record.chunks
-        total = 0
         for i in range(len(index)):
-            if limit_bytes is not None and total >= limit_bytes:
-                return
-            length = index.lengths[i]
-            if limit_bytes is not None:
-                length = min(length, limit_bytes - total)
-            total += length
             yield Chunk(
                 Direction.UP if index.is_up[i] else Direction.DOWN,
                 index.timestamps[i],
-                self._spill.read(index.offsets[i], length),
+                self._spill.read(index.offsets[i], index.lengths[i]),
             )
 
     def chunk_bytes(self, record: FlowRecord, i: int, start: int = 0, length: int = -1) -> bytes:

@@ -272,19 +272,23 @@ class SyncCounter:
 
         monkeypatch.setattr(ChunkView, "sync", counted)
 
+    async def after_the_first_chunk(self, pilot: Pilot[None]) -> Conversation:
+        """Wait until the conversation shows the first chunk and has settled; count from 0."""
+        view = pilot.app.query_one(Conversation)
+        await until(pilot, lambda: view.chunk_count == 1, "the first chunk")
+        await pilot.pause(0.3)
+        self.count = 0
+        return view
+
 
 def test_thousands_of_chunks_between_two_ticks_cause_one_refresh(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    flow = opened(1)
-    app, queue = app_with([FlowOpened(flow), line_chunk(1, 0)])
+    app, queue = app_with([FlowOpened(opened(1)), line_chunk(1, 0)])
     refreshes = SyncCounter(monkeypatch)
 
     async def scenario(pilot: Pilot[None]) -> None:
-        view = app.query_one(Conversation)
-        await until(pilot, lambda: view.chunk_count == 1, "the first chunk")
-        await pilot.pause(0.3)
-        refreshes.count = 0
+        view = await refreshes.after_the_first_chunk(pilot)
         for i in range(1, 20_001):  # no await: the app cannot tick in between
             queue.handle(line_chunk(1, i))
         await until(pilot, lambda: view.chunk_count == 20_001, "the chunks")
@@ -298,14 +302,11 @@ def test_thousands_of_chunks_between_two_ticks_cause_one_refresh(
 def test_a_steady_stream_of_chunks_redraws_at_a_bounded_rate(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    flow = opened(1)
-    app, queue = app_with([FlowOpened(flow), line_chunk(1, 0)])
+    app, queue = app_with([FlowOpened(opened(1)), line_chunk(1, 0)])
     refreshes = SyncCounter(monkeypatch)
 
     async def scenario(pilot: Pilot[None]) -> None:
-        view = app.query_one(Conversation)
-        await until(pilot, lambda: view.chunk_count == 1, "the first chunk")
-        refreshes.count = 0
+        view = await refreshes.after_the_first_chunk(pilot)
         started = time.monotonic()
         sent = 1
 
