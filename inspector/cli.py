@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A TCP/UDP man-in-the-middle proxy and traffic inspector.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    parser.add_argument("--version", action="version", version=f"flowtap {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     run = commands.add_parser("run", help="relay headless, printing one line per flow event")
@@ -201,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="play X times as fast as recorded (default 1)",
     )
     pace.add_argument("--asap", action="store_true", help="ignore the recorded pauses")
+    _add_filter_option(replay, "replay only the flows it selects")
     replay.add_argument(
-        "--filter", metavar="EXPR", help="only flows matching, e.g. 'tcp port 6379'"
+        "--dry-run", action="store_true", help="list the flows it would replay, send nothing"
     )
     replay.add_argument(
         "--concurrency", type=int, default=10, metavar="N", help="flows at once (default 10)"
@@ -232,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where clients connect (default 127.0.0.1:0, a free port)",
     )
     _add_playback_options(serve)
+    _add_filter_option(serve, "answer only from the recorded flows it selects")
     serve.add_argument(
         "--on-mismatch",
         choices=("continue", "close"),
@@ -256,7 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shape.add_argument("--tui", action="store_true", help="browse the capture in the terminal UI")
     show.add_argument("--json", action="store_true", help="print JSON lines")
+    _add_filter_option(show, "list only the flows it selects")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flowtap")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _add_filter_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--filter",
+        metavar="EXPR",
+        help=f"{what}, e.g. 'tcp port 6379 and bytes > 1M' (see the README's filter language)",
+    )
 
 
 def _add_playback_options(parser: argparse.ArgumentParser) -> None:
@@ -311,6 +332,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_tui(args: argparse.Namespace) -> int:
     from .attach import run_tui
 
+    if args.json:
+        raise FlowtapError("tui draws flows on screen: for JSON lines run flowtap run --json")
     return run_tui(args)
 
 
@@ -339,9 +362,17 @@ def cmd_show(args: argparse.Namespace) -> int:
         from .app import browse_capture
 
         return browse_capture(args.file, select_flow=args.flow)
+    from .flow_filter import parse_option
+
+    flow_filter = parse_option("--filter", args.filter)
     try:
         return run_show(
-            args.file, flow_id=args.flow, as_hex=args.hex, raw=args.raw, as_json=args.json
+            args.file,
+            flow_id=args.flow,
+            as_hex=args.hex,
+            raw=args.raw,
+            as_json=args.json,
+            flow_filter=flow_filter,
         )
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as other command-line tools do.

@@ -1,88 +1,975 @@
-"""Filter expressions for the flow table: which flows a user wants to see.
+"""The one filter language: which flows a user picks in show, replay, serve, run and the TUI.
 
-An expression is words separated by spaces, all of which must match a flow:
-`port:N` (client or server port), `host:TEXT` (in an address), `state:TEXT` (state or close
-reason), `proto:TEXT` (protocol or transport), `has:TEXT` (in the payload), `re:REGEX`
-(payload regex; write a space as \\s), and any other word, found in the row's text
-(addresses, state, summary).
+Pure, no I/O, in the manner of h11: `parse_filter(text)` tokenizes and parses an expression
+by recursive descent into a small tree of frozen dataclasses, and `FlowFilter` evaluates it
+over what flowtap knows about a flow (`FlowFacts`) and, only when the expression asks for
+payload, over the flow's reassembled bytes, streamed chunk by chunk (`PayloadScan`): no flow
+is ever held whole, and a `contains` that straddles two chunks still matches.
+
+The grammar (keywords are case-insensitive; juxtaposition means `and`, as in tcpdump's
+`tcp port 80`):
+
+    expr    := or
+    or      := and (("or" | "||") and)*
+    and     := unary (["and" | "&&"] unary)*
+    unary   := ("not" | "!") unary | "(" expr ")" | term
+    term    := "tcp" | "udp" | "unix" | "ip" | "ip6"
+             | ["src" | "dst"] ("port" [OP] N | "portrange" A-B | "host" [OP] ADDR | "net" CIDR)
+             | ("state" | "reason" | "proto" | "sni") [OP] WORD
+             | ("bytes" | "up" | "down") [OP] SIZE | "duration" [OP] TIME | "id" [OP] N
+             | ["up" | "down"] ("contains" STRING | "matches" /REGEX/)
+             | WIRESHARK-FIELD OP VALUE        (tcp.port, ip.addr, ip.src, ...)
+             | WORD | STRING                   (a substring of the flow's row)
+
+What each term needs (`Stage`): the flow's endpoints are known when it opens; its state,
+reason, byte counts and duration when it ends; `proto`, `sni` and bare words need its first
+bytes (the summary); `contains` and `matches` its payload.
 """
 
 from __future__ import annotations
 
+import enum
+import ipaddress
+import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from flowtap.proxy.errors import FlowtapError
+from flowtap.proxy.flow import Address, CloseReason, Direction, Flow, Transport
 
-from .store import FlowRecord, FlowStore
+from .summary import HEAD_BYTES, Summary, summarize
 
-Test = Callable[[FlowRecord, FlowStore], bool]
+REGEX_OVERLAP_BYTES = 8192
+"""A `matches` regex sees a stream in windows that overlap by this much: a match longer than
+this that straddles two chunks may be missed (a `contains` never is)."""
+
+STATES = ("connecting", "open", "half-closed", "closed", "reset")
+PROTOCOLS = ("http", "tls", "dns", "redis", "text", "binary")
+_RESETS = frozenset({CloseReason.CLIENT_RESET, CloseReason.SERVER_RESET})
 
 
-@dataclass(frozen=True)
-class FlowFilter:
-    """A parsed filter expression; `matches` answers for one flow."""
+class Stage(enum.IntEnum):
+    """When a term can be decided: what of a flow it reads."""
+
+    OPEN = 0  # endpoints, transport, id
+    END = 1  # state, reason, byte counts, duration
+    HEAD = 2  # the summary of the first bytes (proto, sni, bare words)
+    PAYLOAD = 3  # every byte (contains, matches)
+
+
+class FilterError(FlowtapError):
+    """A malformed expression: where (1-based column) and what was expected."""
+
+    def __init__(self, text: str, column: int, expected: str) -> None:
+        self.text = text
+        self.column = column
+        self.expected = expected
+        super().__init__(f"column {column}: {expected}")
+
+    def for_option(self, option: str) -> FlowtapError:
+        """The one-line error a command prints, e.g. `--filter 'port x': column 6: ...`."""
+        return FlowtapError(f"{option} {self.text!r}: {self}")
+
+
+# -- what flowtap knows about a flow ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FlowFacts:
+    """What a filter reads of one flow besides its payload; `summary` None: not known yet."""
+
+    flow: Flow
+    bytes_up: int
+    bytes_down: int
+    duration_s: float | None
+    summary: Summary | None = None
+
+    @classmethod
+    def of(cls, flow: Flow, summary: Summary | None = None) -> FlowFacts:
+        return cls(flow, flow.bytes_up, flow.bytes_down, flow.duration_s, summary)
+
+    @property
+    def row_text(self) -> str:
+        """The text a bare word is looked for in (lower case): addresses, state, summary."""
+        flow = self.flow
+        summary = self.summary
+        parts = [str(flow.id), str(flow.client), str(flow.server), str(flow.transport)]
+        parts.append(str(flow.state))
+        if flow.reason is not None:
+            parts.append(str(flow.reason))
+        if summary is not None:
+            parts += [summary.protocol, summary.headline]
+        return " ".join(parts).lower()
+
+
+def sni_of(summary: Summary) -> str | None:
+    """The TLS server name a summary tells, if any."""
+    if summary.protocol != "tls":
+        return None
+    for line in summary.details:
+        name, sep, value = line.partition("server name: ")
+        if sep and name.startswith(">"):
+            return value.strip()
+    return None
+
+
+def summary_of(head_up: bytes, head_down: bytes, flow: Flow) -> Summary:
+    """The summary a filter reads, from the first bytes of each direction (as the TUI's)."""
+    return summarize(
+        head_up[:HEAD_BYTES],
+        head_down[:HEAD_BYTES],
+        transport=str(flow.transport),
+        server_port=flow.server.port,
+    )
+
+
+# -- the tree --------------------------------------------------------------------------------
+
+Verdict = bool | None  # None: cannot tell yet
+Found = Callable[["Payload"], Verdict]
+
+
+class Side(enum.StrEnum):
+    """Which end of a flow a term reads: either, the client (`src`) or the server (`dst`)."""
+
+    EITHER = "either"
+    SRC = "src"
+    DST = "dst"
+
+
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    left: Expr
+    right: Expr
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        left = self.left.evaluate(facts, known, found)
+        if left is False:
+            return False
+        right = self.right.evaluate(facts, known, found)
+        if right is False:
+            return False
+        return True if left and right else None
+
+
+@dataclass(frozen=True, slots=True)
+class Or:
+    left: Expr
+    right: Expr
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        left = self.left.evaluate(facts, known, found)
+        if left is True:
+            return True
+        right = self.right.evaluate(facts, known, found)
+        if right is True:
+            return True
+        return False if left is False and right is False else None
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    operand: Expr
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        verdict = self.operand.evaluate(facts, known, found)
+        return None if verdict is None else not verdict
+
+
+@dataclass(frozen=True, slots=True)
+class IsTransport:
+    """`tcp`, `udp`."""
+
+    transport: Transport
+    stage = Stage.OPEN
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        return facts.flow.transport is self.transport
+
+
+@dataclass(frozen=True, slots=True)
+class IsFamily:
+    """`unix`, `ip` (IPv4), `ip6`: an end of the flow is of this family."""
+
+    family: str
+    stage = Stage.OPEN
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        ends = (facts.flow.client, facts.flow.server)
+        if self.family == "unix":
+            return any(end.is_unix for end in ends)
+        want_v6 = self.family == "ip6"
+        return any(not end.is_unix and end.is_ipv6 is want_v6 for end in ends)
+
+
+@dataclass(frozen=True, slots=True)
+class Port:
+    """`port N`, `src port > 1024`, `tcp.port == N`."""
+
+    side: Side
+    op: str
+    value: int
+    stage = Stage.OPEN
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        compare = _COMPARE[self.op]
+        ports = [end.port for end in _addresses(facts.flow, self.side) if not end.is_unix]
+        if self.op == "!=":
+            return all(compare(port, self.value) for port in ports)
+        return any(compare(port, self.value) for port in ports)
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    """`portrange A-B` (inclusive)."""
+
+    side: Side
+    low: int
+    high: int
+    stage = Stage.OPEN
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        return any(
+            self.low <= end.port <= self.high and not end.is_unix
+            for end in _addresses(facts.flow, self.side)
+        )
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Net:
+    """`host ADDR` (a one-address net), `net CIDR`, `ip.addr == ADDR`; `negate` for `!=`."""
+
+    side: Side
+    network: Network
+    negate: bool = False
+    stage = Stage.OPEN
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        inside = [_in_network(end.host, self.network) for end in _addresses(facts.flow, self.side)]
+        return not any(inside) if self.negate else any(inside)
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """`state open`, `reason client-reset`, `proto http`, `sni example.com` (`!=` negates)."""
+
+    field: str
+    value: str
+    negate: bool = False
+
+    @property
+    def stage(self) -> Stage:
+        return Stage.END if self.field in ("state", "reason") else Stage.HEAD
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        if self.stage > known:
+            return None
+        flow = facts.flow
+        if self.field == "state":
+            states = {str(flow.state)}
+            if flow.reason in _RESETS:
+                states.add("reset")
+            hit = self.value in states
+        elif self.field == "reason":
+            hit = flow.reason is not None and self.value == str(flow.reason)
+        else:
+            summary = facts.summary
+            if summary is None:
+                return None
+            actual = summary.protocol if self.field == "proto" else sni_of(summary)
+            hit = actual is not None and actual.lower() == self.value
+        return hit is not self.negate
+
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    """`bytes > 1M`, `up >= 10K`, `down == 0`, `duration > 2s`, `id 3`."""
+
+    field: str
+    op: str
+    value: float
+
+    @property
+    def stage(self) -> Stage:
+        return Stage.OPEN if self.field == "id" else Stage.END
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        if self.stage > known:
+            return None
+        actual: float | None
+        if self.field == "id":
+            actual = facts.flow.id
+        elif self.field == "bytes":
+            actual = facts.bytes_up + facts.bytes_down
+        elif self.field == "up":
+            actual = facts.bytes_up
+        elif self.field == "down":
+            actual = facts.bytes_down
+        else:
+            actual = facts.duration_s
+        if actual is None:
+            return False
+        return _COMPARE[self.op](actual, self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    """A bare word or string: a case-insensitive substring of the flow's row."""
 
     text: str
-    tests: tuple[Test, ...]
-    reads_payload: bool
+    stage = Stage.HEAD
 
-    def matches(self, record: FlowRecord, store: FlowStore) -> bool:
-        return all(test(record, store) for test in self.tests)
-
-
-def _row_text(record: FlowRecord) -> str:
-    flow = record.flow
-    return (
-        f"{flow.id} {flow.client} {flow.server} {flow.transport} {record.state_text} "
-        f"{record.summary.protocol} {record.summary.headline}"
-    ).lower()
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        if known < Stage.HEAD:
+            return None
+        return self.text in facts.row_text
 
 
-def _port(value: str) -> Test:
-    if not value.isdigit():
-        raise FlowtapError(f"port:{value} is not a port number: write port:8080")
-    port = int(value)
-    return lambda r, s: port in (r.flow.client.port, r.flow.server.port)
+@dataclass(frozen=True, slots=True)
+class Contains:
+    """`contains "GET /"` in either direction, or `up contains` / `down contains`."""
+
+    direction: Direction | None
+    needle: bytes
+    stage = Stage.PAYLOAD
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        return found(self)
 
 
-def _contains(getter: Callable[[FlowRecord], str], value: str) -> Test:
-    needle = value.lower()
-    return lambda r, s: needle in getter(r).lower()
+@dataclass(frozen=True, slots=True)
+class Matches:
+    """`matches /regex/` (a bytes regex) in either direction, or one with `up`/`down`."""
+
+    direction: Direction | None
+    pattern: re.Pattern[bytes]
+    stage = Stage.PAYLOAD
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        return found(self)
 
 
-def _payload(pattern: re.Pattern[bytes]) -> Test:
-    return lambda r, s: s.contains(r.id, pattern)
+Payload = Contains | Matches
+Term = IsTransport | IsFamily | Port | PortRange | Net | Text | Number | Word | Payload
+Expr = And | Or | Not | Term
 
 
-def parse_filter(text: str) -> FlowFilter:
-    """Parse a filter expression; FlowtapError names a malformed word and how to fix it."""
-    tests: list[Test] = []
-    reads_payload = False
-    for word in text.split():
-        key, sep, value = word.partition(":")
-        key = key.lower() if sep else ""
-        if sep and not value:
-            raise FlowtapError(f"{word!r} has nothing after the colon: write {key}:VALUE")
-        if key == "port":
-            tests.append(_port(value))
-        elif key in ("host", "addr"):
-            tests.append(_contains(lambda r: f"{r.flow.client} {r.flow.server}", value))
-        elif key == "state":
-            tests.append(_contains(lambda r: f"{r.flow.state} {r.state_text}", value))
-        elif key == "proto":
-            tests.append(_contains(lambda r: f"{r.summary.protocol} {r.flow.transport}", value))
-        elif key == "has":
-            reads_payload = True
-            tests.append(_payload(re.compile(re.escape(value.encode()), re.IGNORECASE)))
-        elif key == "re":
-            reads_payload = True
-            try:
-                pattern = re.compile(value.encode())
-            except re.error as exc:
-                raise FlowtapError(f"re:{value} is not a valid regex ({exc})") from None
-            tests.append(_payload(pattern))
+def _addresses(flow: Flow, side: Side) -> tuple[Address, ...]:
+    if side is Side.SRC:
+        return (flow.client,)
+    if side is Side.DST:
+        return (flow.server,)
+    return (flow.client, flow.server)
+
+
+def _in_network(host: str, network: Network) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.version == network.version and address in network
+
+
+def _terms(expr: Expr) -> Iterator[Term]:
+    if isinstance(expr, And | Or):
+        yield from _terms(expr.left)
+        yield from _terms(expr.right)
+    elif isinstance(expr, Not):
+        yield from _terms(expr.operand)
+    else:
+        yield expr
+
+
+# -- streaming payload ---------------------------------------------------------------------------
+
+
+class PayloadScan:
+    """Which payload terms one flow's bytes have matched so far, fed chunk by chunk.
+
+    Keeps only a short tail of each direction, so that a needle split across two chunks is
+    found: memory per flow is bounded whatever the flow's size.
+    """
+
+    __slots__ = ("_cut", "_pending", "_tails", "found")
+
+    def __init__(self, terms: Iterable[Payload]) -> None:
+        self._pending: list[Payload] = list(dict.fromkeys(terms))
+        self._tails: dict[tuple[Payload, Direction], bytes] = {}
+        self._cut: set[tuple[Payload, Direction]] = set()
+        self.found: set[Payload] = set()
+
+    @property
+    def is_done(self) -> bool:
+        """Every payload term has matched: the rest of the bytes cannot change anything."""
+        return not self._pending
+
+    def feed(self, direction: Direction, data: bytes) -> bool:
+        """Look at the next bytes of `direction`; True when a term newly matched."""
+        if not data:
+            return False
+        newly = False
+        tails = self._tails
+        for term in self._pending:
+            if term.direction is not None and term.direction is not direction:
+                continue
+            key = (term, direction)
+            tail = tails.get(key, b"")
+            if isinstance(term, Contains):
+                needle = term.needle
+                keep = len(needle) - 1
+                hit = needle in data or (tail and needle in tail + data[:keep]) or not needle
+                if not hit and keep:
+                    tails[key] = data[-keep:] if len(data) >= keep else (tail + data)[-keep:]
+            else:
+                # A tail cut from a longer stream keeps one byte before the overlap and the
+                # search starts after it, so that `^` matches at the stream's start only.
+                window = tail + data
+                start = 1 if key in self._cut else 0
+                hit = term.pattern.search(window, start) is not None
+                if not hit:
+                    if len(window) > REGEX_OVERLAP_BYTES + 1:
+                        self._cut.add(key)
+                        window = window[-(REGEX_OVERLAP_BYTES + 1) :]
+                    tails[key] = window
+            if hit:
+                self.found.add(term)
+                tails.pop((term, Direction.UP), None)
+                tails.pop((term, Direction.DOWN), None)
+                newly = True
+        if newly:
+            self._pending = [term for term in self._pending if term not in self.found]
+        return newly
+
+    def lookup(self, finished: bool) -> Found:
+        """The payload verdicts: matched, not matched (once `finished`), or not known yet."""
+        found = self.found
+
+        def verdict(term: Payload) -> Verdict:
+            if term in found:
+                return True
+            return False if finished else None
+
+        return verdict
+
+
+# -- the parsed filter ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FlowFilter:
+    """A parsed expression: `matches` answers for one flow; `stage` is what it reads at most."""
+
+    text: str
+    expr: Expr
+
+    @property
+    def stage(self) -> Stage:
+        return max(term.stage for term in _terms(self.expr))
+
+    @property
+    def payload_terms(self) -> tuple[Payload, ...]:
+        return tuple(t for t in _terms(self.expr) if isinstance(t, Contains | Matches))
+
+    def terms_after(self, stage: Stage) -> list[str]:
+        """The names of the terms that need more than `stage` knows (for error messages)."""
+        return list(dict.fromkeys(_term_name(t) for t in _terms(self.expr) if t.stage > stage))
+
+    def decide(self, facts: FlowFacts, known: Stage, scan: PayloadScan | None = None) -> Verdict:
+        """The verdict from what is `known` so far (None: it takes more of the flow)."""
+        found = scan.lookup(known >= Stage.PAYLOAD) if scan is not None else _unknown
+        return self.expr.evaluate(facts, known, found)
+
+    def matches(self, facts: FlowFacts, chunks: Iterable[tuple[Direction, bytes]] = ()) -> bool:
+        """Whether the flow passes; `chunks` (its payload in order) is read only if needed."""
+        verdict = self.expr.evaluate(facts, Stage.HEAD, _unknown)
+        if verdict is not None:
+            return verdict
+        scan = PayloadScan(self.payload_terms)
+        lookup = scan.lookup(False)
+        for direction, data in chunks:
+            if scan.feed(direction, data):
+                verdict = self.expr.evaluate(facts, Stage.HEAD, lookup)
+                if verdict is not None:
+                    return verdict
+        return self.expr.evaluate(facts, Stage.PAYLOAD, scan.lookup(True)) is True
+
+
+def _unknown(term: Payload) -> Verdict:
+    return None
+
+
+class _Undecided:
+    """What a `FlowSelection` keeps of a flow it cannot decide yet: its first bytes, a scan."""
+
+    __slots__ = ("head_down", "head_up", "scan")
+
+    def __init__(self, scan: PayloadScan | None) -> None:
+        self.head_up = b""
+        self.head_down = b""
+        self.scan = scan
+
+
+class FlowSelection:
+    """A filter applied to a stream of flow events, reading as little of each flow as it can.
+
+    `opened` decides from the endpoints when it can (and says whether the flow's data is
+    wanted at all), `data` feeds bytes until the verdict is sure, `closed` gives it. A
+    header-only expression never asks for data; a payload one stops asking once decided.
+    """
+
+    def __init__(self, flow_filter: FlowFilter) -> None:
+        self._filter = flow_filter
+        self._stage = flow_filter.stage
+        self._payload = flow_filter.payload_terms
+        self._needs_head = any(t.stage is Stage.HEAD for t in _terms(flow_filter.expr))
+        self._undecided: dict[int, _Undecided] = {}
+        self._decided: dict[int, bool] = {}
+
+    def opened(self, flow: Flow) -> bool:
+        """Note a new flow; True when its data is needed to decide."""
+        verdict = self._filter.decide(FlowFacts.of(flow), Stage.OPEN)
+        if verdict is not None:
+            self._decided[flow.id] = verdict
+            return False
+        if self._stage < Stage.HEAD:
+            return False  # decided at its end, from the closed flow alone
+        scan = PayloadScan(self._payload) if self._payload else None
+        self._undecided[flow.id] = _Undecided(scan)
+        return True
+
+    def data(self, flow: Flow, direction: Direction, data: bytes) -> bool:
+        """Look at the next bytes of a flow; False once no more of them are needed."""
+        pending = self._undecided.get(flow.id)
+        if pending is None:
+            return False
+        is_up = direction is Direction.UP
+        head = pending.head_up if is_up else pending.head_down
+        if self._needs_head and len(head) < HEAD_BYTES:
+            head += data[: HEAD_BYTES - len(head)]
+            if is_up:
+                pending.head_up = head
+            else:
+                pending.head_down = head
+        scan = pending.scan
+        if scan is not None and scan.feed(direction, data):
+            verdict = self._filter.decide(FlowFacts.of(flow), Stage.OPEN, scan)
+            if verdict is not None:
+                self._decided[flow.id] = verdict
+                del self._undecided[flow.id]
+                return False
+        if scan is not None and not scan.is_done:
+            return True
+        return self._needs_head and min(len(pending.head_up), len(pending.head_down)) < HEAD_BYTES
+
+    def closed(self, flow: Flow) -> bool:
+        """Whether the flow, now ended, is selected."""
+        verdict = self._decided.pop(flow.id, None)
+        if verdict is not None:
+            return verdict
+        pending = self._undecided.pop(flow.id, None)
+        summary = None
+        scan = None
+        if pending is not None and self._needs_head:
+            summary = summary_of(pending.head_up, pending.head_down, flow)
+            scan = pending.scan
+        facts = FlowFacts.of(flow, summary)
+        return self._filter.decide(facts, Stage.PAYLOAD, scan or PayloadScan(())) is True
+
+
+def _term_name(term: Term) -> str:
+    if isinstance(term, Text | Number):
+        return term.field
+    if isinstance(term, Word):
+        return f"the word {term.text!r}"
+    return "contains" if isinstance(term, Contains) else "matches"
+
+
+# -- tokens --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One lexical unit: `kind` is word, string, regex, op, (, ), and, or, not or end."""
+
+    kind: str
+    text: str
+    column: int
+    value: bytes = b""
+
+
+_BREAKS = frozenset(' \t\r\n()"!=<>&|')
+_SYMBOLS = (
+    ("&&", "and"),
+    ("||", "or"),
+    ("==", "op"),
+    ("!=", "op"),
+    ("<=", "op"),
+    (">=", "op"),
+    ("(", "("),
+    (")", ")"),
+    ("!", "not"),
+    ("=", "op"),
+    ("<", "op"),
+    (">", "op"),
+)
+_WORD_OPS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+_ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "0": 0x00, "\\": 0x5C, '"': 0x22}
+
+
+def tokenize(text: str) -> list[Token]:
+    """The tokens of `text`, ending with an `end` token; FilterError where one is malformed."""
+    tokens: list[Token] = []
+    at = 0
+    size = len(text)
+    while True:
+        while at < size and text[at].isspace():
+            at += 1
+        if at >= size:
+            tokens.append(Token("end", "", at + 1))
+            return tokens
+        column = at + 1
+        char = text[at]
+        if char == '"':
+            value, at = _string(text, at)
+            tokens.append(Token("string", text[column - 1 : at], column, value))
+            continue
+        previous = tokens[-1].text.lower() if tokens else ""
+        if char == "/" and previous in ("matches", "~"):
+            tokens.append(_regex(text, at))
+            at = tokens[-1].column - 1 + len(tokens[-1].text)
+            continue
+        for symbol, kind in _SYMBOLS:
+            if text.startswith(symbol, at):
+                text_of = "==" if symbol == "=" else symbol
+                tokens.append(Token(kind, text_of, column))
+                at += len(symbol)
+                break
         else:
-            tests.append(_contains(_row_text, word))
-    return FlowFilter(text=text, tests=tuple(tests), reads_payload=reads_payload)
+            end = at
+            while end < size and text[end] not in _BREAKS:
+                end += 1
+            if end == at:  # a lone & or |
+                raise FilterError(text, column, f"expected {char}{char} or a word")
+            tokens.append(_word(text[at:end], column))
+            at = end
+
+
+def _word(word: str, column: int) -> Token:
+    lower = word.lower()
+    if lower in ("and", "or", "not"):
+        return Token(lower, word, column)
+    if lower in _WORD_OPS:
+        return Token("op", _WORD_OPS[lower], column)
+    if lower == "~":
+        return Token("word", "matches", column)
+    return Token("word", word, column)
+
+
+def _string(text: str, at: int) -> tuple[bytes, int]:
+    """A double-quoted string from `at` (escapes \\" \\\\ \\n \\r \\t \\xNN) as bytes."""
+    out = bytearray()
+    start = at
+    at += 1
+    while at < len(text):
+        char = text[at]
+        if char == '"':
+            return bytes(out), at + 1
+        if char == "\\":
+            nxt = text[at + 1 : at + 2]
+            if nxt == "x" and re.fullmatch(r"[0-9a-fA-F]{2}", text[at + 2 : at + 4]):
+                out.append(int(text[at + 2 : at + 4], 16))
+                at += 4
+                continue
+            if nxt in _ESCAPES:
+                out.append(_ESCAPES[nxt])
+                at += 2
+                continue
+            raise FilterError(text, at + 1, 'expected an escape: \\" \\\\ \\n \\r \\t or \\xNN')
+        out += char.encode()
+        at += 1
+    raise FilterError(text, start + 1, 'expected a closing " for this string')
+
+
+def _regex(text: str, at: int) -> Token:
+    """A /regex/ (with an optional `i` flag) from `at`; `\\/` stands for a slash."""
+    end = at + 1
+    while end < len(text) and text[end] != "/":
+        end += 2 if text[end] == "\\" else 1
+    if end >= len(text):
+        raise FilterError(text, at + 1, "expected a closing / for this regex")
+    stop = end + 1
+    if text[stop : stop + 1] == "i" and (stop + 1 == len(text) or text[stop + 1] in _BREAKS):
+        stop += 1
+    return Token("regex", text[at:stop], at + 1)
+
+
+# -- the parser ----------------------------------------------------------------------------------
+
+
+def parse_filter(text: str) -> FlowFilter | None:
+    """Parse an expression (None when blank); FilterError names the column and what was expected."""
+    if not text.strip():
+        return None
+    parser = _Parser(text)
+    expr = parser.expression()
+    parser.expect_end()
+    return FlowFilter(text=text, expr=expr)
+
+
+def parse_option(option: str, text: str | None) -> FlowFilter | None:
+    """Parse a command's `--filter`; errors read `--filter 'port x': column 6: expected ...`."""
+    if text is None:
+        return None
+    try:
+        return parse_filter(text)
+    except FilterError as exc:
+        raise exc.for_option(option) from None
+
+
+_SIDES = {"src": Side.SRC, "dst": Side.DST}
+_WIRESHARK_PORTS = {
+    "tcp.port": (Transport.TCP, Side.EITHER),
+    "tcp.srcport": (Transport.TCP, Side.SRC),
+    "tcp.dstport": (Transport.TCP, Side.DST),
+    "udp.port": (Transport.UDP, Side.EITHER),
+    "udp.srcport": (Transport.UDP, Side.SRC),
+    "udp.dstport": (Transport.UDP, Side.DST),
+}
+_WIRESHARK_ADDRESSES = {
+    "ip.addr": Side.EITHER,
+    "ip.src": Side.SRC,
+    "ip.dst": Side.DST,
+    "ipv6.addr": Side.EITHER,
+    "ipv6.src": Side.SRC,
+    "ipv6.dst": Side.DST,
+}
+_WIRESHARK_TEXT = {"tls.handshake.extensions_server_name": "sni"}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "kb": 1000,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "mb": 1000**2,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "gb": 1000**3,
+}
+_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
+_NUMBER = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([a-zA-Z]*)")
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.tokens = tokenize(text)
+        self.at = 0
+
+    # -- tokens
+
+    def peek(self, ahead: int = 0) -> Token:
+        return self.tokens[min(self.at + ahead, len(self.tokens) - 1)]
+
+    def take(self) -> Token:
+        token = self.peek()
+        self.at = min(self.at + 1, len(self.tokens) - 1)
+        return token
+
+    def fail(self, token: Token, expected: str) -> FilterError:
+        found = "the end" if token.kind == "end" else repr(token.text)
+        return FilterError(self.text, token.column, f"expected {expected}, found {found}")
+
+    def expect_end(self) -> None:
+        token = self.peek()
+        if token.kind != "end":
+            what = "an operator or the end" if token.kind != ")" else "the end (no '(' to close)"
+            raise self.fail(token, what)
+
+    # -- expressions
+
+    def expression(self) -> Expr:
+        left = self.conjunction()
+        while self.peek().kind == "or":
+            self.take()
+            left = Or(left, self.conjunction())
+        return left
+
+    def conjunction(self) -> Expr:
+        left = self.unary()
+        while self.peek().kind not in ("or", ")", "end"):
+            if self.peek().kind == "and":
+                self.take()
+            left = And(left, self.unary())
+        return left
+
+    def unary(self) -> Expr:
+        token = self.peek()
+        if token.kind == "not":
+            self.take()
+            return Not(self.unary())
+        if token.kind == "(":
+            self.take()
+            inner = self.expression()
+            if self.peek().kind != ")":
+                raise self.fail(self.peek(), "')' to close the '(' at column " + str(token.column))
+            self.take()
+            return inner
+        return self.term()
+
+    def term(self) -> Expr:
+        token = self.take()
+        if token.kind == "string":
+            return Word(token.value.decode("utf-8", "replace").lower())
+        if token.kind != "word":
+            raise self.fail(token, "a filter term")
+        word = token.text.lower()
+        if word in ("tcp", "udp"):
+            return IsTransport(Transport(word))
+        if word in ("unix", "ip", "ip6"):
+            return IsFamily(word)
+        if word in _SIDES:
+            return self.endpoint(_SIDES[word], self.take())
+        if word in ("port", "portrange", "host", "net"):
+            return self.endpoint(Side.EITHER, token)
+        if word in ("state", "reason", "proto", "sni"):
+            return self.text_field(word)
+        if word in ("up", "down") and self.peek().text.lower() in ("contains", "matches"):
+            return self.payload(Direction(word), self.take())
+        if word in ("contains", "matches"):
+            return self.payload(None, token)
+        if word in ("bytes", "up", "down", "duration", "id"):
+            return self.number(word)
+        if word in _WIRESHARK_PORTS:
+            transport, side = _WIRESHARK_PORTS[word]
+            return And(IsTransport(transport), self.port(side, self.operator(required=True)))
+        if word in _WIRESHARK_ADDRESSES:
+            return self.address(_WIRESHARK_ADDRESSES[word], self.operator(required=True), True)
+        if word in _WIRESHARK_TEXT:
+            return self.text_field(_WIRESHARK_TEXT[word], required=True)
+        return Word(word)
+
+    def operator(self, *, required: bool = False, ordered: bool = True) -> str:
+        token = self.peek()
+        if token.kind == "op":
+            if not ordered and token.text not in ("==", "!="):
+                raise self.fail(token, "== or != (this field has no order)")
+            self.take()
+            return token.text
+        if required:
+            raise self.fail(token, "a comparison such as ==")
+        return "=="
+
+    def value(self, expected: str) -> Token:
+        token = self.take()
+        if token.kind not in ("word", "string"):
+            raise self.fail(token, expected)
+        return token
+
+    def endpoint(self, side: Side, token: Token) -> Expr:
+        word = token.text.lower() if token.kind == "word" else ""
+        if word == "port":
+            return self.port(side, self.operator())
+        if word == "portrange":
+            return self.port_range(side)
+        if word == "host":
+            return self.address(side, self.operator(ordered=False), False)
+        if word == "net":
+            return self.address(side, "==", True)
+        raise self.fail(token, "port, portrange, host or net")
+
+    def port(self, side: Side, op: str) -> Expr:
+        token = self.value("a port number")
+        if not token.text.isdigit() or int(token.text) > 65535:
+            raise self.fail(token, "a port number")
+        return Port(side, op, int(token.text))
+
+    def port_range(self, side: Side) -> Expr:
+        token = self.value("a port range such as 1000-2000")
+        low, sep, high = token.text.partition("-")
+        if not (sep and low.isdigit() and high.isdigit() and int(low) <= int(high) <= 65535):
+            raise self.fail(token, "a port range such as 1000-2000")
+        return PortRange(side, int(low), int(high))
+
+    def address(self, side: Side, op: str, allow_net: bool) -> Expr:
+        expected = "a network such as 10.0.0.0/8" if allow_net else "an IP address"
+        if op not in ("==", "!="):
+            raise self.fail(self.tokens[self.at - 1], "== or != (addresses have no order)")
+        token = self.value(expected)
+        text = token.text.strip("[]")
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise self.fail(token, expected) from None
+        if "/" in text and not allow_net:
+            raise self.fail(token, expected + " (use net for a CIDR)")
+        return Net(side, network, negate=op == "!=")
+
+    def text_field(self, field: str, *, required: bool = False) -> Expr:
+        op = self.operator(required=required, ordered=False)
+        choices = {"state": STATES, "proto": PROTOCOLS, "reason": tuple(CloseReason)}.get(field)
+        expected = f"one of {', '.join(choices)}" if choices else "a server name"
+        token = self.value(f"a {field}: {expected}" if choices else expected)
+        value = (
+            token.value.decode("utf-8", "replace") if token.kind == "string" else token.text
+        ).lower()
+        if choices and value not in choices:
+            raise self.fail(token, f"a {field}: {expected}")
+        return Text(field, value, negate=op == "!=")
+
+    def number(self, field: str) -> Expr:
+        op = self.operator()
+        units: Mapping[str, float]
+        if field == "duration":
+            expected, units = "a duration such as 2s or 500ms", _TIME_UNITS
+        elif field == "id":
+            expected, units = "a flow id", {"": 1}
+        else:
+            expected, units = "a size such as 1500, 10K or 1M", _SIZE_UNITS
+        token = self.value(expected)
+        found = _NUMBER.fullmatch(token.text)
+        if found is None or found.group(2).lower() not in units:
+            raise self.fail(token, expected)
+        if field == "id" and not found.group(1).isdigit():
+            raise self.fail(token, expected)
+        return Number(field, op, float(found.group(1)) * units[found.group(2).lower()])
+
+    def payload(self, direction: Direction | None, keyword: Token) -> Expr:
+        if keyword.text.lower() == "contains":
+            token = self.take()
+            if token.kind == "string":
+                return Contains(direction, token.value)
+            if token.kind == "word":
+                return Contains(direction, token.text.encode())
+            raise self.fail(token, 'a string to look for, such as "GET /"')
+        token = self.take()
+        if token.kind == "regex":
+            ignore_case = token.text.endswith("/i") and len(token.text) > 2
+            body = token.text[1:-2] if ignore_case else token.text[1:-1]
+            flags, source = (re.IGNORECASE if ignore_case else 0), body.replace("\\/", "/")
+        elif token.kind == "string":
+            flags, source = 0, token.text[1:-1]
+        else:
+            raise self.fail(token, "a /regex/")
+        try:
+            pattern = re.compile(source.encode(), flags)
+        except re.error as exc:
+            raise FilterError(self.text, token.column, f"expected a valid regex ({exc})") from None
+        return Matches(direction, pattern)

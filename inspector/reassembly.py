@@ -143,7 +143,7 @@ class Reassembler:
     def __init__(
         self,
         *,
-        data_for: Callable[[int], bool] | None = None,
+        data_for: Callable[[Flow], bool] | None = None,
         max_buffered_bytes: int = 8 << 20,
         max_total_buffered_bytes: int = 64 << 20,
     ) -> None:
@@ -180,7 +180,7 @@ class Reassembler:
             state=FlowState.OPEN,
         )
         self._next_id += 1
-        conversation = _Conversation(flow, self._data_for is None or self._data_for(flow.id))
+        conversation = _Conversation(flow, self._data_for is None or self._data_for(flow))
         key = (segment.is_udp, segment.src, segment.src_port, segment.dst, segment.dst_port)
         back = (segment.is_udp, segment.dst, segment.dst_port, segment.src, segment.src_port)
         self._flows[key] = (conversation, from_sender_is_client)
@@ -529,12 +529,19 @@ def read_capture(
 
 
 def capture_events(
-    reader: CaptureReader, flow_ids: Container[int] | None = None
+    reader: CaptureReader,
+    flow_ids: Container[int] | None = None,
+    *,
+    data_for: Callable[[Flow], bool] | None = None,
 ) -> Iterator[CaptureEvent]:
-    """`read_capture` over an open reader, whose counters then say what was read and skipped."""
-    reassembler = Reassembler(
-        data_for=None if flow_ids is None else flow_ids.__contains__,
-    )
+    """`read_capture` over an open reader, whose counters then say what was read and skipped.
+
+    `data_for`, called once as each flow opens, says whether to build its `FlowData`
+    (instead of `flow_ids`).
+    """
+    if data_for is None and flow_ids is not None:
+        data_for = _ids_in(flow_ids)
+    reassembler = Reassembler(data_for=data_for)
     feed = reassembler.feed
     try:
         for segment in reader.segments():
@@ -546,6 +553,10 @@ def capture_events(
         yield from reassembler.finish()
         raise
     yield from reassembler.finish()
+
+
+def _ids_in(flow_ids: Container[int]) -> Callable[[Flow], bool]:
+    return lambda flow: flow.id in flow_ids
 
 
 def load_flow(path: str | os.PathLike[str], flow_id: int) -> list[CaptureEvent]:

@@ -102,8 +102,9 @@ class FlowReport:
     def line(self) -> str:
         head = (
             f"flow {self.flow_id} {self.transport} {self.status}: "
-            f"turns {self.turns_sent}/{self.turns_total}, "
-            f"server bytes {self.server_bytes_received}/{self.server_bytes_expected}, "
+            f"turns {self.turns_sent}/{self.turns_total} sent, "
+            f"server bytes {self.server_bytes_received} replayed/"
+            f"{self.server_bytes_expected} recorded, "
             f"{self.duration_s:.3f}s"
         )
         if self.error:
@@ -329,9 +330,9 @@ class Summary:
 
     def line(self) -> str:
         return (
-            f"replayed {self.flows} flows in {self.duration_s:.3f}s: {self.ok} ok, "
+            f"replayed {_count(self.flows, 'flow')} in {self.duration_s:.3f}s: {self.ok} ok, "
             f"{self.differs} differ, {self.failed} failed, {self.stopped} stopped at a gap; "
-            f"{self.turns_sent} turns sent"
+            f"{_count(self.turns_sent, 'turn')} sent"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -369,6 +370,37 @@ def write_reports(
     out.flush()
 
 
+def write_plan(out: TextIO, scripts: Sequence[Script], target: Address, *, as_json: bool) -> None:
+    """Print the flows a replay would send to `target` (`--dry-run`), as text or JSON lines."""
+    for script in scripts:
+        turns = script.turn_count(Direction.UP)
+        sent = script.size_bytes(Direction.UP)
+        if as_json:
+            record = {
+                "event": "would-replay",
+                "flow": script.id,
+                "transport": str(script.transport),
+                "client": str(script.flow.client),
+                "server": str(script.flow.server),
+                "turns": turns,
+                "bytes": sent,
+            }
+            out.write(json.dumps(record) + "\n")
+        else:
+            out.write(
+                f"flow {script.id} {script.transport} {script.flow.client} -> "
+                f"{script.flow.server}: would send {_count(turns, 'turn')} "
+                f"({_count(sent, 'byte')}) to {target}\n"
+            )
+    if not as_json:
+        out.write(f"{_count(len(scripts), 'flow')} to replay (dry run: nothing sent)\n")
+    out.flush()
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 class _Progress:
     """A progress bar on stderr for replays that take a while (only on a terminal)."""
 
@@ -401,11 +433,12 @@ def replay_command(args: Any) -> int:
     from flowtap.proxy.relay import raise_fd_limit
 
     from .compare import compile_patterns
-    from .turns import FlowFilter, load_scripts, select_scripts
+    from .flow_filter import parse_option
+    from .turns import load_scripts, select_scripts
 
     raise_fd_limit()
     target = Address.parse(args.to)
-    flow_filter = FlowFilter.parse(args.filter) if args.filter else None
+    flow_filter = parse_option("--filter", args.filter)
     options = ReplayOptions(
         target=target,
         speed=None if args.asap else args.speed,
@@ -421,6 +454,9 @@ def replay_command(args: Any) -> int:
 
     loaded = load_scripts(args.file, flow_ids=args.flow, warn=warn)
     scripts = select_scripts(loaded, flow_ids=args.flow, flow_filter=flow_filter, source=args.file)
+    if args.dry_run:
+        write_plan(sys.stdout, scripts, target, as_json=args.json)
+        return 0
     for script in scripts:
         if script.gap is not None:
             warn(script.gap.describe(script.id))

@@ -477,8 +477,10 @@ def serve_command(args: Any) -> int:
     from types import FrameType
 
     from .compare import compile_patterns
+    from .flow_filter import parse_option
     from .turns import load_scripts, select_scripts
 
+    flow_filter = parse_option("--filter", args.filter)
     options = ServeOptions(
         listen=Address.parse(args.listen),
         turn_timeout_s=args.turn_timeout,
@@ -490,7 +492,7 @@ def serve_command(args: Any) -> int:
         print(f"flowtap: warning: {message}", file=sys.stderr)
 
     loaded = load_scripts(args.file, flow_ids=args.flow, warn=warn)
-    scripts = select_scripts(loaded, flow_ids=args.flow, source=args.file)
+    scripts = select_scripts(loaded, flow_ids=args.flow, flow_filter=flow_filter, source=args.file)
     for script in scripts:
         if script.gap is not None:
             warn(script.gap.describe(script.id))

@@ -11,7 +11,7 @@ import base64
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import BinaryIO, TextIO
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.flow import Direction, Flow, FlowClosed, FlowData, FlowOpened, Transport
 
+from .flow_filter import FlowFilter, FlowSelection
 from .log import flow_record, human_bytes
 from .reader import (
     SUPPORTED_LINKTYPES,
@@ -94,11 +95,14 @@ class ShowResult:
 
 
 def _events(
-    reader: CaptureReader, flow_ids: tuple[int, ...] | None, result: ShowResult
+    reader: CaptureReader,
+    flow_ids: tuple[int, ...] | None,
+    result: ShowResult,
+    data_for: Callable[[Flow], bool] | None = None,
 ) -> Iterator[CaptureEvent]:
     """The capture's events; a damage part-way ends them and is noted in `result`."""
     try:
-        yield from capture_events(reader, flow_ids)
+        yield from capture_events(reader, flow_ids, data_for=data_for)
     except DamagedCaptureError as exc:
         if exc.packets_read == 0:
             raise FlowtapError(f"{exc}: nothing could be read; copy or capture it again") from None
@@ -117,13 +121,22 @@ def _check_readable(reader: CaptureReader, flows_seen: int) -> None:
         raise FlowtapError(unsupported_message(reader.path, linktype))
 
 
-def list_flows(path: Path, out: TextIO, *, as_json: bool = False) -> ShowResult:
-    """Print one line (or JSON object) per flow of the capture at `path`."""
+def list_flows(
+    path: Path, out: TextIO, *, as_json: bool = False, flow_filter: FlowFilter | None = None
+) -> ShowResult:
+    """Print one line (or JSON object) per flow of the capture at `path` that passes the filter."""
     result = ShowResult()
     flows: dict[int, _Listed] = {}
+    selection = FlowSelection(flow_filter) if flow_filter is not None else None
+    data_for = selection.opened if selection is not None else None
+    seen = 0
     with CaptureReader(path) as reader:
-        for event in _events(reader, (), result):
-            if isinstance(event, FlowGap):
+        for event in _events(reader, (), result, data_for):
+            if isinstance(event, FlowData):
+                # Only a payload filter asks for data, and only until it has decided.
+                if selection is not None:
+                    selection.data(flows[event.flow_id].flow, event.direction, event.data)
+            elif isinstance(event, FlowGap):
                 listed = flows[event.flow_id]
                 if event.direction is Direction.UP:
                     listed.gap_bytes_up += event.size_bytes
@@ -131,9 +144,13 @@ def list_flows(path: Path, out: TextIO, *, as_json: bool = False) -> ShowResult:
                     listed.gap_bytes_down += event.size_bytes
             elif isinstance(event, FlowOpened):
                 flows[event.flow.id] = _Listed(event.flow)
+                seen += 1
             elif isinstance(event, FlowClosed):
-                flows[event.flow.id].flow = event.flow
-        _check_readable(reader, len(flows))
+                if selection is None or selection.closed(event.flow):
+                    flows[event.flow.id].flow = event.flow
+                else:
+                    del flows[event.flow.id]
+        _check_readable(reader, seen)
         capture_format = reader.format
     ordered = [flows[i] for i in sorted(flows)]
     if as_json:
@@ -143,7 +160,7 @@ def list_flows(path: Path, out: TextIO, *, as_json: bool = False) -> ShowResult:
             record["gap_bytes_down"] = listed.gap_bytes_down
             out.write(json.dumps(record, separators=(",", ":")) + "\n")
         return result
-    out.write(_heading(path, capture_format, result, ordered) + "\n")
+    out.write(_heading(path, capture_format, result, ordered, seen) + "\n")
     if not ordered:
         return result
     rows = [("ID", "PROTO", "CLIENT", "SERVER", "START", "DURATION", "UP", "DOWN", "END")]
@@ -177,11 +194,11 @@ def list_flows(path: Path, out: TextIO, *, as_json: bool = False) -> ShowResult:
     return result
 
 
-def _heading(path: Path, capture_format: str, result: ShowResult, flows: list[_Listed]) -> str:
-    head = (
-        f"{path.name}: {capture_format}, {_count(result.packets_read, 'packet')}, "
-        f"{_count(len(flows), 'flow')}"
-    )
+def _heading(
+    path: Path, capture_format: str, result: ShowResult, flows: list[_Listed], seen: int
+) -> str:
+    counted = _count(seen, "flow") if len(flows) == seen else f"{len(flows)} of {seen} flows"
+    head = f"{path.name}: {capture_format}, {_count(result.packets_read, 'packet')}, {counted}"
     if flows:
         start = min(listed.flow.started_at for listed in flows)
         end = max(listed.flow.ended_at or listed.flow.started_at for listed in flows)
@@ -350,6 +367,7 @@ def run_show(
     as_hex: bool,
     raw: str | None,
     as_json: bool,
+    flow_filter: FlowFilter | None = None,
     out: TextIO | None = None,
 ) -> int:
     """The `flowtap show` command; returns the exit status."""
@@ -359,10 +377,12 @@ def run_show(
         raise FlowtapError(
             "--hex and --raw show one flow: add --flow ID (flowtap show FILE lists them)"
         )
+    if flow_filter is not None and flow_id is not None:
+        raise FlowtapError("--filter picks flows to list and --flow shows one: drop one of them")
     if raw and (as_hex or as_json):
         raise FlowtapError("--raw writes bytes only: drop --hex and --json")
     if flow_id is None:
-        result = list_flows(capture, text_out, as_json=as_json)
+        result = list_flows(capture, text_out, as_json=as_json, flow_filter=flow_filter)
     elif raw:
         text_out.flush()
         result = write_raw(capture, flow_id, raw, sys.stdout.buffer)

@@ -8,15 +8,13 @@ request/response structure (TCP chunk boundaries are an artefact of `recv`).
 from __future__ import annotations
 
 import enum
-import ipaddress
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.flow import (
-    Address,
     CloseReason,
     Direction,
     Flow,
@@ -25,6 +23,9 @@ from flowtap.proxy.flow import (
     FlowOpened,
     Transport,
 )
+
+from .flow_filter import FlowFacts, FlowFilter, summary_of
+from .summary import HEAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -228,66 +229,24 @@ def scripts_from_events(events: Iterable[RecordedEvent]) -> list[Script]:
     return [done[flow_id] for flow_id in order]
 
 
-@dataclass(frozen=True, slots=True)
-class FlowFilter:
-    """Which flows to take: every term must hold (`tcp`, `udp`, `port N`, `host ADDR`)."""
-
-    transports: frozenset[Transport] = frozenset()
-    ports: frozenset[int] = frozenset()
-    hosts: frozenset[str] = frozenset()
-
-    @classmethod
-    def parse(cls, text: str) -> FlowFilter:
-        """Parse e.g. `tcp port 6379` or `udp and host 127.0.0.1`; FlowtapError if malformed."""
-        words = [word for word in text.replace(",", " ").split() if word.lower() != "and"]
-        transports: set[Transport] = set()
-        ports: set[int] = set()
-        hosts: set[str] = set()
-        index = 0
-        while index < len(words):
-            word = words[index].lower()
-            if word in ("tcp", "udp"):
-                transports.add(Transport(word))
-                index += 1
-                continue
-            if word in ("port", "host") and index + 1 < len(words):
-                value = words[index + 1]
-                if word == "port":
-                    if not value.isdigit() or not 0 < int(value) < 65536:
-                        raise FlowtapError(
-                            f"--filter {text!r}: {value!r} is not a port: write port 1-65535"
-                        )
-                    ports.add(int(value))
-                else:
-                    try:
-                        hosts.add(str(ipaddress.ip_address(value.strip("[]"))))
-                    except ValueError:
-                        raise FlowtapError(
-                            f"--filter {text!r}: {value!r} is not an IP address: "
-                            "write host 127.0.0.1 or host ::1"
-                        ) from None
-                index += 2
-                continue
-            raise FlowtapError(
-                f"--filter {text!r}: cannot read {words[index]!r}: use terms like "
-                "tcp, udp, port 6379, host 127.0.0.1"
-            )
-        return cls(frozenset(transports), frozenset(ports), frozenset(hosts))
-
-    def matches(self, flow: Flow) -> bool:
-        if self.transports and flow.transport not in self.transports:
-            return False
-        ends = (flow.client, flow.server)
-        if self.ports and not any(end.port in self.ports for end in ends):
-            return False
-        return not self.hosts or any(_host(end) in self.hosts for end in ends)
+def script_facts(script: Script) -> FlowFacts:
+    """What the filter language reads of a recorded flow (its summary from its first bytes)."""
+    head = {d: script.data(d)[:HEAD_BYTES] for d in (Direction.UP, Direction.DOWN)}
+    return FlowFacts.of(
+        script.flow, summary_of(head[Direction.UP], head[Direction.DOWN], script.flow)
+    )
 
 
-def _host(address: Address) -> str:
-    try:
-        return str(ipaddress.ip_address(address.host))
-    except ValueError:
-        return address.host
+def script_chunks(script: Script) -> Iterator[tuple[Direction, bytes]]:
+    """A recorded flow's payload in order, as the filter language streams it."""
+    for turn in script.turns:
+        for chunk in turn.chunks:
+            yield turn.direction, chunk.data
+
+
+def select_by_filter(scripts: Iterable[Script], flow_filter: FlowFilter) -> list[Script]:
+    """The scripts whose flows pass `flow_filter`."""
+    return [s for s in scripts if flow_filter.matches(script_facts(s), script_chunks(s))]
 
 
 def select_scripts(
@@ -318,7 +277,7 @@ def select_scripts(
     else:
         chosen = list(playable)
     if flow_filter is not None:
-        chosen = [s for s in chosen if flow_filter.matches(s.flow)]
+        chosen = select_by_filter(chosen, flow_filter)
         if not chosen:
             raise FlowtapError(
                 f"no flow in {source} matches the --filter: loosen it, or list the flows "

@@ -274,7 +274,7 @@ def test_udp_conversation_keeps_datagrams_whole_in_both_directions() -> None:
 
 def test_data_for_limits_payload_copies_but_not_accounting() -> None:
     c = C_ISN + 1
-    reassembler = Reassembler(data_for=lambda flow_id: False)
+    reassembler = Reassembler(data_for=lambda flow: False)
     events: list[CaptureEvent] = []
     for segment in [*handshake(), seg(True, c, ACK, b"abc"), seg(True, c + 5, ACK, b"z")]:
         events += reassembler.feed(segment)

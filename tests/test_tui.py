@@ -170,22 +170,25 @@ def test_the_filter_narrows_the_table_by_content_and_port(live: LiveRelay) -> No
         await until(pilot, lambda: closed_rows(app) == 3, "three flows")
         table = app.query_one(FlowTable)
         await pilot.press("slash")
-        await pilot.press(*"has:needle")
+        await pilot.press(*"contains needle")
         await until(pilot, lambda: len(table.ids) == 1, "the filter to apply")
         assert app.store.raw_bytes(table.ids[0], Direction.UP) == b"needle in a haystack\r\n"
         await pilot.press("escape")
         assert app.focused is table
-        app.query_one("#filter").value = f"port:{live.upstream_port}"  # type: ignore[attr-defined]
+        app.query_one("#filter").value = f"port {live.upstream_port}"  # type: ignore[attr-defined]
         await until(pilot, lambda: len(table.ids) == 3, "the port filter")
-        await pilot.press("slash", "ctrl+u", *"re:[unclosed")
+        await pilot.press("slash", "ctrl+u", *"matches /[unclosed/")
         await pilot.pause()
         assert not app._notifications  # no nagging while typing, only a red border
         assert app.query_one("#filter").has_class("-invalid")
         await pilot.press("enter")
         await until(pilot, lambda: bool(app._notifications), "a notification")
-        assert "not a valid regex" in list(app._notifications)[-1].message
-        # a bad expression leaves the last one that parsed ("re", a bare word) in place
-        assert table.flow_filter is not None and table.flow_filter.text == "re"
+        message = list(app._notifications)[-1].message
+        assert message.startswith("column 9: expected a valid regex")
+        # the same text under the box, and the last expression that parsed ("matche", a bare
+        # word) stays in place
+        assert app.query_one("#filter").border_subtitle == message
+        assert table.flow_filter is not None and table.flow_filter.text == "matche"
 
     run(app, scenario)
 

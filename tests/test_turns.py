@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from flowtap.inspector.flow_filter import parse_filter
 from flowtap.inspector.compare import compare, compile_patterns, mask, text_diff
 from flowtap.inspector.playback import Close, HalfClose, Player, Reset, Send
 from flowtap.inspector.serve import FlowMatcher
 from flowtap.inspector.turns import (
     Ending,
-    FlowFilter,
     Script,
     scripts_from_events,
     select_scripts,
@@ -121,17 +121,23 @@ def test_select_rejects_unknown_flow_and_empty_capture_in_one_line() -> None:
         select_scripts([])
 
 
-def test_filter_picks_by_transport_port_and_host() -> None:
-    tcp = _flow(1, Transport.TCP, 6379)
-    udp = _flow(2, Transport.UDP, 53)
-    assert FlowFilter.parse("tcp port 6379").matches(tcp)
-    assert not FlowFilter.parse("udp").matches(tcp)
-    assert FlowFilter.parse("udp and port 53 and host 127.0.0.1").matches(udp)
-    assert not FlowFilter.parse("host ::1").matches(udp)
-    with pytest.raises(FlowtapError, match="cannot read 'colour'"):
-        FlowFilter.parse("colour blue")
-    with pytest.raises(FlowtapError, match="not a port"):
-        FlowFilter.parse("port http")
+def test_select_filters_scripts_by_endpoints_and_payload() -> None:
+    scripts = scripts_from_events(
+        _events(1, [(UP, 0.1, b"GET /a HTTP/1.1\r\n\r\n"), (DOWN, 0.2, b"HTTP/1.1 200 OK\r\n")])
+        + _events(2, [(UP, 0.1, b"PING\r\n"), (DOWN, 0.2, b"+PONG\r\n")])  # type: ignore[arg-type]
+    )
+
+    def picked(text: str) -> list[int]:
+        flow_filter = parse_filter(text)
+        assert flow_filter is not None
+        return [s.id for s in select_scripts(scripts, flow_filter=flow_filter)]
+
+    assert picked("tcp and host 127.0.0.1") == [1, 2]
+    assert picked('up contains "GET /"') == [1]
+    assert picked("down contains PONG or id 1") == [1, 2]
+    assert picked("proto http") == [1]
+    with pytest.raises(FlowtapError, match="no flow in the capture matches the --filter"):
+        picked("udp")
 
 
 def test_player_sends_next_turn_once_the_server_answered_as_many_bytes() -> None:

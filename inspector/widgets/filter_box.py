@@ -23,14 +23,15 @@ class FilterBox(Input):
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(
-            placeholder="filter: port:N host:TEXT state:TEXT proto:TEXT has:TEXT re:REGEX words",
+            placeholder='filter: tcp port 6379, host 10.0.0.1, bytes > 1M, contains "GET /", words',
             id=id,
         )
 
     def mark_invalid(self, problem: str | None) -> None:
-        """Show that the expression does not parse (None: it does)."""
+        """Show why the expression does not parse under the box (None: it does)."""
         self.set_class(problem is not None, "-invalid")
         self.tooltip = problem
+        self.border_subtitle = problem
 
     def open(self) -> None:
         self.add_class("-shown")

@@ -20,7 +20,7 @@ from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from ..flow_filter import FlowFilter
+from ..flow_filter import FlowFacts, FlowFilter
 from ..log import human_bytes
 from ..messages import FlowSelected, SortChanged
 from ..store import FlowRecord, FlowStore
@@ -142,7 +142,15 @@ class FlowTable(ScrollView, can_focus=True):
         return self.sort_column in ("id", "start") and not self.sort_reverse
 
     def _matches(self, record: FlowRecord) -> bool:
-        return self.flow_filter is None or self.flow_filter.matches(record, self.store)
+        flow_filter = self.flow_filter
+        if flow_filter is None:
+            return True
+        flow = record.flow
+        # A live flow's duration so far, so that `duration > 2s` finds long-lived ones.
+        duration = flow.duration_s if flow.ended_at is not None else time.time() - flow.started_at
+        facts = FlowFacts(flow, record.bytes_up, record.bytes_down, duration, record.summary)
+        chunks = ((c.direction, c.data) for c in self.store.chunks(record.id))
+        return flow_filter.matches(facts, chunks)
 
     def add_flows(self, flow_ids: Iterable[int]) -> None:
         """Show new flows (if they pass the filter), keeping the sort order."""
