@@ -103,7 +103,7 @@ class FlowReport:
         head = (
             f"flow {self.flow_id} {self.transport} {self.status}: "
             f"turns {self.turns_sent}/{self.turns_total} sent, "
-            f"server bytes {self.server_bytes_received} replayed/"
+            f"server bytes {self.server_bytes_received} replayed, "
             f"{self.server_bytes_expected} recorded, "
             f"{self.duration_s:.3f}s"
         )
