@@ -83,7 +83,7 @@ EXPRESSIONS = [
     "matches /GET \\/[a-z]*/",
     "down matches /\\+(PONG|OK)/",
     "up matches /^\\*[0-9]/",
-    'matches /\\x00\\x01\\x02\\x03/',
+    "matches /\\x00\\x01\\x02\\x03/",
     "get",
     '"not found"',
     "(tcp port {redis} or proto http) and not state reset",
@@ -232,7 +232,8 @@ def captures(peers: Peers, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         _echo(peers.echo, b"GET /echo HTTP/1.1\r\n\r\n", reset=True)
     made["dumpcap"] = Capture(path, {"udp": peers.udp, "echo": peers.echo})
     for capture in made.values():
-        capture.ports.update({k: 0 for k in ("http", "redis", "echo", "udp") if k not in capture.ports})
+        for peer in ("http", "redis", "echo", "udp"):
+            capture.ports.setdefault(peer, 0)
         if capture.path.parent == folder:
             # the echoed DNS query is plain data to tshark, not a retransmitted query
             assert_tshark_clean(
@@ -294,9 +295,7 @@ def in_tui(capture: Capture, expressions: list[str]) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("name", ["http sample", "redis sample", "flowtap", "tcpdump", "dumpcap"])
-def test_show_replay_and_tui_select_the_same_flows(
-    captures: dict[str, Capture], name: str
-) -> None:
+def test_show_replay_and_tui_select_the_same_flows(captures: dict[str, Capture], name: str) -> None:
     capture = captures[name]
     expressions = [capture.expression(template) for template in EXPRESSIONS]
     tui = in_tui(capture, expressions)

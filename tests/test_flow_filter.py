@@ -65,7 +65,10 @@ def _flow(
 FLOWS: list[tuple[Flow, list[tuple[Direction, bytes]]]] = [
     (
         _flow(1, server=Address("10.0.0.1", 80), up=40, down=17, duration_s=0.004),
-        [(UP, b"GET /cart HTTP/1.1\r\nHost: shop.test\r\n\r\n"), (DOWN, b"HTTP/1.1 200 OK\r\n\r\n")],
+        [
+            (UP, b"GET /cart HTTP/1.1\r\nHost: shop.test\r\n\r\n"),
+            (DOWN, b"HTTP/1.1 200 OK\r\n\r\n"),
+        ],
     ),
     (
         _flow(2, reason=CloseReason.SERVER_RESET, up=14, down=7, duration_s=3.0),

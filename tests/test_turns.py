@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from flowtap.inspector.flow_filter import parse_filter
 from flowtap.inspector.compare import compare, compile_patterns, mask, text_diff
+from flowtap.inspector.flow_filter import parse_filter
 from flowtap.inspector.playback import Close, HalfClose, Player, Reset, Send
 from flowtap.inspector.serve import FlowMatcher
 from flowtap.inspector.turns import (
