@@ -147,7 +147,7 @@ def test_hex_view_of_the_selected_flow(snap_compare: Any) -> None:
 
 def test_filtered_and_sorted_table(snap_compare: Any) -> None:
     async def filter_and_sort(pilot: Pilot[Any]) -> None:
-        await pilot.press("slash", *"port:8080", "enter")
+        await pilot.press("slash", *"port 8080", "enter")
         pilot.app.action_sort("state")
         await pilot.pause(0.3)
 
