@@ -1,7 +1,12 @@
 """TUI benchmark: does attaching the terminal UI slow the relay, how fast do rows appear, and
-how much memory do 100,000 flows take?
+how much memory do 100,000 flows take? And how fast does the detail pane show, scroll and
+follow one flow of 100,000 chunks?
 
-Run: `python benchmarks/tui.py [--seconds S] [--flows N]`. Everything is on loopback.
+Run: `python benchmarks/tui.py [--seconds S] [--flows N] [--chunks N]`. Everything is on
+loopback. `--detail-only` runs the detail pane phase alone (no relay, no load); it uses only
+what the app has had all along, so it also measures an older checkout of the code:
+`git archive REV | tar -x -C /tmp/before` then
+`PYTHONPATH=/tmp/before/.mypy-tree python benchmarks/tui.py --detail-only`.
 
 The relay runs in this process, as in `flowtap run` (headless: the flow log only) or as in
 `flowtap tui` (the flow log's place taken by the app's `EventQueue`, with the app driven
@@ -30,10 +35,10 @@ from typing import Any
 
 from flowtap.inspector.app import FlowtapApp
 from flowtap.inspector.log import FlowLog
-from flowtap.inspector.store import FlowFeed
+from flowtap.inspector.store import FlowFeed, FlowStore
 from flowtap.inspector.widgets.flow_table import FlowTable
-from flowtap.proxy.events import Bus, Observer
-from flowtap.proxy.flow import Address
+from flowtap.proxy.events import Bus, EventQueue, Observer
+from flowtap.proxy.flow import Address, Direction, Flow, FlowData, FlowOpened, FlowState, Transport
 from flowtap.proxy.listener import ListenerSpec
 from flowtap.proxy.relay import Relay, raise_fd_limit
 
@@ -242,6 +247,142 @@ def with_tui(bulk: int, echo: int, rate: float, seconds: float, many: int) -> Tu
     return result
 
 
+# -- the detail pane on one big flow ---------------------------------------------------------
+
+
+@dataclass
+class DetailResult:
+    """UI-thread CPU milliseconds for the detail pane's work on one flow of `chunks` chunks."""
+
+    chunks: int
+    show_ms: float
+    page_ms: float
+    line_ms: float
+    follow_ms: float
+    small_follow_ms: float
+    store_mib: float
+
+
+def _line_chunks(flow_id: int, first: int, count: int) -> list[FlowData]:
+    """Chunks of a chatty flow: client and server take turns with one short line each."""
+    return [
+        FlowData(
+            flow_id,
+            Direction.UP if i % 2 == 0 else Direction.DOWN,
+            1_767_225_600.0 + i / 1000,
+            b"line %06d\n" % i,
+        )
+        for i in range(first, first + count)
+    ]
+
+
+def _live_flow(flow_id: int) -> Flow:
+    return Flow(
+        id=flow_id,
+        transport=Transport.TCP,
+        client=Address("127.0.0.1", 50000 + flow_id),
+        server=Address("127.0.0.1", 6379),
+        listener=Address("127.0.0.1", 40000),
+        started_at=1_767_225_600.0,
+        state=FlowState.OPEN,
+    )
+
+
+def store_growth_mib(chunks: int) -> float:
+    """What the store allocates for `chunks` chunks of one flow (its index and their bytes)."""
+    import tracemalloc
+
+    store = FlowStore()
+    store.apply([FlowOpened(_live_flow(1))])
+    events = _line_chunks(1, 0, chunks)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store.apply(events)
+        return (tracemalloc.get_traced_memory()[0] - before) / MiB
+    finally:
+        tracemalloc.stop()
+        store.close()
+
+
+def detail_pane(chunks: int, repeats: int = 20) -> DetailResult:
+    """Select a live flow of `chunks` chunks, page and step through it, and append to it
+    while it is shown, as the app's tick does; all timed in CPU time of the UI thread."""
+    small, big = 1, 2
+    follow_chunks = 100  # a tick's worth of a chatty flow
+    events = EventQueue(max_data_events=chunks + 5000)
+    events.handle(FlowOpened(_live_flow(small)))
+    for data in _line_chunks(small, 0, 5000):
+        events.handle(data)
+    events.handle(FlowOpened(_live_flow(big)))
+    for data in _line_chunks(big, 0, chunks):
+        events.handle(data)
+    app = FlowtapApp(events=events, source="benchmark")
+    result: DetailResult | None = None
+
+    async def drive() -> None:
+        nonlocal result
+        async with app.run_test(size=(160, 48), headless=True) as pilot:
+            store = app.store
+            deadline = time.monotonic() + 60
+            while len(store) < 2 or len(store.records[big].chunks) < chunks:
+                assert time.monotonic() < deadline, "the flows did not load"
+                await pilot.pause(0.1)
+            await pilot.pause(0.5)
+            detail = app.detail
+
+            async def refresh(flow_id: int, first: int) -> None:
+                store.apply(_line_chunks(flow_id, first, follow_chunks))
+                detail.show_flow(flow_id)
+                await pilot.pause()
+
+            # The small flow (5,000 chunks, under the old 64 KiB display limit) is selected.
+            started = time.thread_time()
+            for n in range(repeats):
+                await refresh(small, 5000 + n * follow_chunks)
+            small_follow_ms = (time.thread_time() - started) / repeats * 1000
+
+            started = time.thread_time()
+            detail.show_flow(big)
+            await pilot.pause()
+            show_ms = (time.thread_time() - started) * 1000
+            detail.payload.focus()
+            await pilot.press("home")
+            started = time.thread_time()
+            for _ in range(repeats):
+                await pilot.press("pagedown")
+            await pilot.pause()
+            page_ms = (time.thread_time() - started) / repeats * 1000
+            started = time.thread_time()
+            for _ in range(repeats):
+                await pilot.press("down")
+            await pilot.pause()
+            line_ms = (time.thread_time() - started) / repeats * 1000
+            await pilot.press("end")
+            started = time.thread_time()
+            for n in range(repeats):
+                await refresh(big, chunks + n * follow_chunks)
+            follow_ms = (time.thread_time() - started) / repeats * 1000
+            result = DetailResult(
+                chunks, show_ms, page_ms, line_ms, follow_ms, small_follow_ms, 0.0
+            )
+
+    asyncio.run(drive())
+    assert result is not None
+    result.store_mib = store_growth_mib(chunks)
+    return result
+
+
+def print_detail(result: DetailResult) -> None:
+    print(f"detail pane, one live flow of {result.chunks:,} chunks of 12 B (UI CPU ms):")
+    print(f"{'  show it (select to first frame)':44} {result.show_ms:14.1f}")
+    print(f"{'  page down (per key)':44} {result.page_ms:14.2f}")
+    print(f"{'  line down (per key)':44} {result.line_ms:14.2f}")
+    print(f"{'  refresh with 100 new chunks, following':44} {result.follow_ms:14.2f}")
+    print(f"{'  same, on a flow of 5,000 chunks':44} {result.small_follow_ms:14.2f}")
+    print(f"{'  store memory for those chunks (MiB)':44} {result.store_mib:14.1f}")
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
@@ -253,7 +394,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="headless/TUI phase pairs")
     parser.add_argument("--rate", type=float, default=1000.0, help="new flows a second")
     parser.add_argument("--flows", type=int, default=100_000, help="flows for the RSS figure")
+    parser.add_argument(
+        "--chunks", type=int, default=100_000, help="chunks of the detail pane's flow"
+    )
+    parser.add_argument(
+        "--detail-only", action="store_true", help="only the detail pane phase (no relay)"
+    )
     args = parser.parse_args()
+    if args.detail_only:
+        print_detail(detail_pane(args.chunks))
+        return
     raise_fd_limit()
     peers, bulk, echo = start_peers()
     bases: list[Load] = []
@@ -310,6 +460,7 @@ def main() -> None:
         )
         print(f"{'page up with those rows (UI CPU ms per key)':44} {'':14} {tui.page_ms:14.1f}")
     print("RSS 'headless' column: this process before any phase.")
+    print_detail(detail_pane(args.chunks))
 
 
 if __name__ == "__main__":

@@ -140,6 +140,11 @@ class PayloadSpill:
         with self._lock:
             return self._read(offset, length)
 
+    def read_many(self, spans: Iterable[tuple[int, int]]) -> list[bytes]:
+        """The bytes stored at each `(offset, length)`, read under one lock."""
+        with self._lock:
+            return [self._read(offset, length) for offset, length in spans]
+
     def _read(self, offset: int, length: int) -> bytes:
         in_memory = len(self._memory)
         if offset + length <= in_memory:
@@ -462,6 +467,16 @@ class FlowStore:
                 index.timestamps[i],
                 self._spill.read(index.offsets[i], index.lengths[i]),
             )
+
+    def chunk_datas(self, record: FlowRecord, first: int, last: int) -> list[bytes]:
+        """The bytes of chunks `first` to `last` (excluded) of `record`; empty ones once the
+        store has forgotten the flow."""
+        if self.records.get(record.id) is not record:
+            return [b""] * (last - first)
+        index = record.chunks
+        return self._spill.read_many(
+            zip(index.offsets[first:last], index.lengths[first:last], strict=True)
+        )
 
     def chunk_bytes(self, record: FlowRecord, i: int, start: int = 0, length: int = -1) -> bytes:
         """Bytes `start` to `start + length` (-1: to its end) of chunk `i` of `record`; empty

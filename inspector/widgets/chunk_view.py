@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_right
+from collections.abc import Iterable
+from itertools import accumulate
 from typing import ClassVar
 
 from rich.segment import Segment
@@ -55,12 +57,13 @@ class ChunkView(ScrollView, can_focus=True):
         self._line_count = 0
         self._top_chunk = 0
         self._placed = False
+        self._base_style: Style | None = None
         self._strips: LRUCache[int, Strip] = LRUCache(1024)
 
     # -- what subclasses draw -------------------------------------------------------------
 
-    def _chunk_line_count(self, record: FlowRecord, i: int) -> int:
-        """How many lines chunk `i` takes (its header included)."""
+    def _line_counts(self, record: FlowRecord, first: int, last: int) -> Iterable[int]:
+        """How many lines each of chunks `first` to `last` (excluded) takes, header included."""
         raise NotImplementedError
 
     def _chunk_line(self, record: FlowRecord, i: int, k: int) -> tuple[str, Style]:
@@ -74,9 +77,6 @@ class ChunkView(ScrollView, can_focus=True):
     def _can_index(self) -> bool:
         """Whether the line layout is known yet (a wrapping view waits for its width)."""
         return True
-
-    def _index_chunk(self, record: FlowRecord, i: int) -> None:
-        """Note what chunk `i` means for the chunks after it (such as a running offset)."""
 
     def _reset_index(self) -> None:
         self._starts = array("q")
@@ -127,12 +127,9 @@ class ChunkView(ScrollView, can_focus=True):
         count = len(record.chunks)
         if count == first:
             return 0
-        total = self._line_count
-        for i in range(first, count):
-            starts.append(total)
-            self._index_chunk(record, i)
-            total += self._chunk_line_count(record, i)
         old_total = self._line_count
+        starts.extend(accumulate(self._line_counts(record, first, count), initial=old_total))
+        total = starts.pop()  # where the next chunk will start
         self._line_count = total
         self.virtual_size = Size(self._content_width(), total)
         if self.following and not self.is_vertical_scrollbar_grabbed:
@@ -158,12 +155,20 @@ class ChunkView(ScrollView, can_focus=True):
     def notify_style_update(self) -> None:
         super().notify_style_update()
         self._strips.clear()
+        self._base_style = None
+
+    @property
+    def _base(self) -> Style:
+        # Textual computes `rich_style` from the styles of every ancestor: once a style change.
+        if self._base_style is None:
+            self._base_style = self.rich_style
+        return self._base_style
 
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
         line = scroll_y + y
         width = self.scrollable_content_region.width
-        base = self.rich_style
+        base = self._base
         record = self.record
         if record is None or line >= self._line_count:
             return Strip.blank(width, base)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from rich.style import Style
 from textual import events
 from textual.cache import LRUCache
@@ -60,8 +62,11 @@ class Conversation(ChunkView):
     def _can_index(self) -> bool:
         return self._wrap_width > 0
 
-    def _chunk_line_count(self, record: FlowRecord, i: int) -> int:
-        return 1 + body_line_count(self.store.chunk_bytes(record, i), self._wrap_width)
+    def _line_counts(self, record: FlowRecord, first: int, last: int) -> Iterable[int]:
+        width = self._wrap_width
+        return [
+            1 + body_line_count(data, width) for data in self.store.chunk_datas(record, first, last)
+        ]
 
     def _chunk_line(self, record: FlowRecord, i: int, k: int) -> tuple[str, Style]:
         chunks = record.chunks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable
 
 from rich.style import Style
 
@@ -47,14 +48,14 @@ class HexView(ChunkView):
     def _content_width(self) -> int:
         return ROW_WIDTH
 
-    def _index_chunk(self, record: FlowRecord, i: int) -> None:
+    def _line_counts(self, record: FlowRecord, first: int, last: int) -> Iterable[int]:
         chunks = record.chunks
-        side = chunks.is_up[i]
-        self._offsets.append(self._sent[side])
-        self._sent[side] += chunks.lengths[i]
-
-    def _chunk_line_count(self, record: FlowRecord, i: int) -> int:
-        return 1 + -(-record.chunks.lengths[i] // ROW_BYTES)
+        lengths = chunks.lengths[first:last]
+        offsets, sent = self._offsets, self._sent
+        for side, length in zip(chunks.is_up[first:last], lengths, strict=True):
+            offsets.append(sent[side])
+            sent[side] += length
+        return [1 + (length + ROW_BYTES - 1) // ROW_BYTES for length in lengths]
 
     def _chunk_line(self, record: FlowRecord, i: int, k: int) -> tuple[str, Style]:
         chunks = record.chunks
