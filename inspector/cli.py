@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     run = commands.add_parser("run", help="relay headless, printing one line per flow event")
     _add_relay_options(run)
+    _add_filter_option(
+        run, "print and capture only the flows it selects as they open (all are relayed)"
+    )
     tui = commands.add_parser("tui", help="relay with a live terminal UI, or browse a capture")
     tui.add_argument("file", nargs="?", metavar="FILE", help="a pcap or pcapng file to browse")
     tui.add_argument(
@@ -320,8 +323,14 @@ def _catch_stop_signals() -> threading.Event:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .filtered_observer import check_decidable_at_open
+    from .flow_filter import parse_option
+
+    flow_filter = parse_option("--filter", args.filter)
+    if flow_filter is not None:
+        check_decidable_at_open(flow_filter, "--filter")
     stop = _catch_stop_signals()
-    relay = start_relay(args, log=not args.quiet)
+    relay = start_relay(args, log=not args.quiet, flow_filter=flow_filter)
     while not stop.wait(3600):
         pass
     relay.stop(args.grace)

@@ -22,6 +22,8 @@ from flowtap.proxy.listener import ListenerSpec, is_loopback
 from flowtap.proxy.relay import Relay, RelayConfig, raise_fd_limit
 
 from .capture import CaptureObserver, capture_path_for
+from .filtered_observer import filtered
+from .flow_filter import FlowFilter
 from .log import FlowLog
 
 ERROR_PREFIX = "flowtap: error: "
@@ -61,13 +63,20 @@ def listener_specs(args: argparse.Namespace) -> list[ListenerSpec]:
 
 
 def start_relay(
-    args: argparse.Namespace, extra_observers: Sequence[Observer] = (), *, log: bool = True
+    args: argparse.Namespace,
+    extra_observers: Sequence[Observer] = (),
+    *,
+    log: bool = True,
+    flow_filter: FlowFilter | None = None,
 ) -> Relay:
     """Bind the listeners and the control socket of `args`, print their lines, start relaying
-    (printing flow events if `log`)."""
+    (printing flow events if `log`; printing and capturing only the flows `flow_filter`
+    picks as they open)."""
     specs = listener_specs(args)
     raise_fd_limit()
-    observers: list[Observer] = [FlowLog(sys.stdout, as_json=args.json)] if log else []
+    observers: list[Observer] = []
+    if log:
+        observers.append(filtered(FlowLog(sys.stdout, as_json=args.json), flow_filter))
     observers += extra_observers
     capture_path = capture_path_for(args.pcap, args.capture)
     if capture_path is None and (args.pcap_max_size or args.pcap_max_files):
@@ -79,13 +88,12 @@ def start_relay(
     if capture_path is not None:
         max_size = args.pcap_max_size
         try:
-            observers.append(
-                CaptureObserver(
-                    capture_path,
-                    max_size_bytes=None if max_size is None else max_size * 1_000_000,
-                    max_files=args.pcap_max_files,
-                )
+            capture = CaptureObserver(
+                capture_path,
+                max_size_bytes=None if max_size is None else max_size * 1_000_000,
+                max_files=args.pcap_max_files,
             )
+            observers.append(filtered(capture, flow_filter))
         except BaseException:
             Bus(observers).close()
             raise

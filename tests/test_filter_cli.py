@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
+
+from capture_checks import assert_tshark_clean
 
 from conftest import flowtap_command, free_port
 from flowtap.inspector.replay import FlowReport, Status, Summary
@@ -81,3 +86,51 @@ def test_replay_reports_count_in_the_singular_and_name_both_byte_counts() -> Non
         duration_s=0.1,
     )
     assert "server bytes 358 replayed, 0 recorded" in report.line()
+
+
+def test_run_filter_refuses_terms_not_known_when_a_flow_opens(tmp_path: Path) -> None:
+    result = _flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--pcap",
+        str(tmp_path / "never.pcapng"), "--filter", "port 80 and bytes > 1M or contains GET",
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "flowtap: error: --filter 'port 80 and bytes > 1M or contains GET': bytes, contains are "
+        "not known when a flow opens"
+    )
+    assert not (tmp_path / "never.pcapng").exists()
+
+
+def test_run_filter_prints_and_captures_only_picked_flows_but_relays_all(
+    flowtap: Any, echo_server: tuple[str, int], udp_echo: Any, tmp_path: Path
+) -> None:
+    udp = udp_echo()
+    capture = tmp_path / "picked.pcapng"
+    relay = flowtap(
+        "run", "--json", "--pcap", str(capture), "--filter", "tcp and not udp",
+        "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo_server[1]}",
+        "--listen", "udp:127.0.0.1:0", "--upstream", f"127.0.0.1:{udp.port}",
+        listeners=2,
+    )  # fmt: skip
+    tcp_port, udp_port = (int(row[1].rsplit(":", 1)[1]) for row in relay.listeners)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
+        sock.sendto(b"not picked", ("127.0.0.1", udp_port))
+        assert sock.recv(100) == b"not picked"  # relayed all the same
+    with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as sock:
+        sock.sendall(b"picked")
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(100) == b"picked"
+    relay.wait_line('"event": ?"closed"')
+    assert relay.stop() == 0
+    events = [json.loads(line) for line in relay.lines if line.startswith("{")]
+    assert [(e["event"], e["transport"]) for e in events] == [("opened", "tcp"), ("closed", "tcp")]
+    assert_tshark_clean(capture)
+    listed = subprocess.run(
+        [*flowtap_command(), "show", str(capture), "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    flows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(f["transport"], f["bytes_up"], f["bytes_down"]) for f in flows] == [("tcp", 6, 6)]
