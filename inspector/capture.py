@@ -8,6 +8,11 @@ nothing is ever dropped. A timer thread flushes the file twice a second (busy or
 after a crash it reads up to the last flush. With a size limit the capture becomes a ring
 of files, like dumpcap's `-b filesize:... -b files:...`.
 
+A capture that fails (a full disk, a file-size limit, a pipe whose reader quit) stops with
+one logged line and never costs the relay a byte: a chunk already received into the file's
+buffer is handed back to the relay whatever the file does, and a ring starts its next file
+before the record that goes there, not after the one that filled the last.
+
 Writing on the relay thread rather than handing chunks to a writer thread is what makes the
 capture cheap: a queued chunk costs an allocation that is still alive when the next one is
 made (fresh, page-faulting memory), and two thread switches, which cost more than packing
@@ -28,7 +33,7 @@ from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.events import Chunk, Loan
 from flowtap.proxy.flow import Direction, FlowEvent
 
-from .pcap import CaptureWriter, PcapFile, PcapNgFile, open_packet_file
+from .pcap import CaptureWriter, PcapFile, PcapNgFile, capture_write_error, open_packet_file
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,9 @@ class RotatingCapture:
     """A `PacketFile` that starts a new file past `max_size_bytes`, keeping the newest `max_files`.
 
     Without a size limit it is one file at `path`; with one, files are named like dumpcap's
-    ring buffer: `STEM_00001_YYYYmmddHHMMSS.SUFFIX`.
+    ring buffer: `STEM_00001_YYYYmmddHHMMSS.SUFFIX`. The next file is started when a record
+    is about to be added to a full one (`write_packet`, `reserve`), so a failure to start it
+    comes before that record's bytes are received, never after.
     """
 
     def __init__(
@@ -78,11 +85,22 @@ class RotatingCapture:
         self._max_files = max_files
         self.generation = 0
         self.paths: deque[Path] = deque()
+        self._closing: list[PcapFile | PcapNgFile] = []  # full files their I/O threads finish
         self._current = self._open_next()
 
     @property
     def size_bytes(self) -> int:
         return self._current.size_bytes
+
+    @property
+    def is_full(self) -> bool:
+        """Whether the next record starts a new file."""
+        return self._max_size_bytes is not None and self.size_bytes >= self._max_size_bytes
+
+    @property
+    def next_generation(self) -> int:
+        """The number of the file the next record goes to (1 for the first)."""
+        return self.generation + 1 if self.is_full else self.generation
 
     @property
     def path(self) -> Path:
@@ -115,14 +133,21 @@ class RotatingCapture:
         payload: bytes | memoryview,
         comment: str | None = None,
     ) -> None:
-        self._current.write_packet(timestamp_ns, header, payload, comment)
-        self._rotate_if_full()
+        self._file_for_next_record().write_packet(timestamp_ns, header, payload, comment)
 
-    def _rotate_if_full(self) -> None:
-        current = self._current
-        if self._max_size_bytes is not None and current.size_bytes >= self._max_size_bytes:
-            current.close(wait=False)  # its I/O thread finishes it while the next one fills
-            self._current = self._open_next()
+    def _file_for_next_record(self) -> PcapFile | PcapNgFile:
+        """The current file, after starting the next one if it is full."""
+        if not self.is_full:
+            return self._current
+        # A full file that failed as its I/O thread finished it stops the capture too.
+        for finished in [f for f in self._closing if f.is_finished]:
+            self._closing.remove(finished)
+            finished.wait_closed()
+        full = self._current
+        full.close(wait=False)  # its I/O thread finishes it while the next one fills
+        self._closing.append(full)
+        self._current = self._open_next()
+        return self._current
 
     def record_layout(self, header_size: int, payload_size: int) -> tuple[int, int]:
         return self._current.record_layout(header_size, payload_size)
@@ -131,10 +156,12 @@ class RotatingCapture:
     def room_bytes(self) -> int:
         if self._max_size_bytes is None:
             return self._current.room_bytes
+        if self.is_full:  # the next reservation starts a new file
+            return self._max_size_bytes
         return self._max_size_bytes - self._current.size_bytes
 
     def reserve(self, size: int) -> memoryview:
-        return self._current.reserve(size)
+        return self._file_for_next_record().reserve(size)
 
     def frame_record(
         self, region: memoryview, at: int, timestamp_ns: int, header: bytes, payload_size: int
@@ -142,15 +169,20 @@ class RotatingCapture:
         return self._current.frame_record(region, at, timestamp_ns, header, payload_size)
 
     def commit(self, size: int) -> Loan:
-        loan = self._current.commit(size)
-        self._rotate_if_full()
-        return loan
+        return self._current.commit(size)
 
     def flush(self, *, wait: bool = True) -> None:
         self._current.flush(wait=wait)
 
     def close(self, *, wait: bool = True) -> None:
-        self._current.close(wait=wait)
+        """Close the current file and, with `wait`, wait for the full ones still being finished."""
+        try:
+            self._current.close(wait=wait)
+        finally:
+            if wait:
+                closing, self._closing = self._closing, []
+                for full in closing:
+                    full.wait_closed()
 
 
 class CaptureObserver:
@@ -172,7 +204,7 @@ class CaptureObserver:
     ) -> None:
         self.files = RotatingCapture(path, max_size_bytes=max_size_bytes, max_files=max_files)
         self._writer = CaptureWriter(
-            self.files, checksums=checksums, file_generation=lambda: self.files.generation
+            self.files, checksums=checksums, file_generation=lambda: self.files.next_generation
         )
         self._flush_interval_s = flush_interval_s
         self._lock = threading.Lock()  # one relay thread writes at a time
@@ -200,7 +232,7 @@ class CaptureObserver:
                 return
             try:
                 self._writer.write(event)
-            except (OSError, FlowtapError) as exc:
+            except Exception as exc:  # the relay has the bytes: only the capture stops
                 self._fail(exc)
             self._dirty = True
 
@@ -208,19 +240,22 @@ class CaptureObserver:
         """Receive a chunk straight into the capture file (the relay's `ChunkSink` path)."""
         with self._lock:
             if self._error is None and not self._closed:
-                try:
-                    received = self._writer.receive(flow_id, direction, sock, size)
-                except FlowtapError as exc:  # the file, not the socket
-                    self._fail(exc)
-                else:
-                    self._dirty = True
-                    return received
+                chunk = self._writer.receive(flow_id, direction, sock, size)
+                if self._writer.failure is not None:
+                    self._fail(self._writer.failure)
+                self._dirty = True
+                return chunk
         data = sock.recv(size)  # the capture has stopped: relay only
         return Chunk(len(data), [memoryview(data)], None, size)
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc
-        log.error("the capture stopped early: %s", exc)
+        if isinstance(exc, OSError):
+            exc = capture_write_error(self.files.path, exc)
+        if isinstance(exc, FlowtapError):
+            log.error("the capture stopped: %s", exc)
+        else:  # a bug: its traceback helps more than one line
+            log.error("the capture stopped: %r", exc, exc_info=exc)
 
     def _flush_periodically(self) -> None:
         while not self._stop.wait(self._flush_interval_s):
@@ -230,7 +265,7 @@ class CaptureObserver:
                 self._dirty = False
                 try:
                     self.files.flush(wait=False)
-                except (OSError, FlowtapError) as exc:
+                except Exception as exc:
                     self._fail(exc)
 
     def close(self) -> None:
@@ -242,7 +277,7 @@ class CaptureObserver:
         self._flusher.join()
         try:
             self.files.close()
-        except (OSError, FlowtapError) as exc:
+        except Exception as exc:
             if self._error is None:
                 self._fail(exc)
 

@@ -160,14 +160,38 @@ class InPlaceFile(PacketFile, Protocol):
     def commit(self, size: int) -> Loan: ...
 
 
+def _fix_for(exc: OSError) -> str | None:
+    """What a user does about a capture write failing with `exc`, when its errno says."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space or pick another folder"
+    if exc.errno == errno.EFBIG:
+        return (
+            "the file size limit (ulimit -f) is reached: raise it, or keep each file "
+            "smaller with --pcap-max-size MB"
+        )
+    return None
+
+
+def capture_write_error(path: Path, exc: OSError, *, is_pipe: bool = False) -> FlowtapError:
+    """The one-line error for a capture file (or pipe) that cannot be written: its cause and fix."""
+    if exc.errno == errno.EPIPE:
+        return FlowtapError(
+            f"the program reading the capture pipe {str(path)!r} went away; start the reader "
+            "first and keep it running while flowtap captures"
+        )
+    kind = "pipe" if is_pipe else "file"
+    fix = _fix_for(exc) or "check the device, or pick another folder"
+    return FlowtapError(f"cannot write capture {kind} {str(path)!r}: {exc.strerror}; {fix}")
+
+
 def _create_private(path: Path) -> int:
     """Open `path` for writing with mode 0600 (captures hold secrets); FlowtapError on failure."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as exc:
+        fix = _fix_for(exc) or "pick a writable path whose folder exists"
         raise FlowtapError(
-            f"cannot create capture file {str(path)!r}: {exc.strerror}; "
-            "pick a writable path whose folder exists"
+            f"cannot create capture file {str(path)!r}: {exc.strerror}; {fix}"
         ) from None
     with contextlib.suppress(OSError):  # not ours to change on some filesystems
         os.fchmod(fd, 0o600)
@@ -309,6 +333,7 @@ class _StagedFile:
         self._jobs: queue.SimpleQueue[_WriteJob | threading.Event | None] = queue.SimpleQueue()
         self._error: OSError | None = None
         self._end = 0  # the furthest byte written
+        self._record_end = 0  # where a record of the file is known to end, written
         self._allocated = 0
         self._preallocates = True
         self._window_start = 0
@@ -419,13 +444,18 @@ class _StagedFile:
         self._fill = tail
 
     def flush(self, *, wait: bool = True) -> None:
-        """Hand everything added so far to the I/O thread; with `wait`, until it is written."""
+        """Hand everything added so far to the I/O thread; with `wait`, until it is written.
+
+        Called between records: where a flush ends, a record ends.
+        """
         if self._flushed_to < self._staged_at + self._fill:
             self._hand_over()
             if self._fill:
                 # The partial last block, through the page cache: complete up to here.
                 tail = bytes(self._view[: self._fill])
-                self._jobs.put(_WriteJob(tail, self._staged_at, self._fill, direct=False))
+                self._jobs.put(
+                    _WriteJob(tail, self._staged_at, self._fill, direct=False, ends_record=True)
+                )
             self._flushed_to = self._staged_at + self._fill
         if wait:
             done = threading.Event()
@@ -442,16 +472,43 @@ class _StagedFile:
             self.flush(wait=False)
         finally:
             self._jobs.put(None)
+            if wait:
+                self._thread.join()
         if wait:
-            self._thread.join()
             self._raise_if_failed()
+
+    def wait_closed(self) -> None:
+        """Wait until a file closed without `wait` is finished; FlowtapError if writing failed."""
+        self._thread.join()
+        self._raise_if_failed()
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether the I/O thread is done with the file (closed, and everything written)."""
+        return not self._thread.is_alive()
+
+    def _start(self, head: bytes) -> None:
+        """Write the file's header, so that it is a valid, empty capture from the start; a file
+        that cannot take even that is closed and removed."""
+        try:
+            self.add(head)
+            self.flush()
+        except BaseException:
+            with contextlib.suppress(FlowtapError):
+                self.close()
+            if self._seekable:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            raise
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise FlowtapError(
-                f"cannot write capture file {str(self.path)!r}: {self._error.strerror}; "
-                "free space or pick another folder"
-            )
+            raise capture_write_error(self.path, self._error, is_pipe=not self._seekable)
+
+    @staticmethod
+    def _record_size(head: bytes) -> int:
+        """The size of the record whose first 16 bytes are `head` (0: this file cannot tell)."""
+        return 0
 
     def _write_jobs(self) -> None:
         jobs = self._jobs
@@ -466,6 +523,7 @@ class _StagedFile:
                     except OSError as exc:
                         log.debug("capture file %s: %s", self.path, exc)
                         self._error = exc
+                        self._cut_to_last_record()
                 if isinstance(job.data, mmap.mmap):
                     self._recycle(job.data)
         finally:
@@ -486,24 +544,49 @@ class _StagedFile:
                 self._preallocates = False  # a file system that cannot: allocate as we go
         data = memoryview(job.data)[: job.size]
         done = 0
-        if job.direct and self._direct_fd >= 0:
-            try:
-                while done < job.size:
-                    done += os.pwrite(self._direct_fd, data[done:], job.offset + done)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                # O_DIRECT taken at open but not these alignments: use the page cache.
-                log.debug("O_DIRECT refused for %s (%s); using the page cache", self.path, exc)
-                os.close(self._direct_fd)
-                self._direct_fd = -1
-                self._drops_pages = True
-        while done < job.size:
-            done += os.pwrite(self._fd, data[done:], job.offset + done)
-        data.release()
-        self._end = max(self._end, end)
+        try:
+            if job.direct and self._direct_fd >= 0:
+                try:
+                    while done < job.size:
+                        done += os.pwrite(self._direct_fd, data[done:], job.offset + done)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    # O_DIRECT taken at open but not these alignments: use the page cache.
+                    log.debug("O_DIRECT refused for %s (%s); using the page cache", self.path, exc)
+                    os.close(self._direct_fd)
+                    self._direct_fd = -1
+                    self._drops_pages = True
+            while done < job.size:
+                done += os.pwrite(self._fd, data[done:], job.offset + done)
+        finally:
+            data.release()
+            self._end = max(self._end, job.offset + done)
+        if job.ends_record:
+            self._record_end = end
         if self._drops_pages and self._end - self._window_start >= self._WINDOW_BYTES:
             self._next_window()
+
+    def _cut_to_last_record(self) -> None:
+        """After a failed write, end the file after its last whole record, so that it reads
+        clean up to there (a pipe's reader has what it has)."""
+        if not self._seekable:
+            return
+        at = self._record_end
+        with contextlib.suppress(OSError):
+            # The file as it is now (its descriptors only write), even if renamed since.
+            reading = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # Only the records written since the last flush are walked: one ended there.
+                while len(head := os.pread(reading, 16, at)) == 16:
+                    size = self._record_size(head)
+                    if size <= 0 or at + size > self._end:
+                        break
+                    at += size
+            finally:
+                os.close(reading)
+            os.ftruncate(self._fd, at)
+            self._end = at
 
     def _next_window(self) -> None:
         """Start writing out the window just filled; wait for the one before and drop it."""
@@ -550,15 +633,25 @@ class _Loan:
 
 
 class _WriteJob:
-    """`size` bytes of `data` for the I/O thread to write at `offset`."""
+    """`size` bytes of `data` for the I/O thread to write at `offset` (`ends_record`: a record
+    of the file ends where they do)."""
 
-    __slots__ = ("data", "direct", "offset", "size")
+    __slots__ = ("data", "direct", "ends_record", "offset", "size")
 
-    def __init__(self, data: mmap.mmap | bytes, offset: int, size: int, *, direct: bool) -> None:
+    def __init__(
+        self,
+        data: mmap.mmap | bytes,
+        offset: int,
+        size: int,
+        *,
+        direct: bool,
+        ends_record: bool = False,
+    ) -> None:
         self.data = data
         self.offset = offset
         self.size = size
         self.direct = direct
+        self.ends_record = ends_record
 
 
 class PcapFile(_StagedFile):
@@ -566,8 +659,11 @@ class PcapFile(_StagedFile):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.add(_PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
-        self.flush()  # a valid, empty capture from the start
+        self._start(_PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
+
+    @staticmethod
+    def _record_size(head: bytes) -> int:
+        return 16 + int(_U32.unpack_from(head, 8)[0])
 
     @staticmethod
     def record_layout(header_size: int, payload_size: int) -> tuple[int, int]:
@@ -627,8 +723,11 @@ class PcapNgFile(_StagedFile):
             + idb_options
             + _U32.pack(idb_length)
         )
-        self.add(shb + idb)
-        self.flush()  # a valid, empty capture from the start
+        self._start(shb + idb)
+
+    @staticmethod
+    def _record_size(head: bytes) -> int:
+        return int(_U32.unpack_from(head, 4)[0])  # every block's total length
 
     @staticmethod
     def record_layout(header_size: int, payload_size: int) -> tuple[int, int]:
@@ -681,6 +780,11 @@ def open_packet_file(path: Path) -> PcapFile | PcapNgFile:
     raise FlowtapError(
         f"cannot tell the capture format of {str(path)!r}: name the file .pcap or .pcapng"
     )
+
+
+def _plain_chunk(data: bytes, asked: int) -> Chunk:
+    """A chunk received the ordinary way, in memory of its own."""
+    return Chunk(len(data), [memoryview(data)], None, asked)
 
 
 def _timestamp_ns(timestamp: float) -> int:
@@ -875,8 +979,8 @@ _CLOSE_BY_RST = {
 class CaptureWriter:
     """Writes flow events as packets to a `PacketFile`; one writer thread calls `write`.
 
-    `file_generation` (when given) says which file of a rotation is current, so that the
-    first packet of a flow in each new pcapng file names the flow's endpoints again.
+    `file_generation` (when given) says which file of a rotation the next record goes to, so
+    that the first packet of a flow in each new pcapng file names the flow's endpoints again.
     """
 
     def __init__(
@@ -894,6 +998,8 @@ class CaptureWriter:
         # Per (header size, segment size): where a full segment's payload starts in its record,
         # the record's size, and the room an ACK record after the segments needs (see receive).
         self._layouts: dict[tuple[int, int], tuple[int, int, int]] = {}
+        self.failure: Exception | None = None
+        """Why the file stopped taking records in `receive`, if it did; it then takes none."""
 
     def write(self, event: FlowEvent) -> None:
         if type(event) is FlowData:
@@ -918,20 +1024,44 @@ class CaptureWriter:
         The payload slots of the records a full chunk needs are reserved in the file and
         handed to `recvmsg_into`; the records are then framed around what arrived. A flow
         whose next packet carries a comment, or a file that cannot frame in place, takes the
-        ordinary path (`recv`, then `write`).
+        ordinary path (`recv`, then `write`). Raises only what the socket raises: once bytes
+        are received they are handed back whatever the file does, and a file that fails is
+        noted in `failure` (the bytes then go on uncaptured, as every later chunk does).
         """
-        out = self._in_place
-        conversation = self._conversations.get(flow_id)
-        if (
-            out is None
-            or conversation is None
-            or conversation.is_udp
-            or conversation.comment_generation != self._generation()
-        ):
+        if self.failure is not None:
+            return _plain_chunk(sock.recv(size), size)
+        try:
+            plan = self._reserve(flow_id, size)
+        except Exception as exc:  # the file's failure, before a byte is received
+            self.failure = exc
+            return _plain_chunk(sock.recv(size), size)
+        if plan is None:
             data = sock.recv(size)
             if data:
-                self.write(FlowData(flow_id, direction, time.time(), data))
-            return Chunk(len(data), [memoryview(data)], None, size)
+                try:
+                    self.write(FlowData(flow_id, direction, time.time(), data))
+                except Exception as exc:
+                    self.failure = exc
+            return _plain_chunk(data, size)
+        region, slots, size = plan
+        received = sock.recvmsg_into(slots)[0]
+        if not received:
+            return Chunk(0, [], None, size)
+        try:
+            return self._frame(flow_id, direction, region, received, size)
+        except Exception as exc:  # the payload is in the slots whatever the records became
+            self.failure = exc
+            return _plain_chunk(b"".join(slots)[:received], size)
+
+    def _reserve(self, flow_id: int, size: int) -> tuple[memoryview, list[memoryview], int] | None:
+        """The reservation for a chunk of up to `size` bytes: its region, the payload slots in
+        it and the size to ask for; None where the chunk takes the ordinary path."""
+        out = self._in_place
+        conversation = self._conversations.get(flow_id)
+        if out is None or conversation is None or conversation.is_udp:
+            return None
+        if conversation.comment_generation != self._generation():
+            return None
         step = conversation.max_payload
         if size > step:
             size -= size % step  # whole segments: 256 KiB would leave a 164-byte fifth one
@@ -951,9 +1081,17 @@ class CaptureWriter:
         region = out.reserve(count * slot + ack_room)
         slots = [region[i * slot + prefix : i * slot + prefix + step] for i in range(count)]
         slots[-1] = slots[-1][: size - (count - 1) * step]
-        received = sock.recvmsg_into(slots)[0]
-        if not received:
-            return Chunk(0, [], None, size)
+        return region, slots, size
+
+    def _frame(
+        self, flow_id: int, direction: Direction, region: memoryview, received: int, size: int
+    ) -> Chunk:
+        """Frame the records around `received` bytes in a reservation and commit them."""
+        out = self._in_place
+        assert out is not None
+        conversation = self._conversations[flow_id]
+        step = conversation.max_payload
+        prefix = self._layouts[conversation.header_size, step][0]
         timestamp_ns = max(_timestamp_ns(time.time()), conversation.last_ns)
         conversation.last_ns = timestamp_ns
         if direction is Direction.UP:

@@ -47,7 +47,15 @@ from flowtap.proxy.flow import (
     Transport,
 )
 
-from .reader import CaptureReader, Segment, address_text, parse_flow_comment
+from .reader import (
+    SUPPORTED_LINKTYPES,
+    CaptureReader,
+    DamagedCaptureError,
+    Segment,
+    address_text,
+    parse_flow_comment,
+    unsupported_message,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,6 +565,30 @@ def capture_events(
 
 def _ids_in(flow_ids: Container[int]) -> Callable[[Flow], bool]:
     return lambda flow: flow.id in flow_ids
+
+
+def readable_events(
+    reader: CaptureReader,
+    flow_ids: Container[int] | None = None,
+    *,
+    on_damage: Callable[[DamagedCaptureError], None],
+    data_for: Callable[[Flow], bool] | None = None,
+) -> Iterator[CaptureEvent]:
+    """`capture_events` for the commands (show, replay, serve), which fail the same way.
+
+    A capture with nothing readable raises one FlowtapError: damaged before its first
+    packet, or no packet of a link type flowtap decodes (named as `show` names it). Damage
+    part-way ends the events, every flow read so far closed, and goes to `on_damage`.
+    """
+    try:
+        yield from capture_events(reader, flow_ids, data_for=data_for)
+    except DamagedCaptureError as exc:
+        if exc.packets_read == 0:
+            raise FlowtapError(f"{exc}: nothing could be read; copy or capture it again") from None
+        on_damage(exc)
+    linktypes = reader.linktypes
+    if linktypes and not any(linktype in SUPPORTED_LINKTYPES for linktype in linktypes):
+        raise FlowtapError(unsupported_message(reader.path, linktypes.most_common(1)[0][0]))
 
 
 def load_flow(path: str | os.PathLike[str], flow_id: int) -> list[CaptureEvent]:

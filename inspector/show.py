@@ -22,13 +22,8 @@ from flowtap.proxy.flow import Direction, Flow, FlowClosed, FlowData, FlowOpened
 
 from .flow_filter import FlowFilter, FlowSelection
 from .log import flow_record, human_bytes
-from .reader import (
-    SUPPORTED_LINKTYPES,
-    CaptureReader,
-    DamagedCaptureError,
-    unsupported_message,
-)
-from .reassembly import CaptureEvent, FlowGap, capture_events
+from .reader import CaptureReader, DamagedCaptureError
+from .reassembly import CaptureEvent, FlowGap, readable_events
 
 _BLOCK_BYTES = 64 * 1024
 _ESCAPES = {0x5C: "\\\\", 0x0D: "\\r", 0x0A: "\\n\n", 0x09: "\\t"}
@@ -101,24 +96,15 @@ def _events(
     data_for: Callable[[Flow], bool] | None = None,
 ) -> Iterator[CaptureEvent]:
     """The capture's events; a damage part-way ends them and is noted in `result`."""
-    try:
-        yield from capture_events(reader, flow_ids, data_for=data_for)
-    except DamagedCaptureError as exc:
-        if exc.packets_read == 0:
-            raise FlowtapError(f"{exc}: nothing could be read; copy or capture it again") from None
+
+    def note(exc: DamagedCaptureError) -> None:
         result.problem = f"{exc}; shown is what was read before that point"
+
+    try:
+        yield from readable_events(reader, flow_ids, on_damage=note, data_for=data_for)
     finally:
         result.packets_read = reader.packets_read
         result.skipped = reader.skipped
-
-
-def _check_readable(reader: CaptureReader, flows_seen: int) -> None:
-    """Fail when no packet had a link type flowtap can decode."""
-    if flows_seen or not reader.linktypes:
-        return
-    if not any(linktype in SUPPORTED_LINKTYPES for linktype in reader.linktypes):
-        linktype = reader.linktypes.most_common(1)[0][0]
-        raise FlowtapError(unsupported_message(reader.path, linktype))
 
 
 def list_flows(
@@ -150,7 +136,6 @@ def list_flows(
                     flows[event.flow.id].flow = event.flow
                 else:
                     del flows[event.flow.id]
-        _check_readable(reader, seen)
         capture_format = reader.format
     ordered = [flows[i] for i in sorted(flows)]
     if as_json:
@@ -224,7 +209,6 @@ def _flow_events(path: Path, flow_id: int, result: ShowResult) -> Iterator[Captu
             elif event.flow_id != flow_id:
                 continue
             yield event
-        _check_readable(reader, flows)
     if not seen:
         raise FlowtapError(
             f"{path.name} has no flow {flow_id} (it has {flows}): "

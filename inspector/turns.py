@@ -295,17 +295,18 @@ def load_scripts(
     """Read a capture file into scripts (only the named flows' data, when given).
 
     A capture damaged part-way gives the flows read before the damage, with a warning;
-    one that cannot be read at all raises FlowtapError.
+    one that cannot be read at all raises FlowtapError, as `flowtap show` says it.
     """
-    from .reader import DamagedCaptureError
-    from .reassembly import read_capture
+    from .reader import CaptureReader, DamagedCaptureError
+    from .reassembly import readable_events
 
-    events: list[RecordedEvent] = []
-    try:
-        for event in read_capture(path, flow_ids=set(flow_ids) if flow_ids else None):
-            events.append(event)
-    except DamagedCaptureError as exc:
+    def on_damage(exc: DamagedCaptureError) -> None:
         if warn is None:
-            raise
+            raise exc
         warn(f"{exc}; playing the flows read before that")
+
+    with CaptureReader(path) as reader:
+        events: list[RecordedEvent] = list(
+            readable_events(reader, set(flow_ids) if flow_ids else None, on_damage=on_damage)
+        )
     return scripts_from_events(events)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +39,45 @@ def test_serve_rejects_a_malformed_listen_address_in_one_line() -> None:
     result = _flowtap("serve", "capture.pcap", "--listen", "127.0.0.1:99999")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "the port must be a number" in result.stderr
+
+
+def _user0_capture(tmp_path: Path) -> Path:
+    """A real capture whose packets are all of link type 147 (USER0), made by editcap."""
+    from test_show import flowtap_capture
+
+    path = tmp_path / "user0.pcapng"
+    subprocess.run(
+        ["editcap", "-F", "pcapng", "-T", "user0", str(flowtap_capture(tmp_path)), str(path)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    return path
+
+
+def _unreadable_capture(tmp_path: Path) -> Path:
+    """A capture damaged in its first packet's record: nothing in it can be read."""
+    from test_show import flowtap_capture
+
+    whole = flowtap_capture(tmp_path).read_bytes()
+    path = tmp_path / "unreadable.pcap"
+    path.write_bytes(whole[:24] + b"\xff" * 16 + whole[40:])  # a record claiming 4 GiB
+    return path
+
+
+@pytest.mark.parametrize("make", [_user0_capture, _unreadable_capture])
+@pytest.mark.parametrize(
+    "command",
+    [["replay", "--to", "127.0.0.1:9"], ["serve", "--listen", "127.0.0.1:0"]],
+)
+def test_replay_and_serve_say_what_show_says_of_a_capture_with_nothing_readable(
+    tmp_path: Path, make: Callable[[Path], Path], command: list[str]
+) -> None:
+    path = make(tmp_path)
+    shown = _flowtap("show", str(path))
+    assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr
+    result = _flowtap(command[0], str(path), *command[1:])
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == shown.stderr
+    if make is _user0_capture:
+        assert "link type 147 (user-defined)" in result.stderr
+    else:
+        assert "nothing could be read" in result.stderr
