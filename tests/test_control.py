@@ -1,0 +1,401 @@
+"""The relay's control socket, spoken to by a plain socket client: subscribe, list, kill,
+budgets, and who may connect; and the `--control` path errors of `flowtap run`."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import flowtap_command, start_flowtap, wait_for
+from flowtap.proxy.control import ControlServer
+from flowtap.proxy.control_protocol import (
+    KIND_DATA,
+    VERSION,
+    FrameReader,
+    decode_data,
+    decode_json,
+    encode_json,
+)
+from flowtap.proxy.events import Bus
+from flowtap.proxy.flow import Address, Direction, FlowData
+from flowtap.proxy.listener import ListenerSpec
+from flowtap.proxy.relay import Relay
+
+
+class PlainClient:
+    """A control-socket client written against the wire format alone."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+        self.reader = FrameReader()
+        self.pending: list[tuple[int, bytes]] = []
+        self.next_id = 0
+        self.hello = self.message()
+
+    def request(self, cmd: str, **fields: Any) -> int:
+        self.next_id += 1
+        self.sock.sendall(encode_json({"id": self.next_id, "cmd": cmd, **fields}))
+        return self.next_id
+
+    def frame(self, timeout_s: float = 10.0) -> tuple[int, bytes] | None:
+        """The next frame, or None at the end of the stream."""
+        deadline = time.monotonic() + timeout_s
+        while not self.pending:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.sock.recv(1 << 20)
+            if not data:
+                return None
+            self.pending += self.reader.feed(data)
+        return self.pending.pop(0)
+
+    def message(self) -> dict[str, Any]:
+        frame = self.frame()
+        assert frame is not None and frame[0] != KIND_DATA, frame
+        return decode_json(frame[1])
+
+    def reply(self, request_id: int) -> dict[str, Any]:
+        """The reply to `request_id`; events before it are kept for `events`."""
+        skipped: list[tuple[int, bytes]] = []
+        while True:
+            frame = self.frame()
+            assert frame is not None, "the server closed the socket"
+            if frame[0] != KIND_DATA:
+                message = decode_json(frame[1])
+                if message.get("type") == "reply" and message["id"] == request_id:
+                    self.pending[:0] = skipped
+                    return message
+            skipped.append(frame)
+
+    def events(self, until: Any, timeout_s: float = 20.0) -> list[dict[str, Any] | FlowData]:
+        """Events until `until(events)` holds."""
+        got: list[dict[str, Any] | FlowData] = []
+        deadline = time.monotonic() + timeout_s
+        while not until(got):
+            assert time.monotonic() < deadline, f"timed out; got {len(got)} events"
+            frame = self.frame(deadline - time.monotonic())
+            assert frame is not None, "the server closed the socket"
+            got.append(decode_data(frame[1]) if frame[0] == KIND_DATA else decode_json(frame[1]))
+        return got
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Served:
+    """A relay in front of the echo server with a control server on `path`."""
+
+    def __init__(self, upstream: tuple[str, int], path: Path, **options: Any) -> None:
+        self.control = ControlServer(str(path), **options)
+        self.bus = Bus([self.control])
+        spec = ListenerSpec(Address("127.0.0.1", 0), Address(*upstream))
+        self.relay = Relay([spec], self.bus)
+        self.relay.start()
+        self.control.start(self.relay)
+        self.path = path
+        self.port = self.relay.listeners[0].address.port
+
+    def exchange(self, payload: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            received = bytearray()
+            while chunk := sock.recv(1 << 20):
+                received += chunk
+        return bytes(received)
+
+    def stop(self) -> None:
+        self.relay.stop(1.0)
+        self.bus.close()
+
+
+@pytest.fixture
+def served(echo_server: tuple[str, int], tmp_path: Path) -> Iterator[Any]:
+    started: list[Served] = []
+
+    def start(**options: Any) -> Served:
+        server = Served(echo_server, tmp_path / f"control-{len(started)}.sock", **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def kinds(events: list[dict[str, Any] | FlowData], kind: str) -> list[dict[str, Any]]:
+    return [e for e in events if isinstance(e, dict) and e.get("type") == kind]
+
+
+def test_the_socket_is_owner_only_and_the_hello_gives_the_relays_facts(served: Any) -> None:
+    server = served()
+    assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
+    client = PlainClient(server.path)
+    hello = client.hello
+    assert hello["type"] == "hello" and hello["version"] == VERSION
+    assert hello["pid"] == os.getpid()
+    assert hello["listeners"] == [
+        {
+            "transport": "tcp",
+            "address": f"127.0.0.1:{server.port}",
+            "upstream": str(server.relay.listeners[0].spec.upstream),
+        }
+    ]
+    info = client.reply(client.request("info"))
+    assert info["ok"] and info["open_flows"] == 0 and info["path"] == str(server.path)
+    client.close()
+
+
+def test_subscribe_sends_recent_and_open_flows_then_live_events_with_raw_bytes(
+    served: Any,
+) -> None:
+    server = served()
+    assert server.exchange(b"before") == b"before"
+    held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    held.sendall(b"held open")
+    assert held.recv(100) == b"held open"
+    wait_for(lambda: server.relay.open_flows == 1, 5, "the held flow")
+    client = PlainClient(server.path)
+    reply = client.reply(client.request("subscribe"))
+    assert [f["reason"] for f in reply["recent"]] == ["client-closed"]
+    [live] = reply["open"]
+    assert (live["bytes_up"], live["bytes_down"]) == (9, 9)  # counted before subscribing
+    payload = bytes(range(256))  # not text: frames carry the bytes as they are
+    held.sendall(payload)
+    assert held.recv(1000) == payload
+    held.close()
+    events = client.events(lambda got: kinds(got, "closed"))
+    data = [e for e in events if isinstance(e, FlowData)]
+    assert all(e.flow_id == live["id"] for e in data)
+    assert b"".join(e.data for e in data if e.direction is Direction.UP) == payload
+    assert b"".join(e.data for e in data if e.direction is Direction.DOWN) == payload
+    assert kinds(events, "closed")[0]["flow"]["bytes_up"] == 9 + 256
+    # a new flow: opened, data, closed, in that order
+    server.exchange(b"after")
+    events = client.events(lambda got: kinds(got, "closed"))
+    assert [e["type"] if isinstance(e, dict) else "data" for e in events] == [
+        "opened",
+        "data",
+        "data",
+        "closed",
+    ]
+    listing = client.reply(client.request("list"))
+    assert len(listing["recent"]) == 3 and listing["open"] == []
+    client.close()
+
+
+def test_kill_over_the_socket_resets_both_sides(served: Any) -> None:
+    server = served()
+    client = PlainClient(server.path)
+    client.reply(client.request("subscribe"))
+    held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    [opened] = kinds(client.events(lambda got: kinds(got, "opened")), "opened")
+    reply = client.reply(client.request("kill", flow=opened["flow"]["id"]))
+    assert reply["ok"] and reply["live"]
+    [closed] = kinds(client.events(lambda got: kinds(got, "closed")), "closed")
+    assert closed["flow"]["reason"] == "killed"
+    with pytest.raises(ConnectionResetError):
+        while held.recv(100):
+            pass
+    held.close()
+    bad = client.reply(client.request("kill", flow="one"))
+    assert not bad["ok"] and "integer" in bad["error"]
+    unknown = client.reply(client.request("intercept"))
+    assert not unknown["ok"] and "unknown command" in unknown["error"]
+    client.close()
+
+
+def test_a_viewer_that_stops_reading_loses_data_counted_but_no_opened_or_closed(
+    served: Any,
+) -> None:
+    server = served(budget_bytes=64 * 1024, forward_cap_bytes=64 * 1024 * 1024)
+    client = PlainClient(server.path)
+    client.reply(client.request("subscribe"))
+    flows, size = 20, 256 * 1024
+    started = time.monotonic()
+    for n in range(flows):  # the viewer reads nothing meanwhile
+        assert server.exchange(bytes([n]) * size) == bytes([n]) * size
+    relayed_s = time.monotonic() - started
+    assert relayed_s < 15, f"the relay waited on the viewer ({relayed_s:.1f}s)"
+    total = flows * size * 2
+
+    def accounted(got: list[dict[str, Any] | FlowData]) -> bool:
+        shown = sum(len(e.data) for e in got if isinstance(e, FlowData))
+        lost = sum(e["bytes"] for e in kinds(got, "not-shown"))
+        return len(kinds(got, "closed")) == flows and shown + lost == total
+
+    events = client.events(accounted)
+    assert len(kinds(events, "opened")) == flows
+    assert sorted(e["flow"]["id"] for e in kinds(events, "closed")) == sorted(
+        e["flow"]["id"] for e in kinds(events, "opened")
+    )
+    lost = sum(e["bytes"] for e in kinds(events, "not-shown"))
+    assert lost > total // 2, "a 64 KiB budget cannot have held most of 10 MiB"
+    client.close()
+
+
+def test_a_viewer_hopelessly_behind_is_told_and_disconnected_and_the_relay_goes_on(
+    served: Any,
+) -> None:
+    server = served(max_behind_events=50)
+    client = PlainClient(server.path)
+    client.reply(client.request("subscribe"))
+    # Enough opened/closed events to fill the socket's kernel buffer and then 50 more.
+    for _ in range(1500):
+        socket.create_connection(("127.0.0.1", server.port), timeout=10).close()
+    messages: list[dict[str, Any]] = []
+    while (frame := client.frame()) is not None:
+        messages.append(decode_json(frame[1]))
+    assert messages[-1]["type"] == "bye" and "behind" in messages[-1]["reason"]
+    assert server.exchange(b"still relaying") == b"still relaying"
+    again = PlainClient(server.path)
+    assert again.reply(again.request("subscribe"))["ok"]
+    again.close()
+
+
+def test_a_client_sending_garbage_is_dropped_alone(served: Any) -> None:
+    server = served()
+    rude = PlainClient(server.path)
+    rude.sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert rude.frame() is None
+    polite = PlainClient(server.path)
+    assert polite.reply(polite.request("info"))["ok"]
+    polite.close()
+
+
+def _connect_as_nobody(path: str) -> str:
+    """Fork a child that becomes `nobody` and connects to `path`; what it saw."""
+    nobody = pwd.getpwnam("nobody")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then _exit
+        outcome = b"?"
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5)
+            sock.connect(path)
+            outcome = b"closed" if sock.recv(100) == b"" else b"hello"
+        except PermissionError:
+            outcome = b"permission denied"
+        except OSError as exc:
+            outcome = str(exc).encode()
+        finally:
+            os.write(write_end, outcome)
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        return pipe.read().decode()
+
+
+def test_another_users_connection_is_refused_with_one_log_line() -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a client as another user (nobody)")
+    folder = Path(tempfile.mkdtemp(prefix="flowtap-peer-"))
+    try:
+        folder.chmod(0o711)  # others may reach the socket file, not list the folder
+        path = folder / "control.sock"
+        relay = start_flowtap(
+            "run", "--quiet", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
+            "--control", str(path),
+        )  # fmt: skip
+        relay.wait_line("^control unix:")
+        # The file's mode 0600 stops others first.
+        assert _connect_as_nobody(str(path)) == "permission denied"
+        # With the mode opened up, the peer's uid (SO_PEERCRED) still stops them.
+        path.chmod(0o666)
+        assert _connect_as_nobody(str(path)) == "closed"
+        assert PlainClient(path).hello["type"] == "hello"  # the owner still gets in
+        assert relay.stop() == 0
+        lines = relay.read_stderr().splitlines()
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert len(lines) == 1, lines
+        assert f"refused a connection from uid {nobody}" in lines[0]
+    finally:
+        for item in folder.iterdir():
+            item.unlink()
+        folder.rmdir()
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*flowtap_command(), "run", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flowtap: error: "), result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+def test_control_paths_taken_missing_or_not_sockets_are_one_line_errors(tmp_path: Path) -> None:
+    taken = tmp_path / "taken.sock"
+    relay = start_flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--control", str(taken)
+    )
+    try:
+        relay.wait_line("^control unix:")
+        _one_error_line(_run("--control", str(taken)), "in use by a running relay")
+    finally:
+        relay.stop()
+    assert not taken.exists()  # the relay removed its socket file on exit
+    _one_error_line(_run("--control", str(tmp_path / "nowhere" / "c.sock")), "does not exist")
+    plain = tmp_path / "plain-file"
+    plain.write_text("not a socket")
+    _one_error_line(_run("--control", str(plain)), "is not a socket")
+    assert plain.read_text() == "not a socket"
+
+
+def test_a_dead_relays_socket_is_replaced_and_an_unsafe_folder_refused(tmp_path: Path) -> None:
+    stale = tmp_path / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(stale))
+    dead.close()  # the file stays, nothing listens: like a relay that was killed
+    relay = start_flowtap(
+        "run", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--control", str(stale)
+    )
+    try:
+        assert relay.wait_line("^control unix:") == f"control unix:{stale}"
+    finally:
+        relay.stop()
+    runtime = tmp_path / "runtime"
+    (runtime / "flowtap").mkdir(parents=True)
+    (runtime / "flowtap").chmod(0o777)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    _one_error_line(_run(env=env), "writable by others", "chmod 700")
+    (runtime / "flowtap").chmod(0o700)
+    # the default folder, now safe, serves the socket
+    process = subprocess.Popen(
+        [*flowtap_command(), "run", "--quiet", "--listen", "127.0.0.1:0", "--upstream",
+         "127.0.0.1:9"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline().strip() for _ in range(2)]
+        assert lines[1] == f"control unix:{runtime}/flowtap/relay-{process.pid}.sock"
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert not list((runtime / "flowtap").iterdir())
