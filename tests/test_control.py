@@ -274,31 +274,37 @@ def test_a_client_sending_garbage_is_dropped_alone(served: Any) -> None:
     polite.close()
 
 
+_CONNECT = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(5)
+try:
+    sock.connect(sys.argv[1])
+    print("closed" if sock.recv(100) == b"" else "hello")
+except PermissionError:
+    print("permission denied")
+"""
+
+
 def _connect_as_nobody(path: str) -> str:
-    """Fork a child that becomes `nobody` and connects to `path`; what it saw."""
+    """Run a client as `nobody` (a child that setuid()s before it starts) against `path`."""
     nobody = pwd.getpwnam("nobody")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: only system calls, then _exit
-        outcome = b"?"
-        try:
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(5)
-            sock.connect(path)
-            outcome = b"closed" if sock.recv(100) == b"" else b"hello"
-        except PermissionError:
-            outcome = b"permission denied"
-        except OSError as exc:
-            outcome = str(exc).encode()
-        finally:
-            os.write(write_end, outcome)
-            os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    with os.fdopen(read_end, "rb") as pipe:
-        return pipe.read().decode()
+
+    def become_nobody() -> None:
+        os.setgroups([])
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", _CONNECT, path],
+        preexec_fn=become_nobody,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    return result.stdout.strip()
 
 
 def test_another_users_connection_is_refused_with_one_log_line() -> None:
