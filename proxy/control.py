@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .control_protocol import (
+    DATA_FIXED,
+    DATA_HEADER,
+    KIND_DATA,
     KIND_JSON,
     VERSION,
     FrameReader,
     ProtocolError,
-    data_header,
     decode_json,
     encode_json,
     flow_to_json,
@@ -49,8 +51,10 @@ log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")
 _IOV_MAX = 1024
-_FLUSH_DELAY_S = 0.002
-"""After a wake-up the server waits this long, so that one send carries many small events."""
+_FLUSH_DELAY_S = 0.005
+"""After a wake-up the server waits this long, so that one send carries many small events
+(a viewer redraws 20 times a second at most: it cannot tell)."""
+_EVENTS_PER_FRAME_BATCH = 64
 _COUNTS_INTERVAL_S = 0.5
 
 
@@ -156,6 +160,7 @@ class _Viewer:
     threads under the server's lock, the rest belongs to the server thread."""
 
     __slots__ = (
+        "batch",
         "behind_in",
         "behind_sent",
         "closing",
@@ -176,6 +181,7 @@ class _Viewer:
         self.fd = sock.fileno()
         self.reader = FrameReader()
         self.inbox: collections.deque[FlowEvent] = collections.deque()
+        self.batch: collections.deque[FlowEvent] = collections.deque()  # taken from the inbox
         self.queued_in = 0  # (relay) data bytes ever queued
         self.queued_sent = 0  # data bytes sent to the socket (or discarded)
         self.behind_in = 0  # (relay) opened/closed events ever queued
@@ -524,7 +530,7 @@ class ControlServer:
         events wait in the inbox, bounded by its budget, and its drop counts keep adding up
         into one notice per flow direction.
         """
-        for _ in range(8):
+        for _ in range(64):
             if viewer.closing:
                 return
             if not viewer.out:
@@ -533,30 +539,57 @@ class ControlServer:
                 return
 
     def _drain_inbox(self, viewer: _Viewer) -> None:
-        """Move the viewer's waiting events into frames (and its drop counts into notices)."""
-        with self._lock:
-            inbox = viewer.inbox
-            viewer.inbox = collections.deque()
-            dropped = viewer.dropped
+        """Turn up to `_EVENTS_PER_FRAME_BATCH` waiting events into one buffer of frames (and,
+        once none wait, the drop counts into notices).
+
+        Small batches, each followed by a send that lets go of the GIL, keep the relay
+        threads from waiting long for it; one buffer per batch keeps the per-event work to
+        a header packed into it.
+        """
+        batch = viewer.batch
+        if not batch:
+            with self._lock:
+                batch = viewer.batch = viewer.inbox
+                viewer.inbox = collections.deque()
+                dropped = viewer.dropped
+                if dropped and not batch:
+                    viewer.dropped = {}
+                else:
+                    dropped = {}
+                overflowed = viewer.overflowed
+            if overflowed:
+                self._disconnect_behind(viewer)
+                return
             if dropped:
-                viewer.dropped = {}
-            overflowed = viewer.overflowed
-        if overflowed:
-            self._disconnect_behind(viewer)
-            return
-        out = viewer.out
-        for event in inbox:
+                for (flow_id, direction), size in dropped.items():
+                    notice = {"type": "not-shown", "flow": flow_id, "direction": str(direction)}
+                    notice["bytes"] = size
+                    viewer.out.append((memoryview(encode_json(notice)), 0, 0))
+                return
+        buffer = bytearray()
+        charge = 0
+        events = 0
+        pack = DATA_HEADER.pack
+        pop = batch.popleft
+        for _ in range(min(len(batch), _EVENTS_PER_FRAME_BATCH)):
+            event = pop()
             if isinstance(event, FlowData):
-                out.append((memoryview(data_header(event)), 0, 0))
-                out.append((memoryview(event.data), len(event.data), 0))
+                data = event.data
+                buffer += pack(
+                    DATA_FIXED + len(data),
+                    KIND_DATA,
+                    event.flow_id,
+                    event.direction is Direction.DOWN,
+                    event.timestamp,
+                )
+                buffer += data
+                charge += len(data)
             else:
                 kind = "opened" if isinstance(event, FlowOpened) else "closed"
-                message = {"type": kind, "flow": flow_to_json(event.flow)}
-                out.append((memoryview(encode_json(message)), 0, 1))
-        for (flow_id, direction), size in dropped.items():
-            notice = {"type": "not-shown", "flow": flow_id, "direction": str(direction)}
-            notice["bytes"] = size
-            out.append((memoryview(encode_json(notice)), 0, 0))
+                buffer += encode_json({"type": kind, "flow": flow_to_json(event.flow)})
+                events += 1
+        if buffer:
+            viewer.out.append((memoryview(buffer), charge, events))
 
     def _disconnect_behind(self, viewer: _Viewer) -> None:
         log.warning("control socket: disconnected a viewer that fell too far behind")

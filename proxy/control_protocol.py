@@ -64,15 +64,16 @@ def encode_json(message: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body), KIND_JSON) + body
 
 
-def data_header(event: FlowData) -> bytes:
-    """The header of the data frame for `event`; its bytes follow as they are."""
-    return DATA_HEADER.pack(
+def encode_data(event: FlowData) -> bytes:
+    """One data frame: `DATA_HEADER`, then the event's bytes as they are."""
+    header = DATA_HEADER.pack(
         DATA_FIXED + len(event.data),
         KIND_DATA,
         event.flow_id,
-        0 if event.direction is Direction.UP else 1,
+        event.direction is Direction.DOWN,
         event.timestamp,
     )
+    return header + event.data
 
 
 def decode_data(payload: bytes | memoryview) -> FlowData:
