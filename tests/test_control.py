@@ -20,14 +20,19 @@ from conftest import flowtap_command, start_flowtap, wait_for
 from flowtap.proxy.control import ControlServer
 from flowtap.proxy.control_protocol import (
     KIND_DATA,
+    KIND_JSON,
     VERSION,
     FrameReader,
+    ProtocolError,
     decode_data,
     decode_json,
+    encode_data,
     encode_json,
+    flow_from_json,
+    flow_to_json,
 )
 from flowtap.proxy.events import Bus
-from flowtap.proxy.flow import Address, Direction, FlowData
+from flowtap.proxy.flow import Address, Direction, Flow, FlowData, FlowState, Transport
 from flowtap.proxy.listener import ListenerSpec
 from flowtap.proxy.relay import Relay
 
@@ -405,3 +410,41 @@ def test_a_dead_relays_socket_is_replaced_and_an_unsafe_folder_refused(tmp_path:
         process.terminate()
         process.wait(10)
     assert not list((runtime / "flowtap").iterdir())
+
+
+def test_frames_split_anywhere_decode_to_the_same_messages_and_data() -> None:
+    flow = Flow(
+        7,
+        Transport.TCP,
+        Address("::1", 40000),
+        Address("", path="/run/redis.sock"),
+        Address("127.0.0.1", 6380),
+        1700000000.25,
+        state=FlowState.OPEN,
+    )
+    data = FlowData(7, Direction.DOWN, 1700000000.5, bytes(range(256)) * 3)
+    stream = (
+        encode_json({"type": "opened", "flow": flow_to_json(flow)})
+        + encode_data(data)
+        + encode_json({"type": "bye", "reason": "done"})
+    )
+    for step in (1, 2, 5, 64, len(stream)):
+        reader = FrameReader()
+        frames = []
+        for start in range(0, len(stream), step):
+            frames += reader.feed(stream[start : start + step])
+        assert [kind for kind, _ in frames] == [KIND_JSON, KIND_DATA, KIND_JSON]
+        assert flow_from_json(decode_json(frames[0][1])["flow"]) == flow
+        assert decode_data(frames[1][1]) == data
+        assert decode_json(frames[2][1]) == {"type": "bye", "reason": "done"}
+
+
+def test_a_stream_that_is_not_control_frames_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        FrameReader().feed(b"GET / HTTP/1.1\r\n\r\n")
+    with pytest.raises(ProtocolError):
+        decode_json(b"[1, 2]")
+    with pytest.raises(ProtocolError):
+        decode_data(b"\x00" * 8 + b"\x07" + b"\x00" * 8)  # flow 0, direction 7
+    with pytest.raises(ProtocolError):
+        flow_from_json({"id": 1, "transport": "sctp"})
