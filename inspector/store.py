@@ -29,6 +29,7 @@ from flowtap.proxy.flow import (
     Transport,
 )
 
+from .reassembly import FlowGap
 from .summary import EMPTY, HEAD_BYTES, Summary, summarize
 
 MiB = 1024 * 1024
@@ -185,18 +186,29 @@ class Chunk:
     data: bytes
 
 
+CHUNK_UP = 1
+"""A `ChunkIndex` flag: the client sent it (else the server)."""
+CHUNK_GAP = 2
+"""A `ChunkIndex` flag: bytes here that the capture does not hold (length: how many)."""
+CHUNK_NOT_SHOWN = 4
+"""A `ChunkIndex` flag: bytes about here that the relay did not send this viewer."""
+CHUNK_MISSING = CHUNK_GAP | CHUNK_NOT_SHOWN
+
+
 class ChunkIndex:
-    """Where a flow's kept chunks are: direction, time, spill offset and length of each, in
-    flat arrays (about 21 bytes a chunk, where a tuple per chunk took about 170).
+    """Where a flow's kept chunks are: flags (direction, or missing bytes), time, spill
+    offset and length of each, in flat arrays (about 21 bytes a chunk, where a tuple per
+    chunk took about 170). Missing bytes are an entry with no payload, so that the views can
+    say where they were.
 
     Append-only, so a reader on another thread that takes `len()` first sees a consistent
     prefix.
     """
 
-    __slots__ = ("is_up", "lengths", "offsets", "timestamps")
+    __slots__ = ("flags", "lengths", "offsets", "timestamps")
 
     def __init__(self) -> None:
-        self.is_up = bytearray()
+        self.flags = bytearray()
         self.timestamps = array("d")
         self.offsets = array("q")
         self.lengths = array("L")
@@ -206,10 +218,21 @@ class ChunkIndex:
 
     def append(self, is_up: bool, timestamp: float, offset: int, length: int) -> None:
         # Lengths last: `len()` counts a chunk only once all its fields are there.
-        self.is_up.append(is_up)
+        self.flags.append(CHUNK_UP if is_up else 0)
         self.timestamps.append(timestamp)
         self.offsets.append(offset)
         self.lengths.append(length)
+
+    def append_missing(self, flags: int, timestamp: float, size_bytes: int) -> None:
+        """Note `size_bytes` missing bytes, added to the last entry if it notes the same."""
+        last = len(self) - 1
+        if last >= 0 and self.flags[last] == flags:
+            self.lengths[last] += size_bytes
+            return
+        self.flags.append(flags)
+        self.timestamps.append(timestamp)
+        self.offsets.append(-1)
+        self.lengths.append(size_bytes)
 
 
 class FlowRecord:
@@ -357,6 +380,15 @@ class FlowStore:
                         record.bytes_up += event.size_bytes
                     else:
                         record.bytes_down += event.size_bytes
+                    chunks = record.chunks
+                    when = chunks.timestamps[-1] if len(chunks) else record.flow.started_at
+                    self._note_missing(record, event.direction, CHUNK_NOT_SHOWN, when, event)
+                    changes.changed.add(record.id)
+            elif isinstance(event, FlowGap):
+                record = records.get(event.flow_id)
+                if record is not None:
+                    record.gaps += 1
+                    self._note_missing(record, event.direction, CHUNK_GAP, event.timestamp, event)
                     changes.changed.add(record.id)
             else:
                 flow_id = getattr(event, "flow_id", None)
@@ -365,6 +397,20 @@ class FlowStore:
                     record.gaps += 1
                     changes.changed.add(record.id)
         return changes
+
+    def _note_missing(
+        self,
+        record: FlowRecord,
+        direction: Direction,
+        kind: int,
+        timestamp: float,
+        event: DataNotShown | FlowGap,
+    ) -> None:
+        is_up = direction is Direction.UP
+        if (record.kept_up if is_up else record.kept_down) < self._max_kept:
+            # Past the keep cap nothing more is shown anyway.
+            flags = kind | (CHUNK_UP if is_up else 0)
+            record.chunks.append_missing(flags, timestamp, event.size_bytes)
 
     def _add_data(self, record: FlowRecord, event: FlowData) -> None:
         if record.flow.state is FlowState.CONNECTING:
@@ -447,8 +493,9 @@ class FlowStore:
     def _head(self, record: FlowRecord, is_up: bool) -> bytes:
         out = bytearray()
         index = record.chunks
+        wanted = CHUNK_UP if is_up else 0
         for i in range(len(index)):
-            if bool(index.is_up[i]) is is_up:
+            if index.flags[i] == wanted:
                 length = min(index.lengths[i], HEAD_BYTES - len(out))
                 out += self._spill.read(index.offsets[i], length)
                 if len(out) >= HEAD_BYTES:
@@ -462,28 +509,31 @@ class FlowStore:
             return
         index = record.chunks
         for i in range(len(index)):
+            flags = index.flags[i]
+            if flags & CHUNK_MISSING:
+                continue
             yield Chunk(
-                Direction.UP if index.is_up[i] else Direction.DOWN,
+                Direction.UP if flags & CHUNK_UP else Direction.DOWN,
                 index.timestamps[i],
                 self._spill.read(index.offsets[i], index.lengths[i]),
             )
 
     def chunk_datas(self, record: FlowRecord, first: int, last: int) -> list[bytes]:
-        """The bytes of chunks `first` to `last` (excluded) of `record`; empty ones once the
-        store has forgotten the flow."""
+        """The bytes of chunks `first` to `last` (excluded) of `record`; empty for missing
+        bytes, and all empty once the store has forgotten the flow."""
         if self.records.get(record.id) is not record:
             return [b""] * (last - first)
         index = record.chunks
-        return self._spill.read_many(
-            zip(index.offsets[first:last], index.lengths[first:last], strict=True)
-        )
+        spans = zip(index.offsets[first:last], index.lengths[first:last], strict=True)
+        # A missing-bytes entry (offset -1) has no payload.
+        return self._spill.read_many((o, n) if o >= 0 else (0, 0) for o, n in spans)
 
     def chunk_bytes(self, record: FlowRecord, i: int, start: int = 0, length: int = -1) -> bytes:
         """Bytes `start` to `start + length` (-1: to its end) of chunk `i` of `record`; empty
         once the store has forgotten the flow."""
-        if self.records.get(record.id) is not record:
-            return b""
         index = record.chunks
+        if self.records.get(record.id) is not record or index.flags[i] & CHUNK_MISSING:
+            return b""
         size = index.lengths[i]
         start = min(start, size)
         end = size if length < 0 else min(size, start + length)
@@ -508,7 +558,10 @@ class FlowStore:
         count = len(index)
         yield FlowOpened(flow)
         for i in range(count):
-            direction = Direction.UP if index.is_up[i] else Direction.DOWN
+            flags = index.flags[i]
+            if flags & CHUNK_MISSING:
+                continue
+            direction = Direction.UP if flags & CHUNK_UP else Direction.DOWN
             data = self._spill.read(index.offsets[i], index.lengths[i])
             yield FlowData(flow.id, direction, index.timestamps[i], data)
         if flow.state is FlowState.CLOSED:

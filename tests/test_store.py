@@ -6,7 +6,15 @@ import os
 import re
 import tracemalloc
 
-from flowtap.inspector.store import FlowStore, PayloadSpill
+from flowtap.inspector.reassembly import FlowGap
+from flowtap.inspector.store import (
+    CHUNK_GAP,
+    CHUNK_NOT_SHOWN,
+    CHUNK_UP,
+    FlowStore,
+    PayloadSpill,
+)
+from flowtap.proxy.control_protocol import DataNotShown
 from flowtap.proxy.flow import (
     Address,
     CloseReason,
@@ -142,3 +150,30 @@ def test_the_chunk_index_of_a_flow_takes_tens_of_bytes_a_chunk() -> None:
     assert len(chunks) == 100_000
     assert chunks[12_345].data == events[12_345].data and chunks[12_345].timestamp == 14345.0
     store.close()
+
+
+def test_missing_bytes_are_noted_in_place_and_left_out_of_the_payload() -> None:
+    store = FlowStore(max_kept_bytes_per_direction=100)
+    store.apply([FlowOpened(_flow(1))])
+    store.apply(
+        [
+            FlowData(1, Direction.UP, 1001.5, b"before "),
+            DataNotShown(1, Direction.UP, 300),
+            DataNotShown(1, Direction.UP, 200),  # the same hole, told in two parts
+            FlowData(1, Direction.UP, 1002.0, b"after"),
+            FlowGap(1, Direction.DOWN, 1002.5, 40),
+            FlowData(1, Direction.DOWN, 1003.0, b"x" * 100),  # reaches the keep cap
+            FlowGap(1, Direction.DOWN, 1003.5, 60),  # past the cap: nothing is shown anyway
+        ]
+    )
+    record = store.records[1]
+    index = record.chunks
+    assert list(index.flags) == [CHUNK_UP, CHUNK_UP | CHUNK_NOT_SHOWN, CHUNK_UP, CHUNK_GAP, 0]
+    assert list(index.lengths) == [7, 500, 5, 40, 100]
+    assert index.timestamps[1] == 1001.5  # about where it was missed: after the last chunk
+    assert (record.not_shown, record.gaps, record.bytes_up) == (500, 2, 512)
+    assert store.raw_bytes(1, Direction.UP) == b"before after"
+    assert [c.data for c in store.chunks(1)] == [b"before ", b"after", b"x" * 100]
+    assert store.chunk_datas(record, 0, 3) == [b"before ", b"", b"after"]
+    assert store.chunk_bytes(record, 1) == b""
+    assert [type(e).__name__ for e in store.events(1)] == ["FlowOpened"] + ["FlowData"] * 3

@@ -18,9 +18,11 @@ from textual.pilot import Pilot
 
 from flowtap.inspector import app as app_module
 from flowtap.inspector.app import FlowtapApp
+from flowtap.inspector.reassembly import FlowGap
 from flowtap.inspector.widgets.chunk_view import ChunkView
 from flowtap.inspector.widgets.conversation import Conversation
 from flowtap.inspector.widgets.hex_view import HexView
+from flowtap.proxy.control_protocol import DataNotShown
 from flowtap.proxy.events import EventQueue
 from flowtap.proxy.flow import (
     Address,
@@ -126,7 +128,7 @@ def test_a_flow_of_100000_chunks_shows_the_right_lines_wherever_it_is_scrolled()
         await pilot.press("home", "pagedown", "pagedown")
         assert round(view.scroll_y) == 2 * height
         assert shown_lines(view) == expected_lines(view)
-        view.scroll_to(y=123_457, animate=False, immediate=True)
+        view.scroll_to(y=123_457, animate=False, immediate=True, force=True)
         await pilot.pause()
         assert round(view.scroll_y) == 123_457
         assert shown_lines(view)[0] == "line 061728\\n"
@@ -228,7 +230,7 @@ def test_the_hex_view_matches_hexdump_of_each_direction(tmp_path: Path) -> None:
         view.focus()
         assert shown_lines(view) == expected(view)
         for position in (1, 4321, view.max_scroll_y // 2, view.max_scroll_y):
-            view.scroll_to(y=position, animate=False, immediate=True)
+            view.scroll_to(y=position, animate=False, immediate=True, force=True)
             await pilot.pause()
             assert round(view.scroll_y) == position
             assert shown_lines(view) == expected(view), position
@@ -244,15 +246,15 @@ def test_toggling_hex_keeps_the_chunk_at_the_top() -> None:
         conversation = app.query_one(Conversation)
         await until(pilot, lambda: conversation.chunk_count == 1000, "the index")
         conversation.focus()
-        conversation.scroll_to(y=2 * 321, animate=False, immediate=True)
+        conversation.scroll_to(y=2 * 321, animate=False, immediate=True, force=True)
         await pilot.pause()
         assert not conversation.following
         await pilot.press("h")
         hex_view = app.query_one(HexView)
-        await pilot.pause()
+        await until(pilot, lambda: round(hex_view.scroll_y) > 0, "the hex view placed")
         assert hex_view.has_focus
-        assert shown_lines(hex_view)[0] == "server → client  12 B"  # chunk 321, a reply
         assert hex_view.chunk_at(round(hex_view.scroll_y)) == 321
+        assert shown_lines(hex_view)[0] == "server → client  12 B"  # chunk 321, a reply
         assert conversation.chunk_count == 0  # the hidden view keeps no index
 
     run(app, scenario)
@@ -321,5 +323,53 @@ def test_a_steady_stream_of_chunks_redraws_at_a_bounded_rate(
         await until(pilot, lambda: view.chunk_count == sent, "the last batch drawn")
         elapsed = time.monotonic() - started
         assert refreshes.count <= elapsed / app_module.DETAIL_REFRESH_S + 2
+
+    run(app, scenario)
+
+
+def test_missing_bytes_show_where_they_were_in_both_views() -> None:
+    flow = opened(1)
+    app, _ = app_with(
+        [
+            FlowOpened(flow),
+            FlowData(1, Direction.UP, T0 + 1, b"hello\n"),
+            DataNotShown(1, Direction.UP, 500),  # type: ignore[list-item]
+            FlowData(1, Direction.UP, T0 + 2, b"world\n"),
+            FlowGap(1, Direction.DOWN, T0 + 3, 40),  # type: ignore[list-item]
+            FlowData(1, Direction.DOWN, T0 + 4, b"reply\n"),
+        ]
+    )
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        view = app.query_one(Conversation)
+        await until(pilot, lambda: view.chunk_count == 5, "the flow")
+        await pilot.pause()
+        assert shown_lines(view)[:8] == [
+            "+1.000s client → 6 B",
+            "hello\\n",
+            "+1.000s !! 500 B the client sent not shown here (this viewer fell behind)",
+            "+2.000s client → 6 B",
+            "world\\n",
+            "+3.000s !! server: gap of 40 B (not in the capture)",
+            "+4.000s ← server 6 B",
+            "reply\\n",
+        ]
+        facts = str(app.query_one("#facts").render())
+        assert "500 bytes not shown" in facts and "1 gap(s)" in facts
+        await pilot.press("h")
+        hex_view = app.query_one(HexView)
+        await until(pilot, lambda: hex_view.chunk_count == 5, "the hex view")
+        await pilot.pause()
+        pad = " " * 33  # six bytes of a sixteen-byte row, as `hexdump -C` pads it
+        assert shown_lines(hex_view)[:8] == [
+            "client → server  6 B",
+            f"00000000  68 65 6c 6c 6f 0a{pad}|hello.|",
+            "!! 500 B the client sent not shown here (this viewer fell behind)",
+            "client → server  6 B",
+            f"000001fa  77 6f 72 6c 64 0a{pad}|world.|",  # 6 + 500 bytes on
+            "!! server: gap of 40 B (not in the capture)",
+            "server → client  6 B",
+            f"00000028  72 65 70 6c 79 0a{pad}|reply.|",  # after the 40 missing
+        ]
 
     run(app, scenario)

@@ -23,12 +23,21 @@ from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from ..store import FlowRecord, FlowStore
+from ..store import CHUNK_NOT_SHOWN, CHUNK_UP, FlowRecord, FlowStore
 
 UP_HEADER = Style.parse("bold cyan")
 DOWN_HEADER = Style.parse("bold magenta")
 UP_BODY = Style.parse("cyan")
 DOWN_BODY = Style.parse("magenta")
+MISSING = Style.parse("bold yellow")
+
+
+def missing_line(flags: int, size_bytes: int) -> str:
+    """The line that stands for bytes missing from a flow (`ChunkIndex` flags say why)."""
+    who = "client" if flags & CHUNK_UP else "server"
+    if flags & CHUNK_NOT_SHOWN:
+        return f"!! {size_bytes} B the {who} sent not shown here (this viewer fell behind)"
+    return f"!! {who}: gap of {size_bytes} B (not in the capture)"
 
 
 class ChunkView(ScrollView, can_focus=True):
@@ -109,11 +118,11 @@ class ChunkView(ScrollView, can_focus=True):
         if not self._placed:
             return  # `on_resize` places it
         if self.following:
-            self.scroll_end(animate=False, immediate=True, x_axis=False)
+            self.scroll_end(animate=False, immediate=True, x_axis=False, force=True)
         else:
             top_chunk = self._top_chunk
             top = self._starts[top_chunk] if 0 < top_chunk < len(self._starts) else 0
-            self.scroll_to(0, top, animate=False, immediate=True)
+            self.scroll_to(0, top, animate=False, immediate=True, force=True)
         self.refresh()
 
     def sync(self) -> int:
@@ -133,7 +142,7 @@ class ChunkView(ScrollView, can_focus=True):
         self._line_count = total
         self.virtual_size = Size(self._content_width(), total)
         if self.following and not self.is_vertical_scrollbar_grabbed:
-            self.scroll_end(animate=False, immediate=True, x_axis=False)
+            self.scroll_end(animate=False, immediate=True, x_axis=False, force=True)
         else:
             self.refresh_lines(old_total, total - old_total)
         return count - first
@@ -181,6 +190,8 @@ class ChunkView(ScrollView, can_focus=True):
         return strip.crop_extend(scroll_x, scroll_x + width, base)
 
     # -- following ------------------------------------------------------------------------
+    # The view scrolls itself with `force`: right after the index grows, Textual has not yet
+    # laid out the scrollbar that would otherwise allow it.
 
     def watch_scroll_y(self, old_value: float, new_value: float) -> None:
         super().watch_scroll_y(old_value, new_value)
@@ -190,7 +201,7 @@ class ChunkView(ScrollView, can_focus=True):
         if not self._placed:
             self._place()
         elif self.following:
-            self.scroll_end(animate=False, immediate=True, x_axis=False)
+            self.scroll_end(animate=False, immediate=True, x_axis=False, force=True)
 
     def action_step(self, lines: int) -> None:
         self.scroll_to(y=self.scroll_y + lines, animate=False, immediate=True)
@@ -204,4 +215,4 @@ class ChunkView(ScrollView, can_focus=True):
 
     def action_scroll_end(self) -> None:
         self.following = True
-        self.scroll_end(animate=False, immediate=True, x_axis=False)
+        self.scroll_end(animate=False, immediate=True, x_axis=False, force=True)

@@ -8,9 +8,17 @@ from rich.style import Style
 from textual import events
 from textual.cache import LRUCache
 
-from ..store import FlowRecord, FlowStore
+from ..store import CHUNK_MISSING, CHUNK_UP, FlowRecord, FlowStore
 from ..summary import escape_bytes
-from .chunk_view import DOWN_BODY, DOWN_HEADER, UP_BODY, UP_HEADER, ChunkView
+from .chunk_view import (
+    DOWN_BODY,
+    DOWN_HEADER,
+    MISSING,
+    UP_BODY,
+    UP_HEADER,
+    ChunkView,
+    missing_line,
+)
 
 
 def header_line(is_up: bool, timestamp: float, started_at: float, size_bytes: int) -> str:
@@ -64,17 +72,23 @@ class Conversation(ChunkView):
 
     def _line_counts(self, record: FlowRecord, first: int, last: int) -> Iterable[int]:
         width = self._wrap_width
+        datas = self.store.chunk_datas(record, first, last)
+        flags = record.chunks.flags[first:last]
         return [
-            1 + body_line_count(data, width) for data in self.store.chunk_datas(record, first, last)
+            1 if flag & CHUNK_MISSING else 1 + body_line_count(data, width)
+            for data, flag in zip(datas, flags, strict=True)
         ]
 
     def _chunk_line(self, record: FlowRecord, i: int, k: int) -> tuple[str, Style]:
         chunks = record.chunks
-        is_up = bool(chunks.is_up[i])
+        flags = chunks.flags[i]
+        is_up = bool(flags & CHUNK_UP)
         if k == 0:
-            header = header_line(
-                is_up, chunks.timestamps[i], record.flow.started_at, chunks.lengths[i]
-            )
+            size, timestamp = chunks.lengths[i], chunks.timestamps[i]
+            if flags & CHUNK_MISSING:
+                since = timestamp - record.flow.started_at
+                return f"+{since:.3f}s {missing_line(flags, size)}", MISSING
+            header = header_line(is_up, timestamp, record.flow.started_at, size)
             return header, UP_HEADER if is_up else DOWN_HEADER
         body = self._bodies.get(i)
         if body is None:

@@ -7,8 +7,16 @@ from collections.abc import Iterable
 
 from rich.style import Style
 
-from ..store import FlowRecord, FlowStore
-from .chunk_view import DOWN_BODY, DOWN_HEADER, UP_BODY, UP_HEADER, ChunkView
+from ..store import CHUNK_MISSING, CHUNK_UP, FlowRecord, FlowStore
+from .chunk_view import (
+    DOWN_BODY,
+    DOWN_HEADER,
+    MISSING,
+    UP_BODY,
+    UP_HEADER,
+    ChunkView,
+    missing_line,
+)
 
 _PRINTABLE = bytes(b if 32 <= b < 127 else ord(".") for b in range(256))
 ROW_BYTES = 16
@@ -52,14 +60,23 @@ class HexView(ChunkView):
         chunks = record.chunks
         lengths = chunks.lengths[first:last]
         offsets, sent = self._offsets, self._sent
-        for side, length in zip(chunks.is_up[first:last], lengths, strict=True):
+        flags = chunks.flags[first:last]
+        for flag, length in zip(flags, lengths, strict=True):
+            # Missing bytes move the offset on too: offsets stay positions in the stream.
+            side = flag & CHUNK_UP
             offsets.append(sent[side])
             sent[side] += length
-        return [1 + (length + ROW_BYTES - 1) // ROW_BYTES for length in lengths]
+        return [
+            1 if flag & CHUNK_MISSING else 1 + (length + ROW_BYTES - 1) // ROW_BYTES
+            for flag, length in zip(flags, lengths, strict=True)
+        ]
 
     def _chunk_line(self, record: FlowRecord, i: int, k: int) -> tuple[str, Style]:
         chunks = record.chunks
-        is_up = bool(chunks.is_up[i])
+        flags = chunks.flags[i]
+        is_up = bool(flags & CHUNK_UP)
+        if flags & CHUNK_MISSING:
+            return missing_line(flags, chunks.lengths[i]), MISSING
         if k == 0:
             label = "client → server" if is_up else "server → client"
             return f"{label}  {chunks.lengths[i]} B", UP_HEADER if is_up else DOWN_HEADER
