@@ -152,10 +152,12 @@ class Reassembler:
         self,
         *,
         data_for: Callable[[Flow], bool] | None = None,
+        data_stopped: Container[int] = (),
         max_buffered_bytes: int = 8 << 20,
         max_total_buffered_bytes: int = 64 << 20,
     ) -> None:
         self._data_for = data_for
+        self._data_stopped = data_stopped
         self._max_buffered = max_buffered_bytes
         self._max_total_buffered = max_total_buffered_bytes
         self._buffered_total = 0
@@ -286,9 +288,11 @@ class Reassembler:
         payload = segment.payload
         stream.delivered += len(payload)
         if conversation.wants_data:
-            self._out.append(
-                FlowData(conversation.flow.id, direction, segment.timestamp, bytes(payload))
-            )
+            flow_id = conversation.flow.id
+            if flow_id in self._data_stopped:
+                conversation.wants_data = False
+            else:
+                self._out.append(FlowData(flow_id, direction, segment.timestamp, bytes(payload)))
         missing = segment.length - len(payload)
         if missing > 0:
             stream.gap_bytes += missing
@@ -416,7 +420,11 @@ class Reassembler:
             stream.delivered += size
             stream.offset += size
             if conversation.wants_data:
-                self._out.append(FlowData(conversation.flow.id, direction, timestamp, bytes(piece)))
+                flow_id = conversation.flow.id
+                if flow_id in self._data_stopped:
+                    conversation.wants_data = False
+                else:
+                    self._out.append(FlowData(flow_id, direction, timestamp, bytes(piece)))
         if end > stream.offset:
             # The capture cut this packet short (snap length): the rest is missing.
             self._gap(conversation, stream, direction, end - stream.offset, timestamp)
@@ -541,15 +549,16 @@ def capture_events(
     flow_ids: Container[int] | None = None,
     *,
     data_for: Callable[[Flow], bool] | None = None,
+    data_stopped: Container[int] = (),
 ) -> Iterator[CaptureEvent]:
     """`read_capture` over an open reader, whose counters then say what was read and skipped.
 
     `data_for`, called once as each flow opens, says whether to build its `FlowData`
-    (instead of `flow_ids`).
+    (instead of `flow_ids`); no more is built for a flow once its id is in `data_stopped`.
     """
     if data_for is None and flow_ids is not None:
         data_for = _ids_in(flow_ids)
-    reassembler = Reassembler(data_for=data_for)
+    reassembler = Reassembler(data_for=data_for, data_stopped=data_stopped)
     feed = reassembler.feed
     try:
         for segment in reader.segments():
@@ -573,6 +582,7 @@ def readable_events(
     *,
     on_damage: Callable[[DamagedCaptureError], None],
     data_for: Callable[[Flow], bool] | None = None,
+    data_stopped: Container[int] = (),
 ) -> Iterator[CaptureEvent]:
     """`capture_events` for the commands (show, replay, serve), which fail the same way.
 
@@ -581,7 +591,7 @@ def readable_events(
     part-way ends the events, every flow read so far closed, and goes to `on_damage`.
     """
     try:
-        yield from capture_events(reader, flow_ids, data_for=data_for)
+        yield from capture_events(reader, flow_ids, data_for=data_for, data_stopped=data_stopped)
     except DamagedCaptureError as exc:
         if exc.packets_read == 0:
             raise FlowtapError(f"{exc}: nothing could be read; copy or capture it again") from None

@@ -11,7 +11,7 @@ import base64
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -93,15 +93,24 @@ def _events(
     reader: CaptureReader,
     flow_ids: tuple[int, ...] | None,
     result: ShowResult,
-    data_for: Callable[[Flow], bool] | None = None,
+    selection: FlowSelection | None = None,
 ) -> Iterator[CaptureEvent]:
-    """The capture's events; a damage part-way ends them and is noted in `result`."""
+    """The capture's events (the data a `selection` asks for); a damage part-way ends them
+    and is noted in `result`."""
 
     def note(exc: DamagedCaptureError) -> None:
         result.problem = f"{exc}; shown is what was read before that point"
 
     try:
-        yield from readable_events(reader, flow_ids, on_damage=note, data_for=data_for)
+        if selection is None:
+            yield from readable_events(reader, flow_ids, on_damage=note)
+        else:
+            yield from readable_events(
+                reader,
+                on_damage=note,
+                data_for=selection.opened,
+                data_stopped=selection.done_with,
+            )
     finally:
         result.packets_read = reader.packets_read
         result.skipped = reader.skipped
@@ -114,10 +123,9 @@ def list_flows(
     result = ShowResult()
     flows: dict[int, _Listed] = {}
     selection = FlowSelection(flow_filter) if flow_filter is not None else None
-    data_for = selection.opened if selection is not None else None
     seen = 0
     with CaptureReader(path) as reader:
-        for event in _events(reader, (), result, data_for):
+        for event in _events(reader, (), result, selection):
             if isinstance(event, FlowData):
                 # Only a payload filter asks for data, and only until it has decided.
                 if selection is not None:

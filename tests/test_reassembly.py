@@ -285,6 +285,22 @@ def test_data_for_limits_payload_copies_but_not_accounting() -> None:
     assert [e.size_bytes for e in events if isinstance(e, FlowGap)] == [2]
 
 
+def test_no_more_data_is_built_for_a_flow_once_its_id_is_stopped() -> None:
+    c = C_ISN + 1
+    stopped: set[int] = set()
+    reassembler = Reassembler(data_stopped=stopped)
+    events: list[CaptureEvent] = []
+    for segment in handshake():
+        events += reassembler.feed(segment)
+    events += reassembler.feed(seg(True, c, ACK, b"abc"))
+    stopped.add(1)
+    events += reassembler.feed(seg(True, c + 3, ACK, b"def"))
+    events += reassembler.finish()
+    assert [e.data for e in events if isinstance(e, FlowData)] == [b"abc"]
+    (end,) = closed(events)
+    assert end.flow.bytes_up == 6
+
+
 def test_bytes_waiting_behind_holes_are_bounded_across_flows() -> None:
     reassembler = Reassembler(max_buffered_bytes=10_000, max_total_buffered_bytes=5_000)
     events: list[CaptureEvent] = []
