@@ -284,9 +284,11 @@ class _TcpFlow:
                     # Received into the sink's memory (the capture's file buffer): no copy.
                     n, parts, loan, asked = sink.receive(self.flow.id, pipe.direction, src, size)
                 elif copying:
-                    # A fresh bytes object that observers keep: the chunk's one copy.
-                    data = src.recv(size)
-                    n = len(data)
+                    # Into the reusable buffer, then one copy of what came for observers to
+                    # keep: recv(size) would allocate the full size per chunk (at 256 KiB,
+                    # an mmap and munmap): 34 us against 4 us for a 1-byte chunk here.
+                    n = src.recv_into(buf)
+                    data = bytes(view[:n])
                 else:
                     n = src.recv_into(buf)
             except BlockingIOError:
