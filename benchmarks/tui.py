@@ -260,6 +260,7 @@ class DetailResult:
     line_ms: float
     follow_ms: float
     small_follow_ms: float
+    resize_ms: float
     store_mib: float
 
 
@@ -363,8 +364,12 @@ def detail_pane(chunks: int, repeats: int = 20) -> DetailResult:
             for n in range(repeats):
                 await refresh(big, chunks + n * follow_chunks)
             follow_ms = (time.thread_time() - started) / repeats * 1000
+            started = time.thread_time()
+            await pilot.resize_terminal(150, 48)
+            await pilot.pause()
+            resize_ms = (time.thread_time() - started) * 1000
             result = DetailResult(
-                chunks, show_ms, page_ms, line_ms, follow_ms, small_follow_ms, 0.0
+                chunks, show_ms, page_ms, line_ms, follow_ms, small_follow_ms, resize_ms, 0.0
             )
 
     asyncio.run(drive())
@@ -380,6 +385,7 @@ def print_detail(result: DetailResult) -> None:
     print(f"{'  line down (per key)':44} {result.line_ms:14.2f}")
     print(f"{'  refresh with 100 new chunks, following':44} {result.follow_ms:14.2f}")
     print(f"{'  same, on a flow of 5,000 chunks':44} {result.small_follow_ms:14.2f}")
+    print(f"{'  terminal resized to 150 columns':44} {result.resize_ms:14.1f}")
     print(f"{'  store memory for those chunks (MiB)':44} {result.store_mib:14.1f}")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import random
 import subprocess
 import time
@@ -19,6 +20,7 @@ from textual.pilot import Pilot
 from flowtap.inspector import app as app_module
 from flowtap.inspector.app import FlowtapApp
 from flowtap.inspector.reassembly import FlowGap
+from flowtap.inspector.summary import escape_bytes
 from flowtap.inspector.widgets.chunk_view import ChunkView
 from flowtap.inspector.widgets.conversation import Conversation
 from flowtap.inspector.widgets.hex_view import HexView
@@ -132,6 +134,10 @@ def test_a_flow_of_100000_chunks_shows_the_right_lines_wherever_it_is_scrolled()
         await pilot.pause()
         assert round(view.scroll_y) == 123_457
         assert shown_lines(view)[0] == "line 061728\\n"
+        assert shown_lines(view) == expected_lines(view)
+        await pilot.resize_terminal(140, 40)  # no line is long enough to wrap anew
+        await until(pilot, lambda: view.scrollable_content_region.width < 140, "the resize")
+        assert view.line_count == 2 * BIG
         assert shown_lines(view) == expected_lines(view)
 
     run(app, scenario)
@@ -371,5 +377,30 @@ def test_missing_bytes_show_where_they_were_in_both_views() -> None:
             "server → client  6 B",
             f"00000028  72 65 70 6c 79 0a{pad}|reply.|",  # after the 40 missing
         ]
+
+    run(app, scenario)
+
+
+def test_a_narrower_terminal_wraps_long_lines_anew_at_the_same_chunk() -> None:
+    flow = opened(1)
+    long_line = bytes(range(256)) * 2  # 2 KiB of escapes: wraps at any width
+    chunks = [FlowData(1, Direction.UP, T0 + i, b"%d:" % i + long_line) for i in range(300)]
+    app, _ = app_with([FlowOpened(flow), *chunks, closed(flow, 300 * 515, 0)])
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        view = app.query_one(Conversation)
+        await until(pilot, lambda: view.chunk_count == 300 and not view.following, "the flow")
+        view.scroll_to(y=view.first_line(123), animate=False, immediate=True, force=True)
+        await pilot.pause()
+        lines_before = view.line_count
+        await pilot.resize_terminal(100, 48)
+        width = view.scrollable_content_region.width
+        await until(pilot, lambda: view.line_count > lines_before, "the lines wrapped anew")
+        shown = shown_lines(view)
+        assert shown[0] == "+123.000s client → 516 B"
+        assert shown[1].startswith("123:\\x00\\x01")
+        assert max(map(len, shown)) == width < 150
+        body = list(itertools.takewhile(lambda line: not line.startswith("+124"), shown[1:]))
+        assert "".join(body) == escape_bytes(b"123:" + long_line)[: sum(map(len, body))]
 
     run(app, scenario)

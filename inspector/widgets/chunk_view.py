@@ -155,6 +155,10 @@ class ChunkView(ScrollView, can_focus=True):
         top = self.chunk_at(round(self.scroll_y)) if self._starts else self._top_chunk
         self.show(record, follow=self.following, top_chunk=top)
 
+    def first_line(self, chunk: int) -> int:
+        """The line chunk `chunk` starts on (its header)."""
+        return self._starts[chunk]
+
     def chunk_at(self, line: int) -> int:
         """The index of the chunk that line `line` belongs to."""
         return max(0, bisect_right(self._starts, line) - 1)

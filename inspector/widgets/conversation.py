@@ -60,11 +60,13 @@ class Conversation(ChunkView):
     def __init__(self, store: FlowStore, *, id: str | None = None) -> None:
         super().__init__(store, id=id)
         self._wrap_width = 0
+        self._widest = 0  # no body line is wider (four characters a byte at most)
         self._bodies: LRUCache[int, list[str]] = LRUCache(64)
 
     def _reset_index(self) -> None:
         super()._reset_index()
         self._wrap_width = self.scrollable_content_region.width
+        self._widest = 0
         self._bodies.clear()
 
     def _can_index(self) -> bool:
@@ -74,6 +76,7 @@ class Conversation(ChunkView):
         width = self._wrap_width
         datas = self.store.chunk_datas(record, first, last)
         flags = record.chunks.flags[first:last]
+        self._widest = max(self._widest, 4 * max(map(len, datas), default=0))
         return [
             1 if flag & CHUNK_MISSING else 1 + body_line_count(data, width)
             for data, flag in zip(datas, flags, strict=True)
@@ -96,7 +99,9 @@ class Conversation(ChunkView):
         return body[k - 1] if k <= len(body) else "", UP_BODY if is_up else DOWN_BODY
 
     def on_resize(self, event: events.Resize) -> None:
-        if self.scrollable_content_region.width != self._wrap_width:
-            self.reindex()
-        else:
-            super().on_resize(event)
+        width, wrapped = self.scrollable_content_region.width, self._wrap_width
+        if width != wrapped and (not wrapped or min(width, wrapped) < self._widest):
+            self.reindex()  # laid out at last, or some line wraps differently
+            return
+        self._wrap_width = width
+        super().on_resize(event)
