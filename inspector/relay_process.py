@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO
 
 from flowtap.proxy.control import ControlServer, default_control_path
@@ -128,11 +128,17 @@ def start_relay(
     return relay
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the parent dies, so no relay outlives its TUI."""
-    libc = ctypes.CDLL(None, use_errno=True)
+def _parent_death_signal() -> Callable[[], None]:
+    """A function for the child to run before it starts: get SIGTERM when the parent dies,
+    so that no relay outlives its TUI.
+
+    The C function is looked up here, in the parent: between fork and exec the child only
+    calls it (looking up symbols there could wait on a lock another thread held at fork).
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    term = int(signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, term)
 
 
 class RelayChild:
@@ -160,7 +166,7 @@ class RelayChild:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # the terminal's ^C is the TUI's; the parent stops the child
-            preexec_fn=_die_with_parent,
+            preexec_fn=_parent_death_signal(),
         )
         self.pid = self.proc.pid
         self.listening: list[str] = []

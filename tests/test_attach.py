@@ -290,3 +290,16 @@ def test_tui_listen_runs_a_relay_child_that_q_stops_and_whose_crash_is_one_line(
     shows(crashed, f"the relay (pid {child}) was killed by signal 9")
     crashed.run("send-keys", "-t", crashed.session, "q")
     exited(crashed_status)
+
+
+def test_a_relay_child_does_not_outlive_its_tui(
+    terminals: Callable[..., Tmux], tmp_path: Path, echo_server: tuple[str, int]
+) -> None:
+    tui = terminals(
+        f"tui --listen 127.0.0.1:0 --upstream 127.0.0.1:{echo_server[1]}", tmp_path / "status"
+    )
+    shows(tui, "-> 127.0.0.1:")
+    pid = tui_pid(tui)
+    child = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)  # the TUI crashes without a chance to stop its relay
+    wait_for(lambda: not Path(f"/proc/{child}").exists(), 10, "the relay child to end")
