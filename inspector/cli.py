@@ -370,6 +370,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.tui:
         from .app import browse_capture
 
+        if args.filter:
+            raise FlowtapError("--filter lists flows: in the TUI, type the expression after /")
         return browse_capture(args.file, select_flow=args.flow)
     from .flow_filter import parse_option
 

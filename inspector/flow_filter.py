@@ -753,6 +753,15 @@ def parse_option(option: str, text: str | None) -> FlowFilter | None:
 
 
 _SIDES = {"src": Side.SRC, "dst": Side.DST}
+_OLD_KEYS = {
+    "port": "port {}",
+    "host": "host {}",
+    "addr": "host {}",
+    "state": "state {}",
+    "proto": "proto {}",
+    "has": 'contains "{}"',
+    "re": "matches /{}/",
+}
 _WIRESHARK_PORTS = {
     "tcp.port": (Transport.TCP, Side.EITHER),
     "tcp.srcport": (Transport.TCP, Side.SRC),
@@ -874,6 +883,12 @@ class _Parser:
             return self.address(_WIRESHARK_ADDRESSES[word], self.operator(required=True), True)
         if word in _WIRESHARK_TEXT:
             return self.text_field(_WIRESHARK_TEXT[word], required=True)
+        key, colon, value = token.text.partition(":")
+        key = key.lower()
+        if colon and value and key in _OLD_KEYS:
+            # The TUI's former `key:value` words: say what they are now rather than find nothing.
+            written = _OLD_KEYS[key].format(value)
+            raise FilterError(self.text, token.column, f"expected {written}, not {token.text}")
         return Word(word)
 
     def operator(self, *, required: bool = False, ordered: bool = True) -> str:

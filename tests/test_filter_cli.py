@@ -39,6 +39,14 @@ def test_show_filter_rejects_a_malformed_expression_in_one_line() -> None:
     )
 
 
+def test_show_tui_refuses_filter_in_one_line() -> None:
+    result = _flowtap("show", HTTP, "--tui", "--filter", "tcp")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "flowtap: error: --filter lists flows: in the TUI, type the expression after /\n"
+    )
+
+
 def test_version_prints_the_package_version() -> None:
     result = _flowtap("--version")
     assert result.returncode == 0

@@ -245,6 +245,9 @@ def test_and_binds_tighter_than_or_and_not_tightest() -> None:
         ("tcp.port 80", 10, "expected a comparison such as =="),
         ("tcp & udp", 5, "expected && or a word"),
         ("src 80", 5, "expected port, portrange, host or net"),
+        ("tcp port:8080", 5, "expected port 8080, not port:8080"),
+        ("has:needle", 1, 'expected contains "needle", not has:needle'),
+        ("re:GET", 1, "expected matches /GET/, not re:GET"),
     ],
 )
 def test_malformed_expressions_name_the_column_and_what_was_expected(
