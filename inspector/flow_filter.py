@@ -778,6 +778,13 @@ _WIRESHARK_ADDRESSES = {
     "ipv6.src": Side.SRC,
     "ipv6.dst": Side.DST,
 }
+_WIRESHARK_PAYLOADS = {
+    "frame": None,
+    "data": None,
+    "data.data": None,
+    "tcp.payload": Transport.TCP,
+    "udp.payload": Transport.UDP,
+}
 _WIRESHARK_TEXT = {"tls.handshake.extensions_server_name": "sni"}
 _SIZE_UNITS = {
     "": 1,
@@ -874,6 +881,10 @@ class _Parser:
             return self.payload(Direction(word), self.take())
         if word in ("contains", "matches"):
             return self.payload(None, token)
+        if word in _WIRESHARK_PAYLOADS and self.peek().text.lower() in ("contains", "matches"):
+            found = self.payload(None, self.take())
+            transport = _WIRESHARK_PAYLOADS[word]
+            return found if transport is None else And(IsTransport(transport), found)
         if word in ("bytes", "up", "down", "duration", "id"):
             return self.number(word)
         if word in _WIRESHARK_PORTS:
