@@ -185,7 +185,7 @@ CASES = [
     ('frame contains "GET /"', [1]),
     ("tcp.payload contains PONG", [2]),
     ("udp.payload contains PONG", []),
-    ('udp.payload matches /\\x12\\x34/', [3]),
+    ("udp.payload matches /\\x12\\x34/", [3]),
     ("tcp contains PING", [2]),
     ("shop.test", [1]),
     ("cart", [1]),
