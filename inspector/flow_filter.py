@@ -17,7 +17,7 @@ The grammar (keywords are case-insensitive; juxtaposition means `and`, as in tcp
              | ["src" | "dst"] ("port" [OP] N | "portrange" A-B | "host" [OP] ADDR | "net" CIDR)
              | ("state" | "reason" | "proto" | "sni") [OP] WORD
              | ("bytes" | "up" | "down") [OP] SIZE | "duration" [OP] TIME | "id" [OP] N
-             | ["up" | "down"] ("contains" STRING | "matches" /REGEX/)
+             | ["up" | "down" | "frame" | "tcp.payload" | ...] ("contains" STRING | "matches" /RE/)
              | WIRESHARK-FIELD OP VALUE        (tcp.port, ip.addr, ip.src, ...)
              | WORD | STRING                   (a substring of the flow's row)
 
