@@ -5,6 +5,8 @@ from __future__ import annotations
 import ssl
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowtap.inspector.flow_filter import (
     FilterError,
@@ -367,3 +369,77 @@ def test_flow_filters_compare_equal_when_they_read_the_same() -> None:
     assert isinstance(first, FlowFilter)
     assert first == parse_filter("tcp port 80")
     assert first != parse_filter("tcp port 81")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "tcp",
+                "port",
+                "80",
+                "host",
+                "::1",
+                "net",
+                "10.0.0.0/8",
+                "(",
+                ")",
+                "!",
+                "&&",
+                "||",
+                "and",
+                "or",
+                "not",
+                "contains",
+                '"x',
+                '"\\x4',
+                '"ok"',
+                "matches",
+                "/a",
+                "/[/",
+                "/b/i",
+                "bytes",
+                ">",
+                ">=",
+                "==",
+                "1M",
+                "2s",
+                "duration",
+                "state",
+                "open",
+                "id",
+                "tcp.port",
+                "ip.addr",
+                "up",
+                "down",
+                "src",
+                "dst",
+                "portrange",
+                "1-2",
+                "port:1",
+                "sni",
+                "proto",
+                "http",
+                "=",
+                "<",
+                "&",
+                "|",
+                "~",
+                "\\",
+            ]
+        ),
+        max_size=8,
+    ).map(" ".join)
+    | st.text(max_size=30)
+)
+def test_any_text_parses_or_fails_with_a_column_inside_it(text: str) -> None:
+    """The TUI parses on every keystroke: nothing typed may raise anything but FilterError."""
+    try:
+        flow_filter = parse_filter(text)
+    except FilterError as exc:
+        assert 1 <= exc.column <= len(text) + 1
+        return
+    if flow_filter is not None:
+        flow, chunks = FLOWS[0]
+        flow_filter.matches(FlowFacts.of(flow), iter(chunks))
