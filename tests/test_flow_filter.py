@@ -394,6 +394,7 @@ def test_flow_filters_compare_equal_when_they_read_the_same() -> None:
                 "contains",
                 '"x',
                 '"\\x4',
+                '"\\xZZ"',
                 '"ok"',
                 "matches",
                 "/a",
