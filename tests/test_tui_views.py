@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_tui import screen_text, until
 from textual.pilot import Pilot
+from textual.selection import Selection
 
 from flowtap.inspector import app as app_module
 from flowtap.inspector.app import FlowtapApp
@@ -402,5 +403,27 @@ def test_a_narrower_terminal_wraps_long_lines_anew_at_the_same_chunk() -> None:
         assert max(map(len, shown)) == width < 150
         body = list(itertools.takewhile(lambda line: not line.startswith("+124"), shown[1:]))
         assert "".join(body) == escape_bytes(b"123:" + long_line)[: sum(map(len, body))]
+
+    run(app, scenario)
+
+
+def test_text_selected_with_the_pointer_is_the_lines_under_it() -> None:
+    flow = opened(1)
+    app, _ = app_with([FlowOpened(flow), *(line_chunk(1, i) for i in range(1000))])
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        view = app.query_one(Conversation)
+        await until(pilot, lambda: view.chunk_count == 1000, "the index")
+        view.scroll_to(y=2 * 321 + 1, animate=False, immediate=True, force=True)
+        await pilot.pause()
+        assert shown_lines(view)[:3] == [conversation_line(n) for n in range(643, 646)]
+        # From "000321" on the first line shown to "line" two lines down (padding: 1 column).
+        await pilot.mouse_down(view, offset=(1 + 5, 0))
+        await pilot.hover(view, offset=(1 + 3, 2))
+        await pilot.mouse_up(view, offset=(1 + 3, 2))
+        await pilot.pause()
+        selected = app.screen.get_selected_text()
+        assert selected == "000321\\n\n+161.500s client → 12 B\nline"
+        assert view.get_selection(Selection(None, None)) is not None
 
     run(app, scenario)

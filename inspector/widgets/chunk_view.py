@@ -19,8 +19,9 @@ from rich.style import Style
 from textual import events
 from textual.binding import Binding, BindingType
 from textual.cache import LRUCache
-from textual.geometry import Size
+from textual.geometry import Offset, Size
 from textual.scroll_view import ScrollView
+from textual.selection import Selection
 from textual.strip import Strip
 
 from ..store import CHUNK_NOT_SHOWN, CHUNK_UP, FlowRecord, FlowStore
@@ -177,6 +178,14 @@ class ChunkView(ScrollView, can_focus=True):
             self._base_style = self.rich_style
         return self._base_style
 
+    def line_text(self, line: int) -> str:
+        """The text of line `line` of the view (empty past the end)."""
+        record = self.record
+        if record is None or not 0 <= line < self._line_count:
+            return ""
+        i = self.chunk_at(line)
+        return self._chunk_line(record, i, line - self._starts[i])[0]
+
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
         line = scroll_y + y
@@ -185,13 +194,46 @@ class ChunkView(ScrollView, can_focus=True):
         record = self.record
         if record is None or line >= self._line_count:
             return Strip.blank(width, base)
-        strip = self._strips.get(line)
+        selection = self.text_selection
+        span = None if selection is None else selection.get_span(line)
+        strip = None if span is not None else self._strips.get(line)
         if strip is None:
             i = self.chunk_at(line)
             text, style = self._chunk_line(record, i, line - self._starts[i])
-            strip = Strip([Segment(text, base + style)], len(text))
-            self._strips[line] = strip
-        return strip.crop_extend(scroll_x, scroll_x + width, base)
+            if span is None:
+                strip = self._strips[line] = Strip([Segment(text, base + style)], len(text))
+            else:
+                start, end = span
+                end = len(text) if end < 0 else min(end, len(text))
+                start = min(start, end)
+                selected = base + style + self.screen.get_component_rich_style("screen--selection")
+                segments = [
+                    Segment(text[:start], base + style),
+                    Segment(text[start:end], selected),
+                    Segment(text[end:], base + style),
+                ]
+                strip = Strip([s for s in segments if s.text], len(text))
+        # Offsets tell Textual which character the pointer is on, for selecting with it.
+        return strip.crop_extend(scroll_x, scroll_x + width, base).apply_offsets(scroll_x, line)
+
+    def get_selection(self, selection: Selection) -> tuple[str, str] | None:
+        """The selected text, built from the selected lines only."""
+        if not self._line_count:
+            return None
+        first = 0 if selection.start is None else selection.start.y
+        last = self._line_count - 1
+        if selection.end is not None:
+            last = min(last, selection.end.y)
+        text = "\n".join(self.line_text(line) for line in range(first, last + 1))
+        shift = Offset(0, first)
+        shifted = Selection(
+            None if selection.start is None else selection.start - shift,
+            None if selection.end is None else selection.end - shift,
+        )
+        return shifted.extract(text), "\n"
+
+    def selection_updated(self, selection: Selection | None) -> None:
+        self.refresh()
 
     # -- following ------------------------------------------------------------------------
     # The view scrolls itself with `force`: right after the index grows, Textual has not yet
