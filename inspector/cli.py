@@ -263,6 +263,23 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--tui", action="store_true", help="browse the capture in the terminal UI")
     show.add_argument("--json", action="store_true", help="print JSON lines")
     _add_filter_option(show, "list only the flows it selects")
+    ca = commands.add_parser(
+        "ca",
+        help="show the CA that signs intercepted TLS, and how to trust it",
+        description="Print the CA certificate's path, SHA-256 fingerprint and validity, and how "
+        "to trust it. flowtap makes its CA on first use in $XDG_DATA_HOME/flowtap (else "
+        "~/.local/share/flowtap), key file mode 0600.",
+    )
+    ca.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="use your own CA: one PEM file with the CA certificate and its private key",
+    )
+    ca.add_argument(
+        "--export",
+        metavar="DIR",
+        help="write the CA certificate (not its key) to DIR as flowtap-ca.pem and flowtap-ca.der",
+    )
     return parser
 
 
@@ -391,6 +408,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_ca(args: argparse.Namespace) -> int:
+    from .ca import ca_command
+
+    return ca_command(args.ca, args.export)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -408,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "replay": cmd_replay,
         "serve": cmd_serve,
         "show": cmd_show,
+        "ca": cmd_ca,
     }
     try:
         return handlers[args.command](args)

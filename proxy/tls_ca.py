@@ -1,0 +1,370 @@
+"""flowtap's certificate authority: made on first use, and the leaf certificates it signs."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import os
+import secrets
+import ssl
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .errors import FlowtapError
+
+CA_FILE = "flowtap-ca.pem"
+"""The CA's private key and certificate, mode 0600, in the CA directory."""
+CA_CERT_FILE = "flowtap-ca-cert.pem"
+"""The CA's certificate alone: the file a user trusts."""
+CA_VALIDITY = datetime.timedelta(days=3650)
+LEAF_VALIDITY = datetime.timedelta(days=397)
+"""The longest validity browsers accept for a server certificate (CA/Browser Forum)."""
+LEAF_BACKDATE = datetime.timedelta(hours=1)
+"""How far before now a leaf starts: a client whose clock is a little behind still accepts it."""
+DEFAULT_CACHE_SIZE = 4096
+
+_SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+def default_ca_dir() -> Path:
+    """The per-user data directory that holds flowtap's CA: `$XDG_DATA_HOME/flowtap`, else
+    `~/.local/share/flowtap`."""
+    data_home = os.environ.get("XDG_DATA_HOME", "")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    base = Path(data_home) if os.path.isabs(data_home) else Path.home() / ".local" / "share"
+    return base / "flowtap"
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A certificate for one name or address, signed by the CA, and its private key (PEM)."""
+
+    name: str
+    cert: x509.Certificate
+    cert_pem: bytes
+    key_pem: bytes
+
+
+class CertificateAuthority:
+    """A CA certificate and key that sign leaf certificates, cached per name (LRU)."""
+
+    def __init__(
+        self,
+        cert: x509.Certificate,
+        key: _SigningKey,
+        path: Path,
+        cert_file: Path | None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> None:
+        self.cert = cert
+        self.path = path
+        """The file the CA's key and certificate were loaded from."""
+        self.cert_file = cert_file
+        """A file holding the CA certificate alone (flowtap's own CA), for clients to trust."""
+        self._key = key
+        self._cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        self._cache_size = cache_size
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        self._authority_key_identifier = (
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        )
+        self._leaves: OrderedDict[str, Leaf] = OrderedDict()
+        self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        # Relay workers are threads: one lock around the caches (signing happens outside it).
+        self._lock = threading.Lock()
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self._cert_pem
+
+    @property
+    def cert_der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+    def fingerprint_sha256(self) -> str:
+        """The certificate's SHA-256 fingerprint as `openssl x509 -fingerprint` prints it."""
+        return self.cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+    def leaf(self, name: str) -> Leaf:
+        """The leaf certificate for a host name or an IP address, signed now or from the cache."""
+        with self._lock:
+            cached = self._leaves.get(name)
+            if cached is not None:
+                self._leaves.move_to_end(name)
+                return cached
+        leaf = self._sign_leaf(name)
+        with self._lock:
+            self._leaves[name] = leaf
+            self._leaves.move_to_end(name)
+            while len(self._leaves) > self._cache_size:
+                self._leaves.popitem(last=False)
+        return leaf
+
+    def server_context(self, name: str) -> ssl.SSLContext:
+        """A server-side SSL context that presents the leaf for `name` (cached per name)."""
+        with self._lock:
+            cached = self._contexts.get(name)
+            if cached is not None:
+                self._contexts.move_to_end(name)
+                return cached
+        leaf = self.leaf(name)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        _load_chain_from_memory(context, leaf.cert_pem + self._cert_pem, leaf.key_pem)
+        with self._lock:
+            self._contexts[name] = context
+            self._contexts.move_to_end(name)
+            while len(self._contexts) > self._cache_size:
+                self._contexts.popitem(last=False)
+        return context
+
+    def cached_names(self) -> list[str]:
+        """The names whose leaves are cached, least recently used first."""
+        with self._lock:
+            return list(self._leaves)
+
+    def _sign_leaf(self, name: str) -> Leaf:
+        san: x509.GeneralName
+        try:
+            san = x509.IPAddress(ipaddress.ip_address(name))
+        except ValueError:
+            if not name or not name.isascii() or len(name) > 253:
+                raise ValueError(f"{name!r} is not a host name or an IP address") from None
+            san = x509.DNSName(name.lower())
+        key = ec.generate_private_key(ec.SECP256R1())
+        not_before = datetime.datetime.now(datetime.UTC) - LEAF_BACKDATE
+        not_after = min(not_before + LEAF_VALIDITY, self.cert.not_valid_after_utc)
+        # A common name is limited to 64 characters; the SAN is what clients check anyway.
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(digital_signature=True, key_cert_sign=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(self._authority_key_identifier, False)
+            .sign(self._key, _signature_hash(self._key))
+        )
+        # SEC1 ("EC PRIVATE KEY"): OpenSSL 3 loads it in about half the time of PKCS#8.
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        return Leaf(name, cert, cert.public_bytes(serialization.Encoding.PEM), key_pem)
+
+
+def load_or_create_ca(directory: Path | None = None) -> CertificateAuthority:
+    """flowtap's own CA from `directory` (default: the per-user data dir), made there on first
+    use with the directory 0700 and the key file 0600."""
+    directory = default_ca_dir() if directory is None else directory
+    key_path = directory / CA_FILE
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not key_path.exists():
+            _create_ca_file(key_path)
+        _check_private(directory, key_path)
+        ca = _parse_ca_file(key_path, key_path.read_bytes(), cert_file=directory / CA_CERT_FILE)
+        cert_path = directory / CA_CERT_FILE
+        if not cert_path.exists() or cert_path.read_bytes() != ca.cert_pem:
+            _write_atomically(cert_path, ca.cert_pem, 0o644)
+    except OSError as exc:
+        raise FlowtapError(
+            f"cannot use the CA in {directory}: {exc.strerror or exc}; "
+            "make the directory writable by you, or set XDG_DATA_HOME, or give --ca FILE"
+        ) from None
+    return ca
+
+
+def load_ca_file(path: Path) -> CertificateAuthority:
+    """A CA given by the user: one PEM file with its certificate and its private key."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise FlowtapError(
+            f"--ca {path}: cannot read it ({exc.strerror or exc}); "
+            "give a readable PEM file holding the CA certificate and its private key"
+        ) from None
+    return _parse_ca_file(path, data, cert_file=None)
+
+
+def _parse_ca_file(path: Path, data: bytes, cert_file: Path | None) -> CertificateAuthority:
+    if cert_file is None:
+        fix = "give a PEM file holding the CA certificate and its unencrypted private key"
+        label = f"--ca {path}"
+    else:
+        fix = f"remove {path} and flowtap makes a new CA (to be trusted again)"
+        label = f"the CA file {path}"
+    try:
+        cert = x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise FlowtapError(f"{label}: no PEM certificate in it; {fix}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise FlowtapError(f"{label}: its private key is encrypted; {fix}") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise FlowtapError(f"{label}: no usable PEM private key in it; {fix}") from None
+    if not isinstance(
+        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise FlowtapError(f"{label}: its key is {type(key).__name__}; use an RSA or EC key")
+    if key.public_key() != cert.public_key():
+        raise FlowtapError(f"{label}: the private key does not match the certificate; {fix}")
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        is_ca = constraints.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise FlowtapError(
+            f"{label}: the certificate is not a CA (basicConstraints CA:TRUE); "
+            "give a CA certificate"
+        )
+    try:
+        cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        # Leaves name their issuer's key identifier; derive one for a CA made without it.
+        cert = _with_subject_key_identifier(cert, key)
+    return CertificateAuthority(cert, key, path, cert_file)
+
+
+def _with_subject_key_identifier(cert: x509.Certificate, key: _SigningKey) -> x509.Certificate:
+    """The same CA certificate re-signed with a subject key identifier (same key and name)."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(cert.serial_number)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    builder = builder.add_extension(
+        x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False
+    )
+    return builder.sign(key, _signature_hash(key))
+
+
+def _create_ca_file(key_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    user = os.environ.get("USER") or str(os.getuid())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "flowtap"),
+            x509.NameAttribute(
+                NameOID.COMMON_NAME, f"flowtap CA ({user}@{os.uname().nodename})"[:64]
+            ),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(_serial_number())
+        .not_valid_before(now - LEAF_BACKDATE)
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(digital_signature=True, key_cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # Another flowtap may make it at the same moment: the first file wins, both use it.
+    with contextlib.suppress(FileExistsError):
+        _write_atomically(
+            key_path, key_pem + cert.public_bytes(serialization.Encoding.PEM), 0o600, replace=False
+        )
+
+
+def _write_atomically(path: Path, data: bytes, mode: int, replace: bool = True) -> None:
+    """Write `data` to `path` with `mode` so that no reader ever sees it half written."""
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            os.fchmod(file.fileno(), mode)  # the umask may have taken bits from `mode`
+        if replace:
+            os.replace(temp, path)
+        else:
+            os.link(temp, path)  # fails if the file exists: the first writer wins
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _check_private(directory: Path, key_path: Path) -> None:
+    """Refuse a CA key that others can read: it would let them impersonate every site."""
+    key_mode = key_path.stat().st_mode & 0o777
+    if key_mode & 0o077:
+        raise FlowtapError(
+            f"the CA key {key_path} is readable by others (mode {key_mode:04o}); "
+            f"chmod 600 {key_path}"
+        )
+    dir_stat = directory.stat()
+    if dir_stat.st_mode & 0o022:
+        raise FlowtapError(
+            f"the CA directory {directory} is writable by others; chmod 700 {directory}"
+        )
+
+
+def _load_chain_from_memory(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+    """Load a certificate chain and key into `context` without writing the key to a disk:
+    Python's ssl reads them only from paths, so they go through an anonymous memory file."""
+    fd = os.memfd_create("flowtap-leaf", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, key_pem + chain_pem)
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def _key_usage(digital_signature: bool, key_cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=key_cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _signature_hash(key: _SigningKey) -> hashes.SHA256 | None:
+    # Ed25519 signs without a separate hash; RSA and ECDSA sign a SHA-256 digest.
+    return (
+        None
+        if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
+        else hashes.SHA256()
+    )
+
+
+def _serial_number() -> int:
+    # RFC 5280: positive, at most 20 octets; 159 random bits keep it both.
+    return secrets.randbits(159) | 1

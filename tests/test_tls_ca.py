@@ -1,0 +1,281 @@
+"""flowtap's CA and the leaf certificates it signs, checked by openssl and Python's ssl."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import ssl
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from conftest import flowtap_command
+from flowtap.proxy.errors import FlowtapError
+from flowtap.proxy.tls_ca import (
+    CA_CERT_FILE,
+    CA_FILE,
+    LEAF_VALIDITY,
+    CertificateAuthority,
+    default_ca_dir,
+    load_ca_file,
+    load_or_create_ca,
+)
+
+
+def run_ca(data_home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "XDG_DATA_HOME": str(data_home)}
+    return subprocess.run(
+        [*flowtap_command(), "ca", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def openssl(*args: str, stdin: bytes | None = None) -> str:
+    result = subprocess.run(["openssl", *args], input=stdin, capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+def openssl_fingerprint(path: Path, der: bool = False) -> str:
+    form = ["-inform", "DER"] if der else []
+    line = openssl("x509", *form, "-in", str(path), "-noout", "-fingerprint", "-sha256")
+    return line.strip().split("=", 1)[1]
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    return load_or_create_ca(tmp_path / "flowtap")
+
+
+def test_ca_command_makes_the_ca_once_with_private_modes(tmp_path: Path) -> None:
+    first = run_ca(tmp_path)
+    assert first.returncode == 0, first.stderr
+    directory = tmp_path / "flowtap"
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((directory / CA_FILE).stat().st_mode) == 0o600
+    cert_file = directory / CA_CERT_FILE
+    fingerprint = openssl_fingerprint(cert_file)
+    assert f"CA certificate  {cert_file}" in first.stdout
+    assert f"SHA-256         {fingerprint}" in first.stdout
+    for how in ("update-ca-certificates", "update-ca-trust", "security add-trusted-cert",
+                "Firefox", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+                "--cacert", "keytool", "Android"):  # fmt: skip
+        assert how in first.stdout
+    second = run_ca(tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    # The certificate file others trust holds no key.
+    assert b"PRIVATE KEY" not in cert_file.read_bytes()
+
+
+def test_ca_validity_printed_is_the_certificates(tmp_path: Path) -> None:
+    out = run_ca(tmp_path).stdout
+    cert_file = tmp_path / "flowtap" / CA_CERT_FILE
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    assert f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC to " in out
+    assert f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC" in out
+    assert "CA:TRUE" in openssl("x509", "-in", str(cert_file), "-noout", "-text")
+
+
+def test_export_writes_pem_and_der_of_the_same_certificate(tmp_path: Path) -> None:
+    export = tmp_path / "out" / "ca"
+    result = run_ca(tmp_path, "--export", str(export))
+    assert result.returncode == 0, result.stderr
+    pem, der = export / "flowtap-ca.pem", export / "flowtap-ca.der"
+    assert result.stdout.split() == [str(pem), str(der)]
+    original = openssl_fingerprint(tmp_path / "flowtap" / CA_CERT_FILE)
+    assert openssl_fingerprint(pem) == original
+    assert openssl_fingerprint(der, der=True) == original
+    assert b"PRIVATE KEY" not in pem.read_bytes()
+
+
+def test_default_ca_dir_follows_xdg_data_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", "/srv/data")
+    assert default_ca_dir() == Path("/srv/data/flowtap")
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/is/ignored")
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert default_ca_dir() == Path("/home/someone/.local/share/flowtap")
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert default_ca_dir() == Path("/home/someone/.local/share/flowtap")
+
+
+@pytest.mark.parametrize("name", ["example.test", "127.0.0.1", "::1"])
+def test_openssl_verifies_a_leaf_against_the_ca(
+    ca: CertificateAuthority, tmp_path: Path, name: str
+) -> None:
+    leaf = ca.leaf(name)
+    leaf_file = tmp_path / "leaf.pem"
+    leaf_file.write_bytes(leaf.cert_pem)
+    check = ["-verify_ip", name] if ":" in name or name[0].isdigit() else ["-verify_hostname", name]
+    out = openssl(
+        "verify", "-CAfile", str(ca.cert_file), "-purpose", "sslserver", *check, str(leaf_file)
+    )
+    assert out.strip() == f"{leaf_file}: OK"
+    text = openssl("x509", "-in", str(leaf_file), "-noout", "-ext", "subjectAltName")
+    assert (f"IP Address:{name}" if check[0] == "-verify_ip" else f"DNS:{name}") in text.replace(
+        "IP Address:0:0:0:0:0:0:0:1", "IP Address:::1"
+    )
+
+
+def test_openssl_rejects_a_leaf_for_another_name(ca: CertificateAuthority, tmp_path: Path) -> None:
+    leaf_file = tmp_path / "leaf.pem"
+    leaf_file.write_bytes(ca.leaf("a.example.test").cert_pem)
+    result = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(ca.cert_file), "-verify_hostname", "b.example.test",
+         str(leaf_file)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode != 0
+
+
+def test_leaf_is_ecdsa_p256_and_valid_at_most_397_days(ca: CertificateAuthority) -> None:
+    leaf = ca.leaf("example.test")
+    key = leaf.cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    assert key.curve.name == "secp256r1"
+    lifetime = leaf.cert.not_valid_after_utc - leaf.cert.not_valid_before_utc
+    assert lifetime <= LEAF_VALIDITY
+    now = datetime.datetime.now(datetime.UTC)
+    assert leaf.cert.not_valid_before_utc < now < leaf.cert.not_valid_after_utc
+
+
+def test_leaves_are_cached_per_name_least_recently_used_out(tmp_path: Path) -> None:
+    own = load_or_create_ca(tmp_path / "flowtap")
+    small = CertificateAuthority(own.cert, own._key, own.path, own.cert_file, cache_size=3)
+    first = small.leaf("a.test")
+    small.leaf("b.test")
+    small.leaf("c.test")
+    assert small.leaf("a.test") is first  # a hit, and now the most recently used
+    small.leaf("d.test")
+    assert small.cached_names() == ["c.test", "a.test", "d.test"]
+    assert small.leaf("b.test") is not None and "b.test" in small.cached_names()
+
+
+def test_leaf_rejects_names_that_are_neither_host_nor_address(ca: CertificateAuthority) -> None:
+    for bad in ("", "caf\u00e9.test", "x" * 300):
+        with pytest.raises(ValueError):
+            ca.leaf(bad)
+
+
+def test_python_ssl_client_completes_a_handshake_with_the_servers_leaf(
+    ca: CertificateAuthority,
+) -> None:
+    server_in, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = ca.server_context("service.test").wrap_bio(server_in, server_out, server_side=True)
+    client_context = ssl.create_default_context(cafile=str(ca.cert_file))
+    client_in, client_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context.wrap_bio(client_in, client_out, server_hostname="service.test")
+    done = {"client": False, "server": False}
+    for _ in range(10):
+        for side, obj in (("client", client), ("server", server)):
+            if not done[side]:
+                try:
+                    obj.do_handshake()
+                    done[side] = True
+                except ssl.SSLWantReadError:
+                    pass
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+        if all(done.values()):
+            break
+    assert all(done.values())
+    peer = client.getpeercert()
+    assert peer is not None and ("DNS", "service.test") in peer["subjectAltName"]
+    assert ca.server_context("service.test") is ca.server_context("service.test")
+
+
+def make_openssl_ca(tmp_path: Path, key_args: list[str]) -> Path:
+    key, cert = tmp_path / "own.key", tmp_path / "own.crt"
+    openssl("req", "-x509", "-newkey", *key_args, "-nodes", "-keyout", str(key), "-out",
+            str(cert), "-days", "30", "-subj", "/CN=own test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    bundle = tmp_path / "own-ca.pem"
+    bundle.write_bytes(cert.read_bytes() + key.read_bytes())
+    return bundle
+
+
+@pytest.mark.parametrize("key_args", [["rsa:2048"], ["ec", "-pkeyopt", "ec_paramgen_curve:P-384"]])
+def test_own_ca_from_a_file_signs_leaves_openssl_verifies(
+    tmp_path: Path, key_args: list[str]
+) -> None:
+    bundle = make_openssl_ca(tmp_path, key_args)
+    ca = load_ca_file(bundle)
+    leaf_file = tmp_path / "leaf.pem"
+    leaf_file.write_bytes(ca.leaf("own.test").cert_pem)
+    out = openssl("verify", "-CAfile", str(tmp_path / "own.crt"), "-verify_hostname",
+                  "own.test", str(leaf_file))  # fmt: skip
+    assert out.strip().endswith(": OK")
+    result = run_ca(tmp_path, "--ca", str(bundle))
+    assert result.returncode == 0, result.stderr
+    assert openssl_fingerprint(tmp_path / "own.crt") in result.stdout
+    # The user's file holds the key: the command never tells anyone to trust that file.
+    assert f"--cacert {bundle}" not in result.stdout
+    assert not (tmp_path / "flowtap").exists()
+
+
+def test_bad_ca_files_are_one_line_errors_with_exit_2(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n")
+    cert_only = tmp_path / "cert-only.pem"
+    bundle = make_openssl_ca(tmp_path, ["rsa:2048"])
+    cert_only.write_bytes((tmp_path / "own.crt").read_bytes())
+    other_key = tmp_path / "other.pem"
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out",
+            str(other_key))  # fmt: skip
+    mismatched = tmp_path / "mismatched.pem"
+    mismatched.write_bytes((tmp_path / "own.crt").read_bytes() + other_key.read_bytes())
+    leaf_as_ca = tmp_path / "leaf-as-ca.pem"
+    openssl("req", "-x509", "-key", str(other_key), "-out", str(tmp_path / "leaf.crt"),
+            "-days", "1", "-subj", "/CN=leaf", "-addext", "basicConstraints=CA:FALSE")  # fmt: skip
+    leaf_as_ca.write_bytes((tmp_path / "leaf.crt").read_bytes() + other_key.read_bytes())
+    cases = {
+        tmp_path / "missing.pem": "cannot read it",
+        tmp_path: "cannot read it",
+        garbage: "no PEM certificate",
+        cert_only: "no usable PEM private key",
+        mismatched: "the private key does not match the certificate",
+        leaf_as_ca: "the certificate is not a CA",
+    }
+    assert bundle.exists()
+    for path, problem in cases.items():
+        result = run_ca(tmp_path, "--ca", str(path))
+        assert result.returncode == 2, (path, result.stderr)
+        assert result.stdout == ""
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"flowtap: error: --ca {path}: {problem}")
+
+
+def test_a_ca_key_others_can_read_is_refused(tmp_path: Path) -> None:
+    load_or_create_ca(tmp_path / "flowtap")
+    key_file = tmp_path / "flowtap" / CA_FILE
+    key_file.chmod(0o644)
+    with pytest.raises(FlowtapError, match="readable by others"):
+        load_or_create_ca(tmp_path / "flowtap")
+    result = run_ca(tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "chmod 600" in result.stderr
+
+
+def test_a_corrupt_own_ca_file_is_one_line_naming_the_fix(tmp_path: Path) -> None:
+    directory = tmp_path / "flowtap"
+    load_or_create_ca(directory)
+    (directory / CA_FILE).write_bytes(b"truncated")
+    result = run_ca(tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert f"the CA file {directory / CA_FILE}: no PEM certificate" in result.stderr
+    assert "flowtap makes a new CA" in result.stderr
+
+
+def test_an_unwritable_data_dir_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    result = run_ca(blocker)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"flowtap: error: cannot use the CA in {blocker / 'flowtap'}")
