@@ -154,7 +154,7 @@ class FlowtapApp(App[None]):
     def compose(self) -> ComposeResult:
         # Kept as attributes: a modal screen on top must not hide them from the timer.
         self.table = FlowTable(self.store, id="flows")
-        self.detail = FlowDetail(self.store, id="detail")
+        self.detail = FlowDetail(self.store, id="detail", follow_live=self.capture is None)
         self.stats = StatsBar(self.source, id="stats")
         self.filter_box = FilterBox(id="filter")
         yield self.stats

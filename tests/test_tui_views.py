@@ -14,12 +14,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from capture_checks import assert_tshark_clean
 from test_tui import screen_text, until
 from textual.pilot import Pilot
 from textual.selection import Selection
 
 from flowtap.inspector import app as app_module
 from flowtap.inspector.app import FlowtapApp
+from flowtap.inspector.pcap import CaptureWriter, open_packet_file
 from flowtap.inspector.reassembly import FlowGap
 from flowtap.inspector.summary import escape_bytes
 from flowtap.inspector.widgets.chunk_view import ChunkView
@@ -425,5 +427,39 @@ def test_text_selected_with_the_pointer_is_the_lines_under_it() -> None:
         selected = app.screen.get_selected_text()
         assert selected == "000321\\n\n+161.500s client → 12 B\nline"
         assert view.get_selection(Selection(None, None)) is not None
+
+    run(app, scenario)
+
+
+def test_a_flow_browsed_in_a_capture_opens_at_its_top_though_it_looks_live(
+    tmp_path: Path,
+) -> None:
+    """While a capture loads, its flows look live; the table may select one then (a big
+    capture loads over many ticks), but a capture is read from its start, so the view
+    opens there rather than following."""
+    flow = opened(1)
+    path = tmp_path / "cut.pcap"
+    out = open_packet_file(path)
+    try:
+        writer = CaptureWriter(out)
+        for event in [FlowOpened(flow), *(line_chunk(1, i) for i in range(200))]:
+            writer.write(event)
+    finally:
+        out.close()
+    assert_tshark_clean(path, data_port=6379)
+    app = FlowtapApp(capture=path)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        view = app.query_one(Conversation)
+        await until(pilot, lambda: not app.loading and view.chunk_count == 200, "the capture")
+        record = app.store.records[1]
+        assert record.state_text == "open at end"
+        record.past_capture_end = False  # as it was before the whole file was read
+        app.detail.show_flow(None)
+        app.detail.show_flow(1)
+        await pilot.pause()
+        assert round(view.scroll_y) == 0 and not view.following
+        assert view.line_count > 2 * view.size.height
+        assert shown_lines(view)[:2] == [conversation_line(0), conversation_line(1)]
 
     run(app, scenario)

@@ -50,9 +50,14 @@ class FlowDetail(Vertical):
     FlowDetail.-hex Conversation { display: none; }
     """
 
-    def __init__(self, store: FlowStore, *, id: str | None = None) -> None:
+    def __init__(
+        self, store: FlowStore, *, id: str | None = None, follow_live: bool = True
+    ) -> None:
         super().__init__(id=id)
         self.store = store
+        self.follow_live = follow_live
+        """Whether a live flow opens at its tail, following (flows read from a capture look
+        live until the whole file is read, yet open at their start)."""
         self.flow_id: int | None = None
         self.show_hex = False
         # Built here so that a selection arriving before mounting has somewhere to go.
@@ -85,7 +90,7 @@ class FlowDetail(Vertical):
             payload.sync()
             return
         self.flow_id = flow_id
-        payload.show(record, follow=_is_live(record))
+        payload.show(record, follow=self.follow_live and _is_live(record))
 
     def toggle_hex(self) -> None:
         """Switch between the conversation and the hex dump, at the same chunk."""
