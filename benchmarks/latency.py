@@ -1,0 +1,291 @@
+"""Latency benchmark: one flow of 1-byte round trips, direct, through socat, through flowtap
+(capture off and `--pcap`), and with the TUI attached to the relay in a real terminal (tmux).
+
+Run on demand:  python benchmarks/latency.py [--seconds 30] [--no-tui]
+Each path gets one flow doing 1-byte round trips (TCP_NODELAY) for SECONDS, reported per
+window of 1,000 round trips (p50, p99); bulk MB/s is measured headless and with the TUI
+attached. The TUI is `flowtap tui --attach` in tmux, following new flows, so it selects the
+benchmark's flow when it opens and shows it in the detail pane. Prints a table and the
+verdict against issue #15's targets, every ratio against a baseline measured in the same run.
+Everything runs on loopback; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from relay import MiB, bulk_down, flowtap_command, start_socat
+
+HERE = Path(__file__).resolve().parent
+_tmux_sessions = iter(range(1_000))
+
+
+@dataclass
+class Windows:
+    """Round-trip times of one path, in windows of a fixed number of round trips (us)."""
+
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+
+    @property
+    def median_p50(self) -> float:
+        return statistics.median(self.p50)
+
+    @property
+    def median_p99(self) -> float:
+        return statistics.median(self.p99)
+
+
+def round_trips(port: int, seconds: float, window: int, on_open: Callable[[], None]) -> Windows:
+    """One flow of 1-byte round trips for `seconds` (whole windows, at least one)."""
+    result = Windows()
+    clock = time.perf_counter_ns
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(b"P")  # the bulk peer's ping-pong job
+        on_open()
+        deadline = time.monotonic() + seconds
+        while not result.p50 or time.monotonic() < deadline:
+            samples = []
+            for _ in range(window):
+                started = clock()
+                sock.sendall(b"x")
+                if sock.recv(1) != b"x":
+                    raise RuntimeError("a round trip lost its byte")
+                samples.append((clock() - started) / 1000)
+            samples.sort()
+            result.p50.append(samples[len(samples) // 2])
+            result.p99.append(samples[int(len(samples) * 0.99)])
+    return result
+
+
+@dataclass
+class Relay:
+    """A `flowtap run` process: its listening port and control socket."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    control: str
+
+    def cpu_ticks(self) -> int:
+        """The process's user + system CPU time so far, in clock ticks."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_relay(upstream: int, log_path: Path, *extra: str) -> Relay:
+    """`flowtap run` in front of `upstream`, once it prints its listening and control lines."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [*flowtap_command(), "run", "--listen", "127.0.0.1:0",
+             "--upstream", f"127.0.0.1:{upstream}", *extra],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        text = log_path.read_text()
+        port = re.search(r"^listening tcp 127\.0\.0\.1:(\d+) ->", text, re.M)
+        control = re.search(r"^control unix:(\S+)$", text, re.M)
+        if port and control:
+            return Relay(proc, int(port.group(1)), control.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.kill()
+    raise RuntimeError(f"flowtap run did not start: {log_path.read_text()}")
+
+
+def _tmux(server: str, *args: str) -> str:
+    return subprocess.run(
+        ["tmux", "-L", server, *args], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+
+
+def _wait_screen(server: str, pattern: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not re.search(pattern, screen := _tmux(server, "capture-pane", "-p", "-t", "tui")):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the TUI never showed {pattern!r}:\n{screen}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def tui_attached(relay: Relay) -> Iterator[Callable[[], None]]:
+    """`flowtap tui --attach` to `relay` in a 160x45 tmux terminal, following new flows; yields
+    what to call once the benchmark's flow is open: it waits until the TUI shows it."""
+    command = " ".join([*flowtap_command(), "tui", "--attach", relay.control])
+    server = f"flowtap-latency-{os.getpid()}-{next(_tmux_sessions)}"
+    _tmux(server, "new-session", "-d", "-s", "tui", "-x", "160", "-y", "45", command)
+    try:
+        _wait_screen(server, r"Follow")  # the footer: the app is up and attached
+        _tmux(server, "send-keys", "-t", "tui", "f")  # follow: the next flow gets selected
+        _wait_screen(server, r"Follow new flows: on")
+
+        def flow_shown() -> None:
+            _wait_screen(server, r"127\.0\.0\.1:\d+ +127\.0\.0\.1:\d+")  # the flow's row
+
+        yield flow_shown
+    finally:
+        with suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            _tmux(server, "kill-server")
+
+
+def idle_ticks(relay: Relay, seconds: float = 5.0) -> int:
+    """CPU ticks the relay process spends over `seconds` with no traffic."""
+    before = relay.cpu_ticks()
+    time.sleep(seconds)
+    return relay.cpu_ticks() - before
+
+
+def median_bulk(port: int, size: int, rounds: int) -> float:
+    return statistics.median(bulk_down(port, size) for _ in range(rounds))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=30.0, help="round trips per path (s)")
+    parser.add_argument("--window", type=int, default=1000, help="round trips per window")
+    parser.add_argument("--bulk-mib", type=int, default=256, help="bulk download size (MiB)")
+    parser.add_argument("--bulk-rounds", type=int, default=3, help="bulk runs per path")
+    parser.add_argument("--no-tui", action="store_true", help="skip the rows with a TUI")
+    args = parser.parse_args()
+    with_tui = not args.no_tui and shutil.which("tmux") is not None
+    if not args.no_tui and not with_tui:
+        print("note: tmux is not installed: no TUI rows", file=sys.stderr)
+
+    workdir = Path(tempfile.mkdtemp(prefix="flowtap-latency-"))
+    peers = subprocess.Popen(
+        [sys.executable, str(HERE / "peers.py")], stdout=subprocess.PIPE, text=True
+    )
+    assert peers.stdout is not None
+    ports = dict(peers.stdout.readline().split() for _ in range(2))
+    bulk = int(ports["bulk"])
+    size = args.bulk_mib * MiB
+    rows: dict[str, Windows] = {}
+    figures: dict[str, float] = {}
+
+    def measure(name: str, port: int, on_open: Callable[[], None] = lambda: None) -> None:
+        rows[name] = round_trips(port, args.seconds, args.window, on_open)
+        print(f"{name}: {len(rows[name].p50)} windows", file=sys.stderr)
+
+    try:
+        measure("direct", bulk)
+        socat = start_socat(bulk, bulk)
+        try:
+            measure("socat", socat.bulk_port)
+        finally:
+            socat.stop()
+        relay = start_relay(bulk, workdir / "run.log")
+        try:
+            measure("flowtap run", relay.port)
+            figures["bulk headless MB/s"] = median_bulk(relay.port, size, args.bulk_rounds)
+        finally:
+            relay.stop()
+        relay = start_relay(bulk, workdir / "pcap.log", "--pcap", str(workdir / "rt.pcapng"))
+        try:
+            measure("run --pcap", relay.port)
+        finally:
+            relay.stop()
+        if with_tui:
+            relay = start_relay(bulk, workdir / "tui.log")
+            try:
+                with tui_attached(relay) as flow_shown:
+                    measure("tui attached", relay.port, flow_shown)
+                    figures["relay CPU ticks, 5 s idle, TUI attached"] = idle_ticks(relay)
+                with tui_attached(relay):
+                    # The TUI follows new flows: it selects the download as it opens.
+                    figures["bulk TUI attached MB/s"] = median_bulk(
+                        relay.port, size, args.bulk_rounds
+                    )
+            finally:
+                relay.stop()
+            relay = start_relay(bulk, workdir / "tuipcap.log", "--pcap", str(workdir / "t.pcapng"))
+            try:
+                with tui_attached(relay) as flow_shown:
+                    measure("tui + --pcap", relay.port, flow_shown)
+            finally:
+                relay.stop()
+    finally:
+        peers.terminate()
+        peers.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print(f"\n1-byte round trips (TCP_NODELAY), one flow per path for {args.seconds:g} s, in "
+          f"windows of {args.window}; us")  # fmt: skip
+    print(f"{'path':<16}{'windows':>8}{'p50 med':>9}{'p50 max':>9}{'p99 med':>9}{'p99 max':>9}")
+    for name, row in rows.items():
+        print(
+            f"{name:<16}{len(row.p50):>8}{row.median_p50:>9.1f}{max(row.p50):>9.1f}"
+            f"{row.median_p99:>9.1f}{max(row.p99):>9.1f}"
+        )
+    print()
+    for name, value in figures.items():
+        print(f"{name:<44}{value:>10.1f}")
+
+    headless = rows["flowtap run"]
+    checks = [
+        (
+            f"--pcap p50 <= 1.15x capture off ({rows['run --pcap'].median_p50:.1f} vs "
+            f"{headless.median_p50:.1f} us: "
+            f"{rows['run --pcap'].median_p50 / headless.median_p50:.2f}x)",
+            rows["run --pcap"].median_p50 <= 1.15 * headless.median_p50,
+        )
+    ]
+    for name in ("tui attached", "tui + --pcap"):
+        if name not in rows:
+            continue
+        base = rows["run --pcap"] if "pcap" in name else headless
+        row = rows[name]
+        checks.append(
+            (
+                f"{name}: every window p50 <= 1.2x headless (worst {max(row.p50):.1f} vs "
+                f"{base.median_p50:.1f} us)",
+                max(row.p50) <= 1.2 * base.median_p50,
+            )
+        )
+        checks.append(
+            (
+                f"{name}: every window p99 <= 2x headless (worst {max(row.p99):.1f} vs "
+                f"{base.median_p99:.1f} us)",
+                max(row.p99) <= 2 * base.median_p99,
+            )
+        )
+    if "bulk TUI attached MB/s" in figures:
+        ratio = figures["bulk TUI attached MB/s"] / figures["bulk headless MB/s"]
+        checks.append(
+            (f"bulk with the TUI attached >= 0.95x headless ({ratio:.2f}x)", ratio >= 0.95)
+        )
+        ticks = figures["relay CPU ticks, 5 s idle, TUI attached"]
+        checks.append(
+            (f"relay idle with a TUI attached: 0 CPU ticks in 5 s ({ticks:g})", ticks == 0)
+        )
+    print()
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+
+
+if __name__ == "__main__":
+    main()
