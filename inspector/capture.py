@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.events import Chunk, Loan
+from flowtap.proxy.events import Chunk
 from flowtap.proxy.flow import Direction, FlowEvent
 
 from .pcap import CaptureWriter, PcapFile, PcapNgFile, capture_write_error, open_packet_file
@@ -107,6 +107,11 @@ class RotatingCapture:
         """The file being written now."""
         return self.paths[-1]
 
+    @property
+    def current(self) -> PcapFile | PcapNgFile:
+        """The file being written now (the only one, without a size limit)."""
+        return self._current
+
     def _open_next(self) -> PcapFile | PcapNgFile:
         self.generation += 1
         if self._max_size_bytes is None:
@@ -168,8 +173,8 @@ class RotatingCapture:
     ) -> int:
         return self._current.frame_record(region, at, timestamp_ns, header, payload_size)
 
-    def commit(self, size: int) -> Loan:
-        return self._current.commit(size)
+    def commit(self, size: int) -> None:
+        self._current.commit(size)
 
     def flush(self, *, wait: bool = True) -> None:
         self._current.flush(wait=wait)
@@ -203,8 +208,13 @@ class CaptureObserver:
         flush_interval_s: float = 0.5,
     ) -> None:
         self.files = RotatingCapture(path, max_size_bytes=max_size_bytes, max_files=max_files)
+        # Without a ring, records go straight to the one file: no layer to cross per chunk.
+        rotates = max_size_bytes is not None
         self._writer = CaptureWriter(
-            self.files, checksums=checksums, file_generation=lambda: self.files.next_generation
+            self.files if rotates else self.files.current,
+            checksums=checksums,
+            file_generation=(lambda: self.files.next_generation) if rotates else None,
+            after_chunk=self._chunk_done,
         )
         self._flush_interval_s = flush_interval_s
         self._lock = threading.Lock()  # one relay thread writes at a time
@@ -237,16 +247,36 @@ class CaptureObserver:
             self._dirty = True
 
     def receive(self, flow_id: int, direction: Direction, sock: socket.socket, size: int) -> Chunk:
-        """Receive a chunk straight into the capture file (the relay's `ChunkSink` path)."""
-        with self._lock:
+        """Receive a chunk straight into the capture file (the relay's `ChunkSink` path).
+
+        A chunk received into the file's buffer keeps the capture to itself until the relay
+        has sent it and released its loan: its records are then framed, off the round trip's
+        path (see `CaptureWriter.receive`), and the lock released in `_chunk_done`.
+        """
+        self._lock.acquire()
+        try:
             if self._error is None and not self._closed:
-                chunk = self._writer.receive(flow_id, direction, sock, size)
-                if self._writer.failure is not None:
-                    self._fail(self._writer.failure)
-                self._dirty = True
-                return chunk
-        data = sock.recv(size)  # the capture has stopped: relay only
-        return Chunk(len(data), [memoryview(data)], None, size)
+                chunk: Chunk | None = self._writer.receive(flow_id, direction, sock, size)
+            else:
+                chunk = None
+        except BaseException:  # the socket's error: no chunk, nothing pending
+            self._lock.release()
+            raise
+        if chunk is None:
+            self._lock.release()
+            data = sock.recv(size)  # the capture has stopped: relay only
+            return Chunk(len(data), [memoryview(data)], None, size)
+        if chunk.loan is None:  # nothing left to frame (an ordinary receive, or the end)
+            self._chunk_done()
+        return chunk
+
+    def _chunk_done(self) -> None:
+        """A chunk's records are in the file (or the file failed): the next may come."""
+        failure = self._writer.failure
+        if failure is not None and self._error is None:
+            self._fail(failure)
+        self._dirty = True
+        self._lock.release()
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc

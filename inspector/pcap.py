@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.events import Chunk, Loan
+from flowtap.proxy.events import Chunk
 from flowtap.proxy.flow import (
     Address,
     CloseReason,
@@ -157,7 +157,7 @@ class InPlaceFile(PacketFile, Protocol):
         self, region: memoryview, at: int, timestamp_ns: int, header: bytes, payload_size: int
     ) -> int: ...
 
-    def commit(self, size: int) -> Loan: ...
+    def commit(self, size: int) -> None: ...
 
 
 def _fix_for(exc: OSError) -> str | None:
@@ -326,9 +326,6 @@ class _StagedFile:
         self._fill = 0
         self._staged_at = 0
         self._flushed_to = 0
-        self._pool_lock = threading.Lock()
-        self._loans: dict[int, int] = {}  # buffer id -> chunks the relay is still sending
-        self._written_lent: dict[int, mmap.mmap] = {}  # written, waiting for their loans
         # The I/O thread's side.
         self._jobs: queue.SimpleQueue[_WriteJob | threading.Event | None] = queue.SimpleQueue()
         self._error: OSError | None = None
@@ -392,34 +389,10 @@ class _StagedFile:
             self._hand_over()
         return self._view[self._fill : self._fill + size]
 
-    def commit(self, size: int) -> _Loan:
-        """Add the first `size` bytes of the reservation; the buffer holding them is lent
-        out (not reused) until the loan is released."""
+    def commit(self, size: int) -> None:
+        """Add the first `size` bytes of the reservation to the file."""
         self._fill += size
         self.size_bytes += size
-        buffer = self._buffer
-        with self._pool_lock:
-            self._loans[id(buffer)] = self._loans.get(id(buffer), 0) + 1
-        return _Loan(self, buffer)
-
-    def give_back(self, buffer: mmap.mmap) -> None:
-        with self._pool_lock:
-            count = self._loans[id(buffer)] - 1
-            if count:
-                self._loans[id(buffer)] = count
-                return
-            del self._loans[id(buffer)]
-            written = self._written_lent.pop(id(buffer), None)
-        if written is not None:
-            self._free.put(written)
-
-    def _recycle(self, buffer: mmap.mmap) -> None:
-        """A written buffer goes back to the free ones, once no loan of it is out."""
-        with self._pool_lock:
-            if self._loans.get(id(buffer)):
-                self._written_lent[id(buffer)] = buffer
-                return
-        self._free.put(buffer)
 
     def _hand_over(self) -> None:
         """Give the buffer's whole blocks to the I/O thread; go on in a free buffer."""
@@ -525,7 +498,7 @@ class _StagedFile:
                         self._error = exc
                         self._cut_to_last_record()
                 if isinstance(job.data, mmap.mmap):
-                    self._recycle(job.data)
+                    self._free.put(job.data)
         finally:
             self._finish()
 
@@ -617,19 +590,6 @@ def _write_all(fd: int, data: mmap.mmap | bytes, size: int) -> None:
         done = 0
         while done < size:
             done += os.write(fd, view[done:size])
-
-
-class _Loan:
-    """A staging buffer lent to the relay for one chunk (see `ChunkSink`)."""
-
-    __slots__ = ("buffer", "file")
-
-    def __init__(self, file: _StagedFile, buffer: mmap.mmap) -> None:
-        self.file = file
-        self.buffer = buffer
-
-    def release(self) -> None:
-        self.file.give_back(self.buffer)
 
 
 class _WriteJob:
@@ -780,6 +740,24 @@ def open_packet_file(path: Path) -> PcapFile | PcapNgFile:
     raise FlowtapError(
         f"cannot tell the capture format of {str(path)!r}: name the file .pcap or .pcapng"
     )
+
+
+class _SentChunk:
+    """The chunk `CaptureWriter.receive` lent the relay (its `Loan`): releasing it adds the
+    chunk's records to the file. One at a time, so one object serves every chunk."""
+
+    __slots__ = ("conversation", "direction", "received", "region", "timestamp_ns", "writer")
+
+    def __init__(self, writer: CaptureWriter) -> None:
+        self.writer = writer
+        self.conversation: _Conversation | None = None
+        self.direction = Direction.UP
+        self.region: memoryview | None = None
+        self.received = 0
+        self.timestamp_ns = 0
+
+    def release(self) -> None:
+        self.writer.finish_chunk()
 
 
 def _plain_chunk(data: bytes, asked: int) -> Chunk:
@@ -981,6 +959,8 @@ class CaptureWriter:
 
     `file_generation` (when given) says which file of a rotation the next record goes to, so
     that the first packet of a flow in each new pcapng file names the flow's endpoints again.
+    `after_chunk` is called once the records of a chunk from `receive` are in the file (or
+    the file failed): until then the writer takes nothing else.
     """
 
     def __init__(
@@ -989,17 +969,22 @@ class CaptureWriter:
         *,
         checksums: bool = False,
         file_generation: Callable[[], int] | None = None,
+        after_chunk: Callable[[], None] = lambda: None,
     ) -> None:
         self._out = out
         self._in_place = out if isinstance(out, InPlaceFile) else None
         self._checksums = checksums
         self._conversations: dict[int, _Conversation] = {}
+        # Without rotation every record goes to the one file: nothing to ask per chunk.
+        self._rotates = file_generation is not None
         self._generation = file_generation or (lambda: 0)
         # Per (header size, segment size): where a full segment's payload starts in its record,
         # the record's size, and the room an ACK record after the segments needs (see receive).
         self._layouts: dict[tuple[int, int], tuple[int, int, int]] = {}
         self.failure: Exception | None = None
         """Why the file stopped taking records in `receive`, if it did; it then takes none."""
+        self._after_chunk = after_chunk
+        self._sent = _SentChunk(self)
 
     def write(self, event: FlowEvent) -> None:
         if type(event) is FlowData:
@@ -1021,89 +1006,127 @@ class CaptureWriter:
     def receive(self, flow_id: int, direction: Direction, sock: socket.socket, size: int) -> Chunk:
         """Receive up to `size` bytes of a TCP flow straight into the file's records.
 
-        The payload slots of the records a full chunk needs are reserved in the file and
-        handed to `recvmsg_into`; the records are then framed around what arrived. A flow
-        whose next packet carries a comment, or a file that cannot frame in place, takes the
-        ordinary path (`recv`, then `write`). Raises only what the socket raises: once bytes
-        are received they are handed back whatever the file does, and a file that fails is
-        noted in `failure` (the bytes then go on uncaptured, as every later chunk does).
+        The payload slots of the records a full chunk needs are reserved in the file and the
+        chunk is received into them; the records are framed around it once the relay has
+        sent it, when it releases the chunk's loan (framing is then off the round trip's
+        path), and `after_chunk` follows. A flow whose next packet carries a comment, or a
+        file that cannot frame in place, takes the ordinary path (`recv`, then `write`).
+        Raises only what the socket raises: once bytes are received they are handed back
+        whatever the file does, and a file that fails is noted in `failure` (the bytes then
+        go on uncaptured, as every later chunk does).
         """
-        if self.failure is not None:
-            return _plain_chunk(sock.recv(size), size)
-        try:
-            plan = self._reserve(flow_id, size)
-        except Exception as exc:  # the file's failure, before a byte is received
-            self.failure = exc
-            return _plain_chunk(sock.recv(size), size)
-        if plan is None:
-            data = sock.recv(size)
-            if data:
-                try:
-                    self.write(FlowData(flow_id, direction, time.time(), data))
-                except Exception as exc:
-                    self.failure = exc
-            return _plain_chunk(data, size)
-        region, slots, size = plan
-        received = sock.recvmsg_into(slots)[0]
-        if not received:
-            return Chunk(0, [], None, size)
-        try:
-            return self._frame(flow_id, direction, region, received, size)
-        except Exception as exc:  # the payload is in the slots whatever the records became
-            self.failure = exc
-            return _plain_chunk(b"".join(slots)[:received], size)
-
-    def _reserve(self, flow_id: int, size: int) -> tuple[memoryview, list[memoryview], int] | None:
-        """The reservation for a chunk of up to `size` bytes: its region, the payload slots in
-        it and the size to ask for; None where the chunk takes the ordinary path."""
         out = self._in_place
         conversation = self._conversations.get(flow_id)
-        if out is None or conversation is None or conversation.is_udp:
-            return None
-        if conversation.comment_generation != self._generation():
-            return None
+        if (
+            out is None
+            or conversation is None
+            or conversation.is_udp
+            or self.failure is not None
+            or (self._rotates and conversation.comment_generation != self._generation())
+        ):
+            return self._receive_copy(flow_id, direction, sock, size)
         step = conversation.max_payload
         if size > step:
             size -= size % step  # whole segments: 256 KiB would leave a 164-byte fifth one
-        header_size = conversation.header_size
-        layout = self._layouts.get((header_size, step))
+        layout = self._layouts.get((conversation.header_size, step))
         if layout is None:
-            prefix, suffix = out.record_layout(header_size, step)
-            ack_prefix, ack_suffix = out.record_layout(header_size, 0)
-            # A short last record may need up to 3 bytes more padding than a full one.
-            layout = (prefix, prefix + step + suffix, 4 + ack_prefix + ack_suffix)
-            self._layouts[header_size, step] = layout
+            layout = self._layout(out, conversation.header_size, step)
         prefix, slot, ack_room = layout
-        # No more records than the file has room for: a ring of files rotates after the
-        # record that fills one, as it would packet by packet.
-        count = min(-(-size // step), max(1, -(-out.room_bytes // slot)))
+        try:
+            # No more records than the file has room for: a ring of files rotates after the
+            # record that fills one, as it would packet by packet.
+            count = min(-(-size // step), max(1, -(-out.room_bytes // slot)))
+            region = out.reserve(count * slot + ack_room)
+        except Exception as exc:  # the file's failure, before a byte is received
+            self.failure = exc
+            return self._receive_copy(flow_id, direction, sock, size)
         size = min(size, count * step)
-        region = out.reserve(count * slot + ack_room)
-        slots = [region[i * slot + prefix : i * slot + prefix + step] for i in range(count)]
-        slots[-1] = slots[-1][: size - (count - 1) * step]
-        return region, slots, size
+        # The first segment's slot alone first: most chunks of an interactive flow fit in
+        # it, and one slot costs less to set up than a list of them.
+        first = region[prefix : prefix + min(size, step)]
+        received = sock.recv_into(first)
+        if not received:
+            return Chunk(0, [], None, size)
+        if received < step:
+            parts = [first[:received]]
+        else:
+            parts = [first]
+            if count > 1:
+                starts = range(slot + prefix, count * slot, slot)
+                rest = [region[start : start + step] for start in starts]
+                rest[-1] = rest[-1][: size - (count - 1) * step]
+                try:
+                    more = sock.recvmsg_into(rest)[0]
+                except OSError:
+                    # Drained (or failing: the next read says how); the first segment is
+                    # relayed, and asking for no more than it says the socket may hold more.
+                    size = received
+                    more = 0
+                for part in rest:
+                    if more <= 0:
+                        break
+                    parts.append(part[:more] if more < step else part)
+                    received += min(more, step)
+                    more -= step
+        sent = self._sent
+        sent.conversation = conversation
+        sent.direction = direction
+        sent.region = region
+        sent.received = received
+        sent.timestamp_ns = max(time.time_ns(), conversation.last_ns)
+        return Chunk(received, parts, sent, size)
 
-    def _frame(
-        self, flow_id: int, direction: Direction, region: memoryview, received: int, size: int
+    def _receive_copy(
+        self, flow_id: int, direction: Direction, sock: socket.socket, size: int
     ) -> Chunk:
-        """Frame the records around `received` bytes in a reservation and commit them."""
+        """The ordinary path: receive into fresh memory, then write; a file that fails then
+        costs the chunk nothing."""
+        data = sock.recv(size)
+        if data and self.failure is None:
+            try:
+                self.write(FlowData(flow_id, direction, time.time(), data))
+            except Exception as exc:
+                self.failure = exc
+        return _plain_chunk(data, size)
+
+    def _layout(self, out: InPlaceFile, header_size: int, step: int) -> tuple[int, int, int]:
+        """Where a full segment's payload starts in its record, the record's size, and the
+        room an ACK record after the segments needs."""
+        prefix, suffix = out.record_layout(header_size, step)
+        ack_prefix, ack_suffix = out.record_layout(header_size, 0)
+        # A short last record may need up to 3 bytes more padding than a full one.
+        layout = (prefix, prefix + step + suffix, 4 + ack_prefix + ack_suffix)
+        self._layouts[header_size, step] = layout
+        return layout
+
+    def finish_chunk(self) -> None:
+        """Frame and add the records of the chunk `receive` gave the relay, now sent."""
+        try:
+            self._frame(self._sent)
+        except Exception as exc:  # the relay has sent the chunk: only the capture stops
+            self.failure = exc
+        finally:
+            self._sent.region = None
+            self._after_chunk()
+
+    def _frame(self, sent: _SentChunk) -> None:
         out = self._in_place
-        assert out is not None
-        conversation = self._conversations[flow_id]
+        region = sent.region
+        conversation = sent.conversation
+        assert out is not None and region is not None and conversation is not None
         step = conversation.max_payload
         prefix = self._layouts[conversation.header_size, step][0]
-        timestamp_ns = max(_timestamp_ns(time.time()), conversation.last_ns)
+        timestamp_ns = sent.timestamp_ns
         conversation.last_ns = timestamp_ns
-        if direction is Direction.UP:
+        if sent.direction is Direction.UP:
             src, dst = conversation.client, conversation.server
         else:
             src, dst = conversation.server, conversation.client
         tcp_header = conversation.tcp_header
         frame_record = out.frame_record
         checksums = self._checksums
-        parts = []
         at = 0
-        left = received
+        left = sent.received
         while left:
             length = min(step, left)
             left -= length
@@ -1112,12 +1135,10 @@ class CaptureWriter:
             header = tcp_header(src, dst, flags, payload, checksums=checksums)
             at = frame_record(region, at, timestamp_ns, header, length)
             src.seq = (src.seq + length) & 0xFFFFFFFF
-            parts.append(payload)
         # The receiver's ACK, in the same reservation.
         header = tcp_header(dst, src, _ACK, b"", checksums=checksums)
         at = frame_record(region, at, timestamp_ns, header, 0)
-        loan = out.commit(at)
-        return Chunk(received, parts, loan, size)
+        out.commit(at)
 
     def _comment(self, conversation: _Conversation) -> str | None:
         generation = self._generation()
