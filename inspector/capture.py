@@ -173,6 +173,17 @@ class RotatingCapture:
     ) -> int:
         return self._current.frame_record(region, at, timestamp_ns, header, payload_size)
 
+    def frame_segment(
+        self,
+        region: memoryview,
+        at: int,
+        timestamp_ns: int,
+        is_v6: bool,
+        fields: tuple[bytes | int, ...],
+        payload_size: int,
+    ) -> int:
+        return self._current.frame_segment(region, at, timestamp_ns, is_v6, fields, payload_size)
+
     def commit(self, size: int) -> None:
         self._current.commit(size)
 

@@ -91,14 +91,20 @@ _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _IPV6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBHHH")
 _UDP = struct.Struct("!HHHH")
-_ETH_IPV4_TCP = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIBBHHH")
-_ETH_IPV6_TCP = struct.Struct("!6s6sHIHBB16s16sHHIIBBHHH")
+_TCP_V4_FIELDS = "6s6sHBBHHHBBH4s4sHHIIBBHHH"  # Ethernet, IPv4, TCP
+_TCP_V6_FIELDS = "6s6sHIHBB16s16sHHIIBBHHH"  # Ethernet, IPv6, TCP
+_ETH_IPV4_TCP = struct.Struct("!" + _TCP_V4_FIELDS)
+_ETH_IPV6_TCP = struct.Struct("!" + _TCP_V6_FIELDS)
 
-_PCAP_HEADER = struct.Struct("<IHHiIII")
-_PCAP_RECORD = struct.Struct("<IIII")
-_PCAPNG_EPB = struct.Struct("<IIIIIII")
-_U32 = struct.Struct("<I")
-_OPT = struct.Struct("<HH")
+# The files are written in network byte order (both formats allow either order; readers
+# follow the file's): a record's own header and its packet's headers are then packed by one
+# struct, in one call, on the relay thread (see `frame_segment`).
+_PCAP_HEADER = struct.Struct("!IHHiIII")
+_PCAP_RECORD = struct.Struct("!IIII")
+_PCAPNG_EPB = struct.Struct("!IIIIIII")
+_U32 = struct.Struct("!I")
+_OPT = struct.Struct("!HH")
+_PCAPNG_TRAILERS = tuple(struct.Struct(f"!{pad}xI") for pad in range(4))  # padding, length
 
 
 def _pad4(size: int) -> bytes:
@@ -155,6 +161,16 @@ class InPlaceFile(PacketFile, Protocol):
 
     def frame_record(
         self, region: memoryview, at: int, timestamp_ns: int, header: bytes, payload_size: int
+    ) -> int: ...
+
+    def frame_segment(
+        self,
+        region: memoryview,
+        at: int,
+        timestamp_ns: int,
+        is_v6: bool,
+        fields: tuple[bytes | int, ...],
+        payload_size: int,
     ) -> int: ...
 
     def commit(self, size: int) -> None: ...
@@ -615,7 +631,12 @@ class _WriteJob:
 
 
 class PcapFile(_StagedFile):
-    """A classic pcap file (little-endian, microsecond timestamps, Ethernet)."""
+    """A classic pcap file (big-endian, microsecond timestamps, Ethernet)."""
+
+    _SEGMENT = (
+        struct.Struct("!IIII" + _TCP_V4_FIELDS),
+        struct.Struct("!IIII" + _TCP_V6_FIELDS),
+    )
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -641,6 +662,22 @@ class PcapFile(_StagedFile):
         region[at + 16 : at + 16 + len(header)] = header
         return at + 16 + size
 
+    def frame_segment(
+        self,
+        region: memoryview,
+        at: int,
+        timestamp_ns: int,
+        is_v6: bool,
+        fields: tuple[bytes | int, ...],
+        payload_size: int,
+    ) -> int:
+        """`frame_record` of a TCP segment whose headers are `_Conversation.segment_fields`,
+        packed with the record's header in one call."""
+        size = (74 if is_v6 else 54) + payload_size
+        sec, ns = divmod(timestamp_ns, 1_000_000_000)
+        self._SEGMENT[is_v6].pack_into(region, at, sec, ns // 1000, size, size, *fields)
+        return at + 16 + size
+
     def write_packet(
         self,
         timestamp_ns: int,
@@ -654,7 +691,12 @@ class PcapFile(_StagedFile):
 
 
 class PcapNgFile(_StagedFile):
-    """A pcapng file: one section, one Ethernet interface with nanosecond timestamps."""
+    """A pcapng file: one big-endian section, one Ethernet interface with nanosecond timestamps."""
+
+    _SEGMENT = (
+        struct.Struct("!IIIIIII" + _TCP_V4_FIELDS),
+        struct.Struct("!IIIIIII" + _TCP_V6_FIELDS),
+    )
 
     def __init__(self, path: Path, *, application: str = "flowtap") -> None:
         super().__init__(path)
@@ -664,7 +706,7 @@ class PcapNgFile(_StagedFile):
         shb = (
             _U32.pack(0x0A0D0D0A)
             + _U32.pack(shb_length)
-            + struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
+            + struct.pack("!IHHq", 0x1A2B3C4D, 1, 0, -1)
             + shb_options
             + _U32.pack(shb_length)
         )
@@ -679,7 +721,7 @@ class PcapNgFile(_StagedFile):
         )
         idb_length = 20 + len(idb_options)
         idb = (
-            struct.pack("<IIHHI", 1, idb_length, LINKTYPE_ETHERNET, 0, SNAPLEN)
+            struct.pack("!IIHHI", 1, idb_length, LINKTYPE_ETHERNET, 0, SNAPLEN)
             + idb_options
             + _U32.pack(idb_length)
         )
@@ -710,6 +752,27 @@ class PcapNgFile(_StagedFile):
         region[end : end + pad] = _PADDING[size & 3]
         _U32.pack_into(region, end + pad, total)
         return end + pad + 4
+
+    def frame_segment(
+        self,
+        region: memoryview,
+        at: int,
+        timestamp_ns: int,
+        is_v6: bool,
+        fields: tuple[bytes | int, ...],
+        payload_size: int,
+    ) -> int:
+        """`frame_record` of a TCP segment whose headers are `_Conversation.segment_fields`,
+        packed with the record's header in one call."""
+        size = (74 if is_v6 else 54) + payload_size
+        pad = -size & 3
+        total = 32 + size + pad
+        self._SEGMENT[is_v6].pack_into(
+            region, at, 6, total, 0, timestamp_ns >> 32, timestamp_ns & 0xFFFFFFFF, size, size,
+            *fields,
+        )  # fmt: skip
+        _PCAPNG_TRAILERS[pad].pack_into(region, at + 28 + size, total)
+        return at + total
 
     def write_packet(
         self,
@@ -848,6 +911,7 @@ class _Conversation:
         "is_udp",
         "is_v6",
         "last_ns",
+        "layout",
         "max_payload",
         "proto",
         "server",
@@ -872,6 +936,8 @@ class _Conversation:
         self.header_size = 14 + ip_header + transport_header  # Ethernet, IP, TCP or UDP
         self.last_ns = 0
         self.comment_generation = -1
+        # For records received in place: see CaptureWriter._layout.
+        self.layout: tuple[int, int, int] | None = None
 
     def tcp_header(
         self,
@@ -884,29 +950,14 @@ class _Conversation:
         checksums: bool,
     ) -> bytes:
         """Ethernet, IP and TCP headers for one segment from `src` carrying `payload`."""
-        tcp_length = 20 + len(options) + len(payload)
-        offset = (5 + len(options) // 4) << 4
-        window = _WINDOW
+        fields = self.segment_fields(src, dst, flags, len(payload), options=len(options))
         if self.is_v6:
-            header = _ETH_IPV6_TCP.pack(
-                src.peer_mac, src.mac, _ETHERTYPE_IPV6,
-                0x60000000, tcp_length, _PROTO_TCP, _TTL, src.ip, dst.ip,
-                src.port, dst.port, src.seq, dst.seq if flags & _ACK else 0,
-                offset, flags, window, 0, 0,
-            )  # fmt: skip
+            header = _ETH_IPV6_TCP.pack(*fields)
             ip_end = 54
         else:
-            total = 20 + tcp_length
-            ident = src.ident
-            src.ident = (ident + 1) & 0xFFFF
-            ip_sum = _fold(src.checksum_base + _PROTO_TCP + total + ident)
-            header = _ETH_IPV4_TCP.pack(
-                src.peer_mac, src.mac, _ETHERTYPE_IPV4,
-                0x45, 0, total, ident, 0x4000, _TTL, _PROTO_TCP, ip_sum, src.ip, dst.ip,
-                src.port, dst.port, src.seq, dst.seq if flags & _ACK else 0,
-                offset, flags, window, 0, 0,
-            )  # fmt: skip
+            header = _ETH_IPV4_TCP.pack(*fields)
             ip_end = 34
+        tcp_length = 20 + len(options) + len(payload)
         if options:
             header += options
         if checksums:
@@ -914,6 +965,31 @@ class _Conversation:
             tcp_sum = _fold(pseudo + _words(header[ip_end:]) + _words(payload))
             header = header[: ip_end + 16] + tcp_sum.to_bytes(2, "big") + header[ip_end + 18 :]
         return header
+
+    def segment_fields(
+        self, src: _Side, dst: _Side, flags: int, payload_size: int, *, options: int = 0
+    ) -> tuple[bytes | int, ...]:
+        """The fields of the Ethernet, IP and TCP headers (`_ETH_IPV4_TCP` or `_ETH_IPV6_TCP`)
+        of one segment from `src`, with `options` bytes of TCP options."""
+        tcp_length = 20 + options + payload_size
+        offset = (5 + options // 4) << 4
+        if self.is_v6:
+            return (
+                src.peer_mac, src.mac, _ETHERTYPE_IPV6,
+                0x60000000, tcp_length, _PROTO_TCP, _TTL, src.ip, dst.ip,
+                src.port, dst.port, src.seq, dst.seq if flags & _ACK else 0,
+                offset, flags, _WINDOW, 0, 0,
+            )  # fmt: skip
+        total = 20 + tcp_length
+        ident = src.ident
+        src.ident = (ident + 1) & 0xFFFF
+        ip_sum = _fold(src.checksum_base + _PROTO_TCP + total + ident)
+        return (
+            src.peer_mac, src.mac, _ETHERTYPE_IPV4,
+            0x45, 0, total, ident, 0x4000, _TTL, _PROTO_TCP, ip_sum, src.ip, dst.ip,
+            src.port, dst.port, src.seq, dst.seq if flags & _ACK else 0,
+            offset, flags, _WINDOW, 0, 0,
+        )  # fmt: skip
 
     def udp_header(self, src: _Side, dst: _Side, payload: bytes | memoryview) -> bytes:
         """Ethernet, IP and UDP headers (with a correct UDP checksum) for one datagram."""
@@ -978,9 +1054,6 @@ class CaptureWriter:
         # Without rotation every record goes to the one file: nothing to ask per chunk.
         self._rotates = file_generation is not None
         self._generation = file_generation or (lambda: 0)
-        # Per (header size, segment size): where a full segment's payload starts in its record,
-        # the record's size, and the room an ACK record after the segments needs (see receive).
-        self._layouts: dict[tuple[int, int], tuple[int, int, int]] = {}
         self.failure: Exception | None = None
         """Why the file stopped taking records in `receive`, if it did; it then takes none."""
         self._after_chunk = after_chunk
@@ -1028,14 +1101,16 @@ class CaptureWriter:
         step = conversation.max_payload
         if size > step:
             size -= size % step  # whole segments: 256 KiB would leave a 164-byte fifth one
-        layout = self._layouts.get((conversation.header_size, step))
+        layout = conversation.layout
         if layout is None:
-            layout = self._layout(out, conversation.header_size, step)
+            layout = conversation.layout = self._layout(out, conversation.header_size, step)
         prefix, slot, ack_room = layout
         try:
-            # No more records than the file has room for: a ring of files rotates after the
-            # record that fills one, as it would packet by packet.
-            count = min(-(-size // step), max(1, -(-out.room_bytes // slot)))
+            count = -(-size // step)
+            if self._rotates:
+                # No more records than the file has room for: a ring of files rotates after
+                # the record that fills one, as it would packet by packet.
+                count = min(count, max(1, -(-out.room_bytes // slot)))
             region = out.reserve(count * slot + ack_room)
         except Exception as exc:  # the file's failure, before a byte is received
             self.failure = exc
@@ -1057,9 +1132,11 @@ class CaptureWriter:
                 rest[-1] = rest[-1][: size - (count - 1) * step]
                 try:
                     more = sock.recvmsg_into(rest)[0]
+                except BlockingIOError:  # drained: fewer bytes than asked say so
+                    more = 0
                 except OSError:
-                    # Drained (or failing: the next read says how); the first segment is
-                    # relayed, and asking for no more than it says the socket may hold more.
+                    # The first segment is relayed; asking for no more than it says the
+                    # socket may hold more, and the next read raises what this one did.
                     size = received
                     more = 0
                 for part in rest:
@@ -1074,7 +1151,7 @@ class CaptureWriter:
         sent.region = region
         sent.received = received
         sent.timestamp_ns = max(time.time_ns(), conversation.last_ns)
-        return Chunk(received, parts, sent, size)
+        return tuple.__new__(Chunk, (received, parts, sent, size))  # Chunk(...), without a call
 
     def _receive_copy(
         self, flow_id: int, direction: Direction, sock: socket.socket, size: int
@@ -1095,9 +1172,7 @@ class CaptureWriter:
         prefix, suffix = out.record_layout(header_size, step)
         ack_prefix, ack_suffix = out.record_layout(header_size, 0)
         # A short last record may need up to 3 bytes more padding than a full one.
-        layout = (prefix, prefix + step + suffix, 4 + ack_prefix + ack_suffix)
-        self._layouts[header_size, step] = layout
-        return layout
+        return (prefix, prefix + step + suffix, 4 + ack_prefix + ack_suffix)
 
     def finish_chunk(self) -> None:
         """Frame and add the records of the chunk `receive` gave the relay, now sent."""
@@ -1115,29 +1190,41 @@ class CaptureWriter:
         conversation = sent.conversation
         assert out is not None and region is not None and conversation is not None
         step = conversation.max_payload
-        prefix = self._layouts[conversation.header_size, step][0]
+        assert conversation.layout is not None
+        prefix = conversation.layout[0]
         timestamp_ns = sent.timestamp_ns
         conversation.last_ns = timestamp_ns
         if sent.direction is Direction.UP:
             src, dst = conversation.client, conversation.server
         else:
             src, dst = conversation.server, conversation.client
-        tcp_header = conversation.tcp_header
-        frame_record = out.frame_record
-        checksums = self._checksums
         at = 0
         left = sent.received
+        if self._checksums:  # a checksum over each payload: the general path
+            tcp_header = conversation.tcp_header
+            while left:
+                length = min(step, left)
+                left -= length
+                payload = region[at + prefix : at + prefix + length]
+                flags = _ACK if left else _PSH | _ACK
+                header = tcp_header(src, dst, flags, payload, checksums=True)
+                at = out.frame_record(region, at, timestamp_ns, header, length)
+                src.seq = (src.seq + length) & 0xFFFFFFFF
+            header = tcp_header(dst, src, _ACK, b"", checksums=True)
+            at = out.frame_record(region, at, timestamp_ns, header, 0)
+            out.commit(at)
+            return
+        fields = conversation.segment_fields
+        frame = out.frame_segment
+        is_v6 = conversation.is_v6
         while left:
             length = min(step, left)
             left -= length
-            payload = region[at + prefix : at + prefix + length]
             flags = _ACK if left else _PSH | _ACK
-            header = tcp_header(src, dst, flags, payload, checksums=checksums)
-            at = frame_record(region, at, timestamp_ns, header, length)
+            at = frame(region, at, timestamp_ns, is_v6, fields(src, dst, flags, length), length)
             src.seq = (src.seq + length) & 0xFFFFFFFF
         # The receiver's ACK, in the same reservation.
-        header = tcp_header(dst, src, _ACK, b"", checksums=checksums)
-        at = frame_record(region, at, timestamp_ns, header, 0)
+        at = frame(region, at, timestamp_ns, is_v6, fields(dst, src, _ACK, 0), 0)
         out.commit(at)
 
     def _comment(self, conversation: _Conversation) -> str | None:
