@@ -33,7 +33,14 @@ from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.events import Chunk
 from flowtap.proxy.flow import Direction, FlowEvent
 
-from .pcap import CaptureWriter, PcapFile, PcapNgFile, capture_write_error, open_packet_file
+from .pcap import (
+    CaptureWriter,
+    PcapFile,
+    PcapNgFile,
+    SegmentFields,
+    capture_write_error,
+    open_packet_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +181,9 @@ class RotatingCapture:
         return self._current.frame_record(region, at, timestamp_ns, header, payload_size)
 
     def frame_segment(
-        self,
-        region: memoryview,
-        at: int,
-        timestamp_ns: int,
-        is_v6: bool,
-        fields: tuple[bytes | int, ...],
-        payload_size: int,
+        self, region: memoryview, at: int, timestamp_ns: int, fields: SegmentFields, size: int
     ) -> int:
-        return self._current.frame_segment(region, at, timestamp_ns, is_v6, fields, payload_size)
+        return self._current.frame_segment(region, at, timestamp_ns, fields, size)
 
     def commit(self, size: int) -> None:
         self._current.commit(size)

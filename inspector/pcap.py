@@ -95,6 +95,9 @@ _TCP_V4_FIELDS = "6s6sHBBHHHBBH4s4sHHIIBBHHH"  # Ethernet, IPv4, TCP
 _TCP_V6_FIELDS = "6s6sHIHBB16s16sHHIIBBHHH"  # Ethernet, IPv6, TCP
 _ETH_IPV4_TCP = struct.Struct("!" + _TCP_V4_FIELDS)
 _ETH_IPV6_TCP = struct.Struct("!" + _TCP_V6_FIELDS)
+SegmentFields = tuple[bytes | int, ...]
+"""The fields of a TCP segment's Ethernet, IP and TCP headers, in `_TCP_V4_FIELDS` or
+`_TCP_V6_FIELDS` order (the Ethernet type, third, says which)."""
 
 # The files are written in network byte order (both formats allow either order; readers
 # follow the file's): a record's own header and its packet's headers are then packed by one
@@ -164,14 +167,11 @@ class InPlaceFile(PacketFile, Protocol):
     ) -> int: ...
 
     def frame_segment(
-        self,
-        region: memoryview,
-        at: int,
-        timestamp_ns: int,
-        is_v6: bool,
-        fields: tuple[bytes | int, ...],
-        payload_size: int,
-    ) -> int: ...
+        self, region: memoryview, at: int, timestamp_ns: int, fields: SegmentFields, size: int
+    ) -> int:
+        """`frame_record` of a TCP segment of `size` payload bytes whose headers are
+        `_Conversation.segment_fields`, packed with the record's own header in one call."""
+        ...
 
     def commit(self, size: int) -> None: ...
 
@@ -663,17 +663,10 @@ class PcapFile(_StagedFile):
         return at + 16 + size
 
     def frame_segment(
-        self,
-        region: memoryview,
-        at: int,
-        timestamp_ns: int,
-        is_v6: bool,
-        fields: tuple[bytes | int, ...],
-        payload_size: int,
+        self, region: memoryview, at: int, timestamp_ns: int, fields: SegmentFields, size: int
     ) -> int:
-        """`frame_record` of a TCP segment whose headers are `_Conversation.segment_fields`,
-        packed with the record's header in one call."""
-        size = (74 if is_v6 else 54) + payload_size
+        is_v6 = fields[2] == _ETHERTYPE_IPV6
+        size += 74 if is_v6 else 54
         sec, ns = divmod(timestamp_ns, 1_000_000_000)
         self._SEGMENT[is_v6].pack_into(region, at, sec, ns // 1000, size, size, *fields)
         return at + 16 + size
@@ -754,17 +747,10 @@ class PcapNgFile(_StagedFile):
         return end + pad + 4
 
     def frame_segment(
-        self,
-        region: memoryview,
-        at: int,
-        timestamp_ns: int,
-        is_v6: bool,
-        fields: tuple[bytes | int, ...],
-        payload_size: int,
+        self, region: memoryview, at: int, timestamp_ns: int, fields: SegmentFields, size: int
     ) -> int:
-        """`frame_record` of a TCP segment whose headers are `_Conversation.segment_fields`,
-        packed with the record's header in one call."""
-        size = (74 if is_v6 else 54) + payload_size
+        is_v6 = fields[2] == _ETHERTYPE_IPV6
+        size += 74 if is_v6 else 54
         pad = -size & 3
         total = 32 + size + pad
         self._SEGMENT[is_v6].pack_into(
@@ -968,7 +954,7 @@ class _Conversation:
 
     def segment_fields(
         self, src: _Side, dst: _Side, flags: int, payload_size: int, *, options: int = 0
-    ) -> tuple[bytes | int, ...]:
+    ) -> SegmentFields:
         """The fields of the Ethernet, IP and TCP headers (`_ETH_IPV4_TCP` or `_ETH_IPV6_TCP`)
         of one segment from `src`, with `options` bytes of TCP options."""
         tcp_length = 20 + options + payload_size
@@ -1216,15 +1202,14 @@ class CaptureWriter:
             return
         fields = conversation.segment_fields
         frame = out.frame_segment
-        is_v6 = conversation.is_v6
         while left:
             length = min(step, left)
             left -= length
             flags = _ACK if left else _PSH | _ACK
-            at = frame(region, at, timestamp_ns, is_v6, fields(src, dst, flags, length), length)
+            at = frame(region, at, timestamp_ns, fields(src, dst, flags, length), length)
             src.seq = (src.seq + length) & 0xFFFFFFFF
         # The receiver's ACK, in the same reservation.
-        at = frame(region, at, timestamp_ns, is_v6, fields(dst, src, _ACK, 0), 0)
+        at = frame(region, at, timestamp_ns, fields(dst, src, _ACK, 0), 0)
         out.commit(at)
 
     def _comment(self, conversation: _Conversation) -> str | None:

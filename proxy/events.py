@@ -69,8 +69,9 @@ class ChunkSink(Protocol):
     """An observer that receives a flow's TCP data into its own memory: nothing is copied.
 
     For each chunk the relay calls `receive`, sends the parts it returns (which may be in
-    the sink's memory), then releases the loan; the sink keeps that memory from being reused
-    until then. `receive` raises what `socket.recv` raises.
+    the sink's memory), then releases the loan, always before it receives the next chunk;
+    the sink keeps that memory from being reused until then (and may finish its own work on
+    the chunk then, once the chunk is on its way). `receive` raises what `socket.recv` raises.
     """
 
     def receive(self, flow_id: int, direction: Direction, sock: socket.socket, size: int) -> Chunk:
