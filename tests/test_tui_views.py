@@ -247,16 +247,20 @@ def test_the_hex_view_matches_hexdump_of_each_direction(tmp_path: Path) -> None:
     run(app, scenario)
 
 
+async def scrolled_to(pilot: Pilot[None], view: ChunkView, chunks: int, line: int) -> None:
+    """Wait until `view` has indexed `chunks` chunks, then scroll it to `line`."""
+    await until(pilot, lambda: view.chunk_count == chunks, "the index")
+    view.scroll_to(y=line, animate=False, immediate=True, force=True)
+    await pilot.pause()
+
+
 def test_toggling_hex_keeps_the_chunk_at_the_top() -> None:
-    flow = opened(1)
-    app, _ = app_with([FlowOpened(flow), *(line_chunk(1, i) for i in range(1000))])
+    app, _ = app_with([FlowOpened(opened(1)), *(line_chunk(1, i) for i in range(1000))])
 
     async def scenario(pilot: Pilot[None]) -> None:
         conversation = app.query_one(Conversation)
-        await until(pilot, lambda: conversation.chunk_count == 1000, "the index")
         conversation.focus()
-        conversation.scroll_to(y=2 * 321, animate=False, immediate=True, force=True)
-        await pilot.pause()
+        await scrolled_to(pilot, conversation, 1000, 2 * 321)
         assert not conversation.following
         await pilot.press("h")
         hex_view = app.query_one(HexView)
@@ -410,14 +414,11 @@ def test_a_narrower_terminal_wraps_long_lines_anew_at_the_same_chunk() -> None:
 
 
 def test_text_selected_with_the_pointer_is_the_lines_under_it() -> None:
-    flow = opened(1)
-    app, _ = app_with([FlowOpened(flow), *(line_chunk(1, i) for i in range(1000))])
+    app, _ = app_with([FlowOpened(opened(1)), *(line_chunk(1, i) for i in range(1000))])
 
     async def scenario(pilot: Pilot[None]) -> None:
         view = app.query_one(Conversation)
-        await until(pilot, lambda: view.chunk_count == 1000, "the index")
-        view.scroll_to(y=2 * 321 + 1, animate=False, immediate=True, force=True)
-        await pilot.pause()
+        await scrolled_to(pilot, view, 1000, 2 * 321 + 1)
         assert shown_lines(view)[:3] == [conversation_line(n) for n in range(643, 646)]
         # From "000321" on the first line shown to "line" two lines down (padding: 1 column).
         await pilot.mouse_down(view, offset=(1 + 5, 0))
