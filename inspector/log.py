@@ -7,6 +7,7 @@ import json
 import threading
 from typing import Any, TextIO
 
+from flowtap.proxy.control_protocol import flow_to_json
 from flowtap.proxy.flow import Flow, FlowClosed, FlowData, FlowEvent, FlowOpened
 
 
@@ -22,21 +23,7 @@ def human_bytes(size_bytes: int) -> str:
 
 def flow_record(flow: Flow) -> dict[str, Any]:
     """A flow as a JSON-ready dict; the field names are part of the `--json` contract."""
-    return {
-        "flow": flow.id,
-        "transport": str(flow.transport),
-        "client": str(flow.client),
-        "server": str(flow.server),
-        "listener": str(flow.listener),
-        "state": str(flow.state),
-        "bytes_up": flow.bytes_up,
-        "bytes_down": flow.bytes_down,
-        "started_at": flow.started_at,
-        "ended_at": flow.ended_at,
-        "duration_s": flow.duration_s,
-        "reason": None if flow.reason is None else str(flow.reason),
-        "error": flow.error,
-    }
+    return flow_to_json(flow)
 
 
 def event_line(event: FlowOpened | FlowClosed, *, as_json: bool) -> str:

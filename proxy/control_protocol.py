@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import FlowtapError
 from .flow import Address, CloseReason, Direction, Flow, FlowData, FlowState, Transport
 
 VERSION = 1
@@ -123,10 +124,6 @@ def decode_json(payload: bytes) -> dict[str, Any]:
     return message
 
 
-def address_to_json(address: Address) -> str:
-    return str(address)
-
-
 def address_from_json(text: str) -> Address:
     if text.startswith("unix:"):
         return Address(host="", path=text[5:])
@@ -134,18 +131,19 @@ def address_from_json(text: str) -> Address:
 
 
 def flow_to_json(flow: Flow) -> dict[str, Any]:
-    """A flow as a JSON object (the fields of `Flow`, addresses as text)."""
+    """A flow as a JSON object: the fields of `flowtap run --json` (a contract), less `event`."""
     return {
-        "id": flow.id,
+        "flow": flow.id,
         "transport": str(flow.transport),
         "client": str(flow.client),
         "server": str(flow.server),
         "listener": str(flow.listener),
-        "started_at": flow.started_at,
-        "ended_at": flow.ended_at,
+        "state": str(flow.state),
         "bytes_up": flow.bytes_up,
         "bytes_down": flow.bytes_down,
-        "state": str(flow.state),
+        "started_at": flow.started_at,
+        "ended_at": flow.ended_at,
+        "duration_s": flow.duration_s,
         "reason": None if flow.reason is None else str(flow.reason),
         "error": flow.error,
     }
@@ -156,7 +154,7 @@ def flow_from_json(data: dict[str, Any]) -> Flow:
     try:
         reason = data.get("reason")
         return Flow(
-            id=int(data["id"]),
+            id=int(data["flow"]),
             transport=Transport(data["transport"]),
             client=address_from_json(data["client"]),
             server=address_from_json(data["server"]),
@@ -169,5 +167,5 @@ def flow_from_json(data: dict[str, Any]) -> Flow:
             reason=None if reason is None else CloseReason(reason),
             error=data.get("error"),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, FlowtapError) as exc:
         raise ProtocolError(f"malformed flow: {exc}") from None

@@ -54,6 +54,17 @@ def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") -> Non
         delay = min(delay * 2, 0.1)
 
 
+def exchange(port: int, payload: bytes) -> bytes:
+    """Send `payload` to 127.0.0.1:`port`, half-close, and return all that came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    return bytes(received)
+
+
 def wait_port(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> None:
     def is_open() -> bool:
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_demo_tui import ROW, Tmux
 
-from conftest import FlowtapProcess, flowtap_command, start_flowtap, wait_for
+from conftest import FlowtapProcess, exchange, flowtap_command, start_flowtap, wait_for
 
 MiB = 1024 * 1024
 
@@ -60,16 +60,6 @@ def relay_process(upstream: tuple[str, int], *extra: str) -> FlowtapProcess:
 
 def control_path(process: FlowtapProcess) -> str:
     return process.wait_line("^control unix:")[len("control unix:") :]
-
-
-def exchange(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        received = bytearray()
-        while chunk := sock.recv(65536):
-            received += chunk
-    return bytes(received)
 
 
 def get(port: int, path: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import flowtap_command, start_flowtap, wait_for
+from conftest import exchange, flowtap_command, start_flowtap, wait_for
 from flowtap.proxy.control import ControlServer
 from flowtap.proxy.control_protocol import (
     KIND_DATA,
@@ -112,13 +112,7 @@ class Served:
         self.port = self.relay.listeners[0].address.port
 
     def exchange(self, payload: bytes) -> bytes:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-            received = bytearray()
-            while chunk := sock.recv(1 << 20):
-                received += chunk
-        return bytes(received)
+        return exchange(self.port, payload)
 
     def stop(self) -> None:
         self.relay.stop(1.0)
@@ -182,7 +176,7 @@ def test_subscribe_sends_recent_and_open_flows_then_live_events_with_raw_bytes(
     held.close()
     events = client.events(lambda got: kinds(got, "closed"))
     data = [e for e in events if isinstance(e, FlowData)]
-    assert all(e.flow_id == live["id"] for e in data)
+    assert all(e.flow_id == live["flow"] for e in data)
     assert b"".join(e.data for e in data if e.direction is Direction.UP) == payload
     assert b"".join(e.data for e in data if e.direction is Direction.DOWN) == payload
     assert kinds(events, "closed")[0]["flow"]["bytes_up"] == 9 + 256
@@ -206,7 +200,7 @@ def test_kill_over_the_socket_resets_both_sides(served: Any) -> None:
     client.reply(client.request("subscribe"))
     held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     [opened] = kinds(client.events(lambda got: kinds(got, "opened")), "opened")
-    reply = client.reply(client.request("kill", flow=opened["flow"]["id"]))
+    reply = client.reply(client.request("kill", flow=opened["flow"]["flow"]))
     assert reply["ok"] and reply["live"]
     [closed] = kinds(client.events(lambda got: kinds(got, "closed")), "closed")
     assert closed["flow"]["reason"] == "killed"
@@ -242,8 +236,8 @@ def test_a_viewer_that_stops_reading_loses_data_counted_but_no_opened_or_closed(
 
     events = client.events(accounted)
     assert len(kinds(events, "opened")) == flows
-    assert sorted(e["flow"]["id"] for e in kinds(events, "closed")) == sorted(
-        e["flow"]["id"] for e in kinds(events, "opened")
+    assert sorted(e["flow"]["flow"] for e in kinds(events, "closed")) == sorted(
+        e["flow"]["flow"] for e in kinds(events, "opened")
     )
     lost = sum(e["bytes"] for e in kinds(events, "not-shown"))
     assert lost > total // 2, "a 64 KiB budget cannot have held most of 10 MiB"

@@ -13,7 +13,7 @@ import pytest
 from capture_checks import assert_tshark_clean, follow_tcp
 from textual.pilot import Pilot
 
-from conftest import start_flowtap
+from conftest import exchange, start_flowtap
 from flowtap.inspector.app import FlowtapApp
 from flowtap.inspector.capture import CaptureObserver
 from flowtap.inspector.viewer import ControlClient
@@ -59,13 +59,7 @@ class LiveRelay:
 
     def exchange(self, payload: bytes) -> bytes:
         """Send `payload` through the relay, half-close, and return what came back."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-            received = bytearray()
-            while chunk := sock.recv(65536):
-                received += chunk
-        return bytes(received)
+        return exchange(self.port, payload)
 
     def stop(self) -> None:
         for client in self.clients:
