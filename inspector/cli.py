@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from flowtap.proxy.errors import FlowtapError
 
+from . import options
 from .relay_process import start_relay
 
 
@@ -21,33 +22,12 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other flowtap error."""
 
     def error(self, message: str) -> NoReturn:
+        # A message about one option's value names the option and says what it accepts
+        # (`--grace: 'x' is not a number of seconds between 0 and 86400`); the others point
+        # to the help.
+        if message.startswith("argument "):
+            self.exit(2, f"flowtap: error: {message[len('argument ') :]}\n")
         self.exit(2, f"flowtap: error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
-
-
-def _microseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds") from None
-    if not 0 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"{text!r} must be from 0 to 1000000 microseconds")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return int(text)
 
 
 def _add_relay_options(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +35,7 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         "--listen",
         action="append",
         default=[],
+        type=options.listen_address,
         metavar="[udp:|tcp:]HOST:PORT",
         help="where clients connect (repeatable; a bare PORT binds 127.0.0.1; 0 picks a port)",
     )
@@ -62,6 +43,7 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         "--upstream",
         action="append",
         default=[],
+        type=options.peer_address,
         metavar="HOST:PORT",
         help="where the matching --listen relays to (one per --listen, or one for all)",
     )
@@ -83,47 +65,48 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--pcap-max-size",
-        type=_positive_int,
+        type=options.PCAP_MAX_SIZE_MB,
         metavar="MB",
         help="start a new capture file once one reaches MB megabytes (a ring, like dumpcap -b)",
     )
     parser.add_argument(
         "--pcap-max-files",
-        type=_positive_int,
+        type=options.PCAP_MAX_FILES,
         metavar="N",
         help="with --pcap-max-size, keep only the newest N capture files",
     )
     parser.add_argument(
         "--connect-timeout",
-        type=_positive_float,
+        type=options.CONNECT_TIMEOUT,
         default=10.0,
         metavar="S",
         help="give up connecting upstream after S seconds (default 10)",
     )
     parser.add_argument(
         "--idle-timeout",
-        type=_positive_float,
+        type=options.IDLE_TIMEOUT,
         default=None,
         metavar="S",
-        help="close flows with no traffic for S seconds (default: never)",
+        help="close flows with no traffic for S seconds (default and 0: never)",
     )
     parser.add_argument(
         "--grace",
-        type=_positive_float,
+        type=options.GRACE,
         default=5.0,
         metavar="S",
-        help="on SIGINT/SIGTERM, let open flows finish for S seconds (default 5)",
+        help="on SIGINT/SIGTERM, let open flows finish for S seconds (default 5; 0: close them "
+        "at once)",
     )
     parser.add_argument(
         "--workers",
-        type=int,
+        type=options.WORKERS,
         default=1,
         metavar="N",
         help="relay threads (default 1: they share the GIL; --reuse-port scales across processes)",
     )
     parser.add_argument(
         "--busy-poll",
-        type=_microseconds,
+        type=options.BUSY_POLL_US,
         default=200.0,
         metavar="US",
         help="while events come less than US microseconds apart, poll without sleeping: lower "
@@ -131,14 +114,14 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--udp-idle-timeout",
-        type=_positive_float,
+        type=options.IDLE_TIMEOUT,
         default=60.0,
         metavar="S",
         help="close a UDP session after S seconds without a datagram (default 60; 0: never)",
     )
     parser.add_argument(
         "--udp-max-sessions",
-        type=_positive_int,
+        type=options.UDP_MAX_SESSIONS,
         default=10_000,
         metavar="N",
         help="UDP sessions per listener; at the limit the least recently active one is closed "
@@ -194,12 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
         "replay", help="play the client side of recorded flows against a live server"
     )
     replay.add_argument("file", metavar="FILE", help="a pcap or pcapng capture")
-    replay.add_argument("--to", required=True, metavar="HOST:PORT", help="the server to replay to")
+    replay.add_argument(
+        "--to",
+        required=True,
+        type=options.peer_address,
+        metavar="HOST:PORT",
+        help="the server to replay to",
+    )
     _add_playback_options(replay)
     pace = replay.add_mutually_exclusive_group()
     pace.add_argument(
         "--speed",
-        type=_positive_float,
+        type=options.SPEED,
         default=1.0,
         metavar="X",
         help="play X times as fast as recorded (default 1)",
@@ -210,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list the flows it would replay, send nothing"
     )
     replay.add_argument(
-        "--concurrency", type=int, default=10, metavar="N", help="flows at once (default 10)"
+        "--concurrency",
+        type=options.CONCURRENCY,
+        default=10,
+        metavar="N",
+        help="flows at once (default 10)",
     )
     replay.add_argument(
         "--diff", action="store_true", help="print a unified diff of differing text responses"
@@ -221,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--pcap", metavar="OUT", help="capture the replay itself to OUT")
     replay.add_argument(
         "--connect-timeout",
-        type=_positive_float,
+        type=options.CONNECT_TIMEOUT,
         default=5.0,
         metavar="S",
         help="give up connecting after S seconds (default 5)",
@@ -233,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--listen",
         default="127.0.0.1:0",
+        type=options.address,
         metavar="HOST:PORT",
         help="where clients connect (default 127.0.0.1:0, a free port)",
     )
@@ -252,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "flow has bytes the capture lacks (shown all the same).",
     )
     show.add_argument("file", metavar="FILE", help="a pcap or pcapng capture")
-    show.add_argument("--flow", type=_positive_int, metavar="ID", help="print flow ID")
+    show.add_argument("--flow", type=options.FLOW_ID, metavar="ID", help="print flow ID")
     shape = show.add_mutually_exclusive_group()
     shape.add_argument("--hex", action="store_true", help="print the flow as a hexdump")
     shape.add_argument(
@@ -303,7 +297,7 @@ def _add_filter_option(parser: argparse.ArgumentParser, what: str) -> None:
 def _add_playback_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--flow",
-        type=int,
+        type=options.FLOW_ID,
         action="append",
         default=[],
         metavar="ID",
@@ -311,7 +305,7 @@ def _add_playback_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--turn-timeout",
-        type=_positive_float,
+        type=options.TURN_TIMEOUT,
         default=1.0,
         metavar="S",
         help="a peer quiet for S seconds has finished its turn (default 1)",
@@ -347,11 +341,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if flow_filter is not None:
         check_decidable_at_open(flow_filter, "--filter")
     stop = _catch_stop_signals()
-    relay = start_relay(args, log=not args.quiet, flow_filter=flow_filter)
+    relay = start_relay(
+        args, log=not args.quiet, flow_filter=flow_filter, on_failure=lambda exc: stop.set()
+    )
     while not stop.wait(3600):
         pass
     relay.stop(args.grace)
     relay.bus.close()
+    if relay.failure is not None:
+        # A bug, not a mistake of the user's: logged above when it happened.
+        print(
+            "flowtap: error: stopped: a relay thread failed (see the log line above; -v adds "
+            "its traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -49,6 +49,11 @@ def listener_specs(args: argparse.Namespace) -> list[ListenerSpec]:
         transport = Transport.UDP if args.udp else Transport.TCP
         for prefix in ("tcp:", "udp:"):
             if listen.startswith(prefix):
+                if args.udp and prefix == "tcp:":
+                    raise FlowtapError(
+                        f"--listen {listen} asks for TCP but --udp for UDP: drop --udp, or "
+                        "write udp: (or no prefix)"
+                    )
                 transport = Transport(prefix[:-1])
                 listen = listen[len(prefix) :]
         specs.append(
@@ -68,10 +73,11 @@ def start_relay(
     *,
     log: bool = True,
     flow_filter: FlowFilter | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
 ) -> Relay:
     """Bind the listeners and the control socket of `args`, print their lines, start relaying
     (printing flow events if `log`; printing and capturing only the flows `flow_filter`
-    picks as they open)."""
+    picks as they open); a relay thread that fails is logged and reported to `on_failure`."""
     specs = listener_specs(args)
     raise_fd_limit()
     observers: list[Observer] = []
@@ -107,7 +113,7 @@ def start_relay(
         udp_max_sessions=args.udp_max_sessions,
     )
     try:
-        relay = Relay(specs, bus, config)
+        relay = Relay(specs, bus, config, on_failure=on_failure)
     except BaseException:
         bus.close()
         raise
@@ -118,7 +124,11 @@ def start_relay(
                 "can relay through it; listen on 127.0.0.1 unless that is intended",
                 file=sys.stderr,
             )
-    relay.start()
+    try:
+        relay.start()
+    except BaseException:
+        bus.close()
+        raise
     if control is not None:
         control.start(relay)
     for listener in relay.listeners:

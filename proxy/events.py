@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
+from .errors import log_failure
 from .flow import Direction, FlowData, FlowEvent
 
 log = logging.getLogger(__name__)
@@ -122,12 +123,21 @@ class Bus:
         for observer in self._observers:
             observer.handle(event)
 
+    def emit_each(self, event: FlowEvent) -> None:
+        """Deliver `event` to every observer, logging what one raises instead of raising it
+        (for the events of a relay thread cleaning up after a failure)."""
+        for observer in self._observers:
+            try:
+                observer.handle(event)
+            except Exception as exc:
+                log_failure(log, f"observer {type(observer).__name__}", exc)
+
     def close(self) -> None:
         for observer in self._observers:
             try:
                 observer.close()
-            except Exception:
-                log.exception("observer %r failed to close", observer)
+            except Exception as exc:
+                log_failure(log, f"closing observer {type(observer).__name__}", exc)
 
 
 class EventQueue:
@@ -249,7 +259,7 @@ class LosslessObserver:
                 try:
                     self._consume(batch)
                 except BaseException as exc:  # keep draining so the relay never deadlocks
-                    log.exception("observer consumer failed")
+                    log_failure(log, f"observer thread {self._thread.name}", exc)
                     self._error = exc
             if stop:
                 return
@@ -259,7 +269,7 @@ class LosslessObserver:
             try:
                 self._on_idle()
             except BaseException as exc:
-                log.exception("observer idle hook failed")
+                log_failure(log, f"idle hook of observer thread {self._thread.name}", exc)
                 self._error = exc
 
     def close(self) -> None:

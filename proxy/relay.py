@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import FlowtapError
+from .errors import FlowtapError, describe_failure, log_failure
 from .events import Bus, Loan
 from .flow import (
     Address,
@@ -56,6 +56,9 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 # How many chunks one direction may move before other flows get a turn.
 _CHUNKS_PER_TURN = 8
 _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+# A worker sleeps at most this long at a time, however far its next deadline is: epoll takes
+# no timeout past what the platform's time_t holds, and an hour costs nothing.
+_MAX_SLEEP_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,6 +458,7 @@ class Worker(threading.Thread):
         bus: Bus,
         config: RelayConfig,
         on_empty: Callable[[], None],
+        on_failure: Callable[[Worker, BaseException], None],
     ) -> None:
         super().__init__(name=f"flowtap-relay-{index}", daemon=True)
         self.bus = bus
@@ -466,6 +470,8 @@ class Worker(threading.Thread):
         self.stopping = False
         self._listeners = list(listeners)
         self._on_empty = on_empty
+        self._on_failure = on_failure
+        self.failure: BaseException | None = None
         self._ep = select.epoll()
         self._handlers: dict[int, _Handler] = {}
         self._deadlines: list[tuple[float, int, _TcpFlow]] = []
@@ -475,7 +481,11 @@ class Worker(threading.Thread):
         self._reported_empty = False
         self._accept_resume_at: float | None = None
         self._next_idle_scan = time.monotonic() + self._idle_scan_interval()
-        self._waker = _Waker(self)
+        try:
+            self._waker = _Waker(self)
+        except BaseException:
+            self._ep.close()
+            raise
         self._register(self._waker.fd, _IN, self._waker)
         self._accepters = [
             _Accepter(self, listener)
@@ -525,6 +535,36 @@ class Worker(threading.Thread):
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Relay until told to exit; an unexpected exception closes this thread's flows with
+        reason error and is reported to the relay, never lost with the thread."""
+        try:
+            self._loop()
+        except BaseException as exc:
+            self.failure = exc
+        try:
+            self._close_everything()
+        except BaseException as exc:  # an observer failed on a closed event at shutdown
+            self.failure = exc
+            self._close_everything()  # the rest, to every observer whatever they raise
+        self._ep.close()
+        if self.failure is not None:
+            if not self._reported_empty:
+                self._reported_empty = True
+                self._on_empty()
+            self._on_failure(self, self.failure)
+
+    def _close_everything(self) -> None:
+        """Close every flow left: as shutdown, or as error once this thread has failed."""
+        error = None
+        if self.failure is not None:
+            error = f"the relay thread failed: {describe_failure(self.failure)}"
+        reason = CloseReason.SHUTDOWN if error is None else CloseReason.ERROR
+        for flow in list(self.flows.values()):
+            self.close_flow(flow, reason, reset=error is not None, error=error)
+        for udp in self.udp:
+            udp.close_all(reason, note=error)
+
+    def _loop(self) -> None:
         poll = self._ep.poll
         handlers = self._handlers
         ready = self.ready
@@ -541,49 +581,47 @@ class Worker(threading.Thread):
         cold_gap_s = 4 * busy_poll_s  # the gap counted for a sleep, however long it was
         average_gap_s = cold_gap_s
         last_event = 0.0
-        try:
-            while not self._exit:
-                if ready:
-                    events = poll(0.0)
-                elif average_gap_s < busy_poll_s and time.monotonic() - last_event < busy_poll_s:
-                    events = poll(0.0)
-                    if not events:
-                        os.sched_yield()  # a peer on this CPU goes first
-                        continue
-                else:
-                    events = poll(self._poll_timeout())
-                now = time.monotonic()
-                if events:
-                    gap = min(now - last_event, cold_gap_s)
-                    average_gap_s += (gap - average_gap_s) / 8
-                    last_event = now
-                for fd, mask in events:
-                    handler = handlers.get(fd)
-                    if handler is not None:
-                        handler.on_ready(fd, mask, now)
-                if ready:
-                    for _ in range(len(ready)):
-                        flow = ready.popleft()
-                        if not flow.closed:
-                            flow.progress(now)
-                if self._deadlines or self._accept_resume_at is not None:
-                    self._check_deadlines(now)
-                if now >= self._next_idle_scan:
-                    self._scan_idle(now)
-                for udp in udp_listeners:
-                    if now >= udp.deadline:
-                        udp.on_deadline(now)
-                        self._check_empty()
-        finally:
-            for flow in list(self.flows.values()):
-                self.close_flow(flow, CloseReason.SHUTDOWN)
+        while not self._exit:
+            if ready:
+                events = poll(0.0)
+            elif average_gap_s < busy_poll_s and time.monotonic() - last_event < busy_poll_s:
+                events = poll(0.0)
+                if not events:
+                    os.sched_yield()  # a peer on this CPU goes first
+                    continue
+            else:
+                events = poll(self._poll_timeout())
+            now = time.monotonic()
+            if events:
+                gap = min(now - last_event, cold_gap_s)
+                average_gap_s += (gap - average_gap_s) / 8
+                last_event = now
+            for fd, mask in events:
+                handler = handlers.get(fd)
+                if handler is not None:
+                    handler.on_ready(fd, mask, now)
+            if ready:
+                for _ in range(len(ready)):
+                    flow = ready.popleft()
+                    if not flow.closed:
+                        flow.progress(now)
+            if self._deadlines or self._accept_resume_at is not None:
+                self._check_deadlines(now)
+            if now >= self._next_idle_scan:
+                self._scan_idle(now)
             for udp in udp_listeners:
-                udp.close_all(CloseReason.SHUTDOWN)
-            self._ep.close()
+                if now >= udp.deadline:
+                    udp.on_deadline(now)
+                    self._check_empty()
 
     def release(self) -> None:
         """Free the wake-up descriptor; only after the thread has ended, so no submit races it."""
         os.close(self._waker.fd)
+
+    def discard(self) -> None:
+        """Free the descriptors of a worker that never started."""
+        self._ep.close()
+        self.release()
 
     def _poll_timeout(self) -> float:
         now = time.monotonic()
@@ -599,7 +637,7 @@ class Worker(threading.Thread):
                 wake_at = udp.deadline if wake_at is None else min(wake_at, udp.deadline)
         if wake_at is None:
             return -1.0
-        return max(0.0, wake_at - now)
+        return min(max(0.0, wake_at - now), _MAX_SLEEP_S)
 
     def _idle_scan_interval(self) -> float:
         idle = self.config.idle_timeout_s
@@ -760,10 +798,17 @@ class Worker(threading.Thread):
                 else:
                     sock.close()
         del self.flows[tcp.flow.id]
-        self.bus.emit(FlowClosed(tcp.snapshot(reason, error)))
+        self.emit_closed(tcp.snapshot(reason, error))
         if self._accept_resume_at is not None and not self.stopping:
             self._accept_resume_at = time.monotonic()
         self._check_empty()
+
+    def emit_closed(self, flow: Flow) -> None:
+        """Emit a flow's one `FlowClosed`; after a failure, to each observer whatever it raises."""
+        if self.failure is None:
+            self.bus.emit(FlowClosed(flow))
+        else:
+            self.bus.emit_each(FlowClosed(flow))
 
     def _check_empty(self) -> None:
         if any(udp.sessions for udp in self.udp):
@@ -774,10 +819,20 @@ class Worker(threading.Thread):
 
 
 class Relay:
-    """Listeners and relay workers: bind at construction, relay after `start`, drain on `stop`."""
+    """Listeners and relay workers: bind at construction, relay after `start`, drain on `stop`.
+
+    A relay thread that fails (a bug: an unexpected exception) closes its flows with reason
+    error; the relay logs it once, keeps it in `failure` and calls `on_failure`, so that its
+    owner stops it rather than listen on with no one behind the socket.
+    """
 
     def __init__(
-        self, specs: Sequence[ListenerSpec], bus: Bus, config: RelayConfig | None = None
+        self,
+        specs: Sequence[ListenerSpec],
+        bus: Bus,
+        config: RelayConfig | None = None,
+        *,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         if not specs:
             raise FlowtapError("nothing to relay: give --listen HOST:PORT --upstream HOST:PORT")
@@ -806,20 +861,58 @@ class Relay:
         self._empty = threading.Event()
         self._empty_workers = 0
         self._empty_lock = threading.Lock()
+        self.failure: BaseException | None = None
+        self._on_failure = on_failure
         # Every worker accepts on every TCP listener; each UDP listener belongs to one worker.
         count = max(1, self.config.workers)
         tcp = [lst for lst in self.listeners if lst.spec.transport is Transport.TCP]
         udp = [lst for lst in self.listeners if lst.spec.transport is Transport.UDP]
-        self._workers = [
-            Worker(i, tcp + udp[i::count], bus, self.config, self._worker_empty)
-            for i in range(count)
-        ]
+        self._workers: list[Worker] = []
+        try:
+            for i in range(count):
+                self._workers.append(
+                    Worker(
+                        i, tcp + udp[i::count], bus, self.config, self._worker_empty, self._failed
+                    )
+                )
+        except OSError as exc:
+            self._discard_workers()
+            self._close_listeners()
+            raise FlowtapError(
+                f"cannot set up {count} relay threads ({exc.strerror or exc}): lower --workers "
+                "or raise the open-files limit (ulimit -n)"
+            ) from None
         self._started = False
 
     def start(self) -> None:
+        """Start the relay threads; FlowtapError (nothing left running) if the system refuses."""
         self._started = True
+        for index, worker in enumerate(self._workers):
+            try:
+                worker.start()
+            except RuntimeError as exc:
+                for unstarted in self._workers[index:]:
+                    unstarted.discard()
+                self._workers = self._workers[:index]
+                self.stop(0.0)
+                raise FlowtapError(
+                    f"cannot start relay thread {index + 1} ({exc}): lower --workers or raise "
+                    "the process limits (ulimit -u, ulimit -v)"
+                ) from None
+
+    def _discard_workers(self) -> None:
         for worker in self._workers:
-            worker.start()
+            worker.discard()
+        self._workers = []
+
+    def _failed(self, worker: Worker, exc: BaseException) -> None:
+        log_failure(log, f"relay thread {worker.name}", exc)
+        with self._empty_lock:
+            first = self.failure is None
+            if first:
+                self.failure = exc
+        if first and self._on_failure is not None:
+            self._on_failure(exc)
 
     @property
     def open_flows(self) -> int:
@@ -850,11 +943,12 @@ class Relay:
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let open flows finish for `grace_s`, close the rest as shutdown."""
         if not self._started:
+            self._discard_workers()
             self._close_listeners()
             return
         for worker in self._workers:
             worker.submit("stop-accepting")
-        self._empty.wait(grace_s)
+        self._empty.wait(min(grace_s, threading.TIMEOUT_MAX))
         for worker in self._workers:
             worker.submit("close-all", CloseReason.SHUTDOWN.value)
             worker.submit("exit")

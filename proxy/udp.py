@@ -591,15 +591,13 @@ class UdpListener:
         del self.sessions[session.client_addr]
         self.worker.unwatch(session.sock.fileno())
         session.sock.close()
-        self.worker.bus.emit(
-            FlowClosed(
-                session.flow.closed(
-                    ended_at=time.time(),
-                    bytes_up=session.bytes_up,
-                    bytes_down=session.bytes_down,
-                    reason=reason,
-                    error=session.problems(),
-                )
+        self.worker.emit_closed(
+            session.flow.closed(
+                ended_at=time.time(),
+                bytes_up=session.bytes_up,
+                bytes_down=session.bytes_down,
+                reason=reason,
+                error=session.problems(),
             )
         )
 
@@ -611,9 +609,9 @@ class UdpListener:
                 return True
         return False
 
-    def close_all(self, reason: CloseReason) -> None:
+    def close_all(self, reason: CloseReason, *, note: str | None = None) -> None:
         for session in list(self.sessions.values()):
-            self.close_session(session, reason)
+            self.close_session(session, reason, note=note)
 
     def stop_accepting(self, now: float) -> None:
         """Read no more client datagrams; sessions close once replies stop coming."""

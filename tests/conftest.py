@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from flowtap.proxy.events import LosslessObserver
 from flowtap.proxy.flow import Direction, FlowClosed, FlowData, FlowEvent, FlowOpened
 
 LISTENING = re.compile(r"^listening (tcp|udp) (\S+) -> (\S+)$")
@@ -543,3 +544,30 @@ def record_udp_exchange(port: int, datagrams: list[bytes]) -> list[object]:
             answer = client.recv(65536)
             events.append(FlowData(flow.id, Direction.DOWN, time.time(), answer))
     return events
+
+
+class Recorder:
+    """A lossless observer that keeps every event, in order, per flow."""
+
+    def __init__(self) -> None:
+        self.events: list[FlowEvent] = []
+        self._lock = threading.Lock()
+        self._observer = LosslessObserver(self._take, max_pending=8)
+
+    def _take(self, batch: list[FlowEvent]) -> None:
+        with self._lock:
+            self.events.extend(batch)
+
+    @property
+    def wants_data(self) -> bool:
+        return True
+
+    def handle(self, event: FlowEvent) -> None:
+        self._observer.handle(event)
+
+    def close(self) -> None:
+        self._observer.close()
+
+    def closed(self) -> list[FlowClosed]:
+        with self._lock:
+            return [e for e in self.events if isinstance(e, FlowClosed)]

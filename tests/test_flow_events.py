@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import free_port, wait_for
+from conftest import Recorder, free_port, wait_for
 from flowtap.proxy.events import Bus, LosslessObserver
 from flowtap.proxy.flow import (
     Address,
@@ -23,33 +23,6 @@ from flowtap.proxy.flow import (
 )
 from flowtap.proxy.listener import ListenerSpec
 from flowtap.proxy.relay import Relay, RelayConfig
-
-
-class Recorder:
-    """A lossless observer that keeps every event, in order, per flow."""
-
-    def __init__(self) -> None:
-        self.events: list[FlowEvent] = []
-        self._lock = threading.Lock()
-        self._observer = LosslessObserver(self._take, max_pending=8)
-
-    def _take(self, batch: list[FlowEvent]) -> None:
-        with self._lock:
-            self.events.extend(batch)
-
-    @property
-    def wants_data(self) -> bool:
-        return True
-
-    def handle(self, event: FlowEvent) -> None:
-        self._observer.handle(event)
-
-    def close(self) -> None:
-        self._observer.close()
-
-    def closed(self) -> list[FlowClosed]:
-        with self._lock:
-            return [e for e in self.events if isinstance(e, FlowClosed)]
 
 
 @pytest.fixture

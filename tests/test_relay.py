@@ -568,7 +568,7 @@ def test_too_many_open_files_keeps_running_and_recovers(echo_server: tuple[str, 
         ),
         (
             ["--listen", "0", "--upstream", "127.0.0.1:1", "--busy-poll", "-5"],
-            "must be from 0 to 1000000 microseconds",
+            "is not a number of microseconds between 0 and 1000000",
         ),
     ],
 )

@@ -19,8 +19,11 @@ def _flowtap(*args: str) -> subprocess.CompletedProcess[str]:
     ("args", "message"),
     [
         (["--to", "nowhere"], "malformed address 'nowhere'"),
-        (["--to", "127.0.0.1:1", "--speed", "0"], "--speed must be above 0"),
-        (["--to", "127.0.0.1:1", "--concurrency", "0"], "--concurrency must be at least 1"),
+        (["--to", "127.0.0.1:1", "--speed", "0"], "--speed: '0' is not a speed factor"),
+        (
+            ["--to", "127.0.0.1:1", "--concurrency", "0"],
+            "--concurrency: '0' is not a number of flows at once",
+        ),
         (["--to", "127.0.0.1:1", "--filter", "port x"], "column 6: expected a port"),
         (["--to", "127.0.0.1:1", "--ignore", "(unclosed"], "is not a regular expression"),
         (["--to", "127.0.0.1:1", "--speed", "2", "--asap"], "not allowed with argument"),

@@ -297,7 +297,7 @@ def test_show_rejects_unsupported_link_types_naming_them(tmp_path: Path) -> None
         (["--raw", "client"], "add --flow ID"),
         (["--flow", "1", "--raw", "client", "--json"], "drop --hex and --json"),
         (["--flow", "1", "--raw", "client", "--hex"], "not allowed with argument"),
-        (["--flow", "0"], "at least 1"),
+        (["--flow", "0"], "is not a flow number between 1 and"),
     ],
 )
 def test_show_bad_options_are_one_line_errors(
