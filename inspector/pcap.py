@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from flowtap.proxy.errors import FlowtapError
+from flowtap.proxy.errors import FlowtapError, describe_failure, log_failure
 from flowtap.proxy.events import Chunk
 from flowtap.proxy.flow import (
     Address,
@@ -512,6 +512,12 @@ class _StagedFile:
                     except OSError as exc:
                         log.debug("capture file %s: %s", self.path, exc)
                         self._error = exc
+                        self._cut_to_last_record()
+                    except Exception as exc:
+                        # A bug: stop writing as on a write error, but keep taking jobs and
+                        # giving buffers back, so that no relay thread waits for one forever.
+                        log_failure(log, f"the I/O thread of capture file {self.path}", exc)
+                        self._error = OSError(errno.EIO, describe_failure(exc))
                         self._cut_to_last_record()
                 if isinstance(job.data, mmap.mmap):
                     self._free.put(job.data)

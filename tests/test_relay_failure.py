@@ -11,11 +11,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import FlowtapProcess, Recorder, json_events, wait_for
+from flowtap.inspector.pcap import PcapNgFile
+from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import (
     Address,
@@ -212,3 +215,40 @@ def test_flowtap_run_exits_non_zero_when_a_relay_thread_fails(
         "flowtap: ERROR: relay thread flowtap-relay-0 failed: RuntimeError: planted bug"
     ]
     assert ("Traceback" in stderr) is verbose
+
+
+def test_a_failing_capture_io_thread_never_leaves_the_relay_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The capture's I/O thread with a bug stops the capture like a write error does: whoever
+    adds packets gets a FlowtapError instead of waiting forever for a written buffer."""
+    capture = PcapNgFile(tmp_path / "capture.pcapng")
+
+    def broken(job: object) -> None:
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(capture, "_write", broken)
+    errors: list[FlowtapError] = []
+    done = threading.Event()
+
+    def fill() -> None:
+        try:
+            for _ in range(64):  # 64 MiB: many times the staging buffers
+                capture.write_packet(0, b"h" * 40, b"x" * (1 << 20))
+            capture.flush()
+        except FlowtapError as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    with caplog.at_level(logging.WARNING, logger="flowtap.inspector.pcap"):
+        threading.Thread(target=fill, daemon=True).start()
+        assert done.wait(20), "the writer waits forever for the failed I/O thread"
+        with pytest.raises(FlowtapError):
+            capture.close()
+    assert errors and "RuntimeError: a bug in the writer" in str(errors[0])
+    logged = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert logged == [
+        f"the I/O thread of capture file {tmp_path / 'capture.pcapng'} failed: "
+        "RuntimeError: a bug in the writer"
+    ]
