@@ -22,6 +22,8 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other flowtap error."""
 
     def error(self, message: str) -> NoReturn:
+        # What the user typed may hold control characters: shown escaped, on one line.
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
         # A message about one option's value names the option and says what it accepts
         # (`--grace: 'x' is not a number of seconds between 0 and 86400`); the others point
         # to the help.

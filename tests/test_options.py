@@ -86,7 +86,7 @@ def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
         ),
         (
             [*RUN, "--pcap-max-size", "9" * 40],
-            f"--pcap-max-size: '{'9' * 5000}' is not a number of megabytes between 1 and 1000000",
+            f"--pcap-max-size: '{'9' * 40}' is not a number of megabytes between 1 and 1000000",
         ),
         (
             [*RUN, "--pcap-max-files", "0"],
