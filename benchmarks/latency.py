@@ -1,12 +1,15 @@
 """Latency benchmark: one flow of 1-byte round trips, direct, through socat, through flowtap
 (capture off and `--pcap`), and with the TUI attached to the relay in a real terminal (tmux).
 
-Run on demand:  python benchmarks/latency.py [--seconds 30] [--no-tui]
-Each path gets one flow doing 1-byte round trips (TCP_NODELAY) for SECONDS, reported per
-window of 1,000 round trips (p50, p99); bulk MB/s is measured headless and with the TUI
-attached. The TUI is `flowtap tui --attach` in tmux, following new flows, so it selects the
-benchmark's flow when it opens and shows it in the detail pane. Prints a table and the
-verdict against issue #15's targets, every ratio against a baseline measured in the same run.
+Run on demand:  python benchmarks/latency.py [--seconds 30] [--rounds 10] [--no-tui]
+Each path gets one flow doing 1-byte round trips (TCP_NODELAY) for SECONDS in all, reported
+per window of 1,000 round trips (p50, p99). The paths take turns, SECONDS/ROUNDS each, round
+after round, each on its own flow kept open: on a small shared machine, drift in the
+background then hits every path alike. Bulk MB/s is measured headless and with the TUI
+attached, in alternating rounds too. The TUI is `flowtap tui --attach` in tmux, following
+new flows, so it selects the benchmark's flow when it opens and shows it in the detail pane.
+Prints a table and the verdict against issue #15's targets, every ratio against a baseline
+measured in the same run.
 Everything runs on loopback; every loop is bounded in count and time.
 """
 
@@ -24,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,16 +54,23 @@ class Windows:
         return statistics.median(self.p99)
 
 
-def round_trips(port: int, seconds: float, window: int, on_open: Callable[[], None]) -> Windows:
-    """One flow of 1-byte round trips for `seconds` (whole windows, at least one)."""
-    result = Windows()
-    clock = time.perf_counter_ns
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(b"P")  # the bulk peer's ping-pong job
-        on_open()
+class RoundTrips:
+    """One flow of 1-byte round trips through `port`, measured a turn at a time."""
+
+    def __init__(self, port: int) -> None:
+        self.windows = Windows()
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock.sendall(b"P")  # the bulk peer's ping-pong job
+
+    def turn(self, seconds: float, window: int) -> None:
+        """Round trips for `seconds` (whole windows, at least one)."""
+        sock = self._sock
+        clock = time.perf_counter_ns
         deadline = time.monotonic() + seconds
-        while not result.p50 or time.monotonic() < deadline:
+        first = True
+        while first or time.monotonic() < deadline:
+            first = False
             samples = []
             for _ in range(window):
                 started = clock()
@@ -69,9 +79,11 @@ def round_trips(port: int, seconds: float, window: int, on_open: Callable[[], No
                     raise RuntimeError("a round trip lost its byte")
                 samples.append((clock() - started) / 1000)
             samples.sort()
-            result.p50.append(samples[len(samples) // 2])
-            result.p99.append(samples[int(len(samples) * 0.99)])
-    return result
+            self.windows.p50.append(samples[len(samples) // 2])
+            self.windows.p99.append(samples[int(len(samples) * 0.99)])
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 @dataclass
@@ -160,13 +172,19 @@ def idle_ticks(relay: Relay, seconds: float = 5.0) -> int:
     return relay.cpu_ticks() - before
 
 
-def median_bulk(port: int, size: int, rounds: int) -> float:
-    return statistics.median(bulk_down(port, size) for _ in range(rounds))
+@contextmanager
+def relay_running(upstream: int, log_path: Path, *extra: str) -> Iterator[Relay]:
+    relay = start_relay(upstream, log_path, *extra)
+    try:
+        yield relay
+    finally:
+        relay.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=30.0, help="round trips per path (s)")
+    parser.add_argument("--rounds", type=int, default=10, help="turns each path takes")
     parser.add_argument("--window", type=int, default=1000, help="round trips per window")
     parser.add_argument("--bulk-mib", type=int, default=256, help="bulk download size (MiB)")
     parser.add_argument("--bulk-rounds", type=int, default=3, help="bulk runs per path")
@@ -186,52 +204,54 @@ def main() -> None:
     size = args.bulk_mib * MiB
     rows: dict[str, Windows] = {}
     figures: dict[str, float] = {}
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, True)
+        stack.callback(peers.wait)
+        stack.callback(peers.terminate)
+        flows: dict[str, RoundTrips] = {}
 
-    def measure(name: str, port: int, on_open: Callable[[], None] = lambda: None) -> None:
-        rows[name] = round_trips(port, args.seconds, args.window, on_open)
-        print(f"{name}: {len(rows[name].p50)} windows", file=sys.stderr)
+        def flow(name: str, port: int) -> RoundTrips:
+            flows[name] = stack.enter_context(closing(RoundTrips(port)))
+            return flows[name]
 
-    try:
-        measure("direct", bulk)
+        flow("direct", bulk)
         socat = start_socat(bulk, bulk)
-        try:
-            measure("socat", socat.bulk_port)
-        finally:
-            socat.stop()
-        relay = start_relay(bulk, workdir / "run.log")
-        try:
-            measure("flowtap run", relay.port)
-            figures["bulk headless MB/s"] = median_bulk(relay.port, size, args.bulk_rounds)
-        finally:
-            relay.stop()
-        relay = start_relay(bulk, workdir / "pcap.log", "--pcap", str(workdir / "rt.pcapng"))
-        try:
-            measure("run --pcap", relay.port)
-        finally:
-            relay.stop()
+        stack.callback(socat.stop)
+        flow("socat", socat.bulk_port)
+        headless = stack.enter_context(relay_running(bulk, workdir / "run.log"))
+        flow("flowtap run", headless.port)
+        capturing = stack.enter_context(
+            relay_running(bulk, workdir / "pcap.log", "--pcap", str(workdir / "rt.pcapng"))
+        )
+        flow("run --pcap", capturing.port)
+        watched = None
         if with_tui:
-            relay = start_relay(bulk, workdir / "tui.log")
-            try:
-                with tui_attached(relay) as flow_shown:
-                    measure("tui attached", relay.port, flow_shown)
-                    figures["relay CPU ticks, 5 s idle, TUI attached"] = idle_ticks(relay)
-                with tui_attached(relay):
-                    # The TUI follows new flows: it selects the download as it opens.
-                    figures["bulk TUI attached MB/s"] = median_bulk(
-                        relay.port, size, args.bulk_rounds
-                    )
-            finally:
-                relay.stop()
-            relay = start_relay(bulk, workdir / "tuipcap.log", "--pcap", str(workdir / "t.pcapng"))
-            try:
-                with tui_attached(relay) as flow_shown:
-                    measure("tui + --pcap", relay.port, flow_shown)
-            finally:
-                relay.stop()
-    finally:
-        peers.terminate()
-        peers.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+            watched = stack.enter_context(relay_running(bulk, workdir / "tui.log"))
+            flow_shown = stack.enter_context(tui_attached(watched))
+            flow("tui attached", watched.port)
+            flow_shown()
+            both = stack.enter_context(
+                relay_running(bulk, workdir / "both.log", "--pcap", str(workdir / "t.pcapng"))
+            )
+            flow_shown = stack.enter_context(tui_attached(both))
+            flow("tui + --pcap", both.port)
+            flow_shown()
+        for number in range(args.rounds):
+            for trips in flows.values():
+                trips.turn(args.seconds / args.rounds, args.window)
+            print(f"round {number + 1} of {args.rounds} done", file=sys.stderr)
+        rows = {name: trips.windows for name, trips in flows.items()}
+        bulk_rates: dict[str, list[float]] = {}
+        for _ in range(args.bulk_rounds):
+            bulk_rates.setdefault("bulk headless MB/s", []).append(bulk_down(headless.port, size))
+            if watched is not None:
+                # The TUI follows new flows: it selects each download as it opens.
+                bulk_rates.setdefault("bulk TUI attached MB/s", []).append(
+                    bulk_down(watched.port, size)
+                )
+        figures = {name: statistics.median(rates) for name, rates in bulk_rates.items()}
+        if watched is not None:
+            figures["relay CPU ticks, 5 s idle, TUI attached"] = idle_ticks(watched)
 
     print(f"\n1-byte round trips (TCP_NODELAY), one flow per path for {args.seconds:g} s, in "
           f"windows of {args.window}; us")  # fmt: skip
@@ -245,19 +265,19 @@ def main() -> None:
     for name, value in figures.items():
         print(f"{name:<44}{value:>10.1f}")
 
-    headless = rows["flowtap run"]
+    base_row = rows["flowtap run"]
     checks = [
         (
             f"--pcap p50 <= 1.15x capture off ({rows['run --pcap'].median_p50:.1f} vs "
-            f"{headless.median_p50:.1f} us: "
-            f"{rows['run --pcap'].median_p50 / headless.median_p50:.2f}x)",
-            rows["run --pcap"].median_p50 <= 1.15 * headless.median_p50,
+            f"{base_row.median_p50:.1f} us: "
+            f"{rows['run --pcap'].median_p50 / base_row.median_p50:.2f}x)",
+            rows["run --pcap"].median_p50 <= 1.15 * base_row.median_p50,
         )
     ]
     for name in ("tui attached", "tui + --pcap"):
         if name not in rows:
             continue
-        base = rows["run --pcap"] if "pcap" in name else headless
+        base = rows["run --pcap"] if "pcap" in name else base_row
         row = rows[name]
         checks.append(
             (
