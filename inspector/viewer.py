@@ -277,12 +277,15 @@ class ControlClient:
 
     def _frames(self) -> Iterator[tuple[int, bytes]]:
         reader = self._reader
-        recv = self._sock.recv
+        recv_into = self._sock.recv_into
+        # A reusable buffer: recv(1 MiB) would map and unmap a fresh one per call.
+        buffer = bytearray(1024 * 1024)
+        view = memoryview(buffer)
         while True:
-            data = recv(1024 * 1024)
-            if not data:
+            size = recv_into(buffer)
+            if not size:
                 return
-            yield from reader.feed(data)
+            yield from reader.feed(view[:size])
 
     def _on_message(self, message: dict[str, Any]) -> str | None:
         kind = message.get("type")

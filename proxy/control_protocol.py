@@ -93,22 +93,23 @@ class FrameReader:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
         """The (kind, payload) of each frame completed by `data`; ProtocolError if malformed."""
         buffer = self._buffer
         buffer += data
         frames: list[tuple[int, bytes]] = []
         start = 0
         size = HEADER.size
-        while len(buffer) - start >= size:
-            length, kind = HEADER.unpack_from(buffer, start)
-            if length > MAX_FRAME_BYTES or kind not in (KIND_JSON, KIND_DATA):
-                raise ProtocolError(f"bad frame header (kind {kind}, {length} bytes)")
-            end = start + size + length
-            if end > len(buffer):
-                break
-            frames.append((kind, bytes(buffer[start + size : end])))
-            start = end
+        with memoryview(buffer) as view:  # payloads copied once, out of the buffer
+            while len(buffer) - start >= size:
+                length, kind = HEADER.unpack_from(buffer, start)
+                if length > MAX_FRAME_BYTES or kind not in (KIND_JSON, KIND_DATA):
+                    raise ProtocolError(f"bad frame header (kind {kind}, {length} bytes)")
+                end = start + size + length
+                if end > len(buffer):
+                    break
+                frames.append((kind, bytes(view[start + size : end])))
+                start = end
         del buffer[:start]
         return frames
 
