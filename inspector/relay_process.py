@@ -273,7 +273,11 @@ class RelayChild:
 
     def exit_note(self) -> str:
         """One line on how the child ended (or that it runs)."""
-        code = self.proc.poll()
+        try:
+            # Its control socket closes while it exits, a moment before it can be reaped.
+            code: int | None = self.proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+            code = None
         if code is None:
             return f"the relay (pid {self.pid}) closed its control socket"
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
