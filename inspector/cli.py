@@ -140,6 +140,37 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         "--no-control", action="store_true", help="serve no control socket: no TUI can attach"
     )
     parser.add_argument(
+        "--tls",
+        choices=("intercept", "passthrough", "off"),
+        default="off",
+        help="TLS on TCP listeners: intercept (decrypt with a certificate from flowtap's CA; "
+        "see flowtap ca), passthrough (relay untouched, note the SNI) or off (default)",
+    )
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="with --tls intercept, sign with your own CA: one PEM file with certificate and key",
+    )
+    upstream_trust = parser.add_mutually_exclusive_group()
+    upstream_trust.add_argument(
+        "--upstream-ca",
+        metavar="FILE",
+        help="with --tls intercept, trust the upstream certificates these PEM CAs sign "
+        "(default: the system store)",
+    )
+    upstream_trust.add_argument(
+        "--upstream-insecure",
+        action="store_true",
+        help="with --tls intercept, do not verify the upstream's certificate (said in each flow)",
+    )
+    parser.add_argument(
+        "--tls-handshake-timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="close a TLS flow whose handshakes are not done within S seconds (default 10)",
+    )
+    parser.add_argument(
         "--quiet",
         action="store_true",
         help="print only the listening and control lines, not one line per flow event",

@@ -39,6 +39,8 @@ def event_line(event: FlowOpened | FlowClosed, *, as_json: bool) -> str:
         f"{head} {flow.reason} up={human_bytes(flow.bytes_up)} "
         f"down={human_bytes(flow.bytes_down)} {flow.duration_s or 0.0:.3f}s"
     )
+    if flow.tls is not None:
+        line = f"{line} [{flow.tls.summary()}]"
     return f"{line} ({flow.error})" if flow.error else line
 
 

@@ -12,7 +12,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from flowtap.proxy.control import ControlServer, default_control_path
 from flowtap.proxy.errors import FlowtapError
@@ -25,6 +26,9 @@ from .capture import CaptureObserver, capture_path_for
 from .filtered_observer import filtered
 from .flow_filter import FlowFilter
 from .log import FlowLog
+
+if TYPE_CHECKING:
+    from flowtap.proxy.tls_intercept import TlsSettings
 
 ERROR_PREFIX = "flowtap: error: "
 
@@ -67,6 +71,37 @@ def listener_specs(args: argparse.Namespace) -> list[ListenerSpec]:
     return specs
 
 
+def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
+    """The TLS settings of `--tls` and its options, or None when TLS is left alone."""
+    upstream_ca = getattr(args, "upstream_ca", None)
+    insecure = bool(getattr(args, "upstream_insecure", False))
+    if (getattr(args, "tls", None) or "off") == "off":
+        if upstream_ca or insecure or getattr(args, "ca", None):
+            raise FlowtapError(
+                "--ca, --upstream-ca and --upstream-insecure apply to intercepted TLS; "
+                "add --tls intercept"
+            )
+        return None
+    # Imported here: cryptography costs start-up time that relays without TLS need not pay.
+    from flowtap.proxy.tls_ca import load_ca_file, load_or_create_ca
+    from flowtap.proxy.tls_intercept import TlsMode, TlsSettings
+
+    mode = TlsMode(args.tls)
+    if upstream_ca and insecure:
+        raise FlowtapError("--upstream-ca and --upstream-insecure contradict each other; give one")
+    ca = None
+    if mode is TlsMode.INTERCEPT:
+        ca_file = getattr(args, "ca", None)
+        ca = load_ca_file(Path(ca_file)) if ca_file else load_or_create_ca()
+    return TlsSettings(
+        mode=mode,
+        ca=ca,
+        upstream_ca=None if upstream_ca is None else Path(upstream_ca),
+        upstream_insecure=insecure,
+        handshake_timeout_s=getattr(args, "tls_handshake_timeout", 10.0),
+    )
+
+
 def start_relay(
     args: argparse.Namespace,
     extra_observers: Sequence[Observer] = (),
@@ -79,6 +114,7 @@ def start_relay(
     (printing flow events if `log`; printing and capturing only the flows `flow_filter`
     picks as they open); a relay thread that fails is logged and reported to `on_failure`."""
     specs = listener_specs(args)
+    tls = tls_settings(args)
     raise_fd_limit()
     observers: list[Observer] = []
     if log:
@@ -111,6 +147,7 @@ def start_relay(
         busy_poll_s=args.busy_poll / 1e6,
         udp_idle_timeout_s=args.udp_idle_timeout or None,
         udp_max_sessions=args.udp_max_sessions,
+        tls=tls,
     )
     try:
         relay = Relay(specs, bus, config, on_failure=on_failure)

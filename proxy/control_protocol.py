@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import FlowtapError
-from .flow import Address, CloseReason, Direction, Flow, FlowData, FlowState, Transport
+from .flow import (
+    Address,
+    CloseReason,
+    Direction,
+    Flow,
+    FlowData,
+    FlowState,
+    TlsFacts,
+    Transport,
+)
 
 VERSION = 1
 """The protocol version a server announces in its hello; a client refuses another major one."""
@@ -147,6 +156,7 @@ def flow_to_json(flow: Flow) -> dict[str, Any]:
         "duration_s": flow.duration_s,
         "reason": None if flow.reason is None else str(flow.reason),
         "error": flow.error,
+        "tls": None if flow.tls is None else flow.tls.as_dict(),
     }
 
 
@@ -167,6 +177,7 @@ def flow_from_json(data: dict[str, Any]) -> Flow:
             state=FlowState(data.get("state", "open")),
             reason=None if reason is None else CloseReason(reason),
             error=data.get("error"),
+            tls=None if data.get("tls") is None else TlsFacts.from_dict(data["tls"]),
         )
     except (KeyError, TypeError, ValueError, FlowtapError) as exc:
         raise ProtocolError(f"malformed flow: {exc}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import FlowtapError
 
@@ -102,6 +103,64 @@ class Address:
         return cls(host=host, port=int(port_text))
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFacts:
+    """What flowtap learnt of a flow's TLS: how it handled it (`intercept`, `passthrough`,
+    `not-tls`), what the client offered, what the upstream chose and who it said it was."""
+
+    mode: str
+    sni: str | None = None
+    offered_alpn: tuple[str, ...] = ()
+    offered_versions: tuple[str, ...] = ()
+    alpn: str | None = None
+    version: str | None = None
+    cipher: str | None = None
+    upstream_subject: str | None = None
+    upstream_issuer: str | None = None
+    upstream_not_after: str | None = None
+    verification: str | None = None
+    note: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The facts as a JSON-ready dict (`--json`'s and the control socket's `tls` field)."""
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name in self.__slots__
+            if (value := getattr(self, name)) is not None or name == "mode"
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TlsFacts:
+        """The facts `as_dict` wrote (unknown keys ignored); TypeError/ValueError if malformed."""
+        known = {name: data[name] for name in cls.__slots__ if name in data}
+        for name in ("offered_alpn", "offered_versions"):
+            if name in known:
+                known[name] = tuple(str(item) for item in known[name])
+        for name, value in known.items():
+            if not isinstance(value, str | tuple):
+                raise ValueError(f"tls field {name} is {type(value).__name__}")
+        return cls(**known)
+
+    def summary(self) -> str:
+        """The facts as one short phrase for a log line."""
+        if self.mode == "not-tls":
+            return "tls: not TLS"
+        parts = [f"tls {self.mode}"]
+        if self.sni:
+            parts.append(f"sni={self.sni}")
+        if self.version:
+            parts.append(self.version)
+        if self.alpn:
+            parts.append(f"alpn={self.alpn}")
+        if self.cipher:
+            parts.append(self.cipher)
+        if self.upstream_subject:
+            parts.append(f"upstream cert {self.upstream_subject!r} by {self.upstream_issuer!r}")
+        if self.verification and self.verification != "system store":
+            parts.append(f"verify {self.verification}")
+        return " ".join(parts)
+
+
 _flow_ids = itertools.count(1)
 
 
@@ -126,6 +185,7 @@ class Flow:
     state: FlowState = FlowState.CONNECTING
     reason: CloseReason | None = None
     error: str | None = None
+    tls: TlsFacts | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -139,6 +199,7 @@ class Flow:
         bytes_down: int,
         reason: CloseReason,
         error: str | None = None,
+        tls: TlsFacts | None = None,
     ) -> Flow:
         """This flow as it stands once closed."""
         # Built directly: dataclasses.replace costs several times more, once per flow.
@@ -155,6 +216,7 @@ class Flow:
             FlowState.CLOSED,
             reason,
             error,
+            tls or self.tls,
         )
 
 

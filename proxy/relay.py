@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 from .errors import FlowtapError, describe_failure, log_failure
 from .events import Bus, Loan
@@ -42,6 +43,11 @@ from .flow import (
 )
 from .listener import ListenerSpec, bind, bound_address, resolve
 from .udp import UdpListener, UdpSession, check_spec
+
+if TYPE_CHECKING:
+    # Imported when a flow first needs TLS: cryptography and ssl cost ~60 ms of start-up.
+    from .tls_intercept import TlsSettings
+    from .tls_relay import TlsTcpFlow
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,8 @@ class RelayConfig:
     # While events come closer together than this, a worker polls without sleeping between
     # them (see `Worker.run`); 0 turns it off.
     busy_poll_s: float = 200e-6
+    # TLS interception or passthrough of TCP flows (`--tls`); None relays bytes untouched.
+    tls: TlsSettings | None = None
 
 
 @dataclass(slots=True)
@@ -184,6 +192,8 @@ def _send(pipe: _Pipe, data: memoryview | list[memoryview]) -> int:
 
 class _TcpFlow:
     """A TCP flow owned by one worker: connect upstream, relay both ways, close exactly once."""
+
+    is_tls = False
 
     __slots__ = (
         "client",
@@ -445,7 +455,7 @@ class _Waker:
         os.eventfd_write(self.fd, 1)
 
 
-_Handler = _TcpFlow | _Accepter | _Waker | UdpListener | UdpSession
+_Handler: TypeAlias = "_TcpFlow | TlsTcpFlow | _Accepter | _Waker | UdpListener | UdpSession"
 
 
 class Worker(threading.Thread):
@@ -465,8 +475,10 @@ class Worker(threading.Thread):
         self.config = config
         self.buffer = bytearray(config.buffer_size_bytes)
         self.view = memoryview(self.buffer)
-        self.ready: collections.deque[_TcpFlow | UdpListener | UdpSession] = collections.deque()
-        self.flows: dict[int, _TcpFlow] = {}
+        self.ready: collections.deque[_TcpFlow | TlsTcpFlow | UdpListener | UdpSession] = (
+            collections.deque()
+        )
+        self.flows: dict[int, _TcpFlow | TlsTcpFlow] = {}
         self.stopping = False
         self._listeners = list(listeners)
         self._on_empty = on_empty
@@ -474,7 +486,7 @@ class Worker(threading.Thread):
         self.failure: BaseException | None = None
         self._ep = select.epoll()
         self._handlers: dict[int, _Handler] = {}
-        self._deadlines: list[tuple[float, int, _TcpFlow]] = []
+        self._deadlines: list[tuple[float, int, _TcpFlow | TlsTcpFlow]] = []
         self._seq = itertools.count()
         self._commands: collections.deque[tuple[str, object]] = collections.deque()
         self._exit = False
@@ -656,7 +668,9 @@ class Worker(threading.Thread):
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             _, _, flow = heapq.heappop(deadlines)
-            if flow.connecting and not flow.closed:
+            if not flow.connecting and flow.is_tls:
+                cast("TlsTcpFlow", flow).on_deadline(now)
+            elif flow.connecting and not flow.closed:
                 self.close_flow(
                     flow,
                     CloseReason.UPSTREAM_TIMEOUT,
@@ -752,7 +766,14 @@ class Worker(threading.Thread):
         server.setblocking(False)
         if listener.upstream_family != socket.AF_UNIX:
             server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tcp = _TcpFlow(self, flow, client, server)
+        tls = self.config.tls
+        tcp: _TcpFlow | TlsTcpFlow
+        if tls is not None and not listener.upstream.is_unix:
+            from .tls_relay import TlsTcpFlow
+
+            tcp = TlsTcpFlow(self, flow, client, server, tls)
+        else:
+            tcp = _TcpFlow(self, flow, client, server)
         self.flows[flow.id] = tcp
         self.bus.emit(FlowOpened(flow))
         err = server.connect_ex(listener.upstream_sockaddr)  # type: ignore[arg-type]
@@ -763,10 +784,16 @@ class Worker(threading.Thread):
         else:
             self.fail_connect(tcp, err)
 
-    def connected(self, tcp: _TcpFlow) -> None:
+    def connected(self, tcp: _TcpFlow | TlsTcpFlow) -> None:
         self._register(tcp.client.fileno(), _FLOW_EVENTS, tcp)
+        if tcp.is_tls:
+            tcp = cast("TlsTcpFlow", tcp)
+            now = time.monotonic()
+            tcp.on_connected(now)
+            if not tcp.closed:
+                heapq.heappush(self._deadlines, (tcp.handshake_deadline, next(self._seq), tcp))
 
-    def fail_connect(self, tcp: _TcpFlow, err: int) -> None:
+    def fail_connect(self, tcp: _TcpFlow | TlsTcpFlow, err: int) -> None:
         if err == errno.ECONNREFUSED or err == errno.ENOENT:
             reason = CloseReason.UPSTREAM_REFUSED
         elif err == errno.ETIMEDOUT:
@@ -779,7 +806,7 @@ class Worker(threading.Thread):
 
     def close_flow(
         self,
-        tcp: _TcpFlow,
+        tcp: _TcpFlow | TlsTcpFlow,
         reason: CloseReason,
         *,
         reset: bool = False,

@@ -78,7 +78,7 @@ class CertificateAuthority:
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
         )
         self._leaves: OrderedDict[str, Leaf] = OrderedDict()
-        self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        self._contexts: OrderedDict[tuple[str, str | None], ssl.SSLContext] = OrderedDict()
         # Relay workers are threads: one lock around the caches (signing happens outside it).
         self._lock = threading.Lock()
 
@@ -109,19 +109,23 @@ class CertificateAuthority:
                 self._leaves.popitem(last=False)
         return leaf
 
-    def server_context(self, name: str) -> ssl.SSLContext:
-        """A server-side SSL context that presents the leaf for `name` (cached per name)."""
+    def server_context(self, name: str, alpn: str | None = None) -> ssl.SSLContext:
+        """A server-side SSL context that presents the leaf for `name` and, when `alpn` is
+        given, selects that protocol if the client offers it (cached per name and ALPN)."""
+        key = (name, alpn)
         with self._lock:
-            cached = self._contexts.get(name)
+            cached = self._contexts.get(key)
             if cached is not None:
-                self._contexts.move_to_end(name)
+                self._contexts.move_to_end(key)
                 return cached
         leaf = self.leaf(name)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         _load_chain_from_memory(context, leaf.cert_pem + self._cert_pem, leaf.key_pem)
+        if alpn is not None:
+            context.set_alpn_protocols([alpn])
         with self._lock:
-            self._contexts[name] = context
-            self._contexts.move_to_end(name)
+            self._contexts[key] = context
+            self._contexts.move_to_end(key)
             while len(self._contexts) > self._cache_size:
                 self._contexts.popitem(last=False)
         return context

@@ -1,0 +1,396 @@
+"""TLS interception of one TCP flow without I/O: ciphertext from either peer in, ciphertext for
+either peer and the plaintext each sent out, through two `ssl.SSLObject`s on memory BIOs.
+
+The client's first bytes are peeked: a ClientHello opens TLS to the upstream with the
+client's SNI and ALPN offer; once the upstream's handshake is done (its certificate verified
+unless told not to), the client is answered with a leaf for the name it asked for and the
+ALPN the upstream picked. Anything else passes untouched, as plain TCP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import FlowtapError
+from .flow import TlsFacts
+from .tls_hello import ClientHello, NotTls, peek_client_hello, version_name
+
+if TYPE_CHECKING:
+    from .tls_ca import CertificateAuthority
+
+# A fatal handshake_failure alert in a TLS 1.2 record: what a client is told when flowtap
+# cannot reach a trusted upstream (before any ServerHello, a plaintext alert is the norm).
+ALERT_HANDSHAKE_FAILURE = b"\x15\x03\x03\x00\x02\x02\x28"
+_READ_BYTES = 256 * 1024
+
+
+class TlsMode(enum.StrEnum):
+    """What `--tls` does with a TCP listener's flows."""
+
+    OFF = "off"
+    PASSTHROUGH = "passthrough"
+    INTERCEPT = "intercept"
+
+
+@dataclass
+class TlsSettings:
+    """How flows are intercepted: the CA, how the upstream is verified, the timeout."""
+
+    mode: TlsMode
+    ca: CertificateAuthority | None = None
+    upstream_ca: Path | None = None
+    upstream_insecure: bool = False
+    handshake_timeout_s: float = 10.0
+    _contexts: dict[tuple[str, ...], ssl.SSLContext] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode is TlsMode.INTERCEPT and self.ca is None:
+            raise ValueError("intercepting TLS needs a CA")
+        if self.upstream_ca is not None:
+            self._check_upstream_ca()
+
+    @property
+    def verification(self) -> str:
+        """How the upstream's certificate is checked, as the flow's facts say it."""
+        if self.upstream_insecure:
+            return "off (--upstream-insecure)"
+        return f"--upstream-ca {self.upstream_ca}" if self.upstream_ca else "system store"
+
+    def upstream_context(self, alpn: tuple[str, ...]) -> ssl.SSLContext:
+        """A client-side context that offers `alpn` and verifies as configured (cached)."""
+        with self._lock:
+            context = self._contexts.get(alpn)
+        if context is not None:
+            return context
+        context = ssl.create_default_context(
+            cafile=None if self.upstream_ca is None else str(self.upstream_ca)
+        )
+        if self.upstream_insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if alpn:
+            context.set_alpn_protocols(list(alpn))
+        with self._lock:
+            self._contexts[alpn] = context
+        return context
+
+    def _check_upstream_ca(self) -> None:
+        try:
+            ssl.create_default_context(cafile=str(self.upstream_ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise FlowtapError(
+                f"--upstream-ca {self.upstream_ca}: cannot load it ({_ssl_text(exc)}); "
+                "give a readable PEM file of CA certificates"
+            ) from None
+
+
+class Phase(enum.Enum):
+    PEEKING = "peeking"
+    UPSTREAM_HANDSHAKE = "upstream-handshake"
+    CLIENT_HANDSHAKE = "client-handshake"
+    OPEN = "open"
+    PLAIN = "plain"
+    FAILED = "failed"
+
+
+class TlsInterception:
+    """The TLS state of one flow; the caller moves bytes between it and the sockets."""
+
+    def __init__(self, settings: TlsSettings, upstream_host: str) -> None:
+        self.settings = settings
+        self.upstream_host = upstream_host
+        self.phase = Phase.PEEKING
+        self.to_client = bytearray()
+        self.to_server = bytearray()
+        self.plaintext_up: list[bytes] = []
+        """What the client sent (decrypted), for observers; the caller empties it."""
+        self.plaintext_down: list[bytes] = []
+        self.error: str | None = None
+        """Why the flow must close, once it must (a one-line reason starting `tls:`)."""
+        self.client_done = False
+        """The client has sent all it will: shut the server's write side once flushed."""
+        self.server_done = False
+        self.facts: TlsFacts | None = None
+        self._peeked = bytearray()
+        self._hello: ClientHello | None = None
+        self._server_connected = False
+        self._upstream: ssl.SSLObject | None = None
+        self._up_in = ssl.MemoryBIO()
+        self._up_out = ssl.MemoryBIO()
+        self._client: ssl.SSLObject | None = None
+        self._client_in = ssl.MemoryBIO()
+        self._client_out = ssl.MemoryBIO()
+
+    @property
+    def is_handshaking(self) -> bool:
+        return self.phase in (Phase.PEEKING, Phase.UPSTREAM_HANDSHAKE, Phase.CLIENT_HANDSHAKE)
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def server_connected(self) -> None:
+        """The upstream TCP connection is up: a ClientHello already peeked may go on."""
+        self._server_connected = True
+        if self.phase is Phase.UPSTREAM_HANDSHAKE and self._upstream is None:
+            self._start_upstream()
+
+    def feed_client(self, data: bytes) -> None:
+        """Bytes the client sent."""
+        phase = self.phase
+        if phase is Phase.PLAIN:
+            self.to_server += data
+            self.plaintext_up.append(data)
+        elif phase is Phase.PEEKING:
+            self._peeked += data
+            self._peek()
+        elif phase is Phase.UPSTREAM_HANDSHAKE:
+            self._peeked += data  # more of the client's handshake: it waits for our answer
+        elif phase in (Phase.CLIENT_HANDSHAKE, Phase.OPEN):
+            self._client_in.write(data)
+            self._advance()
+
+    def feed_server(self, data: bytes) -> None:
+        """Bytes the upstream sent."""
+        if self.phase is Phase.PLAIN:
+            self.to_client += data
+            self.plaintext_down.append(data)
+        elif self.phase is not Phase.FAILED:
+            self._up_in.write(data)
+            self._advance()
+
+    def client_eof(self) -> None:
+        """The client closed its side (TCP FIN)."""
+        if self.phase is Phase.PLAIN or self.phase is Phase.OPEN:
+            self._client_in.write_eof()
+            if self.phase is Phase.OPEN:
+                self._advance()
+            self._finish_client()
+        elif self.is_handshaking:
+            self._fail("tls: the client closed during the handshake")
+
+    def server_eof(self) -> None:
+        """The upstream closed its side (TCP FIN)."""
+        if self.phase is Phase.PLAIN or self.phase is Phase.OPEN:
+            self._up_in.write_eof()
+            if self.phase is Phase.OPEN:
+                self._advance()
+            self._finish_server()
+        elif self.is_handshaking:
+            self._fail("tls: the upstream closed during the handshake")
+
+    def handshake_timed_out(self, timeout_s: float) -> None:
+        """The handshake did not complete in time."""
+        if self.is_handshaking:
+            where = {
+                Phase.PEEKING: "waiting for the client's ClientHello",
+                Phase.UPSTREAM_HANDSHAKE: "in the handshake with the upstream",
+                Phase.CLIENT_HANDSHAKE: "in the handshake with the client",
+            }[self.phase]
+            self._fail(f"tls: handshake not complete within {timeout_s:g} s ({where})")
+
+    # -- the state machine -----------------------------------------------------------------------
+
+    def _peek(self) -> None:
+        result = peek_client_hello(self._peeked)
+        if isinstance(result, NotTls):
+            self.facts = TlsFacts(mode="not-tls", note=result.reason)
+            self._go_plain()
+        elif isinstance(result, ClientHello):
+            self._hello = result
+            if self.settings.mode is TlsMode.PASSTHROUGH:
+                self.facts = TlsFacts(
+                    mode="passthrough",
+                    sni=result.sni,
+                    offered_alpn=result.alpn,
+                    offered_versions=tuple(version_name(v) for v in result.versions),
+                )
+                self._go_plain()
+                return
+            self.phase = Phase.UPSTREAM_HANDSHAKE
+            if self._server_connected:
+                self._start_upstream()
+
+    def _go_plain(self) -> None:
+        self.phase = Phase.PLAIN
+        data = bytes(self._peeked)
+        self._peeked.clear()
+        self.to_server += data
+        self.plaintext_up.append(data)
+
+    def _start_upstream(self) -> None:
+        hello = self._hello
+        assert hello is not None
+        context = self.settings.upstream_context(hello.alpn)
+        # Verify the name the client asked for; without SNI, the upstream's own name or address.
+        self._upstream = context.wrap_bio(
+            self._up_in, self._up_out, server_hostname=hello.sni or self.upstream_host
+        )
+        self._advance()
+
+    def _advance(self) -> None:
+        try:
+            if self.phase is Phase.UPSTREAM_HANDSHAKE and self._upstream is not None:
+                if not self._handshake(self._upstream):
+                    return
+                self._start_client()
+            if self.phase is Phase.CLIENT_HANDSHAKE:
+                assert self._client is not None
+                if not self._handshake(self._client):
+                    return
+                self.phase = Phase.OPEN
+            if self.phase is Phase.OPEN:
+                self._relay()
+        except ssl.SSLError as exc:
+            self._fail(self._describe_failure(exc))
+        finally:
+            self._drain_outgoing()
+
+    def _handshake(self, obj: ssl.SSLObject) -> bool:
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        return True
+
+    def _start_client(self) -> None:
+        upstream = self._upstream
+        hello = self._hello
+        assert upstream is not None and hello is not None
+        self.facts = self._upstream_facts(upstream, hello)
+        ca = self.settings.ca
+        assert ca is not None
+        name = hello.sni or self.upstream_host
+        chosen = upstream.selected_alpn_protocol()
+        context = ca.server_context(name, alpn=chosen)
+        self._client = context.wrap_bio(self._client_in, self._client_out, server_side=True)
+        self._client_in.write(bytes(self._peeked))
+        self._peeked.clear()
+        self.phase = Phase.CLIENT_HANDSHAKE
+
+    def _relay(self) -> None:
+        client, upstream = self._client, self._upstream
+        assert client is not None and upstream is not None
+        if not self.client_done:
+            done = _read_all(client, self.plaintext_up, upstream)
+            if done:
+                self._finish_client()
+        if not self.server_done:
+            done = _read_all(upstream, self.plaintext_down, client)
+            if done:
+                self._finish_server()
+
+    def _finish_client(self) -> None:
+        if self.client_done:
+            return
+        self.client_done = True
+        if self._upstream is not None and self.phase is Phase.OPEN:
+            _send_close_notify(self._upstream)
+            self._drain_outgoing()
+
+    def _finish_server(self) -> None:
+        if self.server_done:
+            return
+        self.server_done = True
+        if self._client is not None and self.phase is Phase.OPEN:
+            _send_close_notify(self._client)
+            self._drain_outgoing()
+
+    def _drain_outgoing(self) -> None:
+        if self._up_out.pending:
+            self.to_server += self._up_out.read()
+        if self._client_out.pending:
+            self.to_client += self._client_out.read()
+
+    def _fail(self, reason: str) -> None:
+        if self.phase is Phase.FAILED:
+            return
+        was = self.phase
+        self.phase = Phase.FAILED
+        self.error = reason
+        if was is Phase.UPSTREAM_HANDSHAKE:
+            # The client waits for a ServerHello: tell it the handshake failed.
+            self.to_client += ALERT_HANDSHAKE_FAILURE
+        if self.facts is None and self._hello is not None:
+            self.facts = TlsFacts(
+                mode="intercept",
+                sni=self._hello.sni,
+                offered_alpn=self._hello.alpn,
+                verification=self.settings.verification,
+            )
+
+    def _describe_failure(self, exc: ssl.SSLError) -> str:
+        text = _ssl_text(exc)
+        if self.phase is Phase.UPSTREAM_HANDSHAKE:
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                return f"tls: upstream certificate not trusted: {exc.verify_message}"
+            return f"tls: handshake with the upstream failed: {text}"
+        if self.phase is Phase.CLIENT_HANDSHAKE:
+            reason = (exc.reason or "").lower()
+            if (
+                "unknown_ca" in reason
+                or "bad_certificate" in reason
+                or "certificate_unknown" in reason
+            ):
+                return f"tls: the client does not trust flowtap's CA ({text})"
+            return f"tls: handshake with the client failed: {text}"
+        return f"tls: {text}"
+
+    def _upstream_facts(self, upstream: ssl.SSLObject, hello: ClientHello) -> TlsFacts:
+        from cryptography import x509  # only once a flow is intercepted
+
+        cipher = upstream.cipher()
+        subject = issuer = not_after = None
+        der = upstream.getpeercert(binary_form=True)
+        if der:
+            cert = x509.load_der_x509_certificate(der)
+            subject = cert.subject.rfc4514_string()
+            issuer = cert.issuer.rfc4514_string()
+            not_after = f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+        return TlsFacts(
+            mode="intercept",
+            sni=hello.sni,
+            offered_alpn=hello.alpn,
+            alpn=upstream.selected_alpn_protocol(),
+            version=upstream.version(),
+            cipher=None if cipher is None else cipher[0],
+            upstream_subject=subject,
+            upstream_issuer=issuer,
+            upstream_not_after=not_after,
+            verification=self.settings.verification,
+        )
+
+
+def _read_all(source: ssl.SSLObject, plaintext: list[bytes], sink: ssl.SSLObject) -> bool:
+    """Decrypt what `source` has, re-encrypt it into `sink`; True once `source` has ended."""
+    while True:
+        try:
+            data = source.read(_READ_BYTES)
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLZeroReturnError:
+            return True  # close_notify
+        except ssl.SSLEOFError:
+            return True  # TCP FIN without close_notify: relayed as an end all the same
+        if not data:
+            return True
+        plaintext.append(data)
+        sink.write(data)
+
+
+def _send_close_notify(obj: ssl.SSLObject) -> None:
+    # The alert lands in the outgoing BIO; the peer's own close_notify is not waited for.
+    with contextlib.suppress(ssl.SSLError):
+        obj.unwrap()
+
+
+def _ssl_text(exc: BaseException) -> str:
+    """An ssl error as one short line (its reason, without the C source location)."""
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.lower().replace("_", " ")
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,0 +1,257 @@
+"""A TCP flow whose bytes go through `TlsInterception` on the relay worker's thread: the
+worker's epoll loop drives its two non-blocking sockets, observers get the plaintext."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import select
+import socket
+import time
+from typing import Any, Protocol
+
+from .events import Bus
+from .flow import CloseReason, Direction, Flow, FlowData
+from .tls_intercept import TlsInterception, TlsSettings
+
+_ERR = select.EPOLLERR
+_RECV_BYTES = 64 * 1024
+# Reads per flow before other flows get a turn (the plain relay's _CHUNKS_PER_TURN).
+_READS_PER_TURN = 16
+# Ciphertext waiting for one peer beyond which flowtap stops reading the other (backpressure).
+_MAX_PENDING_BYTES = 256 * 1024
+_RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+class TlsWorker(Protocol):
+    """What a TLS flow needs of the relay worker that owns it."""
+
+    bus: Bus
+
+    # The worker's queue of flows to progress again (it holds other kinds of handler too).
+    ready: collections.deque[Any]
+
+    def close_flow(
+        self, tcp: TlsTcpFlow, reason: CloseReason, *, reset: bool = False, error: str | None = None
+    ) -> None: ...
+
+    def connected(self, tcp: TlsTcpFlow) -> None: ...
+
+    def fail_connect(self, tcp: TlsTcpFlow, err: int) -> None: ...
+
+
+class _Count:
+    """Plaintext bytes moved one way (what `Relay.byte_counts` reads)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class TlsTcpFlow:
+    """A TCP flow relayed through TLS interception (or passed through once it is not TLS)."""
+
+    is_tls = True
+
+    def __init__(
+        self,
+        worker: TlsWorker,
+        flow: Flow,
+        client: socket.socket,
+        server: socket.socket,
+        settings: TlsSettings,
+    ) -> None:
+        self.worker = worker
+        self.flow = flow
+        self.client = client
+        self.server = server
+        self.settings = settings
+        self.tls = TlsInterception(settings, flow.server.host)
+        self.up = _Count()
+        self.down = _Count()
+        self.connecting = True
+        self.closed = False
+        self.queued = False
+        self.last_active = time.monotonic()
+        self.handshake_deadline = 0.0
+        self._client_eof = False
+        self._server_eof = False
+        self._client_shut = False
+        self._server_shut = False
+        self._first_eof: CloseReason | None = None
+
+    # -- events from the worker --------------------------------------------------------------
+
+    def on_connected(self, now: float) -> None:
+        self.connecting = False
+        self.handshake_deadline = now + self.settings.handshake_timeout_s
+        self.tls.server_connected()
+        self.progress(now)
+
+    def on_ready(self, fd: int, mask: int, now: float) -> None:
+        if self.closed:
+            return
+        if self.connecting:
+            if fd == self.server.fileno():
+                self._finish_connect()
+            return
+        is_client = fd == self.client.fileno()
+        if mask & _ERR:
+            sock = self.client if is_client else self.server
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._reset(is_client, os.strerror(err))
+                return
+        self.progress(now)
+
+    def _finish_connect(self) -> None:
+        err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.worker.fail_connect(self, err)
+            return
+        try:
+            self.server.getpeername()
+        except OSError:
+            return  # not connected yet: a stale event for a reused descriptor
+        self.worker.connected(self)
+
+    def on_deadline(self, now: float) -> None:
+        """The handshake deadline passed: a flow still handshaking closes with the reason."""
+        if not self.closed and self.tls.is_handshaking:
+            self.tls.handshake_timed_out(self.settings.handshake_timeout_s)
+            self._flush_and_fail()
+
+    def progress(self, now: float) -> None:
+        """Read what both sockets have, run it through TLS, send what is due."""
+        self.queued = False
+        tls = self.tls
+        try:
+            for _ in range(_READS_PER_TURN):
+                moved = False
+                if not self._client_eof and len(tls.to_server) < _MAX_PENDING_BYTES:
+                    moved |= self._read(self.client, is_client=True, now=now)
+                if not self._server_eof and len(tls.to_client) < _MAX_PENDING_BYTES:
+                    moved |= self._read(self.server, is_client=False, now=now)
+                self._emit_plaintext()
+                if tls.error is not None:
+                    self._flush_and_fail()
+                    return
+                moved |= self._send(self.server, tls.to_server, is_client=False)
+                moved |= self._send(self.client, tls.to_client, is_client=True)
+                if not moved:
+                    break
+            else:
+                # Still moving: let other flows run, then come back.
+                if not self.queued:
+                    self.queued = True
+                    self.worker.ready.append(self)
+        except _SideFailed as exc:
+            self._reset(exc.is_client, str(exc))
+            return
+        self._shut_finished_sides()
+
+    # -- socket work --------------------------------------------------------------------------
+
+    def _read(self, sock: socket.socket, *, is_client: bool, now: float) -> bool:
+        try:
+            data = sock.recv(_RECV_BYTES)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise _SideFailed(is_client, exc.strerror or str(exc)) from None
+        self.last_active = now
+        if not data:
+            if is_client:
+                self._client_eof = True
+                self._first_eof = self._first_eof or CloseReason.CLIENT_CLOSED
+                self.tls.client_eof()
+            else:
+                self._server_eof = True
+                self._first_eof = self._first_eof or CloseReason.SERVER_CLOSED
+                self.tls.server_eof()
+            return True
+        if is_client:
+            self.tls.feed_client(data)
+        else:
+            self.tls.feed_server(data)
+        return True
+
+    def _send(self, sock: socket.socket, pending: bytearray, *, is_client: bool) -> bool:
+        if not pending:
+            return False
+        try:
+            sent = sock.send(pending)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise _SideFailed(is_client, exc.strerror or str(exc)) from None
+        del pending[:sent]
+        return sent > 0
+
+    def _emit_plaintext(self) -> None:
+        tls = self.tls
+        bus = self.worker.bus
+        for chunks, direction, count in (
+            (tls.plaintext_up, Direction.UP, self.up),
+            (tls.plaintext_down, Direction.DOWN, self.down),
+        ):
+            if not chunks:
+                continue
+            for chunk in chunks:
+                count.count += len(chunk)
+                if bus.wants_data:
+                    bus.emit_data(FlowData(self.flow.id, direction, time.time(), chunk))
+            chunks.clear()
+
+    def _shut_finished_sides(self) -> None:
+        tls = self.tls
+        if tls.client_done and not tls.to_server and not self._server_shut:
+            self._server_shut = True
+            self._shutdown(self.server, is_client=False)
+        if tls.server_done and not tls.to_client and not self._client_shut:
+            self._client_shut = True
+            self._shutdown(self.client, is_client=True)
+        if self._client_shut and self._server_shut and not self.closed:
+            self.worker.close_flow(self, self._first_eof or CloseReason.CLIENT_CLOSED)
+
+    def _shutdown(self, sock: socket.socket, *, is_client: bool) -> None:
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._reset(is_client, exc.strerror or str(exc))
+
+    def _flush_and_fail(self) -> None:
+        # Best effort: an alert for the client (a few bytes) goes out before the close.
+        for sock, pending in ((self.client, self.tls.to_client), (self.server, self.tls.to_server)):
+            if pending:
+                with contextlib.suppress(OSError):
+                    sock.send(pending)
+        self._emit_plaintext()
+        self.worker.close_flow(self, CloseReason.ERROR, error=self.tls.error)
+
+    def _reset(self, is_client: bool, text: str) -> None:
+        reason = CloseReason.CLIENT_RESET if is_client else CloseReason.SERVER_RESET
+        if self.tls.is_handshaking:
+            who = "client" if is_client else "upstream"
+            text = f"tls: the {who} reset the connection during the handshake ({text})"
+        self.worker.close_flow(self, reason, reset=True, error=text)
+
+    def snapshot(self, reason: CloseReason, error: str | None) -> Flow:
+        return self.flow.closed(
+            ended_at=time.time(),
+            bytes_up=self.up.count,
+            bytes_down=self.down.count,
+            reason=reason,
+            error=error,
+            tls=self.tls.facts,
+        )
+
+
+class _SideFailed(Exception):
+    """A socket of the flow failed; `is_client` says which side."""
+
+    def __init__(self, is_client: bool, text: str) -> None:
+        super().__init__(text)
+        self.is_client = is_client

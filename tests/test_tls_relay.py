@@ -1,0 +1,378 @@
+"""TLS interception in the relay, with real peers: openssl s_server, curl, Python's ssl."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from capture_checks import follow_tcp
+
+from conftest import FlowtapProcess, free_port, json_events, wait_for, wait_port
+from flowtap.proxy.tls_ca import CA_CERT_FILE, CA_FILE, load_or_create_ca
+
+
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """An upstream CA and server certificates the tests made, and flowtap's CA for the tests."""
+
+    directory: Path
+    upstream_ca: Path
+    flowtap_ca: Path  # key and certificate, for --ca
+    flowtap_ca_cert: Path  # what clients trust
+
+    def server(self, name: str) -> tuple[Path, Path]:
+        return self.directory / f"{name}.crt", self.directory / f"{name}.key"
+
+
+def _issue(directory: Path, name: str, key_args: list[str], san: str, days: str = "2") -> None:
+    key, csr, crt = (directory / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
+    openssl("req", "-newkey", *key_args, "-nodes", "-keyout", str(key), "-out", str(csr),
+            "-subj", f"/CN={name}")  # fmt: skip
+    ext = directory / f"{name}.ext"
+    ext.write_text(f"subjectAltName={san}\n")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(directory / "upca.crt"),
+            "-CAkey", str(directory / "upca.key"), "-CAcreateserial", "-out", str(crt),
+            "-days", days, "-extfile", str(ext))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", str(directory / "upca.key"), "-out", str(directory / "upca.crt"),
+            "-days", "2", "-subj", "/CN=test upstream CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign")  # fmt: skip
+    _issue(directory, "rsa", ["rsa:2048"], "DNS:svc.test,IP:127.0.0.1")
+    _issue(directory, "ecdsa", ["ec", "-pkeyopt", "ec_paramgen_curve:P-256"], "DNS:svc.test")
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", str(directory / "self.key"), "-out", str(directory / "self.crt"),
+            "-days", "2", "-subj", "/CN=svc.test",
+            "-addext", "subjectAltName=DNS:svc.test")  # fmt: skip
+    load_or_create_ca(directory / "flowtap")
+    return Pki(
+        directory,
+        directory / "upca.crt",
+        directory / "flowtap" / CA_FILE,
+        directory / "flowtap" / CA_CERT_FILE,
+    )
+
+
+@pytest.fixture
+def s_server() -> Iterator[Callable[..., int]]:
+    """Start `openssl s_server` on a free loopback port with a certificate; stopped at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(cert: Path, key: Path, *args: str) -> int:
+        port = free_port()
+        proc = subprocess.Popen(
+            ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert),
+             "-key", str(key), "-naccept", "20", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        started.append(proc)
+        wait_port(port)
+        return port
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait(10)
+
+
+def start_intercepting(
+    flowtap: type[FlowtapProcess], pki: Pki, upstream_port: int, *extra: str
+) -> FlowtapProcess:
+    return flowtap(  # type: ignore[call-arg]
+        "run", "--json", "--no-control", "--listen", "127.0.0.1:0",
+        "--upstream", f"127.0.0.1:{upstream_port}", "--tls", "intercept",
+        "--ca", str(pki.flowtap_ca), *extra,
+    )  # fmt: skip
+
+
+def closed_records(process: FlowtapProcess, count: int) -> list[dict[str, Any]]:
+    wait_for(lambda: len(json_events(process, "closed")) >= count, 20, f"{count} closed flows")
+    return json_events(process, "closed")
+
+
+def tls_client(
+    pki: Pki, port: int, sni: str | None = "svc.test", **context_args: Any
+) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(pki.flowtap_ca_cert))
+    for name, value in context_args.items():
+        if name == "alpn":
+            context.set_alpn_protocols(value)
+        else:
+            setattr(context, name, value)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+    return context.wrap_socket(raw, server_hostname=sni)
+
+
+def test_curl_through_reverse_mode_sees_the_upstream_page_and_flow_has_tls_facts(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int]
+) -> None:
+    upstream = s_server(*pki.server("rsa"), "-www")
+    relay = start_intercepting(flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca))
+    result = subprocess.run(
+        ["curl", "-sS", "--http1.1", "--cacert", str(pki.flowtap_ca_cert), "--resolve",
+         f"svc.test:{relay.port}:127.0.0.1", f"https://svc.test:{relay.port}/"],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert b"s_server -accept" in result.stdout or b"Ciphers supported" in result.stdout
+    (record,) = closed_records(relay, 1)
+    tls = record["tls"]
+    assert record["error"] is None, record
+    assert tls["mode"] == "intercept" and tls["sni"] == "svc.test"
+    assert tls["version"] == "TLSv1.3"
+    assert tls["upstream_subject"] == "CN=rsa" and tls["upstream_issuer"] == "CN=test upstream CA"
+    assert tls["verification"] == f"--upstream-ca {pki.upstream_ca}"
+    assert record["bytes_up"] > 0 and record["bytes_down"] >= len(result.stdout)
+
+
+@pytest.mark.parametrize("server", ["rsa", "ecdsa"])
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_python_client_plaintext_relayed_both_ways_and_captured(
+    flowtap: type[FlowtapProcess],
+    pki: Pki,
+    s_server: Callable[..., int],
+    tmp_path: Path,
+    server: str,
+    version: str,
+) -> None:
+    upstream = s_server(*pki.server(server), "-rev", version)
+    capture = tmp_path / "plain.pcapng"
+    relay = start_intercepting(
+        flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture)
+    )
+    sent = b"hello through tls\n"
+    with tls_client(pki, relay.port) as client:
+        client.sendall(sent)
+        received = b""
+        while b"\n" not in received:
+            chunk = client.recv(100)
+            assert chunk, "the upstream closed before answering"
+            received += chunk
+    assert received.strip() == sent.strip()[::-1]
+    (record,) = closed_records(relay, 1)
+    assert record["tls"]["version"] == ("TLSv1.2" if version == "-tls1_2" else "TLSv1.3")
+    assert relay.stop() == 0
+    up, down = follow_tcp(capture, 0)
+    assert up == sent
+    assert down.startswith(received)
+
+
+def test_alpn_the_upstream_picks_is_what_the_client_gets(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int]
+) -> None:
+    upstream = s_server(*pki.server("rsa"), "-rev", "-alpn", "http/1.1")
+    relay = start_intercepting(flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca))
+    with tls_client(pki, relay.port, alpn=["h2", "http/1.1"]) as client:
+        assert client.selected_alpn_protocol() == "http/1.1"
+    (record,) = closed_records(relay, 1)
+    assert record["tls"]["alpn"] == "http/1.1"
+    assert record["tls"]["offered_alpn"] == ["h2", "http/1.1"]
+
+
+@pytest.mark.parametrize(
+    ("server", "sni", "extra", "why"),
+    [
+        ("rsa", "svc.test", [], "unable to get local issuer certificate"),  # system store
+        ("self", "svc.test", ["--upstream-ca", "UPCA"], "self-signed certificate"),
+        ("rsa", "other.test", ["--upstream-ca", "UPCA"], "Hostname mismatch"),
+    ],
+)
+def test_an_untrusted_upstream_closes_the_flow_with_the_reason_and_alerts_the_client(
+    flowtap: type[FlowtapProcess],
+    pki: Pki,
+    s_server: Callable[..., int],
+    server: str,
+    sni: str,
+    extra: list[str],
+    why: str,
+) -> None:
+    upstream = s_server(*pki.server(server), "-rev")
+    args = [str(pki.upstream_ca) if arg == "UPCA" else arg for arg in extra]
+    relay = start_intercepting(flowtap, pki, upstream, *args)
+    for _ in range(2):  # the relay keeps going after a failure
+        with pytest.raises(ssl.SSLError, match=r"HANDSHAKE_FAILURE|handshake failure"):
+            tls_client(pki, relay.port, sni=sni)
+    records = closed_records(relay, 2)
+    for record in records:
+        assert record["reason"] == "error"
+        assert record["error"].startswith("tls: upstream certificate not trusted: ")
+        assert why.lower() in record["error"].lower()
+    assert "Traceback" not in relay.read_stderr()
+
+
+def test_upstream_insecure_skips_verification_and_says_so(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int]
+) -> None:
+    upstream = s_server(*pki.server("self"), "-rev")
+    relay = start_intercepting(flowtap, pki, upstream, "--upstream-insecure")
+    with tls_client(pki, relay.port) as client:
+        client.sendall(b"abc\n")
+        assert client.recv(10).strip() == b"cba"
+    (record,) = closed_records(relay, 1)
+    assert record["tls"]["verification"] == "off (--upstream-insecure)"
+    assert record["tls"]["upstream_subject"] == "CN=svc.test"
+
+
+def test_a_client_that_does_not_trust_the_ca_is_told_in_the_flow(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int]
+) -> None:
+    upstream = s_server(*pki.server("rsa"), "-rev")
+    relay = start_intercepting(flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca))
+    context = ssl.create_default_context(cafile=str(pki.upstream_ca))  # not flowtap's CA
+    with (
+        socket.create_connection(("127.0.0.1", relay.port), timeout=20) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        context.wrap_socket(raw, server_hostname="svc.test")
+    (record,) = closed_records(relay, 1)
+    assert record["error"].startswith("tls: the client does not trust flowtap's CA"), record
+
+
+def test_bytes_that_are_not_tls_pass_untouched(
+    flowtap: type[FlowtapProcess], pki: Pki, echo_server: tuple[str, int]
+) -> None:
+    relay = start_intercepting(flowtap, pki, echo_server[1])
+    for payload in (b"PING plain text\r\n", b"\x16 garbage after a handshake byte"):
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=20) as client:
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            echoed = b""
+            while chunk := client.recv(4096):
+                echoed += chunk
+        assert echoed == payload
+    first, second = closed_records(relay, 2)
+    assert first["tls"]["mode"] == second["tls"]["mode"] == "not-tls"
+    assert "first byte 0x50" in first["tls"]["note"]
+    assert "record version 0x20" in second["tls"]["note"]
+    assert first["bytes_up"] == first["bytes_down"] == len(b"PING plain text\r\n")
+
+
+def test_a_client_hello_in_one_byte_segments_is_intercepted(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int]
+) -> None:
+    upstream = s_server(*pki.server("rsa"), "-rev")
+    relay = start_intercepting(flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca))
+    context = ssl.create_default_context(cafile=str(pki.flowtap_ca_cert))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="svc.test")
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=20) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        for byte in outgoing.read():
+            raw.send(bytes([byte]))
+        deadline = time.monotonic() + 20
+        while True:
+            assert time.monotonic() < deadline
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                data = raw.recv(65536)
+                assert data, "flowtap closed during the handshake"
+                incoming.write(data)
+        raw.sendall(outgoing.read())
+    (record,) = closed_records(relay, 1)
+    assert record["tls"]["mode"] == "intercept" and record["tls"]["sni"] == "svc.test"
+
+
+def test_a_handshake_that_never_completes_times_out(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int]
+) -> None:
+    upstream = s_server(*pki.server("rsa"), "-rev")
+    relay = start_intercepting(
+        flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca),
+        "--tls-handshake-timeout", "0.5",
+    )  # fmt: skip
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=20) as raw:
+        raw.sendall(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes, then nothing
+        assert raw.recv(100) == b""  # flowtap closes
+    (record,) = closed_records(relay, 1)
+    assert record["error"] == (
+        "tls: handshake not complete within 0.5 s (waiting for the client's ClientHello)"
+    )
+
+
+def test_an_upstream_that_resets_mid_handshake_is_one_line(
+    flowtap: type[FlowtapProcess], pki: Pki
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        relay = start_intercepting(flowtap, pki, server.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=20) as raw:
+            context = ssl.create_default_context(cafile=str(pki.flowtap_ca_cert))
+            server.settimeout(20)
+            accepted: list[socket.socket] = []
+
+            def reset_when_hello_arrives() -> None:
+                conn, _ = server.accept()
+                conn.recv(5)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                accepted.append(conn)
+
+            thread = threading.Thread(target=reset_when_hello_arrives)
+            thread.start()
+            with pytest.raises((ssl.SSLError, OSError)):
+                context.wrap_socket(raw, server_hostname="svc.test")
+            thread.join(20)
+    (record,) = closed_records(relay, 1)
+    assert record["reason"] in ("server-reset", "error")
+    assert record["error"].startswith("tls: "), record
+    assert "Traceback" not in relay.read_stderr()
+
+
+def test_passthrough_relays_tls_untouched_and_notes_the_sni(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int]
+) -> None:
+    upstream = s_server(*pki.server("rsa"), "-rev")
+    relay = flowtap(  # type: ignore[call-arg]
+        "run", "--json", "--no-control", "--listen", "127.0.0.1:0",
+        "--upstream", f"127.0.0.1:{upstream}", "--tls", "passthrough",
+    )  # fmt: skip
+    context = ssl.create_default_context(cafile=str(pki.upstream_ca))  # the real server's CA
+    with (
+        socket.create_connection(("127.0.0.1", relay.port), timeout=20) as raw,
+        context.wrap_socket(raw, server_hostname="svc.test") as client,
+    ):
+        client.sendall(b"xyz\n")
+        assert client.recv(10).strip() == b"zyx"
+        assert client.getpeercert()["subject"] == ((("commonName", "rsa"),),)  # type: ignore[index]
+    (record,) = closed_records(relay, 1)
+    assert record["tls"]["mode"] == "passthrough" and record["tls"]["sni"] == "svc.test"
+
+
+def test_tls_options_without_intercept_are_one_line_errors(pki: Pki) -> None:
+    from conftest import flowtap_command
+
+    for args in (
+        ["--upstream-insecure"],
+        ["--ca", str(pki.flowtap_ca)],
+        ["--tls", "intercept", "--ca", str(pki.directory)],
+        ["--tls", "intercept", "--upstream-ca", str(pki.directory / "missing.pem")],
+    ):
+        result = subprocess.run(
+            [*flowtap_command(), "run", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
+             "--no-control", *args],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("flowtap: error: ")
