@@ -118,6 +118,9 @@ class TlsInterception:
         """The client has sent all it will: shut the server's write side once flushed."""
         self.server_done = False
         self.facts: TlsFacts | None = None
+        self.close_notify_bytes_to_client = 0
+        """How many bytes at the end of `to_client` are flowtap's close_notify alone."""
+        self.close_notify_bytes_to_server = 0
         self._peeked = bytearray()
         self._hello: ClientHello | None = None
         self._server_connected = False
@@ -290,7 +293,9 @@ class TlsInterception:
             return
         self.client_done = True
         if self._upstream is not None and self.phase is Phase.OPEN:
+            self._drain_outgoing()
             _send_close_notify(self._upstream)
+            self.close_notify_bytes_to_server = self._up_out.pending
             self._drain_outgoing()
 
     def _finish_server(self) -> None:
@@ -298,7 +303,9 @@ class TlsInterception:
             return
         self.server_done = True
         if self._client is not None and self.phase is Phase.OPEN:
+            self._drain_outgoing()
             _send_close_notify(self._client)
+            self.close_notify_bytes_to_client = self._client_out.pending
             self._drain_outgoing()
 
     def _drain_outgoing(self) -> None:

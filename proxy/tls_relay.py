@@ -101,10 +101,32 @@ class TlsTcpFlow:
         if mask & _ERR:
             sock = self.client if is_client else self.server
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err and self._is_owed_only_close_notify(is_client):
+                self._end_side(is_client)
+                self._shut_finished_sides()
+                return
             if err:
                 self._reset(is_client, os.strerror(err))
                 return
         self.progress(now)
+
+    def _is_owed_only_close_notify(self, is_client: bool) -> bool:
+        """Whether a peer that has closed is owed nothing but flowtap's close_notify: then a
+        reset from it (it closed both ways first, as redis-cli does) ends the flow normally."""
+        tls = self.tls
+        if is_client:
+            pending, alert = len(tls.to_client), tls.close_notify_bytes_to_client
+            return self._client_eof and tls.server_done and pending <= alert
+        pending, alert = len(tls.to_server), tls.close_notify_bytes_to_server
+        return self._server_eof and tls.client_done and pending <= alert
+
+    def _end_side(self, is_client: bool) -> None:
+        if is_client:
+            self.tls.to_client.clear()
+            self._client_shut = True
+        else:
+            self.tls.to_server.clear()
+            self._server_shut = True
 
     def _finish_connect(self) -> None:
         err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -186,6 +208,9 @@ class TlsTcpFlow:
         except BlockingIOError:
             return False
         except OSError as exc:
+            if self._is_owed_only_close_notify(is_client):
+                self._end_side(is_client)
+                return True
             raise _SideFailed(is_client, exc.strerror or str(exc)) from None
         del pending[:sent]
         return sent > 0
@@ -220,7 +245,8 @@ class TlsTcpFlow:
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            self._reset(is_client, exc.strerror or str(exc))
+            if not self._is_owed_only_close_notify(is_client):
+                self._reset(is_client, exc.strerror or str(exc))
 
     def _flush_and_fail(self) -> None:
         # Best effort: an alert for the client (a few bytes) goes out before the close.

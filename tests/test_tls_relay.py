@@ -376,3 +376,35 @@ def test_tls_options_without_intercept_are_one_line_errors(pki: Pki) -> None:
         )  # fmt: skip
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("flowtap: error: ")
+
+
+def test_redis_cli_over_tls_through_interception(
+    flowtap: type[FlowtapProcess], pki: Pki, tmp_path: Path
+) -> None:
+    cert, key = pki.server("rsa")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+         "--tls-ca-cert-file", str(pki.upstream_ca), "--tls-auth-clients", "no",
+         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_port(port)
+        relay = start_intercepting(flowtap, pki, port, "--upstream-ca", str(pki.upstream_ca))
+        result = subprocess.run(
+            ["redis-cli", "--tls", "--cacert", str(pki.flowtap_ca_cert), "--sni", "svc.test",
+             "-p", str(relay.port), "SET", "greeting", "hello over tls"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.stdout.strip() == "OK", result.stderr
+        (record,) = closed_records(relay, 1)
+        assert record["tls"]["sni"] == "svc.test" and record["error"] is None
+        # The plaintext RESP went up: the byte count is that of the command, not of TLS.
+        command = b"*3\r\n$3\r\nSET\r\n$8\r\ngreeting\r\n$14\r\nhello over tls\r\n"
+        assert record["bytes_up"] == len(command)
+        assert record["bytes_down"] == len(b"+OK\r\n")
+    finally:
+        server.terminate()
+        server.wait(10)
