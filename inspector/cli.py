@@ -165,7 +165,7 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tls-handshake-timeout",
-        type=_positive_float,
+        type=options.seconds(0.001, options.DAY_S),
         default=10.0,
         metavar="S",
         help="close a TLS flow whose handshakes are not done within S seconds (default 10)",

@@ -102,8 +102,9 @@ class TlsTcpFlow:
             sock = self.client if is_client else self.server
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err and self._is_owed_only_close_notify(is_client):
-                self._end_side(is_client)
-                self._shut_finished_sides()
+                # It reset after its FIN with nothing owed to it: nothing was lost, and
+                # nothing more can reach it, so the flow ends as that side closed it.
+                self.worker.close_flow(self, self._first_eof or CloseReason.CLIENT_CLOSED)
                 return
             if err:
                 self._reset(is_client, os.strerror(err))
@@ -111,14 +112,14 @@ class TlsTcpFlow:
         self.progress(now)
 
     def _is_owed_only_close_notify(self, is_client: bool) -> bool:
-        """Whether a peer that has closed is owed nothing but flowtap's close_notify: then a
-        reset from it (it closed both ways first, as redis-cli does) ends the flow normally."""
+        """Whether a peer that has sent its FIN is owed nothing but flowtap's close_notify:
+        then a reset from it (it closed both ways, as redis-cli does) ends the flow normally."""
         tls = self.tls
         if is_client:
             pending, alert = len(tls.to_client), tls.close_notify_bytes_to_client
-            return self._client_eof and tls.server_done and pending <= alert
+            return self._client_eof and pending <= alert
         pending, alert = len(tls.to_server), tls.close_notify_bytes_to_server
-        return self._server_eof and tls.client_done and pending <= alert
+        return self._server_eof and pending <= alert
 
     def _end_side(self, is_client: bool) -> None:
         if is_client:
