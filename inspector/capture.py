@@ -1,8 +1,9 @@
 """The capture observer: every flow event written to pcap/pcapng, losslessly.
 
-Each event becomes packets on the relay thread that emitted it: headers are packed and the
-payload copied into the file's staging buffer at once, so a chunk is never queued, and the
-disk writes happen on the file's own I/O thread (see `pcap._StagedFile`). When the disk
+Each event becomes packets on the relay thread that emitted it, so a chunk is never queued:
+a relayed TCP chunk is received straight into the file's staging buffer, and its records
+are framed around it once the relay has sent it on (off the round trip's path); the disk
+writes happen on the file's own I/O thread (see `pcap._StagedFile`). When the disk
 falls behind, every staging buffer is waiting to be written and the relay waits for one, so
 nothing is ever dropped. A timer thread flushes the file twice a second (busy or idle), so
 after a crash it reads up to the last flush. With a size limit the capture becomes a ring
