@@ -164,6 +164,12 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         help="with --tls intercept, do not verify the upstream's certificate (said in each flow)",
     )
     parser.add_argument(
+        "--keylog",
+        metavar="FILE",
+        help="with --tls intercept, append both sides' TLS secrets to FILE (mode 0600) in the "
+        "NSS key log format (SSLKEYLOGFILE) that Wireshark reads",
+    )
+    parser.add_argument(
         "--tls-handshake-timeout",
         type=options.seconds(0.001, options.DAY_S),
         default=10.0,

@@ -869,6 +869,9 @@ def flow_comment(flow: Flow, *, closing: bool = False) -> str:
         record["reason"] = None if flow.reason is None else str(flow.reason)
         if flow.error:
             record["error"] = flow.error
+        if flow.tls is not None:
+            # What TLS the flow had: the capture holds the plaintext, this says how it came.
+            record["tls"] = flow.tls.as_dict()
     else:
         record.update(client=str(flow.client), server=str(flow.server))
         record["listener"] = str(flow.listener)

@@ -75,10 +75,11 @@ def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
     """The TLS settings of `--tls` and its options, or None when TLS is left alone."""
     upstream_ca = getattr(args, "upstream_ca", None)
     insecure = bool(getattr(args, "upstream_insecure", False))
+    keylog = getattr(args, "keylog", None)
     if (getattr(args, "tls", None) or "off") == "off":
-        if upstream_ca or insecure or getattr(args, "ca", None):
+        if upstream_ca or insecure or keylog or getattr(args, "ca", None):
             raise FlowtapError(
-                "--ca, --upstream-ca and --upstream-insecure apply to intercepted TLS; "
+                "--ca, --upstream-ca, --upstream-insecure and --keylog apply to intercepted TLS; "
                 "add --tls intercept"
             )
         return None
@@ -99,6 +100,7 @@ def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
         upstream_ca=None if upstream_ca is None else Path(upstream_ca),
         upstream_insecure=insecure,
         handshake_timeout_s=getattr(args, "tls_handshake_timeout", 10.0),
+        keylog=None if keylog is None else Path(keylog),
     )
 
 

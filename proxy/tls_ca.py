@@ -70,6 +70,8 @@ class CertificateAuthority:
         """The file the CA's key and certificate were loaded from."""
         self.cert_file = cert_file
         """A file holding the CA certificate alone (flowtap's own CA), for clients to trust."""
+        self.keylog_file: Path | None = None
+        """Where the contexts made from now on append their session secrets (NSS key log)."""
         self._key = key
         self._cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         self._cache_size = cache_size
@@ -127,6 +129,8 @@ class CertificateAuthority:
         _load_chain_from_memory(context, leaf.cert_pem + self._cert_pem, leaf.key_pem)
         if alpn is not None:
             context.set_alpn_protocols([alpn])
+        if self.keylog_file is not None:
+            context.keylog_filename = str(self.keylog_file)
         with self._lock:
             self._contexts[key] = context
             self._contexts.move_to_end(key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class TlsSettings:
     upstream_ca: Path | None = None
     upstream_insecure: bool = False
     handshake_timeout_s: float = 10.0
+    keylog: Path | None = None
+    """Where both sides' session secrets go, in the NSS key log format (SSLKEYLOGFILE)."""
     _contexts: dict[tuple[str, ...], ssl.SSLContext] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -55,6 +58,10 @@ class TlsSettings:
             raise ValueError("intercepting TLS needs a CA")
         if self.upstream_ca is not None:
             self._check_upstream_ca()
+        if self.keylog is not None:
+            _create_private_file(self.keylog)
+            if self.ca is not None:
+                self.ca.keylog_file = self.keylog
 
     @property
     def verification(self) -> str:
@@ -77,6 +84,8 @@ class TlsSettings:
             context.verify_mode = ssl.CERT_NONE
         if alpn:
             context.set_alpn_protocols(list(alpn))
+        if self.keylog is not None:
+            context.keylog_filename = str(self.keylog)
         with self._lock:
             self._contexts[alpn] = context
         return context
@@ -89,6 +98,21 @@ class TlsSettings:
                 f"--upstream-ca {self.upstream_ca}: cannot load it ({_ssl_text(exc)}); "
                 "give a readable PEM file of CA certificates"
             ) from None
+
+
+def _create_private_file(path: Path) -> None:
+    """Make `path` (or keep it) with mode 0600 before ssl appends secrets to it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise FlowtapError(
+            f"--keylog {path}: cannot write it ({exc.strerror or exc}); "
+            "give a file in a directory you can write to"
+        ) from None
 
 
 class Phase(enum.Enum):

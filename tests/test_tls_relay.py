@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
+import stat
 import struct
 import subprocess
 import threading
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from capture_checks import follow_tcp
+from capture_checks import _parse_follow, capture_loopback, fields, follow_tcp, tshark
 
 from conftest import FlowtapProcess, free_port, json_events, wait_for, wait_port
 from flowtap.proxy.tls_ca import CA_CERT_FILE, CA_FILE, load_or_create_ca
@@ -173,6 +175,10 @@ def test_python_client_plaintext_relayed_both_ways_and_captured(
     up, down = follow_tcp(capture, 0)
     assert up == sent
     assert down.startswith(received)
+    comments = fields(capture, "frame.comment", display_filter="frame.comment")
+    closing = json.loads(comments[-1][0].removeprefix("flowtap "))
+    assert closing["tls"]["sni"] == "svc.test" and closing["tls"]["mode"] == "intercept"
+    assert closing["tls"]["version"] == record["tls"]["version"]
 
 
 def test_alpn_the_upstream_picks_is_what_the_client_gets(
@@ -408,3 +414,38 @@ def test_redis_cli_over_tls_through_interception(
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_keylog_lets_tshark_decrypt_both_legs_captured_on_the_wire(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int], tmp_path: Path
+) -> None:
+    upstream = s_server(*pki.server("ecdsa"), "-rev")
+    keylog = tmp_path / "keys.log"
+    relay = start_intercepting(
+        flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca), "--keylog", str(keylog)
+    )
+    assert stat.S_IMODE(keylog.stat().st_mode) == 0o600
+    wire = tmp_path / "wire.pcap"
+    sent = b"secret words on the wire\n"
+    bpf = f"tcp port {relay.port} or tcp port {upstream}"
+    with capture_loopback("tcpdump", wire, bpf):
+        with tls_client(pki, relay.port) as client:
+            client.sendall(sent)
+            received = b""
+            while b"\n" not in received:
+                chunk = client.recv(100)
+                assert chunk, "the upstream closed before answering"
+                received += chunk
+        closed_records(relay, 1)
+    assert sent not in wire.read_bytes()  # the wire holds ciphertext only
+    lines = keylog.read_text().splitlines()
+    # Each leg's TLS 1.3 handshake: client/server handshake and traffic secrets.
+    assert sum(line.startswith("CLIENT_TRAFFIC_SECRET_0 ") for line in lines) == 2
+    for stream in (0, 1):
+        out = tshark("-r", str(wire), "-o", f"tls.keylog_file:{keylog}", "-q",
+                     "-z", f"follow,tls,raw,{stream}")  # fmt: skip
+        # tshark names as node 1 whoever sent the first decrypted bytes it saw.
+        assert sorted(_parse_follow(out)) == sorted((sent, received)), stream
+    # Without the keys tshark sees no plaintext.
+    out = tshark("-r", str(wire), "-q", "-z", "follow,tls,raw,0")
+    assert _parse_follow(out) == (b"", b"")
