@@ -123,6 +123,18 @@ def tls_client(
     return context.wrap_socket(raw, server_hostname=sni)
 
 
+def exchange_line(pki: Pki, port: int, line: bytes) -> bytes:
+    """Send one line over TLS through flowtap; the line the upstream answers."""
+    with tls_client(pki, port) as client:
+        client.sendall(line)
+        received = b""
+        while b"\n" not in received:
+            chunk = client.recv(100)
+            assert chunk, "the upstream closed before answering"
+            received += chunk
+    return received
+
+
 def test_curl_through_reverse_mode_sees_the_upstream_page_and_flow_has_tls_facts(
     flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int]
 ) -> None:
@@ -161,13 +173,7 @@ def test_python_client_plaintext_relayed_both_ways_and_captured(
         flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture)
     )
     sent = b"hello through tls\n"
-    with tls_client(pki, relay.port) as client:
-        client.sendall(sent)
-        received = b""
-        while b"\n" not in received:
-            chunk = client.recv(100)
-            assert chunk, "the upstream closed before answering"
-            received += chunk
+    received = exchange_line(pki, relay.port, sent)
     assert received.strip() == sent.strip()[::-1]
     (record,) = closed_records(relay, 1)
     assert record["tls"]["version"] == ("TLSv1.2" if version == "-tls1_2" else "TLSv1.3")
@@ -429,13 +435,7 @@ def test_keylog_lets_tshark_decrypt_both_legs_captured_on_the_wire(
     sent = b"secret words on the wire\n"
     bpf = f"tcp port {relay.port} or tcp port {upstream}"
     with capture_loopback("tcpdump", wire, bpf):
-        with tls_client(pki, relay.port) as client:
-            client.sendall(sent)
-            received = b""
-            while b"\n" not in received:
-                chunk = client.recv(100)
-                assert chunk, "the upstream closed before answering"
-                received += chunk
+        received = exchange_line(pki, relay.port, sent)
         closed_records(relay, 1)
     assert sent not in wire.read_bytes()  # the wire holds ciphertext only
     lines = keylog.read_text().splitlines()

@@ -1,0 +1,216 @@
+"""TLS interception without sockets: Python ssl client and server objects on memory BIOs,
+with `TlsInterception` moving the bytes between them."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flowtap.proxy.tls_ca import CertificateAuthority, load_or_create_ca
+from flowtap.proxy.tls_intercept import (
+    ALERT_HANDSHAKE_FAILURE,
+    Phase,
+    TlsInterception,
+    TlsMode,
+    TlsSettings,
+)
+
+CAs = tuple[CertificateAuthority, CertificateAuthority]
+"""flowtap's CA (clients trust it) and the upstream's (flowtap trusts it)."""
+
+
+@dataclass
+class Peer:
+    """One end (client or server) as Python's ssl on memory BIOs."""
+
+    obj: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+    done: bool = False
+
+    def step(self) -> None:
+        if not self.done:
+            try:
+                self.obj.do_handshake()
+                self.done = True
+            except ssl.SSLWantReadError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def cas(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[CertificateAuthority, CertificateAuthority]:
+    base = tmp_path_factory.mktemp("cas")
+    return load_or_create_ca(base / "flowtap"), load_or_create_ca(base / "upstream")
+
+
+def make_client(flowtap_ca: CertificateAuthority, alpn: list[str] | None = None) -> Peer:
+    context = ssl.create_default_context(cafile=str(flowtap_ca.cert_file))
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    return Peer(
+        context.wrap_bio(incoming, outgoing, server_hostname="svc.test"), incoming, outgoing
+    )
+
+
+def make_server(upstream_ca: CertificateAuthority, alpn: str | None = None) -> Peer:
+    context = upstream_ca.server_context("svc.test", alpn=alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    return Peer(context.wrap_bio(incoming, outgoing, server_side=True), incoming, outgoing)
+
+
+def pump(client: Peer, tls: TlsInterception, server: Peer, rounds: int = 20) -> None:
+    """Move bytes every way until nothing moves (the flow's sockets, without sockets)."""
+    tls.server_connected()
+    for _ in range(rounds):
+        client.step()
+        server.step()
+        moved = False
+        if client.outgoing.pending:
+            tls.feed_client(client.outgoing.read())
+            moved = True
+        if server.outgoing.pending:
+            tls.feed_server(server.outgoing.read())
+            moved = True
+        if tls.to_server:
+            server.incoming.write(bytes(tls.to_server))
+            tls.to_server.clear()
+            moved = True
+        if tls.to_client:
+            client.incoming.write(bytes(tls.to_client))
+            tls.to_client.clear()
+            moved = True
+        if not moved and client.done and server.done:
+            return
+
+
+def settings(cas: CAs, **extra: object) -> TlsSettings:
+    flowtap_ca, upstream_ca = cas
+    assert upstream_ca.cert_file is not None
+    options: dict[str, object] = {"upstream_ca": upstream_ca.cert_file, **extra}
+    return TlsSettings(TlsMode.INTERCEPT, flowtap_ca, **options)  # type: ignore[arg-type]
+
+
+def test_both_handshakes_complete_and_plaintext_is_seen_both_ways(
+    cas: CAs,
+) -> None:
+    client, server = make_client(cas[0]), make_server(cas[1])
+    tls = TlsInterception(settings(cas), "127.0.0.1")
+    pump(client, tls, server)
+    assert client.done and server.done and tls.phase is Phase.OPEN
+    client.obj.write(b"ping")
+    pump(client, tls, server)
+    assert server.obj.read(100) == b"ping"
+    server.obj.write(b"pong")
+    pump(client, tls, server)
+    assert client.obj.read(100) == b"pong"
+    assert tls.plaintext_up == [b"ping"] and tls.plaintext_down == [b"pong"]
+    assert tls.facts is not None
+    assert tls.facts.sni == "svc.test" and tls.facts.version == "TLSv1.3"
+    assert tls.facts.upstream_subject == "CN=svc.test"
+    # The client was answered with flowtap's leaf, not the upstream's certificate.
+    peer = client.obj.getpeercert()
+    assert peer is not None and dict(x[0] for x in peer["issuer"])["organizationName"] == "flowtap"
+
+
+def test_the_client_gets_the_alpn_the_upstream_chose(
+    cas: CAs,
+) -> None:
+    client = make_client(cas[0], alpn=["h2", "http/1.1"])
+    server = make_server(cas[1], alpn="http/1.1")
+    tls = TlsInterception(settings(cas), "127.0.0.1")
+    pump(client, tls, server)
+    assert server.obj.selected_alpn_protocol() == "http/1.1"
+    assert client.obj.selected_alpn_protocol() == "http/1.1"
+    assert tls.facts is not None and tls.facts.offered_alpn == ("h2", "http/1.1")
+
+
+def test_an_untrusted_upstream_fails_with_the_reason_and_an_alert_for_the_client(
+    cas: CAs,
+) -> None:
+    client, server = make_client(cas[0]), make_server(cas[1])
+    tls = TlsInterception(TlsSettings(TlsMode.INTERCEPT, cas[0]), "127.0.0.1")  # system store
+    tls.server_connected()
+    client.step()
+    tls.feed_client(client.outgoing.read())
+    server.incoming.write(bytes(tls.to_server))
+    server.step()
+    tls.feed_server(server.outgoing.read())
+    assert tls.phase is Phase.FAILED
+    assert tls.error is not None
+    assert tls.error.startswith("tls: upstream certificate not trusted: ")
+    assert bytes(tls.to_client) == ALERT_HANDSHAKE_FAILURE
+    assert tls.facts is not None and tls.facts.verification == "system store"
+
+
+def test_bytes_that_are_not_tls_go_to_the_server_untouched(
+    cas: CAs,
+) -> None:
+    tls = TlsInterception(settings(cas), "127.0.0.1")
+    tls.feed_client(b"GET / HTTP/1.1\r\n")
+    tls.feed_client(b"\r\n")
+    tls.feed_server(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert tls.phase is Phase.PLAIN
+    assert bytes(tls.to_server) == b"GET / HTTP/1.1\r\n\r\n"
+    assert bytes(tls.to_client) == b"HTTP/1.1 204 No Content\r\n\r\n"
+    assert tls.facts is not None and tls.facts.mode == "not-tls"
+
+
+def test_close_notify_from_the_client_reaches_the_server(
+    cas: CAs,
+) -> None:
+    client, server = make_client(cas[0]), make_server(cas[1])
+    tls = TlsInterception(settings(cas), "127.0.0.1")
+    pump(client, tls, server)
+    with pytest.raises(ssl.SSLWantReadError):
+        client.obj.unwrap()
+    tls.feed_client(client.outgoing.read())
+    assert tls.client_done and not tls.server_done
+    server.incoming.write(bytes(tls.to_server))
+    assert server.obj.read(10) == b""  # what SSLObject.read returns on a close_notify
+
+
+@pytest.mark.parametrize(
+    ("bytes_in", "where"),
+    [
+        (b"", "waiting for the client's ClientHello"),
+        (b"\x16\x03\x01\x02\x00\x01", "waiting for the client's ClientHello"),
+    ],
+)
+def test_a_handshake_timeout_names_where_it_stopped(cas: CAs, bytes_in: bytes, where: str) -> None:
+    tls = TlsInterception(settings(cas), "127.0.0.1")
+    tls.feed_client(bytes_in)
+    tls.handshake_timed_out(2.5)
+    assert tls.error == f"tls: handshake not complete within 2.5 s ({where})"
+
+
+def test_a_timeout_waiting_for_the_upstream_is_told_so(
+    cas: CAs,
+) -> None:
+    client = make_client(cas[0])
+    tls = TlsInterception(settings(cas), "127.0.0.1")
+    tls.server_connected()
+    client.step()
+    tls.feed_client(client.outgoing.read())
+    assert tls.phase is Phase.UPSTREAM_HANDSHAKE and tls.to_server  # its ClientHello went up
+    tls.handshake_timed_out(1)
+    assert (
+        tls.error == "tls: handshake not complete within 1 s (in the handshake with the upstream)"
+    )
+    assert bytes(tls.to_client).endswith(ALERT_HANDSHAKE_FAILURE)
+
+
+def test_keylog_file_is_private_and_gets_both_legs_secrets(cas: CAs, tmp_path: Path) -> None:
+    keylog = tmp_path / "keys.log"
+    fresh_ca = CertificateAuthority(cas[0].cert, cas[0]._key, cas[0].path, cas[0].cert_file)
+    client, server = make_client(cas[0]), make_server(cas[1])
+    tls = TlsInterception(settings((fresh_ca, cas[1]), keylog=keylog), "127.0.0.1")
+    assert keylog.stat().st_mode & 0o777 == 0o600
+    pump(client, tls, server)
+    labels = [line.split()[0] for line in keylog.read_text().splitlines()]
+    assert labels.count("CLIENT_TRAFFIC_SECRET_0") == 2
