@@ -24,6 +24,22 @@ class ListenerSpec:
     reuse_port: bool = False
 
 
+@dataclass(slots=True)
+class BoundListener:
+    """A listening socket with where its flows go."""
+
+    spec: ListenerSpec
+    sock: socket.socket
+    address: Address
+    upstream_family: int
+    upstream_sockaddr: object
+    upstream: Address
+
+    def describe(self) -> str:
+        """The `listening ...` line the CLI prints once the listener is ready."""
+        return f"listening {self.spec.transport} {self.address} -> {self.spec.upstream}"
+
+
 # sockaddr_un holds 108 bytes including the terminating NUL.
 _MAX_UNIX_PATH_BYTES = 107
 

@@ -1,20 +1,18 @@
-"""The relay: worker threads that each multiplex many flows with edge-triggered epoll.
+"""The TCP relay, and the `Relay` that runs TCP and UDP listeners on its worker threads.
 
-Every flow lives on one worker from accept to close, so a flow's events are emitted in order
-from one thread. Each worker owns one receive buffer; a chunk is copied at most once, for the
-observers, and only when an observer wants data; when the only one that does is a
-`ChunkSink` (the capture), chunks are received straight into its memory and sent from there.
-A destination that cannot take more stops its source from being read (backpressure), so a
-stalled peer costs at most one chunk.
+Every flow lives on one worker (see `worker.py`) from accept to close, so a flow's events are
+emitted in order from one thread. A worker owns one receive buffer; a chunk is copied at most
+once, for the observers, and only when an observer wants data; when the only one that does
+is a `ChunkSink` (the capture), chunks are received straight into its memory and sent from
+there. A destination that cannot take more stops its source from being read (backpressure),
+so a stalled peer costs at most one chunk.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
-import heapq
-import itertools
+import functools
 import logging
 import math
 import os
@@ -25,29 +23,29 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias, cast
+from typing import TYPE_CHECKING, cast
 
-from .errors import FlowtapError, describe_failure, log_failure
+from .errors import FlowtapError, log_failure
 from .events import Bus, Loan
 from .flow import (
     Address,
     CloseReason,
     Direction,
     Flow,
-    FlowClosed,
     FlowData,
     FlowOpened,
     Transport,
     next_flow_id,
 )
-from .listener import ListenerSpec, bind, bound_address, resolve
-from .udp import UdpListener, UdpSession, check_spec
+from .listener import BoundListener, ListenerSpec, bind, bound_address, resolve
+from .udp import UdpListener, check_spec
+from .worker import RelayConfig, Worker
 
 if TYPE_CHECKING:
     # Imported when a flow first needs TLS: cryptography and ssl cost ~60 ms of start-up.
-    from .tls_intercept import TlsSettings
     from .tls_relay import TlsTcpFlow
+
+__all__ = ["BoundListener", "Relay", "RelayConfig", "raise_fd_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -62,45 +60,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 # How many chunks one direction may move before other flows get a turn.
 _CHUNKS_PER_TURN = 8
 _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
-# A worker sleeps at most this long at a time, however far its next deadline is: epoll takes
-# no timeout past what the platform's time_t holds, and an hour costs nothing.
-_MAX_SLEEP_S = 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class RelayConfig:
-    """Tunables of the relay; the defaults suit an interactive proxy."""
-
-    connect_timeout_s: float = 10.0
-    idle_timeout_s: float | None = None
-    buffer_size_bytes: int = 256 * 1024
-    # One relay thread by default: Python work shares one lock (the GIL), so a second thread
-    # mostly contends for it (measured here: new connections/s -25%, ping-pong p50 +25%).
-    # More processes sharing a port (`--reuse-port`) scale instead.
-    workers: int = 1
-    udp_idle_timeout_s: float | None = 60.0
-    udp_max_sessions: int = 10_000
-    # While events come closer together than this, a worker polls without sleeping between
-    # them (see `Worker.run`); 0 turns it off.
-    busy_poll_s: float = 200e-6
-    # TLS interception or passthrough of TCP flows (`--tls`); None relays bytes untouched.
-    tls: TlsSettings | None = None
-
-
-@dataclass(slots=True)
-class BoundListener:
-    """A listening socket with where its flows go."""
-
-    spec: ListenerSpec
-    sock: socket.socket
-    address: Address
-    upstream_family: int
-    upstream_sockaddr: object
-    upstream: Address
-
-    def describe(self) -> str:
-        """The `listening ...` line the CLI prints once the listener is ready."""
-        return f"listening {self.spec.transport} {self.address} -> {self.spec.upstream}"
+# After running out of descriptors, accepting resumes this long after (or when a flow closes).
+_ACCEPT_PAUSE_S = 0.1
 
 
 def raise_fd_limit() -> int:
@@ -203,6 +164,7 @@ class _TcpFlow:
         "first_eof",
         "flow",
         "last_active",
+        "owner",
         "queued",
         "server",
         "up",
@@ -210,9 +172,10 @@ class _TcpFlow:
     )
 
     def __init__(
-        self, worker: Worker, flow: Flow, client: socket.socket, server: socket.socket
+        self, owner: _TcpFlows, flow: Flow, client: socket.socket, server: socket.socket
     ) -> None:
-        self.worker = worker
+        self.owner = owner
+        self.worker = owner.worker
         self.flow = flow
         self.client = client
         self.server = server
@@ -259,7 +222,7 @@ class _TcpFlow:
             self._reset(exc.is_client, str(exc))
             return
         if self.up.shut and self.down.shut:
-            self.worker.close_flow(self, self.first_eof or CloseReason.CLIENT_CLOSED)
+            self.owner.close_flow(self, self.first_eof or CloseReason.CLIENT_CLOSED)
         elif again and not self.queued:
             self.queued = True
             self.worker.ready.append(self)
@@ -383,18 +346,18 @@ class _TcpFlow:
     def _finish_connect(self, mask: int) -> None:
         err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self.worker.fail_connect(self, err)
+            self.owner.fail_connect(self, err)
             return
         try:
             self.server.getpeername()
         except OSError:
             return  # not connected yet: a stale event for a reused descriptor
         self.connecting = False
-        self.worker.connected(self)
+        self.owner.connected(self)
 
     def _reset(self, is_client: bool, text: str) -> None:
         reason = CloseReason.CLIENT_RESET if is_client else CloseReason.SERVER_RESET
-        self.worker.close_flow(self, reason, reset=True, error=text)
+        self.owner.close_flow(self, reason, reset=True, error=text)
 
     def snapshot(self, reason: CloseReason, error: str | None) -> Flow:
         return self.flow.closed(
@@ -407,17 +370,17 @@ class _TcpFlow:
 
 
 class _Accepter:
-    """Accepts clients of one listener on behalf of one worker."""
+    """Accepts clients of one listener on behalf of one worker's TCP flows."""
 
-    __slots__ = ("listener", "worker")
+    __slots__ = ("listener", "owner")
 
-    def __init__(self, worker: Worker, listener: BoundListener) -> None:
-        self.worker = worker
+    def __init__(self, owner: _TcpFlows, listener: BoundListener) -> None:
+        self.owner = owner
         self.listener = listener
 
     def on_ready(self, fd: int, mask: int, now: float) -> None:
         sock = self.listener.sock
-        worker = self.worker
+        owner = self.owner
         for _ in range(64):
             try:
                 client, addr = sock.accept()
@@ -429,290 +392,104 @@ class _Accepter:
                 continue
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    worker.pause_accepting(exc)
+                    owner.pause_accepting(exc)
                     return
-                if not worker.stopping:
+                if not owner.worker.stopping:
                     log.warning("accept on %s failed: %s", self.listener.address, exc.strerror)
                 return
-            worker.start_flow(self.listener, client, addr)
+            owner.accepted(self.listener, client, addr)
 
 
-class _Waker:
-    """Runs commands that other threads queue for a worker."""
+class _TcpFlows:
+    """A worker's TCP flows, accepted on the TCP listeners it shares with the other workers.
 
-    __slots__ = ("fd", "worker")
+    A flow is opened in two steps: `accepted` makes the `Flow` of a client, and
+    `connect_upstream` connects it to the upstream its listener names. A listener that learns
+    its upstream from the client (SOCKS5, HTTP CONNECT) would run its handshake on the client
+    socket first (watching it, with a deadline from `Worker.call_at`), then connect the same way.
+    """
 
-    def __init__(self, worker: Worker) -> None:
+    __slots__ = (
+        "_accept_resume_at",
+        "_accepters",
+        "_idle_scan_s",
+        "_next_idle_scan",
+        "bus",
+        "config",
+        "deadline",
+        "flows",
+        "ready",
+        "worker",
+    )
+
+    def __init__(self, worker: Worker, listeners: Sequence[BoundListener]) -> None:
         self.worker = worker
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-    def on_ready(self, fd: int, mask: int, now: float) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.fd)
-        self.worker.run_commands()
-
-    def wake(self) -> None:
-        os.eventfd_write(self.fd, 1)
-
-
-_Handler: TypeAlias = "_TcpFlow | TlsTcpFlow | _Accepter | _Waker | UdpListener | UdpSession"
-
-
-class Worker(threading.Thread):
-    """One relay thread: an epoll loop over its listeners' accepts and its flows' sockets."""
-
-    def __init__(
-        self,
-        index: int,
-        listeners: Sequence[BoundListener],
-        bus: Bus,
-        config: RelayConfig,
-        on_empty: Callable[[], None],
-        on_failure: Callable[[Worker, BaseException], None],
-    ) -> None:
-        super().__init__(name=f"flowtap-relay-{index}", daemon=True)
-        self.bus = bus
-        self.config = config
-        self.buffer = bytearray(config.buffer_size_bytes)
-        self.view = memoryview(self.buffer)
-        self.ready: collections.deque[_TcpFlow | TlsTcpFlow | UdpListener | UdpSession] = (
-            collections.deque()
-        )
+        self.bus = worker.bus
+        self.config = worker.config
         self.flows: dict[int, _TcpFlow | TlsTcpFlow] = {}
-        self.stopping = False
-        self._listeners = list(listeners)
-        self._on_empty = on_empty
-        self._on_failure = on_failure
-        self.failure: BaseException | None = None
-        self._ep = select.epoll()
-        self._handlers: dict[int, _Handler] = {}
-        self._deadlines: list[tuple[float, int, _TcpFlow | TlsTcpFlow]] = []
-        self._seq = itertools.count()
-        self._commands: collections.deque[tuple[str, object]] = collections.deque()
-        self._exit = False
-        self._reported_empty = False
+        self.ready = worker.ready
+        self._accepters = [_Accepter(self, listener) for listener in listeners]
         self._accept_resume_at: float | None = None
-        self._next_idle_scan = time.monotonic() + self._idle_scan_interval()
-        try:
-            self._waker = _Waker(self)
-        except BaseException:
-            self._ep.close()
-            raise
-        self._register(self._waker.fd, _IN, self._waker)
-        self._accepters = [
-            _Accepter(self, listener)
-            for listener in self._listeners
-            if listener.spec.transport is Transport.TCP
-        ]
+        idle = self.config.idle_timeout_s
+        self._idle_scan_s = min(1.0, idle / 4) if idle else math.inf
+        self._next_idle_scan = time.monotonic() + self._idle_scan_s
+        self.deadline = self._next_idle_scan
         self._watch_listeners()
-        # A UDP listener is owned by one worker (see Relay), which relays all its sessions.
-        self.udp = [
-            UdpListener(self, listener)
-            for listener in self._listeners
-            if listener.spec.transport is Transport.UDP
-        ]
-        for udp in self.udp:
-            self._register(udp.sock.fileno(), _IN | _ET, udp)
+        worker.add_service(self)
 
-    # -- cross-thread commands -------------------------------------------------------------
+    # -- the worker's service ---------------------------------------------------------------
 
-    def submit(self, command: str, argument: object = None) -> None:
-        """Queue a command for this worker's thread: stop-accepting, kill, close-all, exit."""
-        self._commands.append((command, argument))
-        self._waker.wake()
+    @property
+    def open_count(self) -> int:
+        return len(self.flows)
 
-    def run_commands(self) -> None:
-        while self._commands:
-            command, argument = self._commands.popleft()
-            if command == "stop-accepting":
-                self.stopping = True
-                self._unwatch_listeners()
-                for udp in self.udp:
-                    udp.stop_accepting(time.monotonic())
-            elif command == "kill":
-                flow = self.flows.get(int(argument))  # type: ignore[call-overload]
-                if flow is not None:
-                    self.close_flow(flow, CloseReason.KILLED, reset=True)
-                for udp in self.udp:
-                    udp.kill(int(argument))  # type: ignore[call-overload]
-            elif command == "close-all":
-                for flow in list(self.flows.values()):
-                    self.close_flow(flow, CloseReason(str(argument)))
-                for udp in self.udp:
-                    udp.close_all(CloseReason(str(argument)))
-            elif command == "exit":
-                self._exit = True
-        self._check_empty()
-
-    # -- the loop ---------------------------------------------------------------------------
-
-    def run(self) -> None:
-        """Relay until told to exit; an unexpected exception closes this thread's flows with
-        reason error and is reported to the relay, never lost with the thread."""
-        try:
-            self._loop()
-        except BaseException as exc:
-            self.failure = exc
-        try:
-            self._close_everything()
-        except BaseException as exc:  # an observer failed on a closed event at shutdown
-            self.failure = exc
-            self._close_everything()  # the rest, to every observer whatever they raise
-        self._ep.close()
-        if self.failure is not None:
-            if not self._reported_empty:
-                self._reported_empty = True
-                self._on_empty()
-            self._on_failure(self, self.failure)
-
-    def _close_everything(self) -> None:
-        """Close every flow left: as shutdown, or as error once this thread has failed."""
-        error = None
-        if self.failure is not None:
-            error = f"the relay thread failed: {describe_failure(self.failure)}"
-        reason = CloseReason.SHUTDOWN if error is None else CloseReason.ERROR
-        for flow in list(self.flows.values()):
-            self.close_flow(flow, reason, reset=error is not None, error=error)
-        for udp in self.udp:
-            udp.close_all(reason, note=error)
-
-    def _loop(self) -> None:
-        poll = self._ep.poll
-        handlers = self._handlers
-        ready = self.ready
-        udp_listeners = self.udp
-        # Busy polling, like HAProxy's `busy-polling`: each time a thread sleeps in the poller
-        # its CPU may halt, and on a virtual machine waking it again costs tens of
-        # microseconds, more than relaying a datagram. So while events keep coming closer
-        # together than `busy_poll_s` (a running average of the gaps), the worker polls
-        # without sleeping, for at most `busy_poll_s` after the last event: sparse traffic
-        # never spins, and an idle relay sleeps. Measured here against `--busy-poll 0`: UDP
-        # ping-pong x1.7-1.8 and request/response with 16 in flight x1.6-1.9
-        # (benchmarks/udp.py), TCP ping-pong p50 52 -> 40 us (benchmarks/relay.py).
-        busy_poll_s = self.config.busy_poll_s
-        cold_gap_s = 4 * busy_poll_s  # the gap counted for a sleep, however long it was
-        average_gap_s = cold_gap_s
-        last_event = 0.0
-        while not self._exit:
-            if ready:
-                events = poll(0.0)
-            elif average_gap_s < busy_poll_s and time.monotonic() - last_event < busy_poll_s:
-                events = poll(0.0)
-                if not events:
-                    os.sched_yield()  # a peer on this CPU goes first
-                    continue
-            else:
-                events = poll(self._poll_timeout())
-            now = time.monotonic()
-            if events:
-                gap = min(now - last_event, cold_gap_s)
-                average_gap_s += (gap - average_gap_s) / 8
-                last_event = now
-            for fd, mask in events:
-                handler = handlers.get(fd)
-                if handler is not None:
-                    handler.on_ready(fd, mask, now)
-            if ready:
-                for _ in range(len(ready)):
-                    flow = ready.popleft()
-                    if not flow.closed:
-                        flow.progress(now)
-            if self._deadlines or self._accept_resume_at is not None:
-                self._check_deadlines(now)
-            if now >= self._next_idle_scan:
-                self._scan_idle(now)
-            for udp in udp_listeners:
-                if now >= udp.deadline:
-                    udp.on_deadline(now)
-                    self._check_empty()
-
-    def release(self) -> None:
-        """Free the wake-up descriptor; only after the thread has ended, so no submit races it."""
-        os.close(self._waker.fd)
-
-    def discard(self) -> None:
-        """Free the descriptors of a worker that never started."""
-        self._ep.close()
-        self.release()
-
-    def _poll_timeout(self) -> float:
-        now = time.monotonic()
-        wake_at = self._next_idle_scan if self.config.idle_timeout_s else None
-        if self._deadlines:
-            first = self._deadlines[0][0]
-            wake_at = first if wake_at is None else min(wake_at, first)
-        if self._accept_resume_at is not None:
-            resume = self._accept_resume_at
-            wake_at = resume if wake_at is None else min(wake_at, resume)
-        for udp in self.udp:
-            if udp.deadline != math.inf:
-                wake_at = udp.deadline if wake_at is None else min(wake_at, udp.deadline)
-        if wake_at is None:
-            return -1.0
-        return min(max(0.0, wake_at - now), _MAX_SLEEP_S)
-
-    def _idle_scan_interval(self) -> float:
-        idle = self.config.idle_timeout_s
-        return min(1.0, idle / 4) if idle else 3600.0
-
-    def _scan_idle(self, now: float) -> None:
-        self._next_idle_scan = now + self._idle_scan_interval()
-        idle = self.config.idle_timeout_s
-        if not idle:
-            return
-        limit = now - idle
-        for flow in [f for f in self.flows.values() if f.last_active < limit]:
-            self.close_flow(flow, CloseReason.IDLE_TIMEOUT)
-
-    def _check_deadlines(self, now: float) -> None:
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            _, _, flow = heapq.heappop(deadlines)
-            if not flow.connecting and flow.is_tls:
-                cast("TlsTcpFlow", flow).on_deadline(now)
-            elif flow.connecting and not flow.closed:
-                self.close_flow(
-                    flow,
-                    CloseReason.UPSTREAM_TIMEOUT,
-                    reset=True,
-                    error=f"no answer from {flow.flow.server} within "
-                    f"{self.config.connect_timeout_s:g} s",
-                )
+    def on_deadline(self, now: float) -> None:
+        """Resume accepting after a pause, and close the flows idle for too long."""
         if self._accept_resume_at is not None and now >= self._accept_resume_at:
             self._accept_resume_at = None
-            if not self.stopping:
+            if not self.worker.stopping:
                 self._watch_listeners()
+        if now >= self._next_idle_scan:
+            self._next_idle_scan = now + self._idle_scan_s
+            idle = self.config.idle_timeout_s
+            if idle:
+                limit = now - idle
+                for flow in [f for f in self.flows.values() if f.last_active < limit]:
+                    self.close_flow(flow, CloseReason.IDLE_TIMEOUT)
+        self._set_deadline()
 
-    # -- registration -----------------------------------------------------------------------
+    def _set_deadline(self) -> None:
+        resume = self._accept_resume_at
+        scan = self._next_idle_scan
+        self.deadline = scan if resume is None else min(scan, resume)
 
-    def _register(self, fd: int, mask: int, handler: _Handler) -> None:
-        self._handlers[fd] = handler
-        self._ep.register(fd, mask)
+    def stop_accepting(self, now: float) -> None:
+        self._unwatch_listeners()
 
-    def _unregister(self, fd: int) -> None:
-        if self._handlers.pop(fd, None) is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._ep.unregister(fd)
+    def kill(self, flow_id: int) -> None:
+        flow = self.flows.get(flow_id)
+        if flow is not None:
+            self.close_flow(flow, CloseReason.KILLED, reset=True)
 
-    def watch(self, fd: int, mask: int, handler: UdpSession) -> None:
-        """Deliver the epoll events of `fd` to `handler` on this worker's thread."""
-        self._register(fd, mask, handler)
+    def close_all(self, reason: CloseReason, note: str | None = None) -> None:
+        # Flows closed for an error are reset: their peers must not take it for an end.
+        for flow in list(self.flows.values()):
+            self.close_flow(flow, reason, reset=reason is CloseReason.ERROR, error=note)
 
-    def unwatch(self, fd: int) -> None:
-        """Stop delivering the events of `fd`; call before closing it."""
-        self._unregister(fd)
+    # -- accepting --------------------------------------------------------------------------
 
     def _watch_listeners(self) -> None:
+        worker = self.worker
         for accepter in self._accepters:
             fd = accepter.listener.sock.fileno()
-            if fd >= 0 and fd not in self._handlers:
-                self._register(fd, _IN | select.EPOLLEXCLUSIVE, accepter)
+            if fd >= 0 and not worker.is_watched(fd):
+                worker.watch(fd, _IN | select.EPOLLEXCLUSIVE, accepter)
 
     def _unwatch_listeners(self) -> None:
         for accepter in self._accepters:
             fd = accepter.listener.sock.fileno()
             if fd >= 0:
-                self._unregister(fd)
+                self.worker.unwatch(fd)
 
     def pause_accepting(self, exc: OSError) -> None:
         """Out of descriptors: stop accepting for a moment, and say so once."""
@@ -724,11 +501,13 @@ class Worker(threading.Thread):
                 exc.strerror,
             )
         self._unwatch_listeners()
-        self._accept_resume_at = time.monotonic() + 0.1
+        self._accept_resume_at = time.monotonic() + _ACCEPT_PAUSE_S
+        self._set_deadline()
 
     # -- flow life cycle --------------------------------------------------------------------
 
-    def start_flow(self, listener: BoundListener, client: socket.socket, addr: object) -> None:
+    def accepted(self, listener: BoundListener, client: socket.socket, addr: object) -> None:
+        """Open the flow of a client `listener` accepted, to the listener's upstream."""
         started = time.time()
         client.setblocking(False)
         if client.family != socket.AF_UNIX:
@@ -744,31 +523,36 @@ class Worker(threading.Thread):
             listener=listener.address,
             started_at=started,
         )
+        self.connect_upstream(flow, client, listener.upstream_family, listener.upstream_sockaddr)
+
+    def connect_upstream(
+        self, flow: Flow, client: socket.socket, family: int, sockaddr: object
+    ) -> None:
+        """Emit `flow` opened and connect its client to `flow.server` (at `family`, `sockaddr`);
+        the flow relays once connected, or closes (refused, timed out) with its one event."""
         try:
-            server = socket.socket(listener.upstream_family, socket.SOCK_STREAM)
+            server = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
             self.bus.emit(FlowOpened(flow))
             _reset_and_close(client)
-            self.bus.emit(
-                FlowClosed(
-                    flow.closed(
-                        ended_at=time.time(),
-                        bytes_up=0,
-                        bytes_down=0,
-                        reason=CloseReason.ERROR,
-                        error=exc.strerror,
-                    )
+            self.worker.emit_closed(
+                flow.closed(
+                    ended_at=time.time(),
+                    bytes_up=0,
+                    bytes_down=0,
+                    reason=CloseReason.ERROR,
+                    error=exc.strerror,
                 )
             )
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 self.pause_accepting(exc)
             return
         server.setblocking(False)
-        if listener.upstream_family != socket.AF_UNIX:
+        if family != socket.AF_UNIX:
             server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tls = self.config.tls
         tcp: _TcpFlow | TlsTcpFlow
-        if tls is not None and not listener.upstream.is_unix:
+        if tls is not None and not flow.server.is_unix:
             from .tls_relay import TlsTcpFlow
 
             tcp = TlsTcpFlow(self, flow, client, server, tls)
@@ -776,32 +560,38 @@ class Worker(threading.Thread):
             tcp = _TcpFlow(self, flow, client, server)
         self.flows[flow.id] = tcp
         self.bus.emit(FlowOpened(flow))
-        err = server.connect_ex(listener.upstream_sockaddr)  # type: ignore[arg-type]
+        err = server.connect_ex(sockaddr)  # type: ignore[arg-type]
         if err in (0, errno.EINPROGRESS, errno.EAGAIN):
-            self._register(server.fileno(), _FLOW_EVENTS, tcp)
+            self.worker.watch(server.fileno(), _FLOW_EVENTS, tcp)
             deadline = time.monotonic() + self.config.connect_timeout_s
-            heapq.heappush(self._deadlines, (deadline, next(self._seq), tcp))
+            self.worker.call_at(deadline, functools.partial(self._connect_deadline, tcp))
         else:
             self.fail_connect(tcp, err)
 
+    def _connect_deadline(self, tcp: _TcpFlow | TlsTcpFlow, now: float) -> None:
+        if tcp.connecting and not tcp.closed:
+            self.close_flow(
+                tcp,
+                CloseReason.UPSTREAM_TIMEOUT,
+                reset=True,
+                error=f"no answer from {tcp.flow.server} within "
+                f"{self.config.connect_timeout_s:g} s",
+            )
+
     def connected(self, tcp: _TcpFlow | TlsTcpFlow) -> None:
-        self._register(tcp.client.fileno(), _FLOW_EVENTS, tcp)
+        self.worker.watch(tcp.client.fileno(), _FLOW_EVENTS, tcp)
         if tcp.is_tls:
             tcp = cast("TlsTcpFlow", tcp)
-            now = time.monotonic()
-            tcp.on_connected(now)
+            tcp.on_connected(time.monotonic())
             if not tcp.closed:
-                heapq.heappush(self._deadlines, (tcp.handshake_deadline, next(self._seq), tcp))
+                self.worker.call_at(tcp.handshake_deadline, tcp.on_deadline)
 
     def fail_connect(self, tcp: _TcpFlow | TlsTcpFlow, err: int) -> None:
-        if err == errno.ECONNREFUSED or err == errno.ENOENT:
-            reason = CloseReason.UPSTREAM_REFUSED
-        elif err == errno.ETIMEDOUT:
-            reason = CloseReason.UPSTREAM_TIMEOUT
-        else:
-            reason = CloseReason.ERROR
         self.close_flow(
-            tcp, reason, reset=True, error=f"connect to {tcp.flow.server}: {os.strerror(err)}"
+            tcp,
+            connect_failure_reason(err),
+            reset=True,
+            error=f"connect to {tcp.flow.server}: {os.strerror(err)}",
         )
 
     def close_flow(
@@ -816,33 +606,31 @@ class Worker(threading.Thread):
         if tcp.closed:
             return
         tcp.closed = True
+        worker = self.worker
         for sock in (tcp.client, tcp.server):
             fd = sock.fileno()
             if fd >= 0:
-                self._unregister(fd)
+                worker.unwatch(fd)
                 if reset:
                     _reset_and_close(sock)
                 else:
                     sock.close()
         del self.flows[tcp.flow.id]
-        self.emit_closed(tcp.snapshot(reason, error))
-        if self._accept_resume_at is not None and not self.stopping:
+        worker.emit_closed(tcp.snapshot(reason, error))
+        if self._accept_resume_at is not None and not worker.stopping:
+            # A descriptor is free: try accepting again now.
             self._accept_resume_at = time.monotonic()
-        self._check_empty()
+            self._set_deadline()
+        worker.check_empty()
 
-    def emit_closed(self, flow: Flow) -> None:
-        """Emit a flow's one `FlowClosed`; after a failure, to each observer whatever it raises."""
-        if self.failure is None:
-            self.bus.emit(FlowClosed(flow))
-        else:
-            self.bus.emit_each(FlowClosed(flow))
 
-    def _check_empty(self) -> None:
-        if any(udp.sessions for udp in self.udp):
-            return
-        if self.stopping and not self.flows and not self._reported_empty:
-            self._reported_empty = True
-            self._on_empty()
+def connect_failure_reason(err: int) -> CloseReason:
+    """How a flow ends whose upstream connect failed with `err`."""
+    if err == errno.ECONNREFUSED or err == errno.ENOENT:
+        return CloseReason.UPSTREAM_REFUSED
+    if err == errno.ETIMEDOUT:
+        return CloseReason.UPSTREAM_TIMEOUT
+    return CloseReason.ERROR
 
 
 class Relay:
@@ -895,13 +683,15 @@ class Relay:
         tcp = [lst for lst in self.listeners if lst.spec.transport is Transport.TCP]
         udp = [lst for lst in self.listeners if lst.spec.transport is Transport.UDP]
         self._workers: list[Worker] = []
+        self._tcp: list[_TcpFlows] = []
         try:
             for i in range(count):
-                self._workers.append(
-                    Worker(
-                        i, tcp + udp[i::count], bus, self.config, self._worker_empty, self._failed
-                    )
-                )
+                worker = Worker(i, bus, self.config, self._worker_empty, self._failed)
+                self._workers.append(worker)
+                if tcp:
+                    self._tcp.append(_TcpFlows(worker, tcp))
+                for listener in udp[i::count]:
+                    UdpListener(worker, listener)
         except OSError as exc:
             self._discard_workers()
             self._close_listeners()
@@ -943,15 +733,12 @@ class Relay:
 
     @property
     def open_flows(self) -> int:
-        return sum(
-            len(worker.flows) + sum(len(udp.sessions) for udp in worker.udp)
-            for worker in self._workers
-        )
+        return sum(worker.open_count for worker in self._workers)
 
     def byte_counts(self, flow_id: int) -> tuple[int, int] | None:
         """Bytes a live TCP flow has moved so far (up, down), or None if it is not live."""
-        for worker in self._workers:
-            flow = worker.flows.get(flow_id)
+        for tcp in self._tcp:
+            flow = tcp.flows.get(flow_id)
             if flow is not None:
                 return flow.up.count, flow.down.count
         return None
@@ -959,7 +746,7 @@ class Relay:
     def kill(self, flow_id: int) -> None:
         """Reset both sides of a live flow; a flow that already ended is ignored."""
         for worker in self._workers:
-            worker.submit("kill", flow_id)
+            worker.submit(functools.partial(worker.kill, flow_id))
 
     def _worker_empty(self) -> None:
         with self._empty_lock:
@@ -974,11 +761,11 @@ class Relay:
             self._close_listeners()
             return
         for worker in self._workers:
-            worker.submit("stop-accepting")
+            worker.submit(worker.stop_accepting)
         self._empty.wait(min(grace_s, threading.TIMEOUT_MAX))
         for worker in self._workers:
-            worker.submit("close-all", CloseReason.SHUTDOWN.value)
-            worker.submit("exit")
+            worker.submit(functools.partial(worker.close_all, CloseReason.SHUTDOWN))
+            worker.submit(worker.exit)
         for worker in self._workers:
             worker.join()
             worker.release()

@@ -55,8 +55,8 @@ from .flow import (
 )
 
 if TYPE_CHECKING:
-    from .listener import ListenerSpec
-    from .relay import BoundListener, Worker
+    from .listener import BoundListener, ListenerSpec
+    from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +313,12 @@ class UdpListener:
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _LISTENER_RCVBUF_BYTES)
         _want_coalesced(self.sock)
+        worker.watch(self.sock.fileno(), select.EPOLLIN | select.EPOLLET, self)
+        worker.add_service(self)
+
+    @property
+    def open_count(self) -> int:
+        return len(self.sessions)
 
     # -- events from the worker ------------------------------------------------------------
 
@@ -601,15 +607,14 @@ class UdpListener:
             )
         )
 
-    def kill(self, flow_id: int) -> bool:
-        """Close the session of flow `flow_id` as killed; False if it is not one of ours."""
+    def kill(self, flow_id: int) -> None:
+        """Close the session of flow `flow_id` as killed, if it is one of ours."""
         for session in self.sessions.values():
             if session.flow.id == flow_id:
                 self.close_session(session, CloseReason.KILLED)
-                return True
-        return False
+                return
 
-    def close_all(self, reason: CloseReason, *, note: str | None = None) -> None:
+    def close_all(self, reason: CloseReason, note: str | None = None) -> None:
         for session in list(self.sessions.values()):
             self.close_session(session, reason, note=note)
 
