@@ -20,7 +20,7 @@ import pytest
 from conftest import FlowtapProcess, Recorder, json_events, wait_for
 from flowtap.inspector.pcap import PcapNgFile
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.events import Bus
+from flowtap.proxy.events import Bus, LosslessObserver
 from flowtap.proxy.flow import (
     Address,
     CloseReason,
@@ -257,3 +257,44 @@ def test_a_failing_capture_io_thread_never_leaves_the_relay_waiting(
         f"the I/O thread of capture file {tmp_path / 'capture.pcapng'} failed: "
         "RuntimeError: a bug in the writer"
     ]
+
+
+def test_a_failing_lossless_consumer_is_logged_once_and_never_stalls_the_relay(
+    echo_server: tuple[str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer thread that raises stops consuming (its error kept, one line logged) but
+    goes on draining its bounded queue, so the relay it would hold back moves every byte."""
+    batches: list[int] = []
+
+    def consume(batch: list[FlowEvent]) -> None:
+        batches.append(len(batch))
+        raise ValueError("a bug in a consumer")
+
+    observer = LosslessObserver(consume, max_pending=2, name="flowtap-test-consumer")
+    spec = ListenerSpec(Address.parse("127.0.0.1:0"), Address.parse(f"127.0.0.1:{echo_server[1]}"))
+    bus = Bus([observer])
+    relay = Relay([spec], bus, RelayConfig())
+    relay.start()
+    payload = bytes(range(256)) * 4096  # 1 MiB: hundreds of data events through a queue of 2
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="flowtap.proxy.events"),
+            socket.create_connection(("127.0.0.1", relay.listeners[0].address.port)) as client,
+        ):
+            client.settimeout(10)
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            echoed = bytearray()
+            while chunk := client.recv(65536):
+                echoed += chunk
+        assert bytes(echoed) == payload
+    finally:
+        relay.stop(1.0)
+        bus.close()
+    assert batches == [batches[0]]  # consumed once, then only drained
+    assert isinstance(observer.error, ValueError)
+    logged = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert [r.getMessage() for r in logged] == [
+        "observer thread flowtap-test-consumer failed: ValueError: a bug in a consumer"
+    ]
+    assert logged[0].exc_info is None
