@@ -164,6 +164,14 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         help="with --tls intercept, do not verify the upstream's certificate (said in each flow)",
     )
     parser.add_argument(
+        "--tls-passthrough",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="with --tls intercept, relay TLS untouched to hosts matching this glob (SNI, e.g. "
+        "'*.apple.com'; repeatable): apps that pin their certificates",
+    )
+    parser.add_argument(
         "--keylog",
         metavar="FILE",
         help="with --tls intercept, append both sides' TLS secrets to FILE (mode 0600) in the "

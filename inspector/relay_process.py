@@ -77,9 +77,11 @@ def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
     insecure = bool(getattr(args, "upstream_insecure", False))
     keylog = getattr(args, "keylog", None)
     if (getattr(args, "tls", None) or "off") == "off":
-        if upstream_ca or insecure or keylog or getattr(args, "ca", None):
+        passthrough = getattr(args, "tls_passthrough", None)
+        if upstream_ca or insecure or keylog or passthrough or getattr(args, "ca", None):
             raise FlowtapError(
-                "--ca, --upstream-ca, --upstream-insecure and --keylog apply to intercepted TLS; "
+                "--ca, --upstream-ca, --upstream-insecure, --keylog and --tls-passthrough apply "
+                "to intercepted TLS; "
                 "add --tls intercept"
             )
         return None
@@ -101,6 +103,7 @@ def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
         upstream_insecure=insecure,
         handshake_timeout_s=getattr(args, "tls_handshake_timeout", 10.0),
         keylog=None if keylog is None else Path(keylog),
+        passthrough_globs=tuple(getattr(args, "tls_passthrough", None) or ()),
     )
 
 

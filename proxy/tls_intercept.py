@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fnmatch
 import os
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +52,11 @@ class TlsSettings:
     handshake_timeout_s: float = 10.0
     keylog: Path | None = None
     """Where both sides' session secrets go, in the NSS key log format (SSLKEYLOGFILE)."""
+    passthrough_globs: tuple[str, ...] = ()
+    """Host globs (`--tls-passthrough`) whose TLS is relayed untouched: pinned apps."""
+    distrust_passthrough_s: float = 600.0
+    """How long a host whose client rejected flowtap's certificate is passed through."""
+    _distrusted: dict[str, float] = field(default_factory=dict, repr=False)
     _contexts: dict[tuple[str, ...], ssl.SSLContext] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -62,6 +69,34 @@ class TlsSettings:
             _create_private_file(self.keylog)
             if self.ca is not None:
                 self.ca.keylog_file = self.keylog
+
+    def passthrough_reason(self, host: str, now: float | None = None) -> str | None:
+        """Why TLS to `host` is passed through rather than intercepted, or None."""
+        host = host.lower()
+        for pattern in self.passthrough_globs:
+            if fnmatch.fnmatchcase(host, pattern.lower()):
+                return f"--tls-passthrough {pattern}"
+        with self._lock:
+            until = self._distrusted.get(host)
+            if until is None:
+                return None
+            now = time.monotonic() if now is None else now
+            if now >= until:
+                del self._distrusted[host]
+                return None
+        left_s = until - now
+        return f"a client did not trust flowtap's CA for {host} ({left_s / 60:.0f} min left)"
+
+    def mark_distrusted(self, host: str, now: float | None = None) -> float:
+        """Pass `host` through for a while, as its client rejected flowtap's certificate; the
+        while in minutes."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            # Bounded: the oldest marks go first once there are many hosts.
+            if len(self._distrusted) >= 10_000:
+                self._distrusted.pop(next(iter(self._distrusted)))
+            self._distrusted[host.lower()] = now + self.distrust_passthrough_s
+        return self.distrust_passthrough_s / 60
 
     @property
     def verification(self) -> str:
@@ -230,12 +265,14 @@ class TlsInterception:
             self._go_plain()
         elif isinstance(result, ClientHello):
             self._hello = result
-            if self.settings.mode is TlsMode.PASSTHROUGH:
+            why = self.settings.passthrough_reason(result.sni or self.upstream_host)
+            if self.settings.mode is TlsMode.PASSTHROUGH or why is not None:
                 self.facts = TlsFacts(
                     mode="passthrough",
                     sni=result.sni,
                     offered_alpn=result.alpn,
                     offered_versions=tuple(version_name(v) for v in result.versions),
+                    note=why,
                 )
                 self._go_plain()
                 return
@@ -368,7 +405,13 @@ class TlsInterception:
                 or "bad_certificate" in reason
                 or "certificate_unknown" in reason
             ):
-                return f"tls: the client does not trust flowtap's CA ({text})"
+                hello = self._hello
+                assert hello is not None
+                minutes = self.settings.mark_distrusted(hello.sni or self.upstream_host)
+                return (
+                    f"tls: client does not trust flowtap's CA (passthrough for {minutes:g} min; "
+                    f"{text})"
+                )
             return f"tls: handshake with the client failed: {text}"
         return f"tls: {text}"
 

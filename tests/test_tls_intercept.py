@@ -214,3 +214,41 @@ def test_keylog_file_is_private_and_gets_both_legs_secrets(cas: CAs, tmp_path: P
     pump(client, tls, server)
     labels = [line.split()[0] for line in keylog.read_text().splitlines()]
     assert labels.count("CLIENT_TRAFFIC_SECRET_0") == 2
+
+
+def test_a_distrusted_host_is_passed_through_for_ten_minutes_then_intercepted_again(
+    cas: CAs,
+) -> None:
+    tls_settings = settings(cas)
+    assert tls_settings.mark_distrusted("Svc.Test", now=100.0) == 10
+    reason = tls_settings.passthrough_reason("svc.test", now=100.0 + 599)
+    assert reason is not None and "did not trust flowtap's CA for svc.test" in reason
+    assert tls_settings.passthrough_reason("other.test", now=101.0) is None
+    assert tls_settings.passthrough_reason("svc.test", now=100.0 + 600) is None
+
+
+def test_a_client_rejecting_the_leaf_marks_its_host_for_passthrough(cas: CAs) -> None:
+    tls_settings = settings(cas)
+    # This client trusts only the upstream's CA, so it rejects flowtap's leaf.
+    context = ssl.create_default_context(cafile=str(cas[1].cert_file))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    distrustful = Peer(context.wrap_bio(incoming, outgoing, server_hostname="svc.test"),
+                       incoming, outgoing)  # fmt: skip
+    tls = TlsInterception(tls_settings, "127.0.0.1")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        pump(distrustful, tls, make_server(cas[1]))
+    tls.feed_client(distrustful.outgoing.read())  # its alert: unknown CA
+    assert tls.error is not None
+    assert tls.error.startswith("tls: client does not trust flowtap's CA (passthrough for 10 min")
+    after = TlsInterception(tls_settings, "127.0.0.1")
+    client = make_client(cas[0])
+    client.step()
+    after.feed_client(client.outgoing.read())
+    assert after.phase is Phase.PLAIN and after.facts is not None
+    assert after.facts.mode == "passthrough"
+
+
+def test_passthrough_globs_match_the_sni_case_blind(cas: CAs) -> None:
+    tls_settings = settings(cas, passthrough_globs=("*.Pinned.test",))
+    assert tls_settings.passthrough_reason("api.pinned.TEST") == "--tls-passthrough *.Pinned.test"
+    assert tls_settings.passthrough_reason("pinned.test") is None

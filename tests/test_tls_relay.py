@@ -255,7 +255,35 @@ def test_a_client_that_does_not_trust_the_ca_is_told_in_the_flow(
     ):
         context.wrap_socket(raw, server_hostname="svc.test")
     (record,) = closed_records(relay, 1)
-    assert record["error"].startswith("tls: the client does not trust flowtap's CA"), record
+    assert record["error"].startswith(
+        "tls: client does not trust flowtap's CA (passthrough for 10 min; "
+    ), record
+    # The next flow to that host is passed through: the client talks to the real server.
+    raw = socket.create_connection(("127.0.0.1", relay.port), timeout=20)
+    with context.wrap_socket(raw, server_hostname="svc.test") as client:
+        client.sendall(b"abc\n")
+        assert client.recv(10).strip() == b"cba"
+    second = closed_records(relay, 2)[1]
+    assert second["tls"]["mode"] == "passthrough" and second["error"] is None
+    assert "did not trust flowtap's CA for svc.test" in second["tls"]["note"]
+
+
+def test_tls_passthrough_globs_leave_matching_hosts_alone(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int]
+) -> None:
+    upstream = s_server(*pki.server("rsa"), "-rev")
+    relay = start_intercepting(
+        flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca),
+        "--tls-passthrough", "*.pinned.test", "--tls-passthrough", "SVC.TEST",
+    )  # fmt: skip
+    context = ssl.create_default_context(cafile=str(pki.upstream_ca))  # the real server's CA
+    raw = socket.create_connection(("127.0.0.1", relay.port), timeout=20)
+    with context.wrap_socket(raw, server_hostname="svc.test") as client:
+        client.sendall(b"pin\n")
+        assert client.recv(10).strip() == b"nip"
+    (record,) = closed_records(relay, 1)
+    assert record["tls"]["mode"] == "passthrough"
+    assert record["tls"]["note"] == "--tls-passthrough SVC.TEST"
 
 
 def test_bytes_that_are_not_tls_pass_untouched(
@@ -377,6 +405,7 @@ def test_tls_options_without_intercept_are_one_line_errors(pki: Pki) -> None:
 
     for args in (
         ["--upstream-insecure"],
+        ["--tls-passthrough", "*.test"],
         ["--ca", str(pki.flowtap_ca)],
         ["--tls", "intercept", "--ca", str(pki.directory)],
         ["--tls", "intercept", "--upstream-ca", str(pki.directory / "missing.pem")],
