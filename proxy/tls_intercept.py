@@ -229,9 +229,8 @@ class TlsInterception:
     def client_eof(self) -> None:
         """The client closed its side (TCP FIN)."""
         if self.phase is Phase.PLAIN or self.phase is Phase.OPEN:
-            self._client_in.write_eof()
-            if self.phase is Phase.OPEN:
-                self._advance()
+            # No write_eof into the client's BIO: OpenSSL takes an EOF without close_notify
+            # as fatal and alerts, while a half-closing client still reads the answer.
             self._finish_client()
         elif self.is_handshaking:
             self._fail("tls: the client closed during the handshake")
@@ -239,9 +238,6 @@ class TlsInterception:
     def server_eof(self) -> None:
         """The upstream closed its side (TCP FIN)."""
         if self.phase is Phase.PLAIN or self.phase is Phase.OPEN:
-            self._up_in.write_eof()
-            if self.phase is Phase.OPEN:
-                self._advance()
             self._finish_server()
         elif self.is_handshaking:
             self._fail("tls: the upstream closed during the handshake")

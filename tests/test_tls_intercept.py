@@ -252,3 +252,22 @@ def test_passthrough_globs_match_the_sni_case_blind(cas: CAs) -> None:
     tls_settings = settings(cas, passthrough_globs=("*.Pinned.test",))
     assert tls_settings.passthrough_reason("api.pinned.TEST") == "--tls-passthrough *.Pinned.test"
     assert tls_settings.passthrough_reason("pinned.test") is None
+
+
+def test_a_client_half_closing_tcp_still_gets_the_answer(cas: CAs) -> None:
+    client, server = make_client(cas[0]), make_server(cas[1])
+    tls = TlsInterception(settings(cas), "127.0.0.1")
+    pump(client, tls, server)
+    client.obj.write(b"upload")
+    tls.feed_client(client.outgoing.read())
+    tls.client_eof()  # a TCP FIN without close_notify, as a shut-down-write socket sends
+    assert tls.client_done and not tls.server_done
+    server.incoming.write(bytes(tls.to_server))
+    tls.to_server.clear()
+    assert server.obj.read(100) == b"upload"
+    assert server.obj.read(100) == b""  # flowtap's close_notify for the upstream
+    server.obj.write(b"digest")
+    tls.feed_server(server.outgoing.read())
+    assert tls.error is None
+    client.incoming.write(bytes(tls.to_client))
+    assert client.obj.read(100) == b"digest"
