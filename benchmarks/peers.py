@@ -2,8 +2,9 @@
 
 Run as a process: `python benchmarks/peers.py` prints `bulk PORT` and `echo PORT` lines.
 A bulk client's first byte picks the job: `U` upload (the server reads to EOF, answers the
-sha256 of what it read), `D<size>\\n` download (the server sends `size` bytes of a fixed
-pattern and closes), `P` ping-pong (one byte echoed at a time).
+sha256 of what it read), `S<size>\\n` sized upload (the same after `size` bytes, with no
+EOF), `D<size>\\n` download (the server sends `size` bytes of a fixed pattern and closes),
+`P` ping-pong (one byte echoed at a time).
 """
 
 from __future__ import annotations
@@ -45,6 +46,20 @@ def _bulk_job(conn: socket.socket) -> None:
             view = memoryview(buf)
             while n := conn.recv_into(buf):
                 digest.update(view[:n])
+            conn.sendall(digest.hexdigest().encode())
+        elif kind == b"S":
+            # A sized upload: the digest after `size` bytes, for proxies that do not relay a
+            # half-close (microsocks closes both ways at the client's FIN).
+            header = b""
+            while not header.endswith(b"\n"):
+                header += conn.recv(1)
+            left = int(header)
+            digest = hashlib.sha256()
+            buf = bytearray(262144)
+            view = memoryview(buf)
+            while left > 0 and (n := conn.recv_into(buf, min(left, len(buf)))):
+                digest.update(view[:n])
+                left -= n
             conn.sendall(digest.hexdigest().encode())
         elif kind == b"D":
             header = b""

@@ -38,8 +38,10 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         type=options.listen_address,
-        metavar="[udp:|tcp:]HOST:PORT",
-        help="where clients connect (repeatable; a bare PORT binds 127.0.0.1; 0 picks a port)",
+        metavar="[udp:|tcp:|socks5:|http:|transparent:]HOST:PORT",
+        help="where clients connect (repeatable; a bare PORT binds 127.0.0.1; 0 picks a port); "
+        "socks5:, http: (proxy with CONNECT) and transparent: (iptables REDIRECT) listeners "
+        "take no --upstream: each client says where it goes",
     )
     parser.add_argument(
         "--upstream",
@@ -50,6 +52,7 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         help="where the matching --listen relays to (one per --listen, or one for all)",
     )
     parser.add_argument("--udp", action="store_true", help="relay UDP instead of TCP")
+    _add_proxy_options(parser)
     parser.add_argument(
         "--reuse-port",
         action="store_true",
@@ -188,6 +191,55 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         "--quiet",
         action="store_true",
         help="print only the listening and control lines, not one line per flow event",
+    )
+
+
+def _add_proxy_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--auth",
+        action="append",
+        default=[],
+        metavar="USER:PASS",
+        help="proxy listeners require these credentials (SOCKS5 username/password, HTTP "
+        "Proxy-Authorization basic; repeatable)",
+    )
+    parser.add_argument(
+        "--auth-file", metavar="FILE", help="proxy credentials, one USER:PASS per line"
+    )
+    parser.add_argument(
+        "--allow-from",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="proxy listeners serve only clients in CIDR (repeatable; required for a proxy "
+        "listener on a non-loopback address)",
+    )
+    parser.add_argument(
+        "--deny-to",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="proxy listeners refuse destinations in CIDR (repeatable; 169.254.169.254, the "
+        "cloud metadata address, is always denied unless --allow-to names it)",
+    )
+    parser.add_argument(
+        "--allow-to",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="proxy listeners may reach CIDR even if --deny-to or the default denies it",
+    )
+    parser.add_argument(
+        "--allow-ports",
+        metavar="PORTS",
+        help="proxy listeners reach only these destination ports, e.g. 80,443,8000-8999",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=options.HANDSHAKE_TIMEOUT,
+        default=10.0,
+        metavar="S",
+        help="close a proxy client whose handshake is not complete after S seconds (default 10)",
     )
 
 

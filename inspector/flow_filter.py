@@ -95,6 +95,8 @@ class FlowFacts:
         flow = self.flow
         summary = self.summary
         parts = [str(flow.id), str(flow.client), str(flow.server), str(flow.transport)]
+        if flow.requested is not None:
+            parts.append(flow.requested.label)
         parts.append(str(flow.state))
         if flow.reason is not None:
             parts.append(str(flow.reason))
@@ -260,7 +262,31 @@ class Net:
 
     def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
         inside = [_in_network(end.host, self.network) for end in _addresses(facts.flow, self.side)]
+        requested = facts.flow.requested
+        if requested is not None and self.side is not Side.SRC:
+            # An address literal the client asked for counts, like the server's address.
+            inside.append(_in_network(requested.host, self.network))
         return not any(inside) if self.negate else any(inside)
+
+
+@dataclass(frozen=True, slots=True)
+class HostName:
+    """`host NAME`: the name a proxy client asked for (SOCKS, HTTP proxy); `!=` negates."""
+
+    side: Side
+    name: str
+    negate: bool = False
+    stage = Stage.OPEN
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        requested = facts.flow.requested
+        # What the client asked for is the server side of the flow.
+        named = (
+            self.side is not Side.SRC
+            and requested is not None
+            and requested.host.lower() == self.name
+        )
+        return not named if self.negate else named
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +390,7 @@ class Matches:
 
 
 Payload = Contains | Matches
-Term = IsTransport | IsFamily | Port | PortRange | Net | Text | Number | Word | Payload
+Term = IsTransport | IsFamily | Port | PortRange | Net | HostName | Text | Number | Word | Payload
 Expr = And | Or | Not | Term
 
 
@@ -374,6 +400,15 @@ def _addresses(flow: Flow, side: Side) -> tuple[Address, ...]:
     if side is Side.DST:
         return (flow.server,)
     return (flow.client, flow.server)
+
+
+def _is_host_name(text: str) -> bool:
+    """A DNS name (labels of letters, digits and hyphens), as a proxy client may ask for."""
+    labels = text.rstrip(".").split(".")
+    return any(c.isalpha() for c in text) and all(
+        label and len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
+        for label in labels
+    )
 
 
 def _in_network(host: str, network: Network) -> bool:
@@ -945,7 +980,7 @@ class _Parser:
         return PortRange(side, int(low), int(high))
 
     def address(self, side: Side, op: str, allow_net: bool) -> Expr:
-        expected = "a network such as 10.0.0.0/8" if allow_net else "an IP address"
+        expected = "a network such as 10.0.0.0/8" if allow_net else "an IP address or a host name"
         if op not in ("==", "!="):
             raise self.fail(self.tokens[self.at - 1], "== or != (addresses have no order)")
         token = self.value(expected)
@@ -953,6 +988,8 @@ class _Parser:
         try:
             network = ipaddress.ip_network(text, strict=False)
         except ValueError:
+            if not allow_net and _is_host_name(text):
+                return HostName(side, text.lower(), negate=op == "!=")
             raise self.fail(token, expected) from None
         if "/" in text and not allow_net:
             raise self.fail(token, expected + " (use net for a CIDR)")

@@ -26,13 +26,21 @@ def flow_record(flow: Flow) -> dict[str, Any]:
     return flow_to_json(flow)
 
 
+def server_text(flow: Flow) -> str:
+    """The server's address, with what the client asked for in a proxy mode:
+    `93.184.216.34:443 (example.com:443)`."""
+    if flow.requested is None:
+        return str(flow.server)
+    return f"{flow.server} ({flow.requested.label})"
+
+
 def event_line(event: FlowOpened | FlowClosed, *, as_json: bool) -> str:
     """The log line for one opened or closed event."""
     flow = event.flow
     name = "opened" if isinstance(event, FlowOpened) else "closed"
     if as_json:
         return json.dumps({"event": name, **flow_record(flow)}, separators=(",", ":"))
-    head = f"#{flow.id} {name} {flow.transport} {flow.client} -> {flow.server}"
+    head = f"#{flow.id} {name} {flow.transport} {flow.client} -> {server_text(flow)}"
     if isinstance(event, FlowOpened):
         return f"{head} via {flow.listener}"
     line = (

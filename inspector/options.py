@@ -84,6 +84,7 @@ def seconds(low: float, high: float, zero: str | None = None) -> Number:
 
 
 CONNECT_TIMEOUT = seconds(0.001, DAY_S)
+HANDSHAKE_TIMEOUT = seconds(0.001, DAY_S)
 TURN_TIMEOUT = seconds(0.001, DAY_S)
 # 0 means never; past a year a timeout is the same as never, so longer ones are refused.
 IDLE_TIMEOUT = seconds(0.001, YEAR_S, zero="never")
@@ -112,8 +113,9 @@ def address(text: str) -> str:
 
 
 def listen_address(text: str) -> str:
-    """An argparse type for `--listen`: an address, optionally prefixed `tcp:` or `udp:`."""
-    for prefix in ("tcp:", "udp:"):
+    """An argparse type for `--listen`: an address, optionally prefixed by its transport or
+    mode (`tcp:`, `udp:`, `socks5:`, `http:`, `transparent:`)."""
+    for prefix in ("tcp:", "udp:", "socks5:", "http:", "transparent:"):
         if text.startswith(prefix):
             address(text[len(prefix) :])
             return text

@@ -875,6 +875,10 @@ def flow_comment(flow: Flow, *, closing: bool = False) -> str:
     else:
         record.update(client=str(flow.client), server=str(flow.server))
         record["listener"] = str(flow.listener)
+        if flow.requested is not None:
+            record["requested"] = str(flow.requested)
+            if flow.requested.user:
+                record["user"] = flow.requested.user
     return FLOW_COMMENT_PREFIX + json.dumps(record, separators=(",", ":"))
 
 

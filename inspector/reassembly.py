@@ -44,6 +44,7 @@ from flowtap.proxy.flow import (
     FlowData,
     FlowOpened,
     FlowState,
+    Requested,
     Transport,
 )
 
@@ -175,11 +176,15 @@ class Reassembler:
         dst = Address(address_text(segment.dst), segment.dst_port)
         client, server = (src, dst) if from_sender_is_client else (dst, src)
         listener = server
+        requested: Requested | None = None
         info = parse_flow_comment(segment.comment)
         if info is not None:
             client = _address(info.get("client"), client)
             server = _address(info.get("server"), server)
             listener = _address(info.get("listener"), server)
+            asked, user = info.get("requested"), info.get("user")
+            if isinstance(asked, str):
+                requested = Requested.from_text(asked, user if isinstance(user, str) else None)
         flow = Flow(
             id=self._next_id,
             transport=Transport.UDP if segment.is_udp else Transport.TCP,
@@ -188,6 +193,7 @@ class Reassembler:
             listener=listener,
             started_at=segment.timestamp,
             state=FlowState.OPEN,
+            requested=requested,
         )
         self._next_id += 1
         conversation = _Conversation(flow, self._data_for is None or self._data_for(flow))

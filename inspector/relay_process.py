@@ -20,6 +20,15 @@ from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.events import Bus, Observer
 from flowtap.proxy.flow import Address, Transport
 from flowtap.proxy.listener import ListenerSpec, is_loopback
+from flowtap.proxy.policy import (
+    DEFAULT_DENIED,
+    Mode,
+    ProxyPolicy,
+    parse_credentials,
+    parse_network,
+    parse_ports,
+    read_credentials_file,
+)
 from flowtap.proxy.relay import Relay, RelayConfig, raise_fd_limit
 
 from .capture import CaptureObserver, capture_path_for
@@ -33,42 +42,106 @@ if TYPE_CHECKING:
 ERROR_PREFIX = "flowtap: error: "
 
 
+_MODE_PREFIXES = {
+    "tcp:": (Mode.REVERSE, Transport.TCP),
+    "udp:": (Mode.REVERSE, Transport.UDP),
+    "socks5:": (Mode.SOCKS5, Transport.TCP),
+    "http:": (Mode.HTTP, Transport.TCP),
+    "transparent:": (Mode.TRANSPARENT, Transport.TCP),
+}
+
+
 def listener_specs(args: argparse.Namespace) -> list[ListenerSpec]:
-    """Pair each --listen with its --upstream; raise FlowtapError when they do not pair up."""
+    """Pair each --listen with its --upstream (proxy-mode listeners take none); raise
+    FlowtapError when they do not pair up."""
     listens: list[str] = args.listen
     upstreams: list[str] = args.upstream
     if not listens:
         raise FlowtapError("no --listen given: add --listen 127.0.0.1:0 --upstream HOST:PORT")
-    if not upstreams:
-        raise FlowtapError("no --upstream given: add --upstream HOST:PORT after --listen")
-    if len(upstreams) == 1:
-        upstreams = upstreams * len(listens)
-    if len(upstreams) != len(listens):
-        raise FlowtapError(
-            f"{len(listens)} --listen but {len(upstreams)} --upstream: give one --upstream "
-            "per --listen, or a single one for all"
-        )
-    specs = []
-    for listen, upstream in zip(listens, upstreams, strict=True):
-        transport = Transport.UDP if args.udp else Transport.TCP
-        for prefix in ("tcp:", "udp:"):
+    parsed: list[tuple[Mode, Transport, Address]] = []
+    for listen in listens:
+        mode, transport = Mode.REVERSE, Transport.UDP if args.udp else Transport.TCP
+        for prefix, (prefix_mode, prefix_transport) in _MODE_PREFIXES.items():
             if listen.startswith(prefix):
                 if args.udp and prefix == "tcp:":
                     raise FlowtapError(
                         f"--listen {listen} asks for TCP but --udp for UDP: drop --udp, or "
                         "write udp: (or no prefix)"
                     )
-                transport = Transport(prefix[:-1])
+                mode, transport = prefix_mode, prefix_transport
                 listen = listen[len(prefix) :]
+                break
+        if mode.is_proxy and args.udp:
+            raise FlowtapError(
+                f"--udp does not apply to {mode}:{listen}: proxy listeners take TCP clients; "
+                "write udp:HOST:PORT for a UDP relay beside it"
+            )
+        parsed.append((mode, transport, Address.parse(listen)))
+    reverse = sum(1 for mode, _, _ in parsed if not mode.is_proxy)
+    if reverse and not upstreams:
+        raise FlowtapError("no --upstream given: add --upstream HOST:PORT after --listen")
+    if not reverse and upstreams:
+        raise FlowtapError(
+            "--upstream given but every --listen is a proxy listener (socks5:, http:, "
+            "transparent:), whose clients say where they go: drop --upstream"
+        )
+    if len(upstreams) == 1:
+        upstreams = upstreams * reverse
+    if len(upstreams) != reverse:
+        raise FlowtapError(
+            f"{reverse} --listen but {len(upstreams)} --upstream: give one --upstream "
+            "per --listen (proxy listeners take none), or a single one for all"
+        )
+    policy = proxy_policy(args) if reverse < len(parsed) else None
+    remaining = iter(upstreams)
+    specs = []
+    for mode, transport, address in parsed:
+        if mode.is_proxy:
+            assert policy is not None
+            if not is_loopback(address) and not policy.allow_from:
+                raise FlowtapError(
+                    f"{mode}:{address} would be an open proxy: anyone who reaches it could "
+                    "relay anywhere; add --allow-from CIDR for the clients you mean, or "
+                    "listen on 127.0.0.1"
+                )
+            if mode is Mode.TRANSPARENT and address.is_unix:
+                raise FlowtapError(
+                    f"transparent:{address} cannot be a unix socket: iptables redirects to "
+                    "an IP address; listen on HOST:PORT"
+                )
+            upstream = None
+        else:
+            upstream = Address.parse(next(remaining))
         specs.append(
             ListenerSpec(
-                listen=Address.parse(listen),
-                upstream=Address.parse(upstream),
+                listen=address,
+                upstream=upstream,
                 transport=transport,
                 reuse_port=args.reuse_port,
+                mode=mode,
+                policy=policy if mode.is_proxy else None,
             )
         )
     return specs
+
+
+def proxy_policy(args: argparse.Namespace) -> ProxyPolicy:
+    """The rules of proxy listeners from --auth, --auth-file, --allow-from, --deny-to,
+    --allow-to, --allow-ports and --handshake-timeout."""
+    credentials: dict[str, str] = {}
+    if args.auth_file:
+        credentials.update(read_credentials_file(args.auth_file))
+    for text in args.auth:
+        user, password = parse_credentials("--auth", text)
+        credentials[user] = password
+    return ProxyPolicy(
+        credentials=credentials,
+        allow_from=tuple(parse_network("--allow-from", text) for text in args.allow_from),
+        deny_to=DEFAULT_DENIED + tuple(parse_network("--deny-to", text) for text in args.deny_to),
+        allow_to=tuple(parse_network("--allow-to", text) for text in args.allow_to),
+        allow_ports=parse_ports("--allow-ports", args.allow_ports) if args.allow_ports else (),
+        handshake_timeout_s=args.handshake_timeout,
+    )
 
 
 def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
@@ -120,6 +193,11 @@ def start_relay(
     picks as they open); a relay thread that fails is logged and reported to `on_failure`."""
     specs = listener_specs(args)
     tls = tls_settings(args)
+    if tls is not None and any(spec.mode.is_proxy for spec in specs):
+        raise FlowtapError(
+            "--tls applies to listeners with an --upstream for now, not to socks5:, http: or "
+            "transparent: ones: drop --tls, or listen without a mode prefix"
+        )
     raise_fd_limit()
     observers: list[Observer] = []
     if log:
@@ -160,7 +238,7 @@ def start_relay(
         bus.close()
         raise
     for listener in relay.listeners:
-        if not is_loopback(listener.address):
+        if not is_loopback(listener.address) and not listener.spec.mode.is_proxy:
             print(
                 f"flowtap: warning: listening on {listener.address}: anyone who can reach it "
                 "can relay through it; listen on 127.0.0.1 unless that is intended",

@@ -21,7 +21,7 @@ from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.flow import Direction, Flow, FlowClosed, FlowData, FlowOpened, Transport
 
 from .flow_filter import FlowFilter, FlowSelection
-from .log import flow_record, human_bytes
+from .log import flow_record, human_bytes, server_text
 from .reader import CaptureReader, DamagedCaptureError
 from .reassembly import CaptureEvent, FlowGap, readable_events
 
@@ -168,7 +168,7 @@ def list_flows(
                 str(flow.id),
                 str(flow.transport),
                 str(flow.client),
-                str(flow.server),
+                server_text(flow),
                 _clock(flow.started_at),
                 f"{flow.duration_s or 0.0:.3f}s",
                 human_bytes(flow.bytes_up),
@@ -225,7 +225,7 @@ def _flow_events(path: Path, flow_id: int, result: ShowResult) -> Iterator[Captu
 
 
 def _flow_heading(flow: Flow) -> str:
-    line = f"flow {flow.id} {flow.transport} {flow.client} -> {flow.server}"
+    line = f"flow {flow.id} {flow.transport} {flow.client} -> {server_text(flow)}"
     if flow.listener != flow.server:
         line += f" via {flow.listener}"
     return line

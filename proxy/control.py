@@ -410,7 +410,8 @@ class ControlServer:
                 {
                     "transport": str(lst.spec.transport),
                     "address": str(lst.address),
-                    "upstream": str(lst.spec.upstream),
+                    # A proxy-mode listener's clients each say where they go.
+                    "upstream": "*" if lst.spec.upstream is None else str(lst.spec.upstream),
                 }
                 for lst in relay.listeners
             ]

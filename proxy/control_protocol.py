@@ -25,6 +25,7 @@ from .flow import (
     Flow,
     FlowData,
     FlowState,
+    Requested,
     TlsFacts,
     Transport,
 )
@@ -157,7 +158,18 @@ def flow_to_json(flow: Flow) -> dict[str, Any]:
         "reason": None if flow.reason is None else str(flow.reason),
         "error": flow.error,
         "tls": None if flow.tls is None else flow.tls.as_dict(),
+        "requested": None if flow.requested is None else str(flow.requested),
+        "user": None if flow.requested is None else flow.requested.user,
     }
+
+
+def _requested_from_json(text: object, user: object) -> Requested | None:
+    if text is None:
+        return None
+    requested = Requested.from_text(str(text), None if user is None else str(user))
+    if requested is None:
+        raise ValueError(f"requested {text!r} is not HOST:PORT")
+    return requested
 
 
 def flow_from_json(data: dict[str, Any]) -> Flow:
@@ -178,6 +190,7 @@ def flow_from_json(data: dict[str, Any]) -> Flow:
             reason=None if reason is None else CloseReason(reason),
             error=data.get("error"),
             tls=None if data.get("tls") is None else TlsFacts.from_dict(data["tls"]),
+            requested=_requested_from_json(data.get("requested"), data.get("user")),
         )
     except (KeyError, TypeError, ValueError, FlowtapError) as exc:
         raise ProtocolError(f"malformed flow: {exc}") from None

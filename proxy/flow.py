@@ -47,6 +47,11 @@ class CloseReason(enum.StrEnum):
     SHUTDOWN = "shutdown"
     KILLED = "killed"
     ERROR = "error"
+    # Proxy modes: the client's handshake decided the flow's end before any upstream.
+    HANDSHAKE_ERROR = "handshake-error"
+    HANDSHAKE_TIMEOUT = "handshake-timeout"
+    DENIED = "denied"
+    UNRESOLVABLE = "unresolvable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +166,36 @@ class TlsFacts:
         return " ".join(parts)
 
 
+@dataclass(frozen=True, slots=True)
+class Requested:
+    """What a proxy client asked to reach (a host name or an address literal, and a port),
+    and the user it authenticated as, if any."""
+
+    host: str
+    port: int
+    user: str | None = None
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        """`host:port`, with `user@` before it when the client authenticated."""
+        return f"{self.user}@{self}" if self.user else str(self)
+
+    @classmethod
+    def from_text(cls, text: str, user: str | None = None) -> Requested | None:
+        """Parse what `str()` wrote (`host:port`, `[v6]:port`); None if it is not that."""
+        host, colon, port = text.rpartition(":")
+        if not colon or not port.isdigit() or not host:
+            return None
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        return cls(host, int(port), user)
+
+
 _flow_ids = itertools.count(1)
 
 
@@ -186,6 +221,8 @@ class Flow:
     reason: CloseReason | None = None
     error: str | None = None
     tls: TlsFacts | None = None
+    # Set in proxy modes (SOCKS, HTTP proxy, transparent); None when the listener fixed it.
+    requested: Requested | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -217,6 +254,7 @@ class Flow:
             reason,
             error,
             tls or self.tls,
+            self.requested,
         )
 
 

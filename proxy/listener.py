@@ -11,17 +11,21 @@ from dataclasses import dataclass
 
 from .errors import FlowtapError
 from .flow import Address, Transport
+from .policy import Mode, ProxyPolicy
 
 
 @dataclass(frozen=True, slots=True)
 class ListenerSpec:
-    """One `--listen` with its `--upstream`."""
+    """One `--listen` with its `--upstream` (none in a proxy mode, whose clients say where
+    they go, within `policy`)."""
 
     listen: Address
-    upstream: Address
+    upstream: Address | None
     transport: Transport = Transport.TCP
     # SO_REUSEPORT: several processes listen on one port and the kernel spreads clients.
     reuse_port: bool = False
+    mode: Mode = Mode.REVERSE
+    policy: ProxyPolicy | None = None
 
 
 @dataclass(slots=True)
@@ -31,12 +35,15 @@ class BoundListener:
     spec: ListenerSpec
     sock: socket.socket
     address: Address
+    # A proxy-mode listener has none: each client says where it goes.
     upstream_family: int
     upstream_sockaddr: object
-    upstream: Address
+    upstream: Address | None
 
     def describe(self) -> str:
         """The `listening ...` line the CLI prints once the listener is ready."""
+        if self.spec.mode.is_proxy:
+            return f"listening {self.spec.mode} {self.address} -> *"
         return f"listening {self.spec.transport} {self.address} -> {self.spec.upstream}"
 
 

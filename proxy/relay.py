@@ -37,7 +37,11 @@ from .flow import (
     Transport,
     next_flow_id,
 )
+from .handshake import Failure, UpstreamRewriter
 from .listener import BoundListener, ListenerSpec, bind, bound_address, resolve
+from .modes import Destination, HandshakePhase, Prelude, Resolver, literal_destination
+from .policy import ProxyPolicy
+from .socks_udp import UdpAssociation
 from .udp import UdpListener, check_spec
 from .worker import RelayConfig, Worker
 
@@ -165,6 +169,7 @@ class _TcpFlow:
         "flow",
         "last_active",
         "owner",
+        "prelude",
         "queued",
         "server",
         "up",
@@ -186,6 +191,8 @@ class _TcpFlow:
         self.queued = False
         self.first_eof: CloseReason | None = None
         self.last_active = time.monotonic()
+        # A proxy-mode flow's handshake reply and the client's early bytes, owed on connect.
+        self.prelude: Prelude | None = None
 
     # -- events from the worker ------------------------------------------------------------
 
@@ -369,6 +376,81 @@ class _TcpFlow:
         )
 
 
+class _RewritingFlow(_TcpFlow):
+    """A TCP flow whose client bytes are rewritten on their way up (an HTTP proxy's
+    forwarded requests); the other direction, and every reverse-mode flow, relay as is."""
+
+    __slots__ = ("rewriter",)
+
+    def __init__(
+        self,
+        owner: _TcpFlows,
+        flow: Flow,
+        client: socket.socket,
+        server: socket.socket,
+        rewriter: UpstreamRewriter,
+    ) -> None:
+        super().__init__(owner, flow, client, server)
+        self.rewriter = rewriter
+
+    def _pump(self, pipe: _Pipe, now: float) -> bool:
+        if pipe is self.down:
+            return _TcpFlow._pump(self, pipe, now)
+        if pipe.pending is not None:
+            if not pipe.writable:
+                return False
+            self._flush(pipe)
+            if pipe.pending is not None:
+                return False
+        rewriter = self.rewriter
+        bus = self.worker.bus
+        size = len(self.worker.buffer)
+        while pipe.readable and not pipe.eof:
+            try:
+                data = pipe.src.recv(size)
+            except BlockingIOError:
+                pipe.readable = False
+                break
+            except _RESET_ERRORS as exc:
+                raise _SideReset(True, exc.strerror or "reset") from None
+            except OSError as exc:
+                raise _SideReset(True, exc.strerror or str(exc)) from None
+            if not data:
+                pipe.eof = True
+                if self.first_eof is None:
+                    self.first_eof = CloseReason.CLIENT_CLOSED
+                break
+            self.last_active = now
+            out = rewriter.feed(data)
+            if rewriter.stop_reason is not None:
+                # Nothing more may go to this server: end its side as if the client had.
+                log.info(
+                    "flow %d: %s; ending the upstream side", self.flow.id, rewriter.stop_reason
+                )
+                pipe.eof = True
+                if self.first_eof is None:
+                    self.first_eof = CloseReason.CLIENT_CLOSED
+            if not out:
+                continue
+            pipe.count += len(out)
+            if bus.wants_data and pipe.wants_data:
+                pipe.wants_data = bus.emit_data(
+                    FlowData(self.flow.id, Direction.UP, time.time(), out)
+                )
+            sent = _send(pipe, memoryview(out))
+            if sent < len(out):
+                pipe.pending = memoryview(out)[sent:]
+                pipe.writable = False
+                return False
+        if pipe.eof and pipe.pending is None and not pipe.shut:
+            pipe.shut = True
+            try:
+                pipe.dst.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                raise _SideReset(False, exc.strerror or str(exc)) from None
+        return False
+
+
 class _Accepter:
     """Accepts clients of one listener on behalf of one worker's TCP flows."""
 
@@ -418,15 +500,23 @@ class _TcpFlows:
         "config",
         "deadline",
         "flows",
+        "proxied",
         "ready",
+        "resolver",
         "worker",
     )
 
-    def __init__(self, worker: Worker, listeners: Sequence[BoundListener]) -> None:
+    def __init__(
+        self, worker: Worker, listeners: Sequence[BoundListener], resolver: Resolver
+    ) -> None:
         self.worker = worker
         self.bus = worker.bus
         self.config = worker.config
+        self.resolver = resolver
         self.flows: dict[int, _TcpFlow | TlsTcpFlow] = {}
+        # Proxy-mode clients without a TCP flow: handshakes that have not decided their
+        # upstream yet, and SOCKS5 UDP associations.
+        self.proxied: set[HandshakePhase | UdpAssociation] = set()
         self.ready = worker.ready
         self._accepters = [_Accepter(self, listener) for listener in listeners]
         self._accept_resume_at: float | None = None
@@ -441,7 +531,7 @@ class _TcpFlows:
 
     @property
     def open_count(self) -> int:
-        return len(self.flows)
+        return len(self.flows) + len(self.proxied)
 
     def on_deadline(self, now: float) -> None:
         """Resume accepting after a pause, and close the flows idle for too long."""
@@ -472,6 +562,8 @@ class _TcpFlows:
             self.close_flow(flow, CloseReason.KILLED, reset=True)
 
     def close_all(self, reason: CloseReason, note: str | None = None) -> None:
+        for item in list(self.proxied):
+            item.close(reason, note)
         # Flows closed for an error are reset: their peers must not take it for an end.
         for flow in list(self.flows.values()):
             self.close_flow(flow, reason, reset=reason is CloseReason.ERROR, error=note)
@@ -515,21 +607,104 @@ class _TcpFlows:
             client_address = Address(host=str(addr[0]), port=int(addr[1]))  # type: ignore[index]
         else:
             client_address = Address(host="", path=str(addr) or listener.address.path or "")
+        upstream = listener.upstream
+        if upstream is None:
+            self._start_proxy_flow(listener, client, client_address, started)
+            return
         flow = Flow(
             id=next_flow_id(),
             transport=Transport.TCP,
             client=client_address,
-            server=listener.upstream,
+            server=upstream,
             listener=listener.address,
             started_at=started,
         )
         self.connect_upstream(flow, client, listener.upstream_family, listener.upstream_sockaddr)
 
+    # -- proxy modes: what a handshake phase and a UDP association use ----------------------
+
+    def _start_proxy_flow(
+        self,
+        listener: BoundListener,
+        client: socket.socket,
+        client_address: Address,
+        started: float,
+    ) -> None:
+        policy = listener.spec.policy or ProxyPolicy()
+        if not client_address.is_unix and not policy.is_client_allowed(client_address.host):
+            policy.refuse_client(client_address.host)
+            _reset_and_close(client)
+            return
+        phase = HandshakePhase(
+            self, listener.spec.mode, policy, client, client_address, listener.address, started
+        )
+        self.proxied.add(phase)
+        phase.start()
+
+    def watch_client(self, fd: int, mask: int, phase: HandshakePhase) -> None:
+        """Deliver the epoll events of a proxy-mode client to its handshake phase."""
+        self.worker.watch(fd, mask, phase)
+
+    def watch_association(self, fd: int, mask: int, association: UdpAssociation) -> None:
+        """Deliver the epoll events of a UDP association's socket to it."""
+        self.worker.watch(fd, mask, association)
+
+    def unwatch(self, fd: int) -> None:
+        self.worker.unwatch(fd)
+
+    def add_deadline(self, when: float, phase: HandshakePhase) -> None:
+        """Call `phase.on_deadline()` at monotonic time `when`."""
+        self.worker.call_at(when, lambda now: phase.on_deadline())
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run `callback` on this worker's thread (callable from any thread)."""
+        self.worker.submit(callback)
+
+    def proxy_ended(self, item: object) -> None:
+        """A handshake that has an upstream or was closed, or an association that ended: it
+        no longer keeps the worker busy."""
+        self.proxied.discard(item)
+        self.worker.check_empty()
+
+    def add_association(self, association: UdpAssociation) -> None:
+        """Keep `association` until it ends (shutdown closes it)."""
+        self.proxied.add(association)
+
+    def resolve(
+        self, host: str, port: int, done: Callable[[list[tuple[int, object]] | str], None]
+    ) -> None:
+        """Call `done` on this thread with the addresses of `host` (an address literal at
+        once, a name once the resolver answers), or why there are none."""
+        literal = literal_destination(host, port)
+        if literal is not None:
+            done([(literal.family, literal.sockaddr)])
+            return
+
+        def answered(found: list[Destination] | str) -> None:
+            result = found if isinstance(found, str) else [(d.family, d.sockaddr) for d in found]
+            self.call_soon(lambda: done(result))  # type: ignore[arg-type]
+
+        self.resolver.resolve(host, port, answered)
+
+    def open_upstream(
+        self, flow: Flow, client: socket.socket, destination: Destination, prelude: Prelude
+    ) -> None:
+        """Connect a proxy-mode flow whose handshake decided `destination`."""
+        self.connect_upstream(flow, client, destination.family, destination.sockaddr, prelude)
+
+    # -- connecting -------------------------------------------------------------------------
+
     def connect_upstream(
-        self, flow: Flow, client: socket.socket, family: int, sockaddr: object
+        self,
+        flow: Flow,
+        client: socket.socket,
+        family: int,
+        sockaddr: object,
+        prelude: Prelude | None = None,
     ) -> None:
         """Emit `flow` opened and connect its client to `flow.server` (at `family`, `sockaddr`);
-        the flow relays once connected, or closes (refused, timed out) with its one event."""
+        the flow relays once connected (after `prelude`, for a proxy-mode flow), or closes
+        (refused, timed out) with its one event."""
         try:
             server = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
@@ -552,12 +727,20 @@ class _TcpFlows:
             server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tls = self.config.tls
         tcp: _TcpFlow | TlsTcpFlow
-        if tls is not None and not flow.server.is_unix:
+        rewriter = None
+        if prelude is not None and prelude.handshake is not None:
+            rewriter = prelude.handshake.upstream_rewriter()
+        # Proxy-mode flows (with a prelude) are not intercepted yet: --tls refuses them.
+        if tls is not None and prelude is None and not flow.server.is_unix:
             from .tls_relay import TlsTcpFlow
 
             tcp = TlsTcpFlow(self, flow, client, server, tls)
         else:
-            tcp = _TcpFlow(self, flow, client, server)
+            if rewriter is None:
+                tcp = _TcpFlow(self, flow, client, server)
+            else:
+                tcp = _RewritingFlow(self, flow, client, server, rewriter)
+            tcp.prelude = prelude
         self.flows[flow.id] = tcp
         self.bus.emit(FlowOpened(flow))
         err = server.connect_ex(sockaddr)  # type: ignore[arg-type]
@@ -570,15 +753,18 @@ class _TcpFlows:
 
     def _connect_deadline(self, tcp: _TcpFlow | TlsTcpFlow, now: float) -> None:
         if tcp.connecting and not tcp.closed:
-            self.close_flow(
+            self.refuse_connect(
                 tcp,
                 CloseReason.UPSTREAM_TIMEOUT,
-                reset=True,
-                error=f"no answer from {tcp.flow.server} within "
-                f"{self.config.connect_timeout_s:g} s",
+                Failure.TIMEOUT,
+                f"no answer from {tcp.flow.server} within {self.config.connect_timeout_s:g} s",
             )
 
     def connected(self, tcp: _TcpFlow | TlsTcpFlow) -> None:
+        if not tcp.is_tls:
+            prelude = cast(_TcpFlow, tcp).prelude
+            if prelude is not None:
+                self._deliver_prelude(cast(_TcpFlow, tcp), prelude)
         self.worker.watch(tcp.client.fileno(), _FLOW_EVENTS, tcp)
         if tcp.is_tls:
             tcp = cast("TlsTcpFlow", tcp)
@@ -586,13 +772,52 @@ class _TcpFlows:
             if not tcp.closed:
                 self.worker.call_at(tcp.handshake_deadline, tcp.on_deadline)
 
+    def _deliver_prelude(self, tcp: _TcpFlow, prelude: Prelude) -> None:
+        """Queue the handshake's reply for the client and the client's early bytes for the
+        server; they leave as the sockets take them, before anything read later."""
+        tcp.prelude = None
+        if prelude.handshake is not None:
+            name = tcp.server.getsockname()
+            reply = prelude.handshake.succeeded(Address(host=str(name[0]), port=int(name[1])))
+            if reply:
+                tcp.down.pending = memoryview(reply)
+        early = prelude.early_data
+        if early:
+            tcp.up.pending = memoryview(early)
+            tcp.up.count += len(early)
+            bus = self.bus
+            if bus.wants_data:
+                tcp.up.wants_data = bus.emit_data(
+                    FlowData(tcp.flow.id, Direction.UP, time.time(), early)
+                )
+        if not tcp.queued:
+            tcp.queued = True
+            self.ready.append(tcp)
+
     def fail_connect(self, tcp: _TcpFlow | TlsTcpFlow, err: int) -> None:
-        self.close_flow(
+        if err in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            failure = Failure.NETWORK_UNREACHABLE
+        else:
+            failure = _CONNECT_FAILURES.get(connect_failure_reason(err), Failure.GENERAL)
+        self.refuse_connect(
             tcp,
             connect_failure_reason(err),
-            reset=True,
-            error=f"connect to {tcp.flow.server}: {os.strerror(err)}",
+            failure,
+            f"connect to {tcp.flow.server}: {os.strerror(err)}",
         )
+
+    def refuse_connect(
+        self, tcp: _TcpFlow | TlsTcpFlow, reason: CloseReason, failure: Failure, error: str
+    ) -> None:
+        """Close a flow whose upstream did not connect: a reset for the client of a fixed
+        upstream; the protocol's answer, then a clean close, for a proxy-mode client."""
+        prelude = None if tcp.is_tls else cast(_TcpFlow, tcp).prelude
+        if prelude is None or prelude.handshake is None:
+            self.close_flow(tcp, reason, reset=True, error=error)
+            return
+        with contextlib.suppress(OSError):
+            tcp.client.send(prelude.handshake.failed(failure))
+        self.close_flow(tcp, reason, error=error)
 
     def close_flow(
         self,
@@ -622,6 +847,12 @@ class _TcpFlows:
             self._accept_resume_at = time.monotonic()
             self._set_deadline()
         worker.check_empty()
+
+
+_CONNECT_FAILURES = {
+    CloseReason.UPSTREAM_REFUSED: Failure.REFUSED,
+    CloseReason.UPSTREAM_TIMEOUT: Failure.TIMEOUT,
+}
 
 
 def connect_failure_reason(err: int) -> CloseReason:
@@ -654,11 +885,18 @@ class Relay:
         self.bus = bus
         self.config = config or RelayConfig()
         self.listeners: list[BoundListener] = []
+        # Names that proxy-mode clients ask for are resolved on its threads (started on use).
+        self.resolver = Resolver()
         try:
             for spec in specs:
                 if spec.transport is Transport.UDP:
                     check_spec(spec)
-                family, sockaddr = resolve(spec.upstream, spec.transport)
+                upstream: Address | None = None
+                family: int = socket.AF_UNSPEC
+                sockaddr: object = None
+                if spec.upstream is not None:
+                    family, sockaddr = resolve(spec.upstream, spec.transport)
+                    upstream = _sockaddr_address(family, sockaddr, spec.upstream)
                 sock = bind(spec)
                 self.listeners.append(
                     BoundListener(
@@ -667,7 +905,7 @@ class Relay:
                         address=bound_address(sock, spec),
                         upstream_family=family,
                         upstream_sockaddr=sockaddr,
-                        upstream=_sockaddr_address(family, sockaddr, spec.upstream),
+                        upstream=upstream,
                     )
                 )
         except BaseException:
@@ -689,7 +927,7 @@ class Relay:
                 worker = Worker(i, bus, self.config, self._worker_empty, self._failed)
                 self._workers.append(worker)
                 if tcp:
-                    self._tcp.append(_TcpFlows(worker, tcp))
+                    self._tcp.append(_TcpFlows(worker, tcp, self.resolver))
                 for listener in udp[i::count]:
                     UdpListener(worker, listener)
         except OSError as exc:
@@ -769,6 +1007,7 @@ class Relay:
         for worker in self._workers:
             worker.join()
             worker.release()
+        self.resolver.close()
         self._close_listeners()
 
     def _close_listeners(self) -> None:

@@ -96,6 +96,11 @@ ClientAddr = tuple[Any, ...]
 
 def check_spec(spec: ListenerSpec) -> None:
     """Raise FlowtapError if `spec` is a UDP listener flowtap cannot relay."""
+    if spec.upstream is None:
+        raise FlowtapError(
+            f"UDP listener {spec.listen} needs an --upstream: proxy modes take TCP clients "
+            "(SOCKS5 clients reach UDP through UDP ASSOCIATE)"
+        )
     if spec.listen.is_unix or spec.upstream.is_unix:
         raise FlowtapError(
             f"UDP over unix sockets is not supported ({spec.listen} -> {spec.upstream}): "
@@ -548,11 +553,13 @@ class UdpListener:
 
     def _start(self, addr: ClientAddr, sock: socket.socket, now: float) -> UdpSession | None:
         listener = self.listener
+        upstream = listener.upstream
+        assert upstream is not None, "check_spec refuses UDP listeners without an upstream"
         flow = Flow(
             id=next_flow_id(),
             transport=Transport.UDP,
             client=Address(host=str(addr[0]), port=int(addr[1])),
-            server=listener.upstream,
+            server=upstream,
             listener=listener.address,
             started_at=time.time(),
             state=FlowState.OPEN,

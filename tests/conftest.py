@@ -24,7 +24,7 @@ import pytest
 from flowtap.proxy.events import LosslessObserver
 from flowtap.proxy.flow import Direction, FlowClosed, FlowData, FlowEvent, FlowOpened
 
-LISTENING = re.compile(r"^listening (tcp|udp) (\S+) -> (\S+)$")
+LISTENING = re.compile(r"^listening (tcp|udp|socks5|http|transparent) (\S+) -> (\S+)$")
 
 
 SOL_UDP = 17

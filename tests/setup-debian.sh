@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install the Debian packages the test suite drives as real peers, skipping those present.
 set -eu
-packages="tshark tcpdump redis-server redis-tools socat tmux curl openssl dnsutils dnsmasq-base jq bsdextrautils"
+packages="tshark tcpdump redis-server redis-tools socat tmux curl openssl dnsutils dnsmasq-base jq bsdextrautils proxychains4 iptables microsocks dante-server tinyproxy"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

@@ -20,6 +20,8 @@ from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from flowtap.proxy.flow import Flow
+
 from ..flow_filter import FlowFacts, FlowFilter
 from ..log import human_bytes
 from ..messages import FlowSelected, SortChanged
@@ -44,6 +46,14 @@ def _clock(timestamp: float) -> str:
     )
 
 
+def _server(flow: Flow) -> str:
+    """What a proxy client asked for (a name is what people know a server by), else the
+    server's address."""
+    if flow.requested is not None and flow.requested.host != flow.server.host:
+        return flow.requested.label
+    return str(flow.server)
+
+
 @dataclass(frozen=True)
 class Column:
     """One column: its title, width in cells, how to show a flow and how to sort by it."""
@@ -60,7 +70,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("id", "#", 6, lambda r: str(r.id), lambda r: r.id, right=True),
     Column("start", "start", 12, lambda r: _clock(r.flow.started_at), lambda r: r.flow.started_at),
     Column("client", "client", 21, lambda r: str(r.flow.client), lambda r: str(r.flow.client)),
-    Column("server", "server", 21, lambda r: str(r.flow.server), lambda r: str(r.flow.server)),
+    Column("server", "server", 21, lambda r: _server(r.flow), lambda r: _server(r.flow)),
     Column("transport", "tp", 3, lambda r: str(r.flow.transport), lambda r: str(r.flow.transport)),
     Column("state", "state", 16, lambda r: r.state_text, lambda r: r.state_text),
     Column("up", "↑ bytes", 9, lambda r: human_bytes(r.bytes_up), lambda r: r.bytes_up, True),
@@ -82,6 +92,10 @@ _STATE_CLASS = {
     "upstream-refused": "reset",
     "upstream-timeout": "reset",
     "error": "reset",
+    "handshake-error": "reset",
+    "handshake-timeout": "reset",
+    "denied": "reset",
+    "unresolvable": "reset",
 }
 
 

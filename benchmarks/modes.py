@@ -1,0 +1,453 @@
+"""Proxy-mode benchmark: SOCKS5 and HTTP CONNECT through flowtap, side by side with
+microsocks and dante-server (SOCKS5), tinyproxy (CONNECT) and mitmdump (both; in a venv this
+benchmark makes, or skipped with a note), each measured through the proxy handshake.
+
+Run on demand:  python benchmarks/modes.py [--quick] [--no-mitmproxy]
+Prints a table (bulk each way, ping-pong p50/p99, new connections/s) and a strict verdict
+against the targets: flowtap's new connections/s >= 1.0x microsocks and tinyproxy and >= 5x
+mitmdump; bulk >= 1.0x the best of the others each way; ping-pong p50 <= 1.1x the best.
+Everything runs on loopback; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import BLOCK, pattern_digest
+
+HERE = Path(__file__).resolve().parent
+MiB = 1 << 20
+MITM_VENV = Path.home() / ".cache" / "flowtap-bench" / "mitmproxy-venv"
+
+
+@dataclass
+class Proxy:
+    """A running proxy: its kind (socks5 or connect), port and processes."""
+
+    name: str
+    kind: str
+    port: int
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise RuntimeError("the proxy closed during the handshake")
+        data += chunk
+    return data
+
+
+def open_through(proxy: Proxy, port: int) -> socket.socket:
+    """A connection to 127.0.0.1:`port` through `proxy`, its handshake done."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if proxy.kind == "socks5":
+        sock.sendall(b"\x05\x01\x00")
+        if _recv_exact(sock, 2) != b"\x05\x00":
+            raise RuntimeError(f"{proxy.name} refused the SOCKS5 greeting")
+        sock.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + struct.pack("!H", port))
+        reply = _recv_exact(sock, 10)
+        if reply[1] != 0:
+            raise RuntimeError(f"{proxy.name} answered SOCKS5 reply {reply[1]:#04x}")
+        return sock
+    sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            raise RuntimeError(f"{proxy.name} closed during CONNECT")
+        head += chunk
+    if not re.match(rb"HTTP/1\.[01] 200", head):
+        raise RuntimeError(f"{proxy.name} answered {head.splitlines()[0]!r}")
+    return sock
+
+
+# -- the proxies -------------------------------------------------------------------------------
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{name} never listened on {port}")
+
+
+def _flowtap_command() -> list[str]:
+    exe = shutil.which("flowtap", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "flowtap.inspector.cli"]
+
+
+def start_flowtap(mode: str, workdir: Path) -> Proxy:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*_flowtap_command(), "run", "--quiet", "--no-control", "--listen",
+         f"{mode}:127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / f"flowtap-{mode}.err").open("w"),
+    )  # fmt: skip
+    _wait_port(port, proc, "flowtap")
+    return Proxy(f"flowtap {mode}", "socks5" if mode == "socks5" else "connect", port, [proc])
+
+
+def start_microsocks(workdir: Path) -> Proxy:
+    port = free_port()
+    proc = subprocess.Popen(
+        ["microsocks", "-i", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_port(port, proc, "microsocks")
+    return Proxy("microsocks", "socks5", port, [proc])
+
+
+def start_dante(workdir: Path) -> Proxy:
+    port = free_port()
+    config = workdir / "danted.conf"
+    config.write_text(
+        f"logoutput: {workdir / 'danted.log'}\n"
+        f"internal: 127.0.0.1 port = {port}\n"
+        "external: 127.0.0.1\n"
+        "socksmethod: none\nclientmethod: none\n"
+        "user.privileged: root\nuser.unprivileged: nobody\n"
+        "client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }\n"
+        "socks pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }\n"
+    )
+    proc = subprocess.Popen(
+        ["danted", "-f", str(config), "-p", str(workdir / "danted.pid")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_port(port, proc, "danted")
+    return Proxy("dante", "socks5", port, [proc])
+
+
+def start_tinyproxy(workdir: Path) -> Proxy:
+    port = free_port()
+    config = workdir / "tinyproxy.conf"
+    user = "User nobody\nGroup nogroup\n" if os.getuid() == 0 else ""
+    config.write_text(
+        f"{user}Port {port}\nListen 127.0.0.1\nTimeout 60\nAllow 127.0.0.1\n"
+        "MaxClients 1024\nLogLevel Critical\n"
+    )
+    proc = subprocess.Popen(
+        ["tinyproxy", "-d", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_port(port, proc, "tinyproxy")
+    return Proxy("tinyproxy", "connect", port, [proc])
+
+
+def mitmdump_path(make_venv: bool) -> tuple[Path | None, str]:
+    """mitmdump from PATH or this benchmark's venv (made with pip when asked); or why not."""
+    found = shutil.which("mitmdump")
+    if found:
+        return Path(found), ""
+    exe = MITM_VENV / "bin" / "mitmdump"
+    if exe.exists():
+        return exe, ""
+    if not make_venv:
+        return None, "mitmdump skipped (--no-mitmproxy)"
+    print(f"making {MITM_VENV} with mitmproxy (pip) ...", file=sys.stderr)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(MITM_VENV)], check=True, timeout=300)
+        subprocess.run(
+            [str(MITM_VENV / "bin" / "pip"), "install", "-q", "mitmproxy"],
+            check=True,
+            timeout=900,
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        return None, f"mitmdump skipped: could not install mitmproxy in a venv ({exc})"
+    return (exe, "") if exe.exists() else (None, "mitmdump skipped: no mitmdump after pip")
+
+
+def start_mitmdump(exe: Path, mode: str, workdir: Path) -> Proxy:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(exe), "--mode", mode, "--listen-host", "127.0.0.1", "--listen-port", str(port),
+         "-q", "--set", f"confdir={workdir / 'mitmproxy'}", "--ignore-hosts", ".*"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    _wait_port(port, proc, "mitmdump")
+    kind = "socks5" if mode == "socks5" else "connect"
+    return Proxy(f"mitmdump {mode}", kind, port, [proc])
+
+
+# -- workloads ---------------------------------------------------------------------------------
+
+
+def bulk_up(proxy: Proxy, port: int, size: int) -> float:
+    """Upload `size` bytes through the proxy; MB/s once the server confirmed the sha256."""
+    expected = pattern_digest(size)
+    view = memoryview(BLOCK)
+    started = time.perf_counter()
+    with open_through(proxy, port) as sock:
+        # Sized, not ended by a half-close: microsocks closes both ways at a client's FIN.
+        sock.sendall(b"S%d\n" % size)
+        left = size
+        while left:
+            step = min(left, len(BLOCK))
+            sock.sendall(view[:step])
+            left -= step
+        answer = b""
+        while len(answer) < 64 and (chunk := sock.recv(100)):
+            answer += chunk
+    elapsed = time.perf_counter() - started
+    if answer.decode() != expected:
+        raise RuntimeError(f"{proxy.name}: upload checksum mismatch")
+    return size / MiB / elapsed
+
+
+def bulk_down(proxy: Proxy, port: int, size: int) -> float:
+    """Download `size` bytes through the proxy; MB/s after checking the sha256."""
+    expected = pattern_digest(size)
+    digest = hashlib.sha256()
+    buf = bytearray(262144)
+    view = memoryview(buf)
+    got = 0
+    started = time.perf_counter()
+    with open_through(proxy, port) as sock:
+        sock.sendall(b"D%d\n" % size)
+        while n := sock.recv_into(buf):
+            digest.update(view[:n])
+            got += n
+    elapsed = time.perf_counter() - started
+    if got != size or digest.hexdigest() != expected:
+        raise RuntimeError(f"{proxy.name}: download checksum mismatch")
+    return size / MiB / elapsed
+
+
+def ping_pong(proxy: Proxy, port: int, rounds: int) -> tuple[float, float]:
+    """1-byte round trips through the proxy; p50 and p99 in microseconds."""
+    samples = []
+    with open_through(proxy, port) as sock:
+        sock.sendall(b"P")
+        clock = time.perf_counter_ns
+        for _ in range(rounds):
+            started = clock()
+            sock.sendall(b"x")
+            if sock.recv(1) != b"x":
+                raise RuntimeError(f"{proxy.name}: ping-pong lost a byte")
+            samples.append((clock() - started) / 1000)
+    samples.sort()
+    return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
+
+
+def connection_rate(proxy: Proxy, port: int, seconds: float, limit: int, threads: int = 4) -> float:
+    """New connections per second, each through the handshake: connect, echo a byte, close."""
+    count = [0] * threads
+    errors: list[BaseException] = []
+    deadline = time.perf_counter() + seconds
+    per_thread = limit // threads
+
+    def loop(index: int) -> None:
+        try:
+            for _ in range(per_thread):
+                if time.perf_counter() > deadline:
+                    return
+                with open_through(proxy, port) as sock:
+                    sock.sendall(b"c")
+                    if sock.recv(1) != b"c":
+                        raise RuntimeError("connection lost its byte")
+                count[index] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise RuntimeError(f"{proxy.name}: {errors[0]}")
+    return sum(count) / (time.perf_counter() - started)
+
+
+# -- the verdict -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target: its text and whether it was met."""
+
+    text: str
+    met: bool
+
+
+def verdict(kind: str, results: dict[str, dict[str, float]], light: tuple[str, ...]) -> list[Check]:
+    """flowtap's row of `kind` against the others: new connections/s >= 1.0x each of
+    `light` (the lightweight proxies) and >= 5x mitmdump; bulk >= 1.0x the best each way;
+    ping-pong p50 <= 1.1x the best."""
+    ours = next(row for name, row in results.items() if name.startswith("flowtap"))
+    others = {name: row for name, row in results.items() if not name.startswith("flowtap")}
+    checks = []
+    for name in light:
+        if name in others:
+            checks.append(
+                Check(f"{kind} conn/s >= 1.0x {name}", ours["conn/s"] >= others[name]["conn/s"])
+            )
+    for name, row in others.items():
+        if name.startswith("mitmdump"):
+            checks.append(Check(f"{kind} conn/s >= 5x {name}", ours["conn/s"] >= 5 * row["conn/s"]))
+    if others:
+        for metric in ("bulk up MB/s", "bulk down MB/s"):
+            best = max(row[metric] for row in others.values())
+            checks.append(Check(f"{kind} {metric} >= 1.0x the best", ours[metric] >= best))
+        best_p50 = min(row["p50 us"] for row in others.values())
+        checks.append(
+            Check(f"{kind} ping-pong p50 <= 1.1x the best", ours["p50 us"] <= 1.1 * best_p50)
+        )
+    return checks
+
+
+def measure(
+    proxies: list[Proxy], bulk: int, echo: int, size: int, rounds: int, bulk_rounds: int,
+    conn_seconds: float,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """The figures of each proxy, throughput and new connections alternating between them
+    round after round (their medians), then ping-pong."""
+    samples: dict[str, dict[str, list[float]]] = {p.name: {} for p in proxies}
+    for _ in range(bulk_rounds):
+        for proxy in proxies:
+            row = samples[proxy.name]
+            row.setdefault("bulk up MB/s", []).append(bulk_up(proxy, bulk, size))
+            row.setdefault("bulk down MB/s", []).append(bulk_down(proxy, bulk, size))
+            row.setdefault("conn/s", []).append(connection_rate(proxy, echo, conn_seconds, 20_000))
+    results = {}
+    for proxy in proxies:
+        figures = {metric: statistics.median(v) for metric, v in samples[proxy.name].items()}
+        figures["p50 us"], figures["p99 us"] = ping_pong(proxy, bulk, rounds)
+        results[proxy.name] = figures
+        print(f"{proxy.name}: done", file=sys.stderr)
+    return results
+
+
+def print_table(title: str, results: dict[str, dict[str, float]]) -> None:
+    names = list(results)
+    print(f"\n{title}")
+    print(f"{'metric':<16}" + "".join(f"{name:>18}" for name in names))
+    for metric in ("bulk up MB/s", "bulk down MB/s", "conn/s", "p50 us", "p99 us"):
+        print(f"{metric:<16}" + "".join(f"{results[n][metric]:>18.1f}" for n in names))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument(
+        "--no-mitmproxy", action="store_true", help="do not make a venv with mitmproxy"
+    )
+    args = parser.parse_args()
+    size = (16 if args.quick else 128) * MiB
+    rounds = 2000 if args.quick else 10_000
+    bulk_rounds = 1 if args.quick else 3
+    conn_seconds = 2.0
+    notes = []
+    missing = [exe for exe in ("microsocks", "danted", "tinyproxy") if not shutil.which(exe)]
+    if missing:
+        notes.append(f"not installed (tests/setup-debian.sh installs them): {', '.join(missing)}")
+    mitmdump, why = mitmdump_path(not args.no_mitmproxy)
+    if why:
+        notes.append(why)
+
+    workdir = Path(tempfile.mkdtemp(prefix="flowtap-modes-bench-"))
+    peers = subprocess.Popen(
+        [sys.executable, str(HERE / "peers.py")], stdout=subprocess.PIPE, text=True
+    )
+    assert peers.stdout is not None
+    ports = dict(peers.stdout.readline().split() for _ in range(2))
+    bulk, echo = int(ports["bulk"]), int(ports["echo"])
+    starters: dict[str, list[Callable[[], Proxy]]] = {
+        "socks5": [lambda: start_flowtap("socks5", workdir)],
+        "connect": [lambda: start_flowtap("http", workdir)],
+    }
+    if "microsocks" not in missing:
+        starters["socks5"].append(lambda: start_microsocks(workdir))
+    if "danted" not in missing:
+        starters["socks5"].append(lambda: start_dante(workdir))
+    if "tinyproxy" not in missing:
+        starters["connect"].append(lambda: start_tinyproxy(workdir))
+    if mitmdump is not None:
+        exe = mitmdump
+        starters["socks5"].append(lambda: start_mitmdump(exe, "socks5", workdir))
+        starters["connect"].append(lambda: start_mitmdump(exe, "regular", workdir))
+    checks: list[Check] = []
+    try:
+        for kind, starts in starters.items():
+            proxies: list[Proxy] = []
+            try:
+                for start in starts:
+                    try:
+                        proxies.append(start())
+                    except RuntimeError as exc:
+                        notes.append(f"{kind}: a proxy did not start ({exc}); left out")
+                results = measure(proxies, bulk, echo, size, rounds, bulk_rounds, conn_seconds)
+            finally:
+                for proxy in proxies:
+                    proxy.stop()
+            print_table(
+                f"{kind}: bulk {size // MiB} MiB each way, conn/s {conn_seconds:g} s (median of "
+                f"{bulk_rounds} alternating rounds), {rounds} ping-pong rounds",
+                results,
+            )
+            light = ("microsocks", "dante") if kind == "socks5" else ("tinyproxy",)
+            checks += verdict(kind, results, light)
+    finally:
+        peers.terminate()
+        peers.wait()
+    print()
+    for note in notes:
+        print(f"note: {note}")
+    print(
+        "note: transparent mode is not measured here (it needs iptables in a network "
+        "namespace); it relays like reverse mode once the flow is accepted"
+    )
+    for check in checks:
+        print(f"{'PASS' if check.met else 'FAIL'}  {check.text}")
+    return 0 if checks and all(check.met for check in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

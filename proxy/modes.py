@@ -1,0 +1,455 @@
+"""Proxy-mode flows before they have an upstream: the client's handshake (SOCKS, HTTP proxy)
+or its original destination (transparent), run inside a relay worker without blocking it.
+
+A client of a proxy-mode listener is read by a `HandshakePhase` until its handshake decides
+a destination. Names are resolved off the relay thread (`Resolver`) and the answer comes
+back through the worker's command queue. The worker then connects upstream like any flow;
+the handshake's reply and the bytes the client sent after its request (`Prelude`) are
+delivered once the connection is up. `HandshakePhase.decide` is the one place where a
+flow's destination and first bytes are known before any upstream: what wants to look at
+them (TLS interception) hooks there.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ipaddress
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .events import Bus
+from .flow import (
+    Address,
+    CloseReason,
+    Flow,
+    FlowClosed,
+    FlowOpened,
+    Requested,
+    Transport,
+    next_flow_id,
+)
+from .handshake import Command, Failure, Handshake, OpenUpstream, Reject, SendReply
+from .http_proxy import HttpProxyServer
+from .policy import Mode, ProxyPolicy
+from .socks5 import SocksServer
+from .socks_udp import UdpAssociation
+
+_IN = select.EPOLLIN
+_RDHUP = select.EPOLLRDHUP
+_ET = select.EPOLLET
+# Handshakes are short; what does not fit in this is not a handshake (HTTP heads stop at 64 KiB).
+_RECV_BYTES = 16 * 1024
+
+# linux/netfilter_ipv4.h and linux/netfilter_ipv6/ip6_tables.h: both are option 80.
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+_SOL_IPV6 = 41
+
+
+@dataclass(frozen=True, slots=True)
+class Prelude:
+    """What a proxy-mode flow owes once its upstream answers: the handshake's reply to the
+    client and the bytes the client sent after its request, for the server."""
+
+    handshake: Handshake | None
+    early_data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where a decided flow connects: its socket family and address, as resolved."""
+
+    family: int
+    sockaddr: tuple[str, int] | tuple[str, int, int, int]
+
+    @property
+    def address(self) -> Address:
+        return Address(host=self.sockaddr[0], port=self.sockaddr[1])
+
+
+class ProxyWorker(Protocol):
+    """What a handshake phase needs of the relay worker that owns it."""
+
+    bus: Bus
+    resolver: Resolver
+
+    def watch_client(self, fd: int, mask: int, phase: HandshakePhase) -> None: ...
+
+    def unwatch(self, fd: int) -> None: ...
+
+    def add_deadline(self, when: float, phase: HandshakePhase) -> None: ...
+
+    def call_soon(self, callback: Callable[[], None]) -> None: ...
+
+    def proxy_ended(self, item: object) -> None: ...
+
+    def add_association(self, association: UdpAssociation) -> None: ...
+
+    def watch_association(self, fd: int, mask: int, association: UdpAssociation) -> None: ...
+
+    def resolve(
+        self, host: str, port: int, done: Callable[[list[tuple[int, object]] | str], None]
+    ) -> None: ...
+
+    def open_upstream(
+        self,
+        flow: Flow,
+        client: socket.socket,
+        destination: Destination,
+        prelude: Prelude,
+    ) -> None: ...
+
+
+class Resolver:
+    """Resolves host names on a few threads of its own, never on a relay thread."""
+
+    def __init__(self, threads: int = 4) -> None:
+        self._threads = threads
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def resolve(
+        self, host: str, port: int, done: Callable[[list[Destination] | str], None]
+    ) -> None:
+        """Call `done` (on a resolver thread) with the addresses of `host`, or why none."""
+
+        def work() -> None:
+            done(resolve_now(host, port))
+
+        with self._lock:
+            # Started on first use: a relay without proxy listeners never has the threads.
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self._threads, thread_name_prefix="flowtap-resolve"
+                )
+            self._pool.submit(work)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def resolve_now(host: str, port: int) -> list[Destination] | str:
+    """The addresses of `host` (blocking: call off the relay thread), or why there are none."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"cannot resolve {host!r}: {getattr(exc, 'strerror', None) or exc}"
+    found = [
+        Destination(family, sockaddr)  # type: ignore[arg-type]
+        for family, _, _, _, sockaddr in infos
+        if family in (socket.AF_INET, socket.AF_INET6)
+    ]
+    return found or f"cannot resolve {host!r}: no IPv4 or IPv6 address"
+
+
+def literal_destination(host: str, port: int) -> Destination | None:
+    """The destination of an address literal, or None if `host` is a name."""
+    try:
+        return Destination(
+            socket.AF_INET,
+            (socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, host)), port),
+        )
+    except OSError:
+        pass
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        return None
+    return Destination(socket.AF_INET6, (socket.inet_ntop(socket.AF_INET6, packed), port, 0, 0))
+
+
+def original_destination(sock: socket.socket) -> Destination:
+    """The address a redirected connection was made to (netfilter's SO_ORIGINAL_DST)."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(_SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+        port = struct.unpack_from("!H", raw, 2)[0]
+        host = str(ipaddress.IPv6Address(raw[8:24]))
+        return Destination(socket.AF_INET6, (host, port, 0, 0))
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return Destination(socket.AF_INET, (socket.inet_ntoa(raw[4:8]), port))
+
+
+def unspecified_server(client: Address) -> Address:
+    """The server of a flow that never got one: the unspecified address of the client's family."""
+    return Address(host="::" if client.is_ipv6 else "0.0.0.0", port=0)
+
+
+def _close_gently(sock: socket.socket) -> None:
+    """Close after a reply so that it reaches the client: a close with unread bytes waiting
+    would send a reset, which may destroy the reply before the client reads it."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        for _ in range(16):
+            if not sock.recv(_RECV_BYTES):
+                break
+    sock.close()
+
+
+def new_handshake(mode: Mode, policy: ProxyPolicy) -> Handshake:
+    if mode is Mode.SOCKS5:
+        return SocksServer(policy.credentials)
+    return HttpProxyServer(policy.credentials)
+
+
+class HandshakePhase:
+    """One proxy-mode client from accept until its flow has a destination (or is refused)."""
+
+    __slots__ = (
+        "client",
+        "client_address",
+        "closed",
+        "deciding",
+        "handshake",
+        "listener_address",
+        "mode",
+        "policy",
+        "started_at",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        worker: ProxyWorker,
+        mode: Mode,
+        policy: ProxyPolicy,
+        client: socket.socket,
+        client_address: Address,
+        listener_address: Address,
+        started_at: float,
+    ) -> None:
+        self.worker = worker
+        self.mode = mode
+        self.policy = policy
+        self.client = client
+        self.client_address = client_address
+        self.listener_address = listener_address
+        self.started_at = started_at
+        self.closed = False
+        self.deciding = False
+        self.handshake: Handshake | None = None
+
+    def start(self) -> None:
+        """Begin: read the client's handshake, or find a transparent flow's destination."""
+        worker = self.worker
+        if self.mode is Mode.TRANSPARENT:
+            self._start_transparent()
+            return
+        self.handshake = new_handshake(self.mode, self.policy)
+        worker.add_deadline(time.monotonic() + self.policy.handshake_timeout_s, self)
+        worker.watch_client(self.client.fileno(), _IN | _RDHUP | _ET, self)
+
+    # -- events from the worker ------------------------------------------------------------
+
+    def on_ready(self, fd: int, mask: int, now: float) -> None:
+        if self.closed or self.deciding:
+            return
+        handshake = self.handshake
+        assert handshake is not None
+        while True:
+            try:
+                data = self.client.recv(_RECV_BYTES)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.close(CloseReason.CLIENT_RESET, f"during the handshake: {exc.strerror or exc}")
+                return
+            if not data:
+                self.close(CloseReason.HANDSHAKE_ERROR, "the client closed during the handshake")
+                return
+            for event in handshake.receive(data):
+                if isinstance(event, SendReply):
+                    if not self._send(event.data):
+                        return
+                elif isinstance(event, Reject):
+                    self._send(event.reply)
+                    self.close(event.reason, event.error)
+                    return
+                else:
+                    self.decide(event)
+                    return
+
+    def on_deadline(self) -> None:
+        """The handshake timeout: answer what the protocol has for it and close."""
+        if self.closed or self.deciding:
+            return
+        handshake = self.handshake
+        if handshake is not None:
+            self._send(handshake.timed_out())
+        self.close(
+            CloseReason.HANDSHAKE_TIMEOUT,
+            f"no complete handshake within {self.policy.handshake_timeout_s:g} s",
+        )
+
+    # -- deciding ---------------------------------------------------------------------------
+
+    def decide(self, request: OpenUpstream) -> None:
+        """The client asked for `request.requested`: check it, resolve it, connect."""
+        self.deciding = True
+        self.worker.unwatch(self.client.fileno())
+        requested = request.requested
+        if request.command is Command.UDP_ASSOCIATE:
+            self._associate(requested)
+            return
+        refusal = self.policy.destination_refusal(requested.host, requested.port)
+        if refusal is not None:
+            self.refuse(requested, Failure.NOT_ALLOWED, CloseReason.DENIED, refusal)
+            return
+        destination = literal_destination(requested.host, requested.port)
+        if destination is not None:
+            self._open(requested, destination, request.early_data)
+            return
+
+        def resolved(found: list[Destination] | str) -> None:
+            # On a resolver thread: hand the answer to the worker's thread.
+            self.worker.call_soon(lambda: self._resolved(requested, found, request.early_data))
+
+        self.worker.resolver.resolve(requested.host, requested.port, resolved)
+
+    def _resolved(self, requested: Requested, found: list[Destination] | str, early: bytes) -> None:
+        if self.closed:
+            return
+        if isinstance(found, str):
+            self.refuse(requested, Failure.HOST_UNREACHABLE, CloseReason.UNRESOLVABLE, found)
+            return
+        refusal = ""
+        for destination in found:
+            # Checked again on the address: a name may resolve to a denied one.
+            why = self.policy.destination_refusal(destination.sockaddr[0], requested.port)
+            if why is None:
+                self._open(requested, destination, early)
+                return
+            refusal = refusal or f"{requested.host} resolves to {destination.address}: {why}"
+        self.refuse(requested, Failure.NOT_ALLOWED, CloseReason.DENIED, refusal)
+
+    def _open(self, requested: Requested, destination: Destination, early: bytes) -> None:
+        self.closed = True
+        self.worker.proxy_ended(self)
+        flow = self._flow(destination.address, requested)
+        self.worker.open_upstream(flow, self.client, destination, Prelude(self.handshake, early))
+
+    def _associate(self, requested: Requested) -> None:
+        """Open a UDP association for the client; the TCP connection keeps it alive."""
+        handshake = self.handshake
+        assert handshake is not None
+        try:
+            association = UdpAssociation(
+                self.worker,
+                self.client,
+                self.client_address,
+                self.listener_address,
+                self.policy,
+                (requested.host, requested.port),
+                requested.user,
+            )
+        except OSError as exc:
+            self.refuse(
+                requested,
+                Failure.GENERAL,
+                CloseReason.ERROR,
+                f"cannot open a UDP relay socket: {exc.strerror or exc}",
+            )
+            return
+        self.closed = True
+        self.worker.proxy_ended(self)
+        try:
+            self.client.send(handshake.succeeded(association.bound))
+        except OSError:
+            association.close(CloseReason.CLIENT_RESET, "the client left before the reply")
+            return
+        self.worker.add_association(association)
+        association.start()
+
+    def _start_transparent(self) -> None:
+        try:
+            destination = original_destination(self.client)
+        except OSError as exc:
+            self.close(
+                CloseReason.ERROR,
+                f"no original destination ({exc.strerror or exc}): is the traffic redirected "
+                "by iptables/nftables?",
+            )
+            return
+        requested = Requested(destination.sockaddr[0], destination.sockaddr[1])
+        if destination.address == self.listener_address:
+            # Not redirected: a client that connected to the listener itself; relaying it
+            # would connect flowtap to itself.
+            self.close(
+                CloseReason.DENIED,
+                "the connection was made to the listener itself, not redirected to it",
+                requested,
+            )
+            return
+        refusal = self.policy.destination_refusal(requested.host, requested.port)
+        if refusal is not None:
+            self.close(CloseReason.DENIED, refusal, requested)
+            return
+        self._open(requested, destination, b"")
+
+    # -- ending -----------------------------------------------------------------------------
+
+    def refuse(
+        self, requested: Requested, failure: Failure, reason: CloseReason, error: str
+    ) -> None:
+        """Tell the client its destination is refused (the protocol's reply), then close."""
+        if self.handshake is not None:
+            self._send(self.handshake.failed(failure))
+        self.close(reason, error, requested)
+
+    def close(
+        self, reason: CloseReason, error: str | None, requested: Requested | None = None
+    ) -> None:
+        """End the client before it had an upstream: one opened and one closed event."""
+        if self.closed:
+            return
+        self.closed = True
+        fd = self.client.fileno()
+        if fd >= 0:
+            self.worker.unwatch(fd)
+        _close_gently(self.client)
+        self.worker.proxy_ended(self)
+        flow = self._flow(unspecified_server(self.client_address), requested)
+        bus = self.worker.bus
+        bus.emit(FlowOpened(flow))
+        bus.emit(
+            FlowClosed(
+                flow.closed(
+                    ended_at=time.time(), bytes_up=0, bytes_down=0, reason=reason, error=error
+                )
+            )
+        )
+
+    def _flow(self, server: Address, requested: Requested | None) -> Flow:
+        return Flow(
+            id=next_flow_id(),
+            transport=Transport.TCP,
+            client=self.client_address,
+            server=server,
+            listener=self.listener_address,
+            started_at=self.started_at,
+            requested=requested,
+        )
+
+    def _send(self, data: bytes) -> bool:
+        """Send a handshake reply (a few bytes: a fresh socket's buffer takes them whole);
+        False, with the flow closed, if the client is gone or will not take it."""
+        if not data:
+            return True
+        try:
+            sent = self.client.send(data)
+        except OSError as exc:
+            self.close(CloseReason.CLIENT_RESET, f"during the handshake: {exc.strerror or exc}")
+            return False
+        if sent < len(data):
+            self.close(CloseReason.HANDSHAKE_ERROR, "the client does not read the handshake")
+            return False
+        return True
