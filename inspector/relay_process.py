@@ -193,11 +193,6 @@ def start_relay(
     picks as they open); a relay thread that fails is logged and reported to `on_failure`."""
     specs = listener_specs(args)
     tls = tls_settings(args)
-    if tls is not None and any(spec.mode.is_proxy for spec in specs):
-        raise FlowtapError(
-            "--tls applies to listeners with an --upstream for now, not to socks5:, http: or "
-            "transparent: ones: drop --tls, or listen without a mode prefix"
-        )
     raise_fd_limit()
     observers: list[Observer] = []
     if log:

@@ -730,11 +730,13 @@ class _TcpFlows:
         rewriter = None
         if prelude is not None and prelude.handshake is not None:
             rewriter = prelude.handshake.upstream_rewriter()
-        # Proxy-mode flows (with a prelude) are not intercepted yet: --tls refuses them.
-        if tls is not None and prelude is None and not flow.server.is_unix:
+        # TLS is peeked for where the client's bytes go as they are: a fixed upstream, a
+        # SOCKS or CONNECT tunnel, a transparent flow (not forwarded HTTP requests).
+        if tls is not None and rewriter is None and not flow.server.is_unix:
             from .tls_relay import TlsTcpFlow
 
             tcp = TlsTcpFlow(self, flow, client, server, tls)
+            tcp.prelude = prelude
         else:
             if rewriter is None:
                 tcp = _TcpFlow(self, flow, client, server)
@@ -768,7 +770,16 @@ class _TcpFlows:
         self.worker.watch(tcp.client.fileno(), _FLOW_EVENTS, tcp)
         if tcp.is_tls:
             tcp = cast("TlsTcpFlow", tcp)
-            tcp.on_connected(time.monotonic())
+            reply = early = b""
+            prelude = tcp.prelude
+            if prelude is not None:
+                tcp.prelude = None
+                if prelude.handshake is not None:
+                    name = tcp.server.getsockname()
+                    bound = Address(host=str(name[0]), port=int(name[1]))
+                    reply = prelude.handshake.succeeded(bound)
+                early = prelude.early_data
+            tcp.on_connected(time.monotonic(), reply=reply, early_data=early)
             if not tcp.closed:
                 self.worker.call_at(tcp.handshake_deadline, tcp.on_deadline)
 
@@ -811,7 +822,7 @@ class _TcpFlows:
     ) -> None:
         """Close a flow whose upstream did not connect: a reset for the client of a fixed
         upstream; the protocol's answer, then a clean close, for a proxy-mode client."""
-        prelude = None if tcp.is_tls else cast(_TcpFlow, tcp).prelude
+        prelude = tcp.prelude
         if prelude is None or prelude.handshake is None:
             self.close_flow(tcp, reason, reset=True, error=error)
             return

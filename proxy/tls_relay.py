@@ -9,11 +9,14 @@ import os
 import select
 import socket
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .events import Bus
 from .flow import CloseReason, Direction, Flow, FlowData
 from .tls_intercept import TlsInterception, TlsSettings
+
+if TYPE_CHECKING:
+    from .modes import Prelude
 
 _ERR = select.EPOLLERR
 _RECV_BYTES = 64 * 1024
@@ -68,7 +71,11 @@ class TlsTcpFlow:
         self.client = client
         self.server = server
         self.settings = settings
-        self.tls = TlsInterception(settings, flow.server.host)
+        # Without SNI, the leaf names what the client asked a proxy for, else the upstream.
+        asked = flow.requested.host if flow.requested is not None else flow.server.host
+        self.tls = TlsInterception(settings, asked)
+        self.prelude: Prelude | None = None
+        """A proxy-mode flow's handshake reply and early bytes, due once connected."""
         self.up = _Count()
         self.down = _Count()
         self.connecting = True
@@ -84,10 +91,15 @@ class TlsTcpFlow:
 
     # -- events from the worker --------------------------------------------------------------
 
-    def on_connected(self, now: float) -> None:
+    def on_connected(self, now: float, reply: bytes = b"", early_data: bytes = b"") -> None:
+        """The upstream is connected: `reply` (a proxy handshake's answer) goes to the client
+        before any TLS, and `early_data` (what the client sent after its request) is peeked."""
         self.connecting = False
         self.handshake_deadline = now + self.settings.handshake_timeout_s
+        self.tls.to_client += reply
         self.tls.server_connected()
+        if early_data:
+            self.tls.feed_client(early_data)
         self.progress(now)
 
     def on_ready(self, fd: int, mask: int, now: float) -> None:

@@ -58,7 +58,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
             "-days", "2", "-subj", "/CN=test upstream CA",
             "-addext", "basicConstraints=critical,CA:TRUE",
             "-addext", "keyUsage=critical,keyCertSign")  # fmt: skip
-    _issue(directory, "rsa", ["rsa:2048"], "DNS:svc.test,IP:127.0.0.1")
+    _issue(directory, "rsa", ["rsa:2048"], "DNS:svc.test,DNS:localhost,IP:127.0.0.1")
     _issue(directory, "ecdsa", ["ec", "-pkeyopt", "ec_paramgen_curve:P-256"], "DNS:svc.test")
     openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
             "-keyout", str(directory / "self.key"), "-out", str(directory / "self.crt"),
@@ -478,3 +478,37 @@ def test_keylog_lets_tshark_decrypt_both_legs_captured_on_the_wire(
     # Without the keys tshark sees no plaintext.
     out = tshark("-r", str(wire), "-q", "-z", "follow,tls,raw,0")
     assert _parse_follow(out) == (b"", b"")
+
+
+@pytest.mark.parametrize(
+    ("listen", "proxy_args"),
+    [("http:127.0.0.1:0", ["-x", "http://{relay}"]),
+     ("socks5:127.0.0.1:0", ["--socks5-hostname", "{relay}"])],
+)  # fmt: skip
+def test_curl_through_connect_and_socks5_listeners_is_intercepted(
+    flowtap: type[FlowtapProcess],
+    pki: Pki,
+    s_server: Callable[..., int],
+    listen: str,
+    proxy_args: list[str],
+) -> None:
+    upstream = s_server(*pki.server("rsa"), "-www")
+    relay = flowtap(  # type: ignore[call-arg]
+        "run", "--json", "--no-control", "--listen", listen, "--tls", "intercept",
+        "--ca", str(pki.flowtap_ca), "--upstream-ca", str(pki.upstream_ca),
+    )  # fmt: skip
+    address = f"127.0.0.1:{relay.port}"
+    result = subprocess.run(
+        ["curl", "-sS", "--http1.1", "--cacert", str(pki.flowtap_ca_cert),
+         *(arg.format(relay=address) for arg in proxy_args),
+         f"https://localhost:{upstream}/"],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert b"Ciphers supported" in result.stdout or b"s_server" in result.stdout
+    (record,) = closed_records(relay, 1)
+    assert record["error"] is None, record
+    assert record["tls"]["mode"] == "intercept" and record["tls"]["sni"] == "localhost"
+    assert record["tls"]["upstream_subject"] == "CN=rsa"
+    # What the peers said in plaintext: the request went up, the page came down.
+    assert record["bytes_up"] > 0 and record["bytes_down"] >= len(result.stdout)
