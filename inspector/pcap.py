@@ -108,6 +108,14 @@ _PCAPNG_EPB = struct.Struct("!IIIIIII")
 _U32 = struct.Struct("!I")
 _OPT = struct.Struct("!HH")
 _PCAPNG_TRAILERS = tuple(struct.Struct(f"!{pad}xI") for pad in range(4))  # padding, length
+# A chunk of one IPv4 segment in pcapng, the common case of an interactive flow: its record up
+# to the payload, then (by the payload's padding) the record's end and the receiver's whole
+# ACK record (54 bytes of headers, 2 of padding: 88 in all), so two packs frame the chunk.
+_PCAPNG_V4_SEGMENT = struct.Struct("!IIIIIII" + _TCP_V4_FIELDS)
+_PCAPNG_V4_ACK_SIZE = 88
+_PCAPNG_V4_END_AND_ACK = tuple(
+    struct.Struct(f"!{pad}xIIIIIIII{_TCP_V4_FIELDS}2xI") for pad in range(4)
+)
 
 
 def _pad4(size: int) -> bytes:
@@ -1029,6 +1037,45 @@ _CLOSE_BY_RST = {
 }
 
 
+def _frame_pcapng_v4_chunk(
+    region: memoryview, timestamp_ns: int, src: _Side, dst: _Side, size: int
+) -> int:
+    """Frame, around a payload of `size` bytes (at most one segment) received at offset 82 of
+    `region`, its pcapng record and the receiver's ACK record; return where they end.
+
+    The same bytes as `PcapNgFile.frame_segment` of `segment_fields` twice, packed by two
+    structs in one call: an interactive flow pays this per chunk (a third of the time).
+    """
+    high = timestamp_ns >> 32
+    low = timestamp_ns & 0xFFFFFFFF
+    length = 54 + size
+    pad = -length & 3
+    total = 32 + length + pad
+    ip_total = 20 + 20 + size
+    ident = src.ident
+    src.ident = (ident + 1) & 0xFFFF
+    seq = src.seq
+    ack = dst.seq
+    _PCAPNG_V4_SEGMENT.pack_into(
+        region, 0, 6, total, 0, high, low, length, length,
+        src.peer_mac, src.mac, _ETHERTYPE_IPV4,
+        0x45, 0, ip_total, ident, 0x4000, _TTL, _PROTO_TCP,
+        0xFFFF - (src.checksum_base + _PROTO_TCP + ip_total + ident) % 0xFFFF, src.ip, dst.ip,
+        src.port, dst.port, seq, ack, 0x50, _PSH | _ACK, _WINDOW, 0, 0,
+    )  # fmt: skip
+    seq = src.seq = (seq + size) & 0xFFFFFFFF
+    ident = dst.ident
+    dst.ident = (ident + 1) & 0xFFFF
+    _PCAPNG_V4_END_AND_ACK[pad].pack_into(
+        region, 28 + length, total, 6, _PCAPNG_V4_ACK_SIZE, 0, high, low, 54, 54,
+        dst.peer_mac, dst.mac, _ETHERTYPE_IPV4,
+        0x45, 0, 40, ident, 0x4000, _TTL, _PROTO_TCP,
+        0xFFFF - (dst.checksum_base + _PROTO_TCP + 40 + ident) % 0xFFFF, dst.ip, src.ip,
+        dst.port, src.port, ack, seq, 0x50, _ACK, _WINDOW, 0, 0, _PCAPNG_V4_ACK_SIZE,
+    )  # fmt: skip
+    return total + _PCAPNG_V4_ACK_SIZE
+
+
 class CaptureWriter:
     """Writes flow events as packets to a `PacketFile`; one writer thread calls `write`.
 
@@ -1057,6 +1104,8 @@ class CaptureWriter:
         """Why the file stopped taking records in `receive`, if it did; it then takes none."""
         self._after_chunk = after_chunk
         self._sent = _SentChunk(self)
+        # Whether a one-segment IPv4 chunk is framed by `_frame_pcapng_v4_chunk`.
+        self._frames_v4_in_one = isinstance(out, PcapNgFile) and not checksums
 
     def write(self, event: FlowEvent) -> None:
         if type(event) is FlowData:
@@ -1212,6 +1261,9 @@ class CaptureWriter:
             header = tcp_header(dst, src, _ACK, b"", checksums=True)
             at = out.frame_record(region, at, timestamp_ns, header, 0)
             out.commit(at)
+            return
+        if left <= step and self._frames_v4_in_one and not conversation.is_v6:
+            out.commit(_frame_pcapng_v4_chunk(region, timestamp_ns, src, dst, left))
             return
         fields = conversation.segment_fields
         frame = out.frame_segment

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from capture_checks import (
 )
 
 from flowtap.inspector.pcap import CaptureWriter, open_packet_file
+from flowtap.inspector.reader import CaptureReader
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.flow import (
     Address,
@@ -280,3 +282,46 @@ def test_closed_capture_keeps_no_blocks_reserved_ahead(tmp_path: Path) -> None:
     path = write_capture(tmp_path / "small.pcapng", conversation(flow, [(Direction.UP, b"hi")]))
     assert_tshark_clean(path)
     assert path.stat().st_blocks * 512 < 64 * 1024
+
+
+@pytest.mark.parametrize("checksums", [False, True], ids=["plain", "checksums"])
+@pytest.mark.parametrize("suffix", [".pcap", ".pcapng"])
+@pytest.mark.parametrize("server_host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
+def test_chunks_received_into_the_file_are_the_packets_the_ordinary_path_writes(
+    tmp_path: Path, suffix: str, server_host: str, checksums: bool
+) -> None:
+    client_host = server_host
+    flow = make_flow(7, Address(client_host, 40000), Address(server_host, 47000))
+    # Every padding a record can need, a full segment and a chunk of several segments.
+    sizes = [1, 2, 3, 4, 5, 6, 7, 1000, 65495, 150_000, 1, 1]
+    chunks = [
+        (Direction.UP if i % 2 == 0 else Direction.DOWN, bytes([i + 1]) * size)
+        for i, size in enumerate(sizes)
+    ]
+    events = conversation(flow, chunks)
+    ordinary = write_capture(tmp_path / f"ordinary{suffix}", events, checksums=checksums)
+
+    in_place = tmp_path / f"in-place{suffix}"
+    out = open_packet_file(in_place)
+    writer = CaptureWriter(out, checksums=checksums)
+    writer.write(events[0])
+    sender, receiver = socket.socketpair()
+    with sender, receiver:
+        receiver.setblocking(False)
+        for direction, data in chunks:
+            sender.sendall(data)
+            got = b""
+            while len(got) < len(data):
+                chunk = writer.receive(flow.id, direction, receiver, 256 * 1024)
+                got += b"".join(chunk.parts)
+                assert chunk.loan is not None
+                chunk.loan.release()
+            assert got == data
+    writer.write(events[-1])
+    out.close()
+
+    def packets(path: Path) -> list[bytes]:
+        return [record.data for record in CaptureReader(path).records()]
+
+    assert packets(in_place) == packets(ordinary)
+    assert_tshark_clean(in_place)
