@@ -15,6 +15,12 @@ from typing import Any
 from .errors import FlowtapError
 
 
+def is_decimal(text: str) -> bool:
+    """ASCII digits only (str.isdigit also takes superscripts and other scripts' digits,
+    which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 class Transport(enum.StrEnum):
     TCP = "tcp"
     UDP = "udp"
@@ -95,7 +101,7 @@ class Address:
             if end < 0 or not text[end + 1 :].startswith(":"):
                 raise FlowtapError(f"malformed address {text!r}: write IPv6 as [::1]:PORT")
             host, port_text = text[1:end], text[end + 2 :]
-        elif text.isdigit():
+        elif is_decimal(text):
             host, port_text = default_host, text
         else:
             host, sep, port_text = text.rpartition(":")
@@ -103,7 +109,7 @@ class Address:
                 raise FlowtapError(
                     f"malformed address {text!r}: use HOST:PORT, [IPv6]:PORT or a bare PORT"
                 )
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not is_decimal(port_text) or not 0 <= int(port_text) <= 65535:
             raise FlowtapError(f"malformed address {text!r}: the port must be a number 0-65535")
         return cls(host=host, port=int(port_text))
 
@@ -189,7 +195,7 @@ class Requested:
     def from_text(cls, text: str, user: str | None = None) -> Requested | None:
         """Parse what `str()` wrote (`host:port`, `[v6]:port`); None if it is not that."""
         host, colon, port = text.rpartition(":")
-        if not colon or not port.isdigit() or not host:
+        if not colon or not is_decimal(port) or not host:
             return None
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]

@@ -16,7 +16,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .flow import Address, CloseReason, Requested
+from .flow import Address, CloseReason, Requested, is_decimal
 from .handshake import Command, Failure, HandshakeEvent, OpenUpstream, Reject
 
 # A request head larger than this is refused with 431, as servers refuse huge headers.
@@ -115,7 +115,7 @@ def parse_authority(text: str, default_port: int | None) -> tuple[str, int]:
         if default_port is None:
             raise BadRequest(f"no port in {text[:80]!r}: CONNECT needs host:port")
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+    if not is_decimal(port_text) or not 0 < int(port_text) <= 65535:
         raise BadRequest(f"malformed port {port_text[:20]!r}")
     return host, int(port_text)
 
@@ -131,7 +131,7 @@ def _body_framing(head: RequestHead) -> tuple[bool, int]:
         return True, 0
     if length_text is None:
         return False, 0
-    if not length_text.isdigit():
+    if not is_decimal(length_text):
         raise BadRequest(f"malformed Content-Length {length_text[:20]!r}")
     return False, int(length_text)
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import FlowtapError
+from .flow import is_decimal
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def parse_ports(option: str, text: str) -> tuple[tuple[int, int], ...]:
         low_text, dash, high_text = part.strip().partition("-")
         if not dash:
             high_text = low_text
-        if not (low_text.isdigit() and high_text.isdigit()):
+        if not (is_decimal(low_text) and is_decimal(high_text)):
             raise FlowtapError(
                 f"{option} {text!r}: {part.strip()!r} is not a port or a range: write "
                 "e.g. 80,443,8000-8999"

@@ -69,3 +69,12 @@ def test_malformed_option_values_are_one_line_errors(call: object, text: str) ->
         call()  # type: ignore[operator]
     assert text in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_ports_in_digits_beyond_ascii_are_one_line_errors() -> None:
+    from flowtap.proxy.flow import Address
+
+    with pytest.raises(FlowtapError):
+        parse_ports("--allow-ports", "8\u00b2")
+    with pytest.raises(FlowtapError):
+        Address.parse("127.0.0.1:8\u00b2")
