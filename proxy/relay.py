@@ -305,12 +305,18 @@ class _TcpFlow:
                         loan.release()
                 continue
             if copying:
-                event = FlowData(self.flow.id, pipe.direction, time.time(), data)
-                pipe.wants_data = bus.emit_data(event)
+                timestamp = time.time()
                 chunk = memoryview(data)
+                try:
+                    sent = _send(pipe, chunk)
+                finally:
+                    # Observers get the chunk once it is on its way, whatever the send did:
+                    # their work (a viewer's copy, say) is then off the round trip's path.
+                    event = FlowData(self.flow.id, pipe.direction, timestamp, data)
+                    pipe.wants_data = bus.emit_data(event)
             else:
                 chunk = view[:n]
-            sent = _send(pipe, chunk)
+                sent = _send(pipe, chunk)
             if sent < n:
                 pipe.pending = memoryview(bytes(chunk[sent:])) if chunk.obj is buf else chunk[sent:]
                 pipe.writable = False
