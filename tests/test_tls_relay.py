@@ -512,3 +512,21 @@ def test_curl_through_connect_and_socks5_listeners_is_intercepted(
     assert record["tls"]["upstream_subject"] == "CN=rsa"
     # What the peers said in plaintext: the request went up, the page came down.
     assert record["bytes_up"] > 0 and record["bytes_down"] >= len(result.stdout)
+
+
+@pytest.mark.parametrize("sni_args", [["-noservername"], ["-servername", "127.0.0.1"]])
+def test_without_sni_or_with_an_address_as_sni_the_leaf_names_the_address(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int], sni_args: list[str]
+) -> None:
+    upstream = s_server(*pki.server("rsa"), "-rev")
+    relay = start_intercepting(flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca))
+    result = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{relay.port}", *sni_args,
+         "-CAfile", str(pki.flowtap_ca_cert), "-verify_ip", "127.0.0.1", "-verify_return_error"],
+        input=b"abc\n", capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert b"Verify return code: 0 (ok)" in result.stdout
+    (record,) = closed_records(relay, 1)
+    assert record["error"] is None, record
+    assert record["tls"].get("sni") == (None if sni_args == ["-noservername"] else "127.0.0.1")
