@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from flowtap.inspector.capture import CaptureObserver
-from flowtap.inspector.replay import ReplayOptions, Status, replay
-from flowtap.inspector.turns import Script, load_scripts
+from flowtap.inspector.pcapfile.capture import CaptureObserver
+from flowtap.inspector.replay.replay import ReplayOptions, Status, replay
+from flowtap.inspector.replay.turns import Script, load_scripts
 from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import Address, Direction
 from flowtap.proxy.listener import ListenerSpec

@@ -33,10 +33,10 @@ from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
-from flowtap.inspector.app import FlowtapApp
 from flowtap.inspector.log import FlowLog
-from flowtap.inspector.store import FlowFeed, FlowStore
-from flowtap.inspector.widgets.flow_table import FlowTable
+from flowtap.inspector.tui.app import FlowtapApp
+from flowtap.inspector.tui.store import FlowFeed, FlowStore
+from flowtap.inspector.tui.widgets.flow_table import FlowTable
 from flowtap.proxy.events import Bus, EventQueue, Observer
 from flowtap.proxy.flow import Address, Direction, Flow, FlowData, FlowOpened, FlowState, Transport
 from flowtap.proxy.listener import ListenerSpec

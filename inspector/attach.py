@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 from flowtap.proxy.errors import FlowtapError
 
-from .app import FlowtapApp, browse_capture
 from .relay_process import RelayChild
-from .viewer import ControlClient, RelayFacts, find_relays
+from .tui.app import FlowtapApp, browse_capture
+from .tui.viewer import ControlClient, RelayFacts, find_relays
 
 
 def attach(

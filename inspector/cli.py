@@ -473,13 +473,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import replay_command
+    from .replay.replay import replay_command
 
     return replay_command(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve_command
+    from .replay.serve import serve_command
 
     return serve_command(args)
 
@@ -488,7 +488,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .show import run_show
 
     if args.tui:
-        from .app import browse_capture
+        from .tui.app import browse_capture
 
         if args.filter:
             raise FlowtapError("--filter lists flows: in the TUI, type the expression after /")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
-from .capture import default_capture_path
+from .pcapfile.capture import default_capture_path
 from .relay_process import RelayChild
 
 log = logging.getLogger(__name__)

@@ -31,10 +31,10 @@ from flowtap.proxy.policy import (
 )
 from flowtap.proxy.relay import Relay, RelayConfig, raise_fd_limit
 
-from .capture import CaptureObserver, capture_path_for
 from .filtered_observer import filtered
 from .flow_filter import FlowFilter
 from .log import FlowLog
+from .pcapfile.capture import CaptureObserver, capture_path_for
 
 if TYPE_CHECKING:
     from flowtap.proxy.tls_intercept import TlsSettings

@@ -22,8 +22,8 @@ from flowtap.proxy.flow import Direction, Flow, FlowClosed, FlowData, FlowOpened
 
 from .flow_filter import FlowFilter, FlowSelection
 from .log import flow_record, human_bytes, server_text
-from .reader import CaptureReader, DamagedCaptureError
-from .reassembly import CaptureEvent, FlowGap, readable_events
+from .pcapfile.reader import CaptureReader, DamagedCaptureError
+from .pcapfile.reassembly import CaptureEvent, FlowGap, readable_events
 
 _BLOCK_BYTES = 64 * 1024
 _ESCAPES = {0x5C: "\\\\", 0x0D: "\\r", 0x0A: "\\n\n", 0x09: "\\t"}

@@ -161,7 +161,7 @@ def capture_loopback(
 
 
 def _has_closed_flow(path: Path) -> bool:
-    from flowtap.inspector.reassembly import read_capture
+    from flowtap.inspector.pcapfile.reassembly import read_capture
     from flowtap.proxy.flow import FlowClosed
 
     try:

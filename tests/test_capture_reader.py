@@ -13,8 +13,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1Q, Ether, Loopback
 from scapy.packet import Packet
 
-from flowtap.inspector.reader import CaptureReader
-from flowtap.inspector.reassembly import CaptureEvent, FlowGap, load_flow, read_capture
+from flowtap.inspector.pcapfile.reader import CaptureReader
+from flowtap.inspector.pcapfile.reassembly import CaptureEvent, FlowGap, load_flow, read_capture
 from flowtap.proxy.flow import Direction, FlowClosed, FlowData, FlowOpened
 
 T0 = 1_764_000_000

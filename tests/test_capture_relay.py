@@ -414,7 +414,7 @@ def test_dns_over_the_udp_relay_is_captured_as_checksummed_datagrams(
 def test_capture_is_flushed_within_a_second_while_flows_stay_open(
     flowtap, echo_server: tuple[str, int], tmp_path: Path
 ) -> None:
-    from flowtap.inspector.reassembly import read_capture
+    from flowtap.inspector.pcapfile.reassembly import read_capture
     from flowtap.proxy.errors import FlowtapError
     from flowtap.proxy.flow import FlowData
 

@@ -16,8 +16,8 @@ import pytest
 from capture_checks import fields
 
 from conftest import flowtap_command, wait_for
-from flowtap.inspector.capture import CaptureObserver
 from flowtap.inspector.demo import DemoServices, dns_answer, dns_query
+from flowtap.inspector.pcapfile.capture import CaptureObserver
 from flowtap.inspector.summary import summarize
 from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import Address

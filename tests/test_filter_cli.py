@@ -12,7 +12,7 @@ from typing import Any
 from capture_checks import assert_tshark_clean
 
 from conftest import flowtap_command, free_port
-from flowtap.inspector.replay import FlowReport, Status, Summary
+from flowtap.inspector.replay.replay import FlowReport, Status, Summary
 from flowtap.proxy.flow import Transport
 
 SAMPLES = Path(__file__).resolve().parent.parent / "captures" / "samples"

@@ -30,9 +30,9 @@ from conftest import (
     wait_for,
     wait_port,
 )
-from flowtap.inspector.app import FlowtapApp
 from flowtap.inspector.cli import main
-from flowtap.inspector.widgets.flow_table import FlowTable
+from flowtap.inspector.tui.app import FlowtapApp
+from flowtap.inspector.tui.widgets.flow_table import FlowTable
 
 SAMPLES = Path(__file__).resolve().parent.parent / "captures" / "samples"
 BIG = bytes(range(256)) * 4800  # 1.2 MB: a flow past `bytes > 1M`

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import EventRecorder as Recorder
 from conftest import wait_for
-from flowtap.inspector.store import FlowFeed
+from flowtap.inspector.tui.store import FlowFeed
 from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import Address, Direction, FlowClosed, FlowData, FlowEvent, FlowOpened
 from flowtap.proxy.listener import ListenerSpec

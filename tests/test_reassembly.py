@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from flowtap.inspector.reader import Segment
-from flowtap.inspector.reassembly import CaptureEvent, FlowGap, Reassembler
+from flowtap.inspector.pcapfile.reader import Segment
+from flowtap.inspector.pcapfile.reassembly import CaptureEvent, FlowGap, Reassembler
 from flowtap.proxy.flow import CloseReason, Direction, FlowClosed, FlowData, FlowOpened, FlowState
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10

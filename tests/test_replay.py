@@ -23,9 +23,9 @@ from conftest import (
     record_udp_exchange,
     wait_for,
 )
-from flowtap.inspector.compare import compile_patterns
-from flowtap.inspector.replay import ReplayOptions, Status, Summary, replay
-from flowtap.inspector.turns import Ending, Script, scripts_from_events
+from flowtap.inspector.replay.compare import compile_patterns
+from flowtap.inspector.replay.replay import ReplayOptions, Status, Summary, replay
+from flowtap.inspector.replay.turns import Ending, Script, scripts_from_events
 from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import Address, Direction
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import Recording, UdpUpperServer, record_udp_exchange, wait_for
-from flowtap.inspector.serve import ServedReport, ServeOptions, Server
-from flowtap.inspector.turns import Script, scripts_from_events
+from flowtap.inspector.replay.serve import ServedReport, ServeOptions, Server
+from flowtap.inspector.replay.turns import Script, scripts_from_events
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.flow import Address
 

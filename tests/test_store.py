@@ -6,8 +6,8 @@ import os
 import re
 import tracemalloc
 
-from flowtap.inspector.reassembly import FlowGap
-from flowtap.inspector.store import (
+from flowtap.inspector.pcapfile.reassembly import FlowGap
+from flowtap.inspector.tui.store import (
     CHUNK_GAP,
     CHUNK_NOT_SHOWN,
     CHUNK_UP,

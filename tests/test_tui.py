@@ -14,14 +14,14 @@ from capture_checks import assert_tshark_clean, follow_tcp
 from textual.pilot import Pilot
 
 from conftest import exchange, start_flowtap
-from flowtap.inspector.app import FlowtapApp
-from flowtap.inspector.capture import CaptureObserver
-from flowtap.inspector.viewer import ControlClient
-from flowtap.inspector.widgets.chunk_view import ChunkView
-from flowtap.inspector.widgets.conversation import Conversation
-from flowtap.inspector.widgets.flow_detail import FlowDetail
-from flowtap.inspector.widgets.flow_table import FlowTable
-from flowtap.inspector.widgets.hex_view import HexView
+from flowtap.inspector.pcapfile.capture import CaptureObserver
+from flowtap.inspector.tui.app import FlowtapApp
+from flowtap.inspector.tui.viewer import ControlClient
+from flowtap.inspector.tui.widgets.chunk_view import ChunkView
+from flowtap.inspector.tui.widgets.conversation import Conversation
+from flowtap.inspector.tui.widgets.flow_detail import FlowDetail
+from flowtap.inspector.tui.widgets.flow_table import FlowTable
+from flowtap.inspector.tui.widgets.hex_view import HexView
 from flowtap.proxy.events import Bus, EventQueue
 from flowtap.proxy.flow import Address, Direction
 from flowtap.proxy.listener import ListenerSpec

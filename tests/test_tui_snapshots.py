@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from textual.pilot import Pilot
 
-from flowtap.inspector.app import FlowtapApp
-from flowtap.inspector.widgets.flow_table import FlowTable
-from flowtap.inspector.widgets.stats import StatsBar
+from flowtap.inspector.tui.app import FlowtapApp
+from flowtap.inspector.tui.widgets.flow_table import FlowTable
+from flowtap.inspector.tui.widgets.stats import StatsBar
 from flowtap.proxy.events import EventQueue
 from flowtap.proxy.flow import (
     Address,

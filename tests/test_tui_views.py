@@ -19,14 +19,14 @@ from test_tui import screen_text, until
 from textual.pilot import Pilot
 from textual.selection import Selection
 
-from flowtap.inspector import app as app_module
-from flowtap.inspector.app import FlowtapApp
-from flowtap.inspector.pcap import CaptureWriter, open_packet_file
-from flowtap.inspector.reassembly import FlowGap
+from flowtap.inspector.pcapfile.pcap import CaptureWriter, open_packet_file
+from flowtap.inspector.pcapfile.reassembly import FlowGap
 from flowtap.inspector.summary import escape_bytes
-from flowtap.inspector.widgets.chunk_view import ChunkView
-from flowtap.inspector.widgets.conversation import Conversation
-from flowtap.inspector.widgets.hex_view import HexView
+from flowtap.inspector.tui import app as app_module
+from flowtap.inspector.tui.app import FlowtapApp
+from flowtap.inspector.tui.widgets.chunk_view import ChunkView
+from flowtap.inspector.tui.widgets.conversation import Conversation
+from flowtap.inspector.tui.widgets.hex_view import HexView
 from flowtap.proxy.control_protocol import DataNotShown
 from flowtap.proxy.events import EventQueue
 from flowtap.proxy.flow import (

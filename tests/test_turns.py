@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from flowtap.inspector.compare import compare, compile_patterns, mask, text_diff
 from flowtap.inspector.flow_filter import parse_filter
-from flowtap.inspector.playback import Close, HalfClose, Player, Reset, Send
-from flowtap.inspector.serve import FlowMatcher
-from flowtap.inspector.turns import (
+from flowtap.inspector.replay.compare import compare, compile_patterns, mask, text_diff
+from flowtap.inspector.replay.playback import Close, HalfClose, Player, Reset, Send
+from flowtap.inspector.replay.serve import FlowMatcher
+from flowtap.inspector.replay.turns import (
     Ending,
     Script,
     scripts_from_events,

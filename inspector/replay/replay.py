@@ -430,10 +430,10 @@ def replay_command(args: Any) -> int:
     """`flowtap replay FILE --to HOST:PORT ...`: the CLI's wiring, returning the exit status."""
     import sys
 
+    from flowtap.inspector.flow_filter import parse_option
     from flowtap.proxy.relay import raise_fd_limit
 
     from .compare import compile_patterns
-    from .flow_filter import parse_option
     from .turns import load_scripts, select_scripts
 
     raise_fd_limit()
@@ -462,7 +462,7 @@ def replay_command(args: Any) -> int:
             warn(script.gap.describe(script.id))
     bus = None
     if args.pcap:
-        from .capture import CaptureObserver
+        from flowtap.inspector.pcapfile.capture import CaptureObserver
 
         bus = Bus([CaptureObserver(Path(args.pcap))])
     progress = _Progress(len(scripts)) if sys.stderr.isatty() and len(scripts) > 1 else None

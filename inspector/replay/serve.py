@@ -476,8 +476,9 @@ def serve_command(args: Any) -> int:
     import sys
     from types import FrameType
 
+    from flowtap.inspector.flow_filter import parse_option
+
     from .compare import compile_patterns
-    from .flow_filter import parse_option
     from .turns import load_scripts, select_scripts
 
     flow_filter = parse_option("--filter", args.filter)

@@ -8,8 +8,9 @@ from rich.style import Style
 from textual import events
 from textual.cache import LRUCache
 
+from flowtap.inspector.summary import escape_bytes
+
 from ..store import CHUNK_MISSING, CHUNK_UP, FlowRecord, FlowStore
-from ..summary import escape_bytes
 from .chunk_view import (
     DOWN_BODY,
     DOWN_HEADER,

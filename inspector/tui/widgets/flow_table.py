@@ -20,10 +20,10 @@ from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from flowtap.inspector.flow_filter import FlowFacts, FlowFilter
+from flowtap.inspector.log import human_bytes
 from flowtap.proxy.flow import Flow
 
-from ..flow_filter import FlowFacts, FlowFilter
-from ..log import human_bytes
 from ..messages import FlowSelected, SortChanged
 from ..store import FlowRecord, FlowStore
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from flowtap.inspector.flow_filter import FlowFacts, FlowFilter, summary_of
+from flowtap.inspector.summary import HEAD_BYTES
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.flow import (
     CloseReason,
@@ -23,9 +25,6 @@ from flowtap.proxy.flow import (
     FlowOpened,
     Transport,
 )
-
-from .flow_filter import FlowFacts, FlowFilter, summary_of
-from .summary import HEAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +296,8 @@ def load_scripts(
     A capture damaged part-way gives the flows read before the damage, with a warning;
     one that cannot be read at all raises FlowtapError, as `flowtap show` says it.
     """
-    from .reader import CaptureReader, DamagedCaptureError
-    from .reassembly import readable_events
+    from flowtap.inspector.pcapfile.reader import CaptureReader, DamagedCaptureError
+    from flowtap.inspector.pcapfile.reassembly import readable_events
 
     def on_damage(exc: DamagedCaptureError) -> None:
         if warn is None:

@@ -7,7 +7,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static
 
-from ..log import human_bytes
+from flowtap.inspector.log import human_bytes
+
 from ..store import FlowRecord, FlowStore
 from .chunk_view import ChunkView
 from .conversation import Conversation

@@ -16,6 +16,8 @@ from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
+from flowtap.inspector.pcapfile.reassembly import FlowGap
+from flowtap.inspector.summary import EMPTY, HEAD_BYTES, Summary, summarize
 from flowtap.proxy.control_protocol import DataNotShown
 from flowtap.proxy.events import EventQueue
 from flowtap.proxy.flow import (
@@ -28,9 +30,6 @@ from flowtap.proxy.flow import (
     FlowState,
     Transport,
 )
-
-from .reassembly import FlowGap
-from .summary import EMPTY, HEAD_BYTES, Summary, summarize
 
 MiB = 1024 * 1024
 KEPT_BYTES_PER_DIRECTION = 1 * MiB

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Sparkline, Static
 
-from ..log import human_bytes
+from flowtap.inspector.log import human_bytes
 
 HISTORY_S = 60
 

@@ -24,15 +24,15 @@ from textual.notifications import SeverityLevel
 from textual.screen import Screen
 from textual.widgets import Footer, ProgressBar, Static
 
+from flowtap.inspector.flow_filter import parse_filter
+from flowtap.inspector.log import human_bytes
+from flowtap.inspector.pcapfile.pcap import CaptureWriter, open_packet_file
+from flowtap.inspector.pcapfile.reader import CaptureError, CaptureReader
+from flowtap.inspector.pcapfile.reassembly import Reassembler
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.flow import Direction, FlowClosed, FlowData, FlowEvent
 
-from .flow_filter import parse_filter
-from .log import human_bytes
 from .messages import FilterChanged, FilterClosed, FlowSelected, LoadFinished, LoadProgress
-from .pcap import CaptureWriter, open_packet_file
-from .reader import CaptureError, CaptureReader
-from .reassembly import Reassembler
 from .store import FlowStore
 from .viewer import RelayGone
 from .widgets.filter_box import FilterBox
