@@ -220,6 +220,10 @@ class ControlServer:
         self._recent: collections.deque[Flow] = collections.deque(maxlen=recent_flows)
         self._forwarded: dict[tuple[int, Direction], int] = {}
         self._capped: set[int] = set()
+        self._counts_sent: dict[int, tuple[int, int]] = {}
+        # Whether the capped flows had all gone quiet at the last count: the counts timer is
+        # then off (an idle relay sleeps) until `handle` sees one of them move.
+        self._counts_quiet = False
         self._wake_pending = False
         self._flush_at: float | None = None
         self._next_counts = 0.0
@@ -264,6 +268,10 @@ class ControlServer:
             size = len(event.data)
             forwarded = self._forwarded.get(key, 0)
             if forwarded >= self.forward_cap_bytes:
+                if self._counts_quiet:  # a quiet capped flow moves again: count it again
+                    with self._lock:
+                        self._counts_quiet = False
+                    os.eventfd_write(self._wake_fd, 1)
                 return False
             forwarded += size
             self._forwarded[key] = forwarded
@@ -292,6 +300,7 @@ class ControlServer:
                 self._forwarded.pop((flow.id, Direction.UP), None)
                 self._forwarded.pop((flow.id, Direction.DOWN), None)
                 self._capped.discard(flow.id)
+                self._counts_sent.pop(flow.id, None)
             for viewer in self._subscribers:
                 if viewer.overflowed:
                     continue
@@ -340,7 +349,7 @@ class ControlServer:
             timeout = -1.0
             if self._flush_at is not None:
                 timeout = max(0.0, self._flush_at - now)
-            if self._capped and self._subscribers:
+            if self._capped and self._subscribers and not self._counts_quiet:
                 counts_in = max(0.0, self._next_counts - now)
                 timeout = counts_in if timeout < 0 else min(timeout, counts_in)
             for fd, mask in self._ep.poll(timeout):
@@ -367,7 +376,12 @@ class ControlServer:
             if self._flush_at is not None and now >= self._flush_at:
                 self._flush_at = None
                 self._flush_all()
-            if self._capped and self._subscribers and now >= self._next_counts:
+            if (
+                self._capped
+                and self._subscribers
+                and not self._counts_quiet
+                and now >= self._next_counts
+            ):
                 self._next_counts = now + _COUNTS_INTERVAL_S
                 self._push_counts()
 
@@ -506,14 +520,23 @@ class ControlServer:
         if relay is None:
             return
         counts: dict[str, list[int]] = {}
+        sent = self._counts_sent
         for flow_id in list(self._capped):
             live = relay.byte_counts(flow_id)
-            if live is not None:
+            if live is not None and sent.get(flow_id) != live:
+                sent[flow_id] = live
                 counts[str(flow_id)] = [live[0], live[1]]
         if counts:
             for viewer in self._subscribers:
                 self._queue_json(viewer, {"type": "counts", "flows": counts})
                 self._send(viewer)
+            return
+        # Nothing moved: stop counting until something does, and have the relay hand the
+        # capped flows' next chunks to `handle` again so that it sees them move.
+        with self._lock:
+            self._counts_quiet = True
+        for flow_id in list(self._capped):
+            relay.want_data(flow_id)
 
     def _queue_json(self, viewer: _Viewer, message: dict[str, Any]) -> None:
         viewer.out.append((memoryview(encode_json(message)), 0, 0))

@@ -562,6 +562,11 @@ class _TcpFlows:
     def stop_accepting(self, now: float) -> None:
         self._unwatch_listeners()
 
+    def want_data(self, flow_id: int) -> None:
+        flow = self.flows.get(flow_id)
+        if isinstance(flow, _TcpFlow):  # TLS flows hand every chunk to observers anyway
+            flow.up.wants_data = flow.down.wants_data = True
+
     def kill(self, flow_id: int) -> None:
         flow = self.flows.get(flow_id)
         if flow is not None:
@@ -997,6 +1002,13 @@ class Relay:
             if flow is not None:
                 return flow.up.count, flow.down.count
         return None
+
+    def want_data(self, flow_id: int) -> None:
+        """Have a live TCP flow hand its next chunks to observers again, both ways (one that
+        stopped wanting them, past a display cap, wants to see the flow move); any thread."""
+        for tcp in self._tcp:
+            if flow_id in tcp.flows:
+                tcp.worker.submit(functools.partial(tcp.want_data, flow_id))
 
     def kill(self, flow_id: int) -> None:
         """Reset both sides of a live flow; a flow that already ended is ignored."""

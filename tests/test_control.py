@@ -442,3 +442,37 @@ def test_a_stream_that_is_not_control_frames_is_a_protocol_error() -> None:
         decode_data(b"\x00" * 8 + b"\x07" + b"\x00" * 8)  # flow 0, direction 7
     with pytest.raises(ProtocolError):
         flow_from_json({"id": 1, "transport": "sctp"})
+
+
+def test_counts_of_a_capped_flow_stop_while_it_is_quiet_and_resume_when_it_moves(
+    served: Any,
+) -> None:
+    server = served(forward_cap_bytes=1024)
+    client = PlainClient(server.path)
+    client.reply(client.request("subscribe"))
+    held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+    def echo(payload: bytes) -> None:
+        held.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += held.recv(1 << 16)
+
+    def counts_reach(expected: list[int], timeout_s: float = 20.0) -> None:
+        def reached(events: list[dict[str, Any] | FlowData]) -> bool:
+            found = kinds(events, "counts")
+            return bool(found) and list(found[-1]["flows"].values())[-1] == expected
+
+        client.events(reached, timeout_s)
+
+    echo(b"a" * 4096)  # past the cap: from now on the relay sends counts, not data
+    counts_reach([4096, 4096])
+    # Quiet: no counts come any more (before, the same ones came twice a second).
+    with pytest.raises((AssertionError, TimeoutError), match="timed out"):
+        client.events(lambda events: bool(kinds(events, "counts")), 1.5)
+    echo(b"b" * 100)
+    counts_reach([4196, 4196])
+    echo(b"c" * 100)
+    counts_reach([4296, 4296])
+    held.close()
+    client.close()
