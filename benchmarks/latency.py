@@ -109,11 +109,17 @@ class Relay:
 
 
 def start_relay(upstream: int, log_path: Path, *extra: str) -> Relay:
-    """`flowtap run` in front of `upstream`, once it prints its listening and control lines."""
+    """`flowtap run` in front of `upstream`, once it prints its listening and control lines.
+
+    Its control socket is next to the log, not in the per-user folder, where every `flowtap
+    tui --attach` of this user (tests, say) probes each relay's socket: the idle figure
+    counts what the relay does on its own, with its TUI attached.
+    """
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [*flowtap_command(), "run", "--listen", "127.0.0.1:0",
-             "--upstream", f"127.0.0.1:{upstream}", *extra],
+             "--upstream", f"127.0.0.1:{upstream}",
+             "--control", str(log_path.with_suffix(".sock")), *extra],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     deadline = time.monotonic() + 15
