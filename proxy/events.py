@@ -18,11 +18,12 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from .errors import log_failure
-from .flow import Direction, FlowData, FlowEvent
+from .flow import CloseReason, Direction, Flow, FlowClosed, FlowData, FlowEvent, FlowOpened
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,15 @@ class Bus:
             return
         for observer in self._observers:
             observer.handle(event)
+
+    def emit_unrelayed(self, flow: Flow, reason: CloseReason, error: str | None) -> None:
+        """Emit a flow that ended before relaying anything (a refused proxy client): its
+        opened event and its closed one, with `reason`."""
+        self.emit(FlowOpened(flow))
+        ended = flow.closed(
+            ended_at=time.time(), bytes_up=0, bytes_down=0, reason=reason, error=error
+        )
+        self.emit(FlowClosed(ended))
 
     def emit_each(self, event: FlowEvent) -> None:
         """Deliver `event` to every observer, logging what one raises instead of raising it

@@ -83,6 +83,11 @@ class Address:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
+    def unspecified(self) -> Address:
+        """The unspecified address of this one's family (port 0): the server of a flow that
+        never got one."""
+        return Address(host="::" if self.is_ipv6 else "0.0.0.0", port=0)
+
     @classmethod
     def parse(cls, text: str, *, default_host: str = "127.0.0.1") -> Address:
         """Parse `HOST:PORT`, `[V6]:PORT`, `PORT` or `unix:PATH`; FlowtapError if malformed."""

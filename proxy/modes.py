@@ -29,8 +29,6 @@ from .flow import (
     Address,
     CloseReason,
     Flow,
-    FlowClosed,
-    FlowOpened,
     Requested,
     Transport,
     next_flow_id,
@@ -177,11 +175,6 @@ def original_destination(sock: socket.socket) -> Destination:
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port = struct.unpack_from("!H", raw, 2)[0]
     return Destination(socket.AF_INET, (socket.inet_ntoa(raw[4:8]), port))
-
-
-def unspecified_server(client: Address) -> Address:
-    """The server of a flow that never got one: the unspecified address of the client's family."""
-    return Address(host="::" if client.is_ipv6 else "0.0.0.0", port=0)
 
 
 def _close_gently(sock: socket.socket) -> None:
@@ -417,16 +410,8 @@ class HandshakePhase:
             self.worker.unwatch(fd)
         _close_gently(self.client)
         self.worker.proxy_ended(self)
-        flow = self._flow(unspecified_server(self.client_address), requested)
-        bus = self.worker.bus
-        bus.emit(FlowOpened(flow))
-        bus.emit(
-            FlowClosed(
-                flow.closed(
-                    ended_at=time.time(), bytes_up=0, bytes_down=0, reason=reason, error=error
-                )
-            )
-        )
+        flow = self._flow(self.client_address.unspecified(), requested)
+        self.worker.bus.emit_unrelayed(flow, reason, error)
 
     def _flow(self, server: Address, requested: Requested | None) -> Flow:
         return Flow(

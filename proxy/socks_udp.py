@@ -300,21 +300,13 @@ class UdpAssociation:
             id=next_flow_id(),
             transport=Transport.UDP,
             client=Address(host=self.client_udp[0], port=self.client_udp[1]),
-            server=Address(host="::" if self.client_address.is_ipv6 else "0.0.0.0", port=0),
+            server=self.client_address.unspecified(),
             listener=self.listener_address,
             started_at=time.time(),
             requested=requested,
         )
         self.destinations[key] = _Destination(flow, None)
-        bus = self.worker.bus
-        bus.emit(FlowOpened(flow))
-        bus.emit(
-            FlowClosed(
-                flow.closed(
-                    ended_at=time.time(), bytes_up=0, bytes_down=0, reason=reason, error=error
-                )
-            )
-        )
+        self.worker.bus.emit_unrelayed(flow, reason, error)
 
     def close(self, reason: CloseReason, error: str | None) -> None:
         """End the association: its sockets closed, each of its open flows closed once."""
