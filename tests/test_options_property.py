@@ -113,6 +113,15 @@ def _invalid(kind: Callable[[str], object]) -> st.SearchStrategy[str]:
 
 
 _NEVER = st.sampled_from(["0", "0.0", "-0"])
+# The proxy listeners' policy options, with values they take.
+PROXY_TEXTS = {
+    "--auth": st.sampled_from(["user:secret", "a:b"]),
+    "--allow-from": st.sampled_from(["127.0.0.0/8", "::1/128", "10.0.0.0/8"]),
+    "--deny-to": st.sampled_from(["192.168.0.0/16", "fd00::/8"]),
+    "--allow-to": st.sampled_from(["169.254.169.254/32", "127.0.0.1/32"]),
+    "--allow-ports": st.sampled_from(["80,443", "8000-8999", "1-65535"]),
+    "--tls-passthrough": st.sampled_from(["*.example.com", "example.org"]),
+}
 # Valid filters (any flow, as it opens) and a malformed one.
 FILTERS = st.sampled_from(["tcp", "udp", "tcp port 80", "host 127.0.0.1", "port x"])
 # Each relay option with the values that keep a run short when valid.
@@ -127,6 +136,7 @@ RELAY_NUMBERS: dict[str, tuple[Callable[[str], object], st.SearchStrategy[str]]]
     "--pcap-max-size": (options.PCAP_MAX_SIZE_MB, _whole(1, 1_000_000)),
     "--pcap-max-files": (options.PCAP_MAX_FILES, _whole(1, 100_000)),
     "--tls-handshake-timeout": (options.seconds(0.001, options.DAY_S), _number(0.001, 86_400)),
+    "--handshake-timeout": (options.HANDSHAKE_TIMEOUT, _number(0.001, 86_400)),
 }
 PLAYBACK_NUMBERS: dict[str, tuple[Callable[[str], object], st.SearchStrategy[str]]] = {
     "--turn-timeout": (options.TURN_TIMEOUT, _number(0.001, 0.3)),
@@ -225,7 +235,10 @@ def _relay_args(draw: st.DrawFn, tmp: Path, upstream: str) -> list[str]:
     sane = draw(st.booleans())
     sock = f"unix:{tmp}/l{next(_names)}.sock"
     listens = st.sampled_from(
-        ["127.0.0.1:0", "0", "tcp:127.0.0.1:0", "udp:127.0.0.1:0", "[::1]:0", sock]
+        [
+            *("127.0.0.1:0", "0", "tcp:127.0.0.1:0", "udp:127.0.0.1:0", "[::1]:0", sock),
+            *("socks5:127.0.0.1:0", "http:127.0.0.1:0"),
+        ]
     )
     upstreams = st.sampled_from([upstream, f"unix:{tmp}/nothing.sock"])
     if sane:
@@ -249,10 +262,13 @@ def _relay_args(draw: st.DrawFn, tmp: Path, upstream: str) -> list[str]:
         args += ["--tls", draw(_value(st.sampled_from(["passthrough", "off"]), sane))]
     if draw(st.booleans()):
         args += ["--filter", draw(_value(FILTERS, sane))]
+    for option, valid in PROXY_TEXTS.items():  # what proxy listeners allow, checked later
+        if draw(st.integers(0, 3)) == 0:
+            args += [option, draw(_value(valid, sane))]
     return args
 
 
-@settings(max_examples=60, **_SETTINGS)
+@settings(max_examples=50, **_SETTINGS)
 @given(data=st.data())
 def test_run_with_random_options_exits_cleanly(
     data: st.DataObject, tmp_path: Path, echo_server: tuple[str, int]
@@ -275,7 +291,7 @@ def test_tui_with_an_invalid_option_value_is_one_line(data: st.DataObject, tmp_p
     run.check(codes=(2,))
 
 
-@settings(max_examples=30, **_SETTINGS)
+@settings(max_examples=25, **_SETTINGS)
 @given(data=st.data())
 def test_replay_with_random_options_exits_cleanly(
     data: st.DataObject, tmp_path: Path, echo_server: tuple[str, int]
