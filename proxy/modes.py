@@ -73,7 +73,7 @@ class Destination:
 
 
 class ProxyWorker(Protocol):
-    """What a handshake phase needs of the relay worker that owns it."""
+    """What a handshake phase needs of the TCP flows of the relay worker that owns it."""
 
     bus: Bus
     resolver: Resolver
