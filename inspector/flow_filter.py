@@ -13,7 +13,7 @@ The grammar (keywords are case-insensitive; juxtaposition means `and`, as in tcp
     or      := and (("or" | "||") and)*
     and     := unary (["and" | "&&"] unary)*
     unary   := ("not" | "!") unary | "(" expr ")" | term
-    term    := "tcp" | "udp" | "unix" | "ip" | "ip6"
+    term    := "tcp" | "udp" | "unix" | "ip" | "ip6" | "tls"
              | ["src" | "dst"] ("port" [OP] N | "portrange" A-B | "host" [OP] ADDR | "net" CIDR)
              | ("state" | "reason" | "proto" | "sni") [OP] WORD
              | ("bytes" | "up" | "down") [OP] SIZE | "duration" [OP] TIME | "id" [OP] N
@@ -23,7 +23,9 @@ The grammar (keywords are case-insensitive; juxtaposition means `and`, as in tcp
 
 What each term needs (`Stage`): the flow's endpoints are known when it opens; its state,
 reason, byte counts and duration when it ends; `proto`, `sni` and bare words need its first
-bytes (the summary); `contains` and `matches` its payload.
+bytes (the summary); `contains` and `matches` its payload. `tls` and `sni` read the flow's TLS
+facts first (on its end, when the relay intercepted or passed TLS through: an intercepted
+flow's bytes are plaintext, its ClientHello is gone) and its first bytes otherwise.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ class FlowFacts:
             parts.append(str(flow.reason))
         if summary is not None:
             parts += [summary.protocol, summary.headline]
+        if flow.tls is not None and flow.tls.sni:
+            parts.append(flow.tls.sni)
         return " ".join(parts).lower()
 
 
@@ -313,12 +317,33 @@ class Text:
         elif self.field == "reason":
             hit = flow.reason is not None and self.value == str(flow.reason)
         else:
+            tls = facts.flow.tls
             summary = facts.summary
-            if summary is None:
+            actual: str | None
+            if self.field == "sni" and tls is not None and tls.mode != "not-tls":
+                actual = tls.sni  # the relay saw the ClientHello; the bytes may be plaintext
+            elif summary is None:
                 return None
-            actual = summary.protocol if self.field == "proto" else sni_of(summary)
+            else:
+                actual = summary.protocol if self.field == "proto" else sni_of(summary)
             hit = actual is not None and actual.lower() == self.value
         return hit is not self.negate
+
+
+@dataclass(frozen=True, slots=True)
+class IsTls:
+    """`tls`: the relay intercepted or passed the flow's TLS through, or it starts with a TLS
+    handshake (a capture or a relay without interception)."""
+
+    stage = Stage.HEAD
+
+    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        tls = facts.flow.tls
+        if tls is not None:
+            return tls.mode != "not-tls"
+        if known < Stage.HEAD or facts.summary is None:
+            return None
+        return facts.summary.protocol == "tls"
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +415,19 @@ class Matches:
 
 
 Payload = Contains | Matches
-Term = IsTransport | IsFamily | Port | PortRange | Net | HostName | Text | Number | Word | Payload
+Term = (
+    IsTransport
+    | IsFamily
+    | IsTls
+    | Port
+    | PortRange
+    | Net
+    | HostName
+    | Text
+    | Number
+    | Word
+    | Payload
+)
 Expr = And | Or | Not | Term
 
 
@@ -642,6 +679,8 @@ def _term_name(term: Term) -> str:
         return term.field
     if isinstance(term, Word):
         return f"the word {term.text!r}"
+    if isinstance(term, IsTls):
+        return "tls"
     return "contains" if isinstance(term, Contains) else "matches"
 
 
@@ -906,6 +945,8 @@ class _Parser:
             return IsTransport(Transport(word))
         if word in ("unix", "ip", "ip6"):
             return IsFamily(word)
+        if word == "tls":
+            return IsTls()
         if word in _SIDES:
             return self.endpoint(_SIDES[word], self.take())
         if word in ("port", "portrange", "host", "net"):

@@ -249,6 +249,8 @@ def _closing_line(flow: Flow) -> str:
         f"up {human_bytes(flow.bytes_up)}, down {human_bytes(flow.bytes_down)}, "
         f"{flow.duration_s or 0.0:.3f}s"
     )
+    if flow.tls is not None:
+        line = f"{line} [{flow.tls.summary()}]"
     return f"{line} ({flow.error})" if flow.error else line
 
 

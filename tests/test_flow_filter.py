@@ -21,7 +21,15 @@ from flowtap.inspector.flow_filter import (
     tokenize,
 )
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.flow import Address, CloseReason, Direction, Flow, FlowState, Transport
+from flowtap.proxy.flow import (
+    Address,
+    CloseReason,
+    Direction,
+    Flow,
+    FlowState,
+    TlsFacts,
+    Transport,
+)
 
 UP, DOWN = Direction.UP, Direction.DOWN
 
@@ -97,12 +105,47 @@ FLOWS: list[tuple[Flow, list[tuple[Direction, bytes]]]] = [
 ]
 
 
-def selected(text: str) -> list[int]:
+def _intercepted(flow_id: int, facts: TlsFacts) -> Flow:
+    """A closed flow whose TLS the relay handled, as its closed event carries it."""
+    opened = _flow(flow_id, server=Address("127.0.0.1", 8443), reason=None)
+    return opened.closed(
+        ended_at=100.5, bytes_up=30, bytes_down=19, reason=CloseReason.CLIENT_CLOSED, tls=facts
+    )
+
+
+# Flows whose TLS the relay handled: their bytes are plaintext (intercept), ciphertext whose
+# ClientHello names another host than the facts never would (passthrough), or not TLS at all.
+TLS_FLOWS: list[tuple[Flow, list[tuple[Direction, bytes]]]] = [
+    (
+        _intercepted(
+            6,
+            TlsFacts(mode="intercept", sni="api.example", alpn="http/1.1", version="TLSv1.3"),
+        ),
+        [
+            (UP, b"GET /v1 HTTP/1.1\r\nHost: api.example\r\n\r\n"),
+            (DOWN, b"HTTP/1.1 200 OK\r\n\r\n"),
+        ],
+    ),
+    (
+        _intercepted(7, TlsFacts(mode="passthrough", sni="pinned.example")),
+        [(UP, _client_hello("pinned.example")), (DOWN, b"\x16\x03\x03")],
+    ),
+    (
+        _intercepted(8, TlsFacts(mode="not-tls", note="not a ClientHello")),
+        [(UP, b"*1\r\n$4\r\nPING\r\n"), (DOWN, b"+PONG\r\n")],
+    ),
+    (_intercepted(9, TlsFacts(mode="intercept")), [(UP, b"hello")]),
+]
+
+
+def selected(
+    text: str, flows: list[tuple[Flow, list[tuple[Direction, bytes]]]] = FLOWS
+) -> list[int]:
     """The ids a filter picks through `FlowFilter.matches`, as the TUI and replay use it."""
     flow_filter = parse_filter(text)
     assert flow_filter is not None
     picked = []
-    for flow, chunks in FLOWS:
+    for flow, chunks in flows:
         up = b"".join(d for way, d in chunks if way is UP)
         down = b"".join(d for way, d in chunks if way is DOWN)
         facts = FlowFacts.of(flow, summary_of(up, down, flow))
@@ -111,13 +154,15 @@ def selected(text: str) -> list[int]:
     return picked
 
 
-def streamed(text: str) -> list[int]:
+def streamed(
+    text: str, flows: list[tuple[Flow, list[tuple[Direction, bytes]]]] = FLOWS
+) -> list[int]:
     """The ids a filter picks through `FlowSelection`, as `show` streams a capture."""
     flow_filter = parse_filter(text)
     assert flow_filter is not None
     selection = FlowSelection(flow_filter)
     picked = []
-    for flow, chunks in FLOWS:
+    for flow, chunks in flows:
         opened = Flow(flow.id, flow.transport, flow.client, flow.server, flow.listener, 100.0)
         if selection.opened(opened):
             for direction, data in chunks:
@@ -215,6 +260,40 @@ def test_each_term_and_operator_selects_the_expected_flows(text: str, expected: 
 @pytest.mark.parametrize(("text", "expected"), CASES)
 def test_streaming_over_events_selects_the_same_flows(text: str, expected: list[int]) -> None:
     assert streamed(text) == expected
+
+
+TLS_CASES = [
+    ("tls", [4, 6, 7, 9]),
+    ("not tls", [1, 2, 3, 5, 8]),
+    ("sni api.example", [6]),
+    ("sni API.example", [6]),
+    ("sni != api.example", [1, 2, 3, 4, 5, 7, 8, 9]),
+    ("sni shop.example", [4]),
+    ("sni pinned.example", [7]),
+    ("tls.handshake.extensions_server_name == api.example", [6]),
+    ("tls and proto http", [6]),
+    ("tls and not sni api.example and port 8443", [7, 9]),
+    ("api.example", [6]),
+    ("proto tls", [4, 7]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), TLS_CASES)
+def test_tls_and_sni_read_the_relays_tls_facts_before_the_bytes(
+    text: str, expected: list[int]
+) -> None:
+    assert selected(text, FLOWS + TLS_FLOWS) == expected
+    assert streamed(text, FLOWS + TLS_FLOWS) == expected
+
+
+def test_tls_is_undecided_until_the_first_bytes_or_the_facts_are_known() -> None:
+    flow_filter = parse_filter("tls")
+    assert flow_filter is not None
+    opened = _flow(10, reason=None)
+    assert flow_filter.stage is Stage.HEAD
+    assert flow_filter.decide(FlowFacts.of(opened), Stage.OPEN) is None
+    assert flow_filter.decide(FlowFacts.of(opened), Stage.END) is None
+    assert flow_filter.terms_after(Stage.OPEN) == ["tls"]
 
 
 def test_and_binds_tighter_than_or_and_not_tightest() -> None:
@@ -420,6 +499,7 @@ def test_flow_filters_compare_equal_when_they_read_the_same() -> None:
                 "1-2",
                 "port:1",
                 "sni",
+                "tls",
                 "proto",
                 "http",
                 "=",

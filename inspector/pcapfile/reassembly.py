@@ -45,6 +45,7 @@ from flowtap.proxy.flow import (
     FlowOpened,
     FlowState,
     Requested,
+    TlsFacts,
     Transport,
 )
 
@@ -127,6 +128,7 @@ class _Conversation:
         "packets",
         "reason",
         "streams",
+        "tls",
         "wants_data",
     )
 
@@ -140,6 +142,7 @@ class _Conversation:
         self.packets = 0
         self.reason: CloseReason | None = None
         self.error: str | None = None
+        self.tls: TlsFacts | None = None
         self.wants_data = wants_data
 
 
@@ -226,6 +229,7 @@ class Reassembler:
                 bytes_down=down.delivered,
                 reason=reason,
                 error=conversation.error,
+                tls=conversation.tls,
             )
         else:
             half = up.fin_offset is not None or down.fin_offset is not None
@@ -236,6 +240,7 @@ class Reassembler:
                 bytes_down=down.delivered,
                 state=FlowState.HALF_CLOSED if half else FlowState.OPEN,
                 error=conversation.error,
+                tls=conversation.tls,
             )
         self._out.append(FlowClosed(closed))
 
@@ -368,6 +373,12 @@ class Reassembler:
             conversation.reason = CloseReason(reason)
         error = info.get("error")
         conversation.error = error if isinstance(error, str) else None
+        tls = info.get("tls")
+        if isinstance(tls, dict):
+            try:
+                conversation.tls = TlsFacts.from_dict(tls)
+            except (TypeError, ValueError):
+                conversation.tls = None  # a damaged comment: the flow is still read, without it
 
     def _segment(
         self,
