@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import Callable
@@ -9,8 +10,14 @@ from pathlib import Path
 
 from capture_checks import assert_tshark_clean, flowtap_show
 from test_tls_relay import Pki, closed_records, pki, s_server, start_intercepting
+from test_tui import until
+from textual.pilot import Pilot
 
-from conftest import FlowtapProcess
+from conftest import FlowtapProcess, exchange, start_flowtap
+from flowtap.inspector.tui.app import FlowtapApp
+from flowtap.inspector.tui.viewer import ControlClient
+from flowtap.inspector.tui.widgets.flow_detail import FlowDetail
+from flowtap.inspector.tui.widgets.flow_table import LOCK, FlowTable
 
 __all__ = ["pki", "s_server"]  # fixtures this module's tests use
 # The plain request's upstream (expecting a ClientHello) closes on it at once.
@@ -72,3 +79,62 @@ def test_show_filter_tls_and_sni_selects_an_intercepted_flow_of_a_capture(
     (plain_record,) = [json.loads(line) for line in plain_only.stdout.splitlines()]
     assert plain_record["flow"] != record["flow"]
     assert plain_record["tls"]["mode"] == "not-tls"
+
+
+def test_tui_attached_to_an_intercepting_relay_marks_the_flow_and_shows_its_tls_facts(
+    pki: Pki, s_server: Callable[..., int], tmp_path: Path
+) -> None:
+    upstream = s_server(*pki.server("self"), "-www")
+    control = tmp_path / "control.sock"
+    relay = start_flowtap(
+        "run", "--quiet", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{upstream}",
+        "--tls", "intercept", "--ca", str(pki.flowtap_ca), "--upstream-insecure",
+        "--control", str(control),
+    )  # fmt: skip
+    client: ControlClient | None = None
+    try:
+        relay.wait_line("^control unix:")
+        client = ControlClient(str(control))
+        client.subscribe()
+        app = FlowtapApp(events=client, relay=client, source="test")  # type: ignore[arg-type]
+
+        async def scenario(pilot: Pilot[None]) -> None:
+            result = await asyncio.to_thread(curl_through, pki, relay.port, "--http1.1")
+            assert result.returncode == 0, result.stderr
+            await asyncio.to_thread(exchange, relay.port, b"plain words\r\n")
+            table = app.query_one(FlowTable)
+            records = app.store.records
+            await until(
+                pilot, lambda: sum(records[i].is_closed for i in table.ids) == 2, "two flows"
+            )
+            secure, plain = sorted(table.ids)
+            assert records[secure].flow.tls is not None
+            assert table.row_text(records[secure]).count(LOCK) == 1
+            assert LOCK + f"127.0.0.1:{upstream}" in table.row_text(records[secure])
+            assert LOCK not in table.row_text(records[plain])
+            assert records[secure].summary.protocol == "http"  # HTTP inside TLS is HTTP
+
+            table.select_flow(secure)
+            detail = app.query_one(FlowDetail)
+            await until(pilot, lambda: detail.flow_id == secure, "the flow's detail")
+            facts = str(app.query_one("#facts").render())
+            assert "tls intercept  sni localhost" in facts
+            assert "TLSv1.3" in facts and "TLS_" in facts
+            assert "upstream certificate: CN=svc.test, issued by CN=svc.test, expires 20" in facts
+            assert "upstream verification: off (--upstream-insecure)" in facts
+            assert "GET / " in facts  # the summary of the plaintext
+
+            table.select_flow(plain)
+            await until(pilot, lambda: detail.flow_id == plain, "the plain flow's detail")
+            facts = str(app.query_one("#facts").render())
+            assert "tls: not TLS" in facts and "upstream certificate" not in facts
+
+        async def main() -> None:
+            async with app.run_test(size=(160, 48)) as pilot:
+                await scenario(pilot)
+
+        asyncio.run(main())
+    finally:
+        if client is not None:
+            client.close()
+        relay.stop()

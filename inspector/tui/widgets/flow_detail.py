@@ -8,6 +8,7 @@ from textual.containers import Vertical
 from textual.widgets import Static
 
 from flowtap.inspector.log import human_bytes
+from flowtap.proxy.flow import TlsFacts
 
 from ..store import FlowRecord, FlowStore
 from .chunk_view import ChunkView
@@ -25,6 +26,8 @@ def facts_text(record: FlowRecord) -> str:
     ]
     if flow.error:
         lines.append(f"error: {flow.error}")
+    if flow.tls is not None:
+        lines += tls_lines(flow.tls)
     if record.truncated_bytes:
         lines.append(f"{human_bytes(record.truncated_bytes)} not kept for display")
     if record.not_shown:
@@ -38,6 +41,39 @@ def facts_text(record: FlowRecord) -> str:
         if len(summary.details) > 12:
             lines.append(f"… {len(summary.details) - 12} more")
     return "\n".join(lines)
+
+
+def tls_lines(tls: TlsFacts) -> list[str]:
+    """The facts of a flow's TLS: what was negotiated, the upstream's certificate, how it was
+    checked (or that it was not: `--upstream-insecure`)."""
+    if tls.mode == "not-tls":
+        return [f"tls: not TLS ({tls.note})" if tls.note else "tls: not TLS"]
+    head = [f"tls {tls.mode}"]
+    for label, value in (
+        ("sni", tls.sni),
+        ("alpn", tls.alpn),
+        ("", tls.version),
+        ("", tls.cipher),
+    ):
+        if value:
+            head.append(f"{label} {value}" if label else value)
+    if tls.mode == "intercept" and not tls.sni:
+        head.append("(no sni)")
+    lines = ["  ".join(head)]
+    if tls.mode == "passthrough" and tls.offered_alpn:
+        lines.append(f"client offered alpn: {', '.join(tls.offered_alpn)}")
+    if tls.upstream_subject:
+        cert = f"upstream certificate: {tls.upstream_subject}"
+        if tls.upstream_issuer:
+            cert += f", issued by {tls.upstream_issuer}"
+        if tls.upstream_not_after:
+            cert += f", expires {tls.upstream_not_after}"
+        lines.append(cert)
+    if tls.verification:
+        lines.append(f"upstream verification: {tls.verification}")
+    if tls.note:
+        lines.append(f"tls note: {tls.note}")
+    return lines
 
 
 class FlowDetail(Vertical):

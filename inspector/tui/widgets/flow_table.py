@@ -46,12 +46,23 @@ def _clock(timestamp: float) -> str:
     )
 
 
+LOCK = "🔒"
+"""The mark before the server of a flow whose TLS flowtap intercepted (its bytes are plaintext)."""
+
+
 def _server(flow: Flow) -> str:
     """What a proxy client asked for (a name is what people know a server by), else the
     server's address."""
     if flow.requested is not None and flow.requested.host != flow.server.host:
         return flow.requested.label
     return str(flow.server)
+
+
+def _server_cell(flow: Flow) -> str:
+    """The server column: `_server`, after a lock when flowtap decrypted the flow."""
+    if flow.tls is not None and flow.tls.mode == "intercept":
+        return f"{LOCK}{_server(flow)}"
+    return _server(flow)
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("id", "#", 6, lambda r: str(r.id), lambda r: r.id, right=True),
     Column("start", "start", 12, lambda r: _clock(r.flow.started_at), lambda r: r.flow.started_at),
     Column("client", "client", 21, lambda r: str(r.flow.client), lambda r: str(r.flow.client)),
-    Column("server", "server", 21, lambda r: _server(r.flow), lambda r: _server(r.flow)),
+    Column("server", "server", 21, lambda r: _server_cell(r.flow), lambda r: _server(r.flow)),
     Column("transport", "tp", 3, lambda r: str(r.flow.transport), lambda r: str(r.flow.transport)),
     Column("state", "state", 16, lambda r: r.state_text, lambda r: r.state_text),
     Column("up", "↑ bytes", 9, lambda r: human_bytes(r.bytes_up), lambda r: r.bytes_up, True),
