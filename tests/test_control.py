@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 
 from conftest import exchange, flowtap_command, start_flowtap, wait_for
+from flowtap.inspector.tui.viewer import ControlClient
 from flowtap.proxy.control import ControlServer
 from flowtap.proxy.control_protocol import (
     KIND_DATA,
     KIND_JSON,
     VERSION,
+    DataNotShown,
     FrameReader,
     ProtocolError,
     decode_data,
@@ -476,3 +478,31 @@ def test_counts_of_a_capped_flow_stop_while_it_is_quiet_and_resume_when_it_moves
     counts_reach([4296, 4296])
     held.close()
     client.close()
+
+
+def test_a_viewer_queues_events_in_order_and_counts_data_past_its_budget(served: Any) -> None:
+    server = served()
+    viewer = ControlClient(str(server.path), max_waiting_bytes=100)
+    try:
+        assert viewer.subscribe()
+        assert server.exchange(b"a" * 60) == b"a" * 60  # 60 up fit, 60 more down do not
+        taken: list[object] = []
+
+        def counted() -> bool:
+            taken.extend(viewer.drain())
+            return any(isinstance(event, DataNotShown) for event in taken)
+
+        wait_for(counted, 10, "the data past the budget counted")
+        assert [type(event).__name__ for event in taken] == [
+            "FlowOpened",
+            "FlowData",
+            "FlowClosed",
+            "DataNotShown",
+        ]
+        data, missing = taken[1], taken[3]
+        assert isinstance(data, FlowData) and data.direction is Direction.UP
+        assert data.data == b"a" * 60
+        assert isinstance(missing, DataNotShown) and missing.direction is Direction.DOWN
+        assert missing.size_bytes == 60
+    finally:
+        viewer.close()

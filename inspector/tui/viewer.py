@@ -246,26 +246,27 @@ class ControlClient:
                 self._not_shown.clear()
         return out
 
-    def _put_data(self, event: FlowData) -> None:
-        size = len(event.data)
-        with self._lock:
-            if self._waiting_bytes + size > self._max_waiting:
-                key = (event.flow_id, event.direction)
-                self._not_shown[key] = self._not_shown.get(key, 0) + size
-                return
-            self._waiting_bytes += size
-            self._events.append(event)
+    def _put_data(self, events: list[FlowData]) -> None:
+        """Queue data events for the app; past the waiting budget they are counted instead."""
+        with self._lock:  # once per batch: a round trip's 1-byte events come one per frame
+            waiting = self._waiting_bytes
+            limit = self._max_waiting
+            append = self._events.append
+            for event in events:
+                size = len(event.data)
+                if waiting + size > limit:
+                    key = (event.flow_id, event.direction)
+                    self._not_shown[key] = self._not_shown.get(key, 0) + size
+                    continue
+                waiting += size
+                append(event)
+            self._waiting_bytes = waiting
 
     def _run(self) -> None:
         reason = ""
         try:
-            for kind, payload in self._frames():
-                if kind == KIND_DATA:
-                    self._put_data(decode_data(payload))
-                    continue
-                bye = self._on_message(decode_json(payload))
-                if bye:
-                    reason = bye
+            for frames in self._frame_batches():
+                reason = self._take(frames) or reason
         except (OSError, ProtocolError) as exc:
             reason = str(exc)
         note = self._gone_note() if self._gone_note is not None else ""
@@ -275,7 +276,25 @@ class ControlClient:
         self.gone = text
         self._events.append(RelayGone(text))
 
-    def _frames(self) -> Iterator[tuple[int, bytes]]:
+    def _take(self, frames: list[tuple[int, bytes]]) -> str | None:
+        """Queue the events of one read's frames, in order; the reason of a `bye` among them."""
+        data: list[FlowData] = []
+        bye = None
+        try:
+            for kind, payload in frames:
+                if kind == KIND_DATA:
+                    data.append(decode_data(payload))
+                    continue
+                if data:  # the data before this message goes first
+                    self._put_data(data)
+                    data = []
+                bye = self._on_message(decode_json(payload)) or bye
+        finally:  # what decoded before a bad frame is kept
+            if data:
+                self._put_data(data)
+        return bye
+
+    def _frame_batches(self) -> Iterator[list[tuple[int, bytes]]]:
         reader = self._reader
         recv_into = self._sock.recv_into
         # A reusable buffer: recv(1 MiB) would map and unmap a fresh one per call.
@@ -285,7 +304,7 @@ class ControlClient:
             size = recv_into(buffer)
             if not size:
                 return
-            yield from reader.feed(view[:size])
+            yield reader.feed(view[:size])
 
     def _on_message(self, message: dict[str, Any]) -> str | None:
         kind = message.get("type")
