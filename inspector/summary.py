@@ -1,6 +1,7 @@
 """Protocol summaries: pure functions from the first bytes of each direction to a short story.
 
-Recognises HTTP/1.x, TLS (ClientHello version, SNI, ALPN), DNS, Redis (RESP) and falls back
+Recognises HTTP/1.x, HTTP/2 (its streams, with the `hpack` and `hyperframe` libraries of the
+`h2` project), TLS (ClientHello version, SNI, ALPN), DNS, Redis (RESP) and falls back
 to a text or byte/entropy summary. Nothing here touches a socket; a summary never raises on
 malformed input, it only recognises less.
 """
@@ -12,7 +13,10 @@ import re
 import struct
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hpack import Decoder
 
 HEAD_BYTES = 4096
 """How many bytes of each direction a summary looks at."""
@@ -58,7 +62,7 @@ def summarize(up: bytes, down: bytes, *, transport: str = "tcp", server_port: in
     down = down[:HEAD_BYTES]
     if not up and not down:
         return EMPTY
-    for recognise in (_tls, _http, _redis):
+    for recognise in (_tls, _http2, _http, _redis):
         found = recognise(up, down)
         if found is not None:
             return found
@@ -128,6 +132,124 @@ def _http(up: bytes, down: bytes) -> Summary | None:
     extra = max(len(requests), len(responses)) - 1
     if extra > 0:
         headline += f" (+{extra} more)"
+    return Summary("http", headline, tuple(details))
+
+
+# -- HTTP/2 ----------------------------------------------------------------------------------
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+"""What an HTTP/2 client sends first: over TLS with ALPN `h2` as much as in cleartext (h2c
+with prior knowledge), so the bytes alone tell HTTP/2 whatever the ALPN was."""
+
+_H2_FRAME_HEADER = 9
+_H2_HEADER_TABLE_SIZE = 0x1
+
+
+@dataclass(slots=True)
+class _H2Stream:
+    """What the first bytes tell of one HTTP/2 stream."""
+
+    method: str = ""
+    path: str = ""
+    authority: str = ""
+    status: str = ""
+    reset: bool = False
+
+
+def _h2_blocks(
+    data: bytes, decoder: Decoder, peer: Decoder
+) -> list[tuple[int, list[tuple[str, str]]]]:
+    """(stream id, headers) of each whole header block in `data` (frames from its start),
+    decoded in order with `decoder`; a SETTINGS frame's header table size goes to `peer`,
+    the decoder of the other direction (whose encoder it bounds)."""
+    from hpack import HPACKError
+    from hyperframe.exceptions import HyperframeError
+    from hyperframe.frame import (
+        ContinuationFrame,
+        Frame,
+        HeadersFrame,
+        PushPromiseFrame,
+        RstStreamFrame,
+        SettingsFrame,
+    )
+
+    blocks: list[tuple[int, list[tuple[str, str]]]] = []
+    pos = 0
+    pending: tuple[int, bytearray] | None = None  # a block waiting for its CONTINUATIONs
+    view = memoryview(data)
+    try:
+        while pos + _H2_FRAME_HEADER <= len(data):
+            frame, length = Frame.parse_frame_header(view[pos : pos + _H2_FRAME_HEADER])
+            end = pos + _H2_FRAME_HEADER + length
+            if end > len(data):
+                break  # the first bytes end inside this frame
+            frame.parse_body(view[pos + _H2_FRAME_HEADER : end])
+            pos = end
+            fragment: bytes | None = None
+            if isinstance(frame, HeadersFrame | PushPromiseFrame):
+                # A pushed request's headers come from the server's encoder: decoding them
+                # keeps this direction's table in step.
+                stream = frame.promised_stream_id if isinstance(frame, PushPromiseFrame) else 0
+                pending = (stream or frame.stream_id, bytearray())
+                fragment = frame.data
+            elif isinstance(frame, ContinuationFrame) and pending is not None:
+                fragment = frame.data
+            elif isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+                size = frame.settings.get(_H2_HEADER_TABLE_SIZE)
+                if size is not None:
+                    peer.max_allowed_table_size = size
+            elif isinstance(frame, RstStreamFrame):
+                blocks.append((frame.stream_id, [(":reset", str(frame.error_code))]))
+            if fragment is not None and pending is not None:
+                pending[1].extend(fragment)
+                if "END_HEADERS" in frame.flags:
+                    headers = decoder.decode(bytes(pending[1]), raw=True)
+                    blocks.append((pending[0], [(_text(k), _text(v)) for k, v in headers]))
+                    pending = None
+    except (HyperframeError, HPACKError, ValueError):
+        pass  # malformed: what was decoded before stands
+    return blocks
+
+
+def _http2(up: bytes, down: bytes) -> Summary | None:
+    if not up.startswith(H2_PREFACE):
+        return None
+    from hpack import Decoder  # only for HTTP/2 flows: most summaries never need it
+
+    up_decoder, down_decoder = Decoder(), Decoder()
+    streams: dict[int, _H2Stream] = {}
+    requests = _h2_blocks(up[len(H2_PREFACE) :], up_decoder, down_decoder)
+    responses = _h2_blocks(down, down_decoder, up_decoder)
+    for stream_id, headers in requests + responses:
+        stream = streams.setdefault(stream_id, _H2Stream())
+        fields = dict(headers)
+        stream.method = stream.method or fields.get(":method", "")
+        stream.path = stream.path or fields.get(":path", "")
+        stream.authority = stream.authority or fields.get(":authority", "")
+        status = fields.get(":status", "")
+        if status and (not stream.status or stream.status.startswith("1")):
+            stream.status = status  # a final status wins over an informational one
+        stream.reset = stream.reset or ":reset" in fields
+    asked = [(i, s) for i, s in sorted(streams.items()) if s.method]
+    details = [f"HTTP/2: {len(asked)} stream{'s' if len(asked) != 1 else ''}"]
+    for stream_id, stream in asked:
+        line = f"> [{stream_id}] {stream.method} {stream.path}"
+        if stream.authority:
+            line += f" ({stream.authority})"
+        details.append(line)
+        if stream.status or stream.reset:
+            outcome = stream.status + (" reset" if stream.reset else "")
+            details.append(f"< [{stream_id}] {outcome.strip()}")
+    if not asked:
+        return Summary("http", "HTTP/2 connection", tuple(details))
+    _, first = asked[0]
+    headline = f"h2 {first.method} {first.path}"
+    if first.authority:
+        headline += f" ({first.authority})"
+    if first.status:
+        headline += f" → {first.status}"
+    if len(asked) > 1:
+        headline += f" (+{len(asked) - 1} more)"
     return Summary("http", headline, tuple(details))
 
 

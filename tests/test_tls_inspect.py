@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
 import subprocess
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from capture_checks import assert_tshark_clean, flowtap_show
+import pytest
+from capture_checks import assert_tshark_clean, flowtap_show, follow_tcp
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import RequestReceived
 from test_tls_relay import Pki, closed_records, pki, s_server, start_intercepting
 from test_tui import until
 from textual.pilot import Pilot
 
 from conftest import FlowtapProcess, exchange, start_flowtap
+from flowtap.inspector.summary import summarize
 from flowtap.inspector.tui.app import FlowtapApp
 from flowtap.inspector.tui.viewer import ControlClient
 from flowtap.inspector.tui.widgets.flow_detail import FlowDetail
@@ -112,7 +120,8 @@ def test_tui_attached_to_an_intercepting_relay_marks_the_flow_and_shows_its_tls_
             assert table.row_text(records[secure]).count(LOCK) == 1
             assert LOCK + f"127.0.0.1:{upstream}" in table.row_text(records[secure])
             assert LOCK not in table.row_text(records[plain])
-            assert records[secure].summary.protocol == "http"  # HTTP inside TLS is HTTP
+            # HTTP inside TLS is summarised as HTTP (summaries are refreshed on the app's tick).
+            await until(pilot, lambda: records[secure].summary.protocol == "http", "the summary")
 
             table.select_flow(secure)
             detail = app.query_one(FlowDetail)
@@ -138,3 +147,77 @@ def test_tui_attached_to_an_intercepting_relay_marks_the_flow_and_shows_its_tls_
         if client is not None:
             client.close()
         relay.stop()
+
+
+@pytest.fixture
+def h2_server(pki: Pki) -> Iterator[int]:
+    """An HTTP/2 server over TLS (ALPN h2) on loopback, made of the h2 library's connection
+    object: every request gets 200 and `hello PATH`; returns its port."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*pki.server("rsa"))
+    context.set_alpn_protocols(["h2"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stopping = threading.Event()
+
+    def serve(raw: socket.socket) -> None:
+        with context.wrap_socket(raw, server_side=True) as tls:
+            tls.settimeout(20)
+            connection = H2Connection(H2Configuration(client_side=False))
+            connection.initiate_connection()
+            tls.sendall(connection.data_to_send())
+            while data := tls.recv(65536):
+                for event in connection.receive_data(data):
+                    if isinstance(event, RequestReceived):
+                        path = dict(event.headers)[b":path"]
+                        body = b"hello " + path
+                        reply = [(":status", "200"), ("content-length", str(len(body)))]
+                        connection.send_headers(event.stream_id, reply)
+                        connection.send_data(event.stream_id, body, end_stream=True)
+                tls.sendall(connection.data_to_send())
+
+    def accept() -> None:
+        while not stopping.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=serve, args=(raw,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield int(listener.getsockname()[1])
+    stopping.set()
+    thread.join(10)
+    listener.close()
+
+
+def test_curl_http2_through_interception_is_summarised_as_streams(
+    flowtap: type[FlowtapProcess], pki: Pki, h2_server: int, tmp_path: Path
+) -> None:
+    capture = tmp_path / "h2.pcapng"
+    relay = start_intercepting(
+        flowtap, pki, h2_server, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture)
+    )
+    result = subprocess.run(
+        ["curl", "-sS", "--http2", "--cacert", str(pki.flowtap_ca_cert),
+         "-w", "%{http_version} %{response_code}\\n",
+         f"https://localhost:{relay.port}/first", f"https://localhost:{relay.port}/second"],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"hello /first2 200\nhello /second2 200\n"
+    (record,) = closed_records(relay, 1)  # one connection, two streams
+    assert record["tls"]["alpn"] == "h2" and record["tls"]["offered_alpn"][0] == "h2"
+    assert relay.stop() == 0
+
+    # What tshark reads of the plaintext is what the summary reads.
+    up, down = follow_tcp(capture, 0)
+    summary = summarize(up, down)
+    assert summary.protocol == "http"
+    assert summary.headline == f"h2 GET /first (localhost:{relay.port}) → 200 (+1 more)"
+    assert f"> [3] GET /second (localhost:{relay.port})" in summary.details
+    assert "< [3] 200" in summary.details
+    picked = flowtap_show(str(capture), "--filter", '"h2 GET /first" and tls', "--json")
+    assert picked.returncode == 0, picked.stderr
+    assert [json.loads(line)["tls"]["alpn"] for line in picked.stdout.splitlines()] == ["h2"]
