@@ -287,7 +287,7 @@ def test_closed_capture_keeps_no_blocks_reserved_ahead(tmp_path: Path) -> None:
 @pytest.mark.parametrize("checksums", [False, True], ids=["plain", "checksums"])
 @pytest.mark.parametrize("suffix", [".pcap", ".pcapng"])
 @pytest.mark.parametrize("server_host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
-def test_chunks_received_into_the_file_are_the_packets_the_ordinary_path_writes(
+def test_chunks_received_into_the_file_or_copied_are_the_packets_written_one_by_one(
     tmp_path: Path, suffix: str, server_host: str, checksums: bool
 ) -> None:
     client_host = server_host
@@ -300,6 +300,8 @@ def test_chunks_received_into_the_file_are_the_packets_the_ordinary_path_writes(
     ]
     events = conversation(flow, chunks)
     ordinary = write_capture(tmp_path / f"ordinary{suffix}", events, checksums=checksums)
+    # Classic pcap frames every packet on its own (no in-place framing): the reference.
+    reference = write_capture(tmp_path / "reference.pcap", events, checksums=checksums)
 
     in_place = tmp_path / f"in-place{suffix}"
     out = open_packet_file(in_place)
@@ -323,5 +325,7 @@ def test_chunks_received_into_the_file_are_the_packets_the_ordinary_path_writes(
     def packets(path: Path) -> list[bytes]:
         return [record.data for record in CaptureReader(path).records()]
 
-    assert packets(in_place) == packets(ordinary)
+    assert packets(in_place) == packets(reference)
+    assert packets(ordinary) == packets(reference)
+    assert_tshark_clean(ordinary)
     assert_tshark_clean(in_place)

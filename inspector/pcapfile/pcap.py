@@ -1040,8 +1040,8 @@ _CLOSE_BY_RST = {
 def _frame_pcapng_v4_chunk(
     region: memoryview, timestamp_ns: int, src: _Side, dst: _Side, size: int
 ) -> int:
-    """Frame, around a payload of `size` bytes (at most one segment) received at offset 82 of
-    `region`, its pcapng record and the receiver's ACK record; return where they end.
+    """Frame, around a payload of `size` bytes (at most one segment) at offset 82 of `region`,
+    its pcapng record and the receiver's ACK record; return where they end.
 
     The same bytes as `PcapNgFile.frame_segment` of `segment_fields` twice, packed by two
     structs in one call: an interactive flow pays this per chunk (a third of the time).
@@ -1340,6 +1340,20 @@ class CaptureWriter:
         tcp_header = conversation.tcp_header
         checksums = self._checksums
         comment = self._comment(conversation)
+        out = self._in_place
+        if (
+            out is not None
+            and self._frames_v4_in_one
+            and comment is None
+            and size <= step
+            and not conversation.is_v6
+        ):
+            # One segment (a copied chunk, with a viewer attached say): copied into the file's
+            # buffer and framed there like a chunk received in place, not packet by packet.
+            region = out.reserve(82 + size + 3 + 4 + _PCAPNG_V4_ACK_SIZE)
+            region[82 : 82 + size] = data
+            out.commit(_frame_pcapng_v4_chunk(region, timestamp_ns, src, dst, size))
+            return
         for start in range(0, size, step):
             chunk = view[start : start + step]
             flags = _PSH | _ACK if start + step >= size else _ACK
