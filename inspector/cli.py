@@ -312,6 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--pcap", metavar="OUT", help="capture the replay itself to OUT")
     replay.add_argument(
+        "--tls",
+        action="store_true",
+        help="speak TLS to the server (a decrypted recording: the SNI and ALPN it names)",
+    )
+    replay.add_argument(
+        "--sni", metavar="NAME", help="with --tls: ask for NAME, not the recorded SNI"
+    )
+    replay.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="with --tls: trust the CAs in FILE (PEM) instead of the system's",
+    )
+    replay.add_argument(
+        "--tls-insecure", action="store_true", help="with --tls: do not verify the server"
+    )
+    replay.add_argument(
         "--connect-timeout",
         type=options.CONNECT_TIMEOUT,
         default=5.0,

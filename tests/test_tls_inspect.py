@@ -16,11 +16,18 @@ from capture_checks import assert_tshark_clean, flowtap_show, follow_tcp
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import RequestReceived
-from test_tls_relay import Pki, closed_records, pki, s_server, start_intercepting
+from test_tls_relay import (
+    Pki,
+    closed_records,
+    exchange_line,
+    pki,
+    s_server,
+    start_intercepting,
+)
 from test_tui import until
 from textual.pilot import Pilot
 
-from conftest import FlowtapProcess, exchange, start_flowtap
+from conftest import FlowtapProcess, exchange, flowtap_command, start_flowtap
 from flowtap.inspector.summary import summarize
 from flowtap.inspector.tui.app import FlowtapApp
 from flowtap.inspector.tui.viewer import ControlClient
@@ -225,3 +232,56 @@ def test_curl_http2_through_interception_is_summarised_as_streams(
     picked = flowtap_show(str(capture), "--filter", '"h2 GET /first" and tls', "--json")
     assert picked.returncode == 0, picked.stderr
     assert [json.loads(line)["tls"]["alpn"] for line in picked.stdout.splitlines()] == ["h2"]
+
+
+def replay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*flowtap_command(), "replay", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_replay_tls_sends_a_decrypted_recording_to_a_tls_server_with_its_sni(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int], tmp_path: Path
+) -> None:
+    # The server's certificate names svc.test only: verifying it needs the recorded SNI.
+    upstream = s_server(*pki.server("ecdsa"), "-rev")
+    capture = tmp_path / "recorded.pcapng"
+    relay = start_intercepting(
+        flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture)
+    )
+    sent = b"replayed over tls\n"
+    assert exchange_line(pki, relay.port, sent).strip() == sent.strip()[::-1]
+    closed_records(relay, 1)
+    assert relay.stop() == 0
+
+    to = ["--to", f"127.0.0.1:{upstream}", "--asap", "--json", "--turn-timeout", "0.3"]
+    done = replay(str(capture), *to, "--tls", "--tls-ca", str(pki.upstream_ca), "--check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout.splitlines()[0])
+    assert report["status"] == "ok", report
+    assert report["server_bytes_received"] == report["server_bytes_expected"] > 0
+
+    # Another name: the server's certificate does not match it, and the report says so.
+    other = replay(str(capture), *to, "--tls", "--tls-ca", str(pki.upstream_ca), "--sni", "x.test")
+    assert other.returncode == 1
+    report = json.loads(other.stdout.splitlines()[0])
+    assert report["status"] == "failed"
+    assert report["error"].startswith("tls: server certificate not trusted: Hostname mismatch")
+
+    # Without --tls the plaintext goes to a TLS server, which does not answer it in kind.
+    plain = replay(str(capture), *to, "--check")
+    assert plain.returncode == 1
+
+
+def test_replay_tls_options_without_tls_are_one_line_errors(tmp_path: Path) -> None:
+    capture = tmp_path / "none.pcapng"
+    capture.write_bytes(b"")
+    for extra in (["--sni", "a.test"], ["--tls-insecure"], ["--tls-ca", "x.pem"]):
+        result = replay(str(capture), "--to", "127.0.0.1:9", *extra)
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.splitlines()
+        assert line == f"flowtap: error: {extra[0]} is for TLS replays; add --tls"
+    missing = replay(str(capture), "--to", "127.0.0.1:9", "--tls", "--tls-ca", "/nonexistent")
+    assert missing.returncode == 2
+    (line,) = missing.stderr.splitlines()
+    assert line.startswith("flowtap: error: --tls-ca /nonexistent: cannot load it")

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,11 +28,43 @@ from flowtap.proxy.listener import resolve
 
 from .compare import Difference, compare, text_diff
 from .playback import Player
-from .sessions import Loop, Session, SessionResult
+from .sessions import Loop, Session, SessionResult, TlsLink
 from .turns import Script
 
 ProgressCallback = Callable[[int, int, int], None]
 """Called with (flows done, flows in all, flows failed) as a replay goes on."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayTls:
+    """`replay --tls`: the server is spoken to over TLS; how to trust it, what name to ask."""
+
+    ca_file: Path | None = None
+    insecure: bool = False
+    sni: str | None = None
+
+    def context(self, alpn: str | None) -> ssl.SSLContext:
+        """A client context verifying as asked, offering the recording's ALPN protocol."""
+        try:
+            context = ssl.create_default_context(
+                cafile=None if self.ca_file is None else str(self.ca_file)
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise FlowtapError(
+                f"--tls-ca {self.ca_file}: cannot load it ({exc}); give a PEM file of CA "
+                "certificates"
+            ) from None
+        if self.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if alpn:
+            context.set_alpn_protocols([alpn])
+        return context
+
+    def server_name(self, script: Script, target: Address) -> str | None:
+        """The name to ask for: `--sni`, else the recording's SNI, else the target's host."""
+        recorded = script.flow.tls.sni if script.flow.tls is not None else None
+        return self.sni or recorded or target.host or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +78,7 @@ class ReplayOptions:
     connect_timeout_s: float = 5.0
     ignore: tuple[re.Pattern[bytes], ...] = ()
     want_diff: bool = False
+    tls: ReplayTls | None = None
 
     def __post_init__(self) -> None:
         if self.speed is not None and self.speed <= 0:
@@ -182,6 +216,9 @@ class Replayer:
         self._families: dict[Transport, tuple[int, object]] = {}
         for transport in {s.transport for s in self.scripts}:
             self._families[transport] = resolve(options.target, transport)
+        self._tls_contexts: dict[str | None, ssl.SSLContext] = {}
+        if options.tls is not None:
+            self._tls_contexts[None] = options.tls.context(None)  # a bad --tls-ca fails here
         self._reports: dict[int, FlowReport] = {}
         self._active = 0
         self._failed = 0
@@ -262,6 +299,7 @@ class Replayer:
                 self._failed += 1
                 self._reports[index] = _refused(script, options.target, exc.errno or 0)
                 return
+        tls = None if is_udp else self._tls_link(script)
         session = Session(
             loop,
             sock,
@@ -272,9 +310,22 @@ class Replayer:
             player=player,
             bus=self._bus,
             connect_timeout_s=connect_timeout,
+            tls=tls,
         )
         self._active += 1
         session.begin(now)
+
+    def _tls_link(self, script: Script) -> TlsLink | None:
+        """The TLS end of a session replaying `script`, when `--tls` asks for one: the
+        recording's ALPN protocol is offered, so an h2 recording is replayed as h2."""
+        settings = self.options.tls
+        if settings is None:
+            return None
+        alpn = script.flow.tls.alpn if script.flow.tls is not None else None
+        context = self._tls_contexts.get(alpn)
+        if context is None:
+            context = self._tls_contexts[alpn] = settings.context(alpn)
+        return TlsLink(context, settings.server_name(script, self.options.target))
 
 
 def _refused(script: Script, target: Address, err: int) -> FlowReport:
@@ -426,6 +477,28 @@ class _Progress:
         self._progress.stop()
 
 
+def _tls_settings(args: Any) -> ReplayTls | None:
+    """`--tls` and the options that only make sense with it; one-line errors otherwise."""
+    if not args.tls:
+        for option, value in (
+            ("--sni", args.sni),
+            ("--tls-ca", args.tls_ca),
+            ("--tls-insecure", args.tls_insecure),
+        ):
+            if value:
+                raise FlowtapError(f"{option} is for TLS replays; add --tls")
+        return None
+    if args.tls_ca and args.tls_insecure:
+        raise FlowtapError("--tls-ca and --tls-insecure contradict each other; give one")
+    settings = ReplayTls(
+        ca_file=Path(args.tls_ca) if args.tls_ca else None,
+        insecure=args.tls_insecure,
+        sni=args.sni,
+    )
+    settings.context(None)  # a --tls-ca that cannot load fails before the capture is read
+    return settings
+
+
 def replay_command(args: Any) -> int:
     """`flowtap replay FILE --to HOST:PORT ...`: the CLI's wiring, returning the exit status."""
     import sys
@@ -447,6 +520,7 @@ def replay_command(args: Any) -> int:
         connect_timeout_s=args.connect_timeout,
         ignore=compile_patterns(args.ignore),
         want_diff=args.diff,
+        tls=_tls_settings(args),
     )
 
     def warn(message: str) -> None:

@@ -14,6 +14,7 @@ import itertools
 import os
 import select
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -137,6 +138,27 @@ class SessionResult:
     peer: Address
 
 
+class TlsLink:
+    """The TLS client end of one session: an `ssl.SSLObject` over memory BIOs, so that the
+    session's epoll loop drives it like its socket (no thread, no blocking call)."""
+
+    __slots__ = ("incoming", "is_closing", "is_up", "obj", "outgoing")
+
+    def __init__(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname)
+        self.is_up = False
+        self.is_closing = False
+
+
+def tls_error(exc: ssl.SSLError) -> str:
+    """One line for a TLS failure: the verification error when there is one."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"tls: server certificate not trusted: {exc.verify_message}"
+    return f"tls: {exc.reason or exc}"
+
+
 class Session:
     """One socket playing one side of a flow; calls `on_done` once with its result."""
 
@@ -153,8 +175,10 @@ class Session:
         bus: Bus | None = None,
         connect_timeout_s: float | None = None,
         max_received_bytes: int = 64 << 20,
+        tls: TlsLink | None = None,
     ) -> None:
         self.loop = loop
+        self._tls = tls
         self.sock = sock
         self.fd = sock.fileno()
         self.transport = transport
@@ -195,8 +219,40 @@ class Session:
             return
         self._mask = self._wanted_mask()
         self.loop.register(self.fd, self._mask, self)
+        self._connected(now)
+
+    def _connected(self, now: float) -> None:
+        """The socket is up: play at once, or once the TLS handshake is done."""
+        if self._tls is not None and not self._tls.is_up:
+            self._tls_handshake(now)
+            return
         self._opened()
         self.on_connected(now)
+
+    def _tls_handshake(self, now: float) -> None:
+        tls = self._tls
+        assert tls is not None
+        try:
+            tls.obj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._tls_flush(now)
+            return
+        except ssl.SSLError as exc:
+            self._tls_flush(now)
+            self.fail(tls_error(exc))
+            return
+        tls.is_up = True
+        self._tls_flush(now)
+        if not self.is_finished:
+            self._opened()
+            self.on_connected(now)
+
+    def _tls_flush(self, now: float) -> None:
+        """Send the TLS records the SSLObject wrote (handshake, alerts, close_notify)."""
+        assert self._tls is not None
+        records = self._tls.outgoing.read()
+        if records:
+            self._send_raw(records, now)
 
     def on_connected(self, now: float) -> None:
         """Hook for subclasses: the socket is up (a player, if any, starts here)."""
@@ -246,9 +302,8 @@ class Session:
                 return
             self.is_connecting = False
             self.loop.set_timer(self, None)
-            self._opened()
             self._update_mask()
-            self.on_connected(now)
+            self._connected(now)
             if self.is_finished:
                 return
         if mask & _OUT and self._out:
@@ -298,14 +353,50 @@ class Session:
                 self.fail(f"reading from {self.peer}: {exc.strerror or exc}")
                 return
             if n == 0 and self.transport is Transport.TCP:
-                self.peer_closed = True
-                self._is_reading = False
-                self._update_mask()
-                self.on_peer_closed(now)
+                self._peer_ended(now)
                 return
-            self.deliver(view[:n], now)
+            if self._tls is not None:
+                self._tls_received(view[:n], now)
+            else:
+                self.deliver(view[:n], now)
             if self.is_finished or not self._is_reading:
                 return
+
+    def _peer_ended(self, now: float) -> None:
+        if self._tls is not None and not self._tls.is_up:
+            self.fail(f"tls: {self.peer} closed the connection during the handshake")
+            return
+        self.peer_closed = True
+        self._is_reading = False
+        self._update_mask()
+        self.on_peer_closed(now)
+
+    def _tls_received(self, records: memoryview, now: float) -> None:
+        """Feed TLS records read from the socket; deliver the plaintext they carry."""
+        tls = self._tls
+        assert tls is not None
+        tls.incoming.write(records)
+        if not tls.is_up:
+            self._tls_handshake(now)
+            if not tls.is_up or self.is_finished:
+                return
+        while not self.is_finished:
+            try:
+                plain = tls.obj.read(len(self.loop.buffer))
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # close_notify: the peer's end of the stream
+                self._tls_flush(now)
+                self._peer_ended(now)
+                return
+            except ssl.SSLError as exc:
+                self.fail(tls_error(exc))
+                return
+            if not plain:
+                break
+            self.deliver(memoryview(plain), now)
+        if not self.is_finished:
+            self._tls_flush(now)  # post-handshake messages (key updates) want an answer
 
     def deliver(self, data: memoryview, now: float) -> None:
         """Take bytes (a datagram) from the peer, whether read here or handed over."""
@@ -387,6 +478,13 @@ class Session:
             except OSError as exc:
                 self.fail(f"sending to {self.peer}: {exc.strerror or exc}")
             return
+        if self._tls is not None:
+            self._tls.obj.write(data)
+            data = self._tls.outgoing.read()
+        self._send_raw(data, now)
+
+    def _send_raw(self, data: bytes, now: float) -> None:
+        """Send bytes as they go on the wire (ciphertext under TLS), queueing what waits."""
         if self._out:
             self._out.append(memoryview(data))
             return
@@ -428,6 +526,18 @@ class Session:
             self._shutdown_write()
 
     def _shutdown_write(self) -> None:
+        tls = self._tls
+        if tls is not None and tls.is_up and not tls.is_closing:
+            # TLS has no half-close of its own: close_notify first, then the TCP FIN.
+            tls.is_closing = True
+            with contextlib.suppress(ssl.SSLError):
+                tls.obj.unwrap()
+            records = tls.outgoing.read()
+            if records:
+                self._half_close_pending = True
+                self._send_raw(records, time.monotonic())
+                if self._out or self.is_finished:
+                    return
         self._half_close_pending = False
         try:
             self.sock.shutdown(socket.SHUT_WR)
