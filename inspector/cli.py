@@ -348,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_playback_options(serve)
     _add_filter_option(serve, "answer only from the recorded flows it selects")
     serve.add_argument(
+        "--tls",
+        action="store_true",
+        help="answer TCP clients over TLS, with a certificate flowtap's CA signs for the name "
+        "each asks for",
+    )
+    serve.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="with --tls, sign with your own CA: one PEM file with certificate and key",
+    )
+    serve.add_argument(
         "--on-mismatch",
         choices=("continue", "close"),
         default="continue",

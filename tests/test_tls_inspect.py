@@ -285,3 +285,44 @@ def test_replay_tls_options_without_tls_are_one_line_errors(tmp_path: Path) -> N
     assert missing.returncode == 2
     (line,) = missing.stderr.splitlines()
     assert line.startswith("flowtap: error: --tls-ca /nonexistent: cannot load it")
+
+
+def test_serve_tls_answers_curl_and_s_client_with_a_leaf_for_the_name_they_ask(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int], tmp_path: Path
+) -> None:
+    upstream = s_server(*pki.server("rsa"), "-www")
+    capture = tmp_path / "page.pcapng"
+    relay = start_intercepting(
+        flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture)
+    )
+    recorded = curl_through(pki, relay.port, "--http1.1")
+    assert recorded.returncode == 0, recorded.stderr
+    closed_records(relay, 1)
+    assert relay.stop() == 0
+
+    server = flowtap("serve", str(capture), "--tls", "--ca", str(pki.flowtap_ca))  # type: ignore[call-arg]
+    served = curl_through(pki, server.port, "--http1.1")
+    assert served.returncode == 0, served.stderr
+    assert served.stdout == recorded.stdout  # the recorded page, over TLS this time
+
+    # A client asking for another name gets a leaf for that name, which verifies.
+    s_client = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}",
+         "-servername", "other.test", "-verify_hostname", "other.test",
+         "-CAfile", str(pki.flowtap_ca_cert), "-verify_return_error"],
+        input=b"", capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert s_client.returncode == 0, s_client.stdout + s_client.stderr
+    assert b"Verify return code: 0 (ok)" in s_client.stdout
+    assert b"subject=CN = other.test" in s_client.stdout or b"CN=other.test" in s_client.stdout
+
+
+def test_serve_ca_without_tls_is_a_one_line_error(tmp_path: Path) -> None:
+    capture = tmp_path / "none.pcapng"
+    capture.write_bytes(b"")
+    result = subprocess.run(
+        [*flowtap_command(), "serve", str(capture), "--ca", "x.pem"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == "flowtap: error: --ca is for serving TLS; add --tls\n"

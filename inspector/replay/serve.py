@@ -13,10 +13,12 @@ import json
 import re
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.events import Bus
@@ -25,8 +27,11 @@ from flowtap.proxy.listener import ListenerSpec, bind, bound_address
 
 from .compare import Difference, compare
 from .playback import Player
-from .sessions import Loop, Session, SessionResult
+from .sessions import Loop, Session, SessionResult, TlsLink
 from .turns import Script
+
+if TYPE_CHECKING:
+    from flowtap.proxy.tls_ca import CertificateAuthority
 
 _MATCH_WINDOW_BYTES = 4096
 
@@ -40,6 +45,21 @@ class ServeOptions:
     speed: float | None = None
     on_mismatch: str = "continue"
     ignore: tuple[re.Pattern[bytes], ...] = ()
+    tls: ssl.SSLContext | None = None
+    """`serve --tls`: answer TCP clients over TLS with this server context (`tls_context`)."""
+
+
+def tls_context(ca: CertificateAuthority, default_name: str) -> ssl.SSLContext:
+    """A server context that presents, to each client, a leaf signed by `ca` for the name it
+    asks for (SNI), or for `default_name` when it asks for none."""
+    context = ca.server_context(default_name)
+
+    def for_name(obj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        if name:
+            obj.context = ca.server_context(name)
+
+    context.sni_callback = for_name
+    return context
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -168,6 +188,9 @@ class _ServeSession(Session):
             peer=client,
             on_done=server.session_done,
             bus=server.bus,
+            tls=None
+            if server.options.tls is None
+            else TlsLink(server.options.tls, server_side=True),
         )
         self.server = server
         self.number = number
@@ -482,11 +505,22 @@ def serve_command(args: Any) -> int:
     from .turns import load_scripts, select_scripts
 
     flow_filter = parse_option("--filter", args.filter)
+    listen = Address.parse(args.listen)
+    context = None
+    if args.tls:
+        # Imported here: cryptography costs start-up time that plain serving need not pay.
+        from flowtap.proxy.tls_ca import load_ca_file, load_or_create_ca
+
+        ca = load_ca_file(Path(args.ca)) if args.ca else load_or_create_ca()
+        context = tls_context(ca, listen.host or "localhost")
+    elif args.ca:
+        raise FlowtapError("--ca is for serving TLS; add --tls")
     options = ServeOptions(
-        listen=Address.parse(args.listen),
+        listen=listen,
         turn_timeout_s=args.turn_timeout,
         on_mismatch=args.on_mismatch,
         ignore=compile_patterns(args.ignore),
+        tls=context,
     )
 
     def warn(message: str) -> None:

@@ -139,15 +139,24 @@ class SessionResult:
 
 
 class TlsLink:
-    """The TLS client end of one session: an `ssl.SSLObject` over memory BIOs, so that the
-    session's epoll loop drives it like its socket (no thread, no blocking call)."""
+    """The TLS end of one session (client, or server with `server_side`): an `ssl.SSLObject`
+    over memory BIOs, so that the session's epoll loop drives it like its socket (no thread,
+    no blocking call)."""
 
     __slots__ = ("incoming", "is_closing", "is_up", "obj", "outgoing")
 
-    def __init__(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        *,
+        server_side: bool = False,
+    ) -> None:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname)
+        self.obj = context.wrap_bio(
+            self.incoming, self.outgoing, server_side=server_side, server_hostname=server_hostname
+        )
         self.is_up = False
         self.is_closing = False
 
