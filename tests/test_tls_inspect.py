@@ -48,14 +48,21 @@ def curl_through(pki: Pki, port: int, *extra: str) -> subprocess.CompletedProces
     )  # fmt: skip
 
 
+def recording_relay(
+    flowtap: type[FlowtapProcess], pki: Pki, upstream: int, capture: Path
+) -> FlowtapProcess:
+    """A relay intercepting TLS to `upstream` (trusting the test CA) and capturing to `capture`."""
+    return start_intercepting(
+        flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture)
+    )
+
+
 def test_show_filter_tls_and_sni_selects_an_intercepted_flow_of_a_capture(
     flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int], tmp_path: Path
 ) -> None:
     upstream = s_server(*pki.server("rsa"), "-www")
     capture = tmp_path / "intercepted.pcapng"
-    relay = start_intercepting(
-        flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture)
-    )
+    relay = recording_relay(flowtap, pki, upstream, capture)
     result = curl_through(pki, relay.port, "--http1.1")
     assert result.returncode == 0, result.stderr
     # A flow that is not TLS, in the same capture: the filter must leave it out.
@@ -207,9 +214,7 @@ def test_curl_http2_through_interception_is_summarised_as_streams(
     flowtap: type[FlowtapProcess], pki: Pki, h2_server: int, tmp_path: Path
 ) -> None:
     capture = tmp_path / "h2.pcapng"
-    relay = start_intercepting(
-        flowtap, pki, h2_server, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture)
-    )
+    relay = recording_relay(flowtap, pki, h2_server, capture)
     result = subprocess.run(
         ["curl", "-sS", "--http2", "--cacert", str(pki.flowtap_ca_cert),
          "-w", "%{http_version} %{response_code}\\n",
@@ -246,9 +251,7 @@ def test_replay_tls_sends_a_decrypted_recording_to_a_tls_server_with_its_sni(
     # The server's certificate names svc.test only: verifying it needs the recorded SNI.
     upstream = s_server(*pki.server("ecdsa"), "-rev")
     capture = tmp_path / "recorded.pcapng"
-    relay = start_intercepting(
-        flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture)
-    )
+    relay = recording_relay(flowtap, pki, upstream, capture)
     sent = b"replayed over tls\n"
     assert exchange_line(pki, relay.port, sent).strip() == sent.strip()[::-1]
     closed_records(relay, 1)
@@ -292,9 +295,7 @@ def test_serve_tls_answers_curl_and_s_client_with_a_leaf_for_the_name_they_ask(
 ) -> None:
     upstream = s_server(*pki.server("rsa"), "-www")
     capture = tmp_path / "page.pcapng"
-    relay = start_intercepting(
-        flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture)
-    )
+    relay = recording_relay(flowtap, pki, upstream, capture)
     recorded = curl_through(pki, relay.port, "--http1.1")
     assert recorded.returncode == 0, recorded.stderr
     closed_records(relay, 1)
