@@ -204,13 +204,16 @@ class _TcpFlow:
                 self._finish_connect(mask)
             return
         is_client = fd == self.client.fileno()
-        if mask & _ERR:
+        reading, writing = (self.up, self.down) if is_client else (self.down, self.up)
+        if mask & _ERR and reading.eof:
+            # Nothing is left to read from this side, so no read will report its error. While
+            # something is, reading goes on: bytes that came before a reset are queued ahead of
+            # it, and the read after them raises the reset.
             sock = self.client if is_client else self.server
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self._reset(is_client, os.strerror(err))
                 return
-        reading, writing = (self.up, self.down) if is_client else (self.down, self.up)
         if mask & (_IN | _HUP | _ERR | _RDHUP):
             reading.readable = True
             if mask & (_RDHUP | _HUP):

@@ -110,7 +110,9 @@ class TlsTcpFlow:
                 self._finish_connect()
             return
         is_client = fd == self.client.fileno()
-        if mask & _ERR:
+        # While a side has bytes to read, reading reports its error after them (an alert that
+        # came before a reset is read first); only a side read to its end is asked directly.
+        if mask & _ERR and (self._client_eof if is_client else self._server_eof):
             sock = self.client if is_client else self.server
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err and self._is_owed_only_close_notify(is_client):

@@ -257,6 +257,43 @@ def test_client_reset_becomes_reset_upstream(flowtap: Any) -> None:
     upstream.close()
 
 
+def _process_state(pid: int) -> str:
+    """The one-letter state of `pid` in /proc (R, S, T for stopped...)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def test_bytes_a_client_sent_just_before_its_reset_still_reach_upstream(flowtap: Any) -> None:
+    upstream = socket.create_server(("127.0.0.1", 0))
+    proc = flowtap(
+        "run", "--json", "--listen", "0", "--upstream", f"127.0.0.1:{upstream.getsockname()[1]}"
+    )
+    client = socket.create_connection(("127.0.0.1", proc.port))
+    server_side, _ = upstream.accept()
+    client.sendall(b"hello")
+    assert server_side.recv(100) == b"hello"
+    # The relay is stopped while the last words and the reset arrive, so it wakes to both at
+    # once, as a busy relay does: the words are relayed before the reset.
+    proc.proc.send_signal(signal.SIGSTOP)
+    wait_for(lambda: _process_state(proc.proc.pid) == "T", 10, "the relay to stop")
+    try:
+        client.sendall(b"last words")
+        _reset(client)  # on loopback both are queued for the relay before this returns
+    finally:
+        proc.proc.send_signal(signal.SIGCONT)
+    server_side.settimeout(10)
+    received = b""
+    with pytest.raises(ConnectionResetError):
+        while chunk := server_side.recv(100):
+            received += chunk
+    assert received == b"last words"
+    (event,) = closed_events(proc)
+    assert event["reason"] == "client-reset"
+    assert event["bytes_up"] == len(b"hellolast words")
+    server_side.close()
+    upstream.close()
+
+
 def test_server_reset_becomes_reset_to_client(flowtap: Any) -> None:
     upstream = socket.create_server(("127.0.0.1", 0))
     proc = flowtap(
