@@ -50,7 +50,7 @@ def upload_digest(size_bytes: int) -> str:
 
 def write_small_packets(path: Path, flows: int, rounds: int) -> Path:
     """A capture of `flows` redis-like ping-pong flows of `rounds` exchanges each."""
-    from flowtap.inspector.pcapfile.pcap import CaptureWriter, open_packet_file
+    from flowtap.inspector.pcapfile.writer import CaptureWriter, open_packet_file
     from flowtap.proxy.flow import (
         Address,
         CloseReason,

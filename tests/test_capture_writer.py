@@ -17,8 +17,8 @@ from capture_checks import (
     scapy_count,
 )
 
-from flowtap.inspector.pcapfile.pcap import CaptureWriter, open_packet_file
 from flowtap.inspector.pcapfile.reader import CaptureReader
+from flowtap.inspector.pcapfile.writer import CaptureWriter, open_packet_file
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.flow import (
     Address,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import FlowtapProcess, Recorder, json_events, wait_for
-from flowtap.inspector.pcapfile.pcap import PcapNgFile
+from flowtap.inspector.pcapfile.pcapng import PcapNgFile
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.events import Bus, LosslessObserver
 from flowtap.proxy.flow import (
@@ -246,7 +246,7 @@ def test_a_failing_capture_io_thread_never_leaves_the_relay_waiting(
         finally:
             done.set()
 
-    with caplog.at_level(logging.WARNING, logger="flowtap.inspector.pcapfile.pcap"):
+    with caplog.at_level(logging.WARNING, logger="flowtap.inspector.pcapfile.staging"):
         threading.Thread(target=fill, daemon=True).start()
         assert done.wait(20), "the writer waits forever for the failed I/O thread"
         with pytest.raises(FlowtapError):

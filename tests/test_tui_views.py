@@ -19,8 +19,8 @@ from test_tui import screen_text, until
 from textual.pilot import Pilot
 from textual.selection import Selection
 
-from flowtap.inspector.pcapfile.pcap import CaptureWriter, open_packet_file
 from flowtap.inspector.pcapfile.reassembly import FlowGap
+from flowtap.inspector.pcapfile.writer import CaptureWriter, open_packet_file
 from flowtap.inspector.summary import escape_bytes
 from flowtap.inspector.tui import app as app_module
 from flowtap.inspector.tui.app import FlowtapApp

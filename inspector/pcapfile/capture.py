@@ -3,7 +3,7 @@
 Each event becomes packets on the relay thread that emitted it, so a chunk is never queued:
 a relayed TCP chunk is received straight into the file's staging buffer, and its records
 are framed around it once the relay has sent it on (off the round trip's path); the disk
-writes happen on the file's own I/O thread (see `pcap._StagedFile`). When the disk
+writes happen on the file's own I/O thread (see `staging.StagedFile`). When the disk
 falls behind, every staging buffer is waiting to be written and the relay waits for one, so
 nothing is ever dropped. A timer thread flushes the file twice a second (busy or idle), so
 after a crash it reads up to the last flush. With a size limit the capture becomes a ring
@@ -34,14 +34,11 @@ from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.events import Chunk
 from flowtap.proxy.flow import Direction, FlowEvent
 
-from .pcap import (
-    CaptureWriter,
-    PcapFile,
-    PcapNgFile,
-    SegmentFields,
-    capture_write_error,
-    open_packet_file,
-)
+from .frames import SegmentFields
+from .pcap import PcapFile
+from .pcapng import PcapNgFile
+from .staging import capture_write_error
+from .writer import CaptureWriter, open_packet_file
 
 log = logging.getLogger(__name__)
 

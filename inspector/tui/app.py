@@ -26,9 +26,9 @@ from textual.widgets import Footer, ProgressBar, Static
 
 from flowtap.inspector.flow_filter import parse_filter
 from flowtap.inspector.log import human_bytes
-from flowtap.inspector.pcapfile.pcap import CaptureWriter, open_packet_file
 from flowtap.inspector.pcapfile.reader import CaptureError, CaptureReader
 from flowtap.inspector.pcapfile.reassembly import Reassembler
+from flowtap.inspector.pcapfile.writer import CaptureWriter, open_packet_file
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.flow import Direction, FlowClosed, FlowData, FlowEvent
 
