@@ -497,32 +497,31 @@ class Session:
         if self._out:
             self._out.append(memoryview(data))
             return
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except _RESET_ERRORS:
-            self.on_peer_reset(now)
-            return
-        except OSError as exc:
-            self.fail(f"sending to {self.peer}: {exc.strerror or exc}")
+        sent = self._send_some(data, now)
+        if sent is None:
             return
         if sent < len(data):
             self._out.append(memoryview(data)[sent:])
             self._update_mask()
 
+    def _send_some(self, data: bytes | memoryview, now: float) -> int | None:
+        """Bytes of `data` the socket took (0 when full), or None when the peer reset or the
+        send failed (the session then ends as it says)."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except _RESET_ERRORS:
+            self.on_peer_reset(now)
+        except OSError as exc:
+            self.fail(f"sending to {self.peer}: {exc.strerror or exc}")
+        return None
+
     def _flush(self, now: float) -> None:
         out = self._out
         while out:
-            try:
-                sent = self.sock.send(out[0])
-            except BlockingIOError:
-                return
-            except _RESET_ERRORS:
-                self.on_peer_reset(now)
-                return
-            except OSError as exc:
-                self.fail(f"sending to {self.peer}: {exc.strerror or exc}")
+            sent = self._send_some(out[0], now)
+            if sent is None:
                 return
             if sent < len(out[0]):
                 out[0] = out[0][sent:]
