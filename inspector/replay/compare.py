@@ -120,6 +120,14 @@ class Difference:
     def as_dict(self) -> dict[str, object]:
         return {"offset": self.offset, "expected": self.expected, "received": self.received}
 
+    def lines(self, heading: str, received_as: str) -> str:
+        """The difference as indented report lines: `heading` and the offset, then both excerpts
+        (`received_as` names the peer's, in a label as wide as "recorded")."""
+        return (
+            f"\n  {heading} {self.offset}:"
+            f"\n    recorded: {self.expected}\n    {received_as}: {self.received}"
+        )
+
 
 def compare(
     expected: bytes, received: bytes, patterns: Sequence[re.Pattern[bytes]] = ()

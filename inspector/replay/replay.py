@@ -146,11 +146,7 @@ class FlowReport:
         if self.note:
             head += f" ({self.note})"
         if self.difference is not None:
-            d = self.difference
-            head += (
-                f"\n  first difference at server byte {d.offset}:"
-                f"\n    recorded: {d.expected}\n    replayed: {d.received}"
-            )
+            head += self.difference.lines("first difference at server byte", "replayed")
         if self.diff:
             head += "\n" + self.diff.rstrip("\n")
         return head

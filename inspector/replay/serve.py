@@ -168,11 +168,7 @@ class ServedReport:
         if self.error:
             text += f" ({self.error})"
         if self.difference is not None:
-            d = self.difference
-            text += (
-                f"\n  mismatch at client byte {d.offset}:"
-                f"\n    recorded: {d.expected}\n    received: {d.received}"
-            )
+            text += self.difference.lines("mismatch at client byte", "received")
         return text
 
 
