@@ -237,14 +237,18 @@ class _TcpFlow:
             self.queued = True
             self.worker.ready.append(self)
 
+    def _sent_pending(self, pipe: _Pipe) -> bool:
+        """Send what waits from the last turn, if the destination takes it; True once all is
+        sent (the direction may then read again)."""
+        if not pipe.writable:
+            return False
+        self._flush(pipe)
+        return pipe.pending is None
+
     def _pump(self, pipe: _Pipe, now: float) -> bool:
         """Relay one direction; return True if it stopped only to let other flows run."""
-        if pipe.pending is not None:
-            if not pipe.writable:
-                return False
-            self._flush(pipe)
-            if pipe.pending is not None:
-                return False
+        if pipe.pending is not None and not self._sent_pending(pipe):
+            return False
         worker = self.worker
         buf = worker.buffer
         view = worker.view
@@ -405,12 +409,8 @@ class _RewritingFlow(_TcpFlow):
     def _pump(self, pipe: _Pipe, now: float) -> bool:
         if pipe is self.down:
             return _TcpFlow._pump(self, pipe, now)
-        if pipe.pending is not None:
-            if not pipe.writable:
-                return False
-            self._flush(pipe)
-            if pipe.pending is not None:
-                return False
+        if pipe.pending is not None and not self._sent_pending(pipe):
+            return False
         rewriter = self.rewriter
         bus = self.worker.bus
         size = len(self.worker.buffer)
