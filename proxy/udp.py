@@ -188,70 +188,7 @@ class UdpSession:
 
     def _relay_down(self, now: float) -> None:
         """Relay the upstream's datagrams to the client, up to one turn's worth."""
-        owner = self.owner
-        worker = owner.worker
-        view = worker.view
-        size = len(view)
-        refill_at = size - _MAX_DATAGRAM_BYTES
-        recvmsg_into = self.sock.recvmsg_into
-        gso_max = owner.gso_max_segment_bytes
-        send_run = owner.send_run
-        # The run waiting to be sent: `count` datagrams of `segment` bytes (the last one may
-        # be shorter, as in a coalesced receive), the buffer's [start, end).
-        start = end = segment = count = 0
-        # Datagrams received this turn; when the last turn had one at most (request/response
-        # traffic), the first leaves before trying another receive that would delay it.
-        got = 0
-        sparse = self.sparse
-        for _ in range(_DATAGRAMS_PER_TURN):
-            if end > refill_at:
-                if count:
-                    send_run(self, Direction.DOWN, start, end, segment, count)
-                    count = 0
-                end = 0
-            try:
-                n, ancillary, _flags, _addr = recvmsg_into([view[end:]], _GRO_ANCBUF, _TRUNC)
-            except BlockingIOError:
-                break
-            except ConnectionRefusedError:
-                # ICMP port unreachable for an earlier datagram: the session goes on.
-                self.refused += 1
-                continue
-            except OSError as exc:
-                self.failure = f"receive from {self.flow.server}: {exc.strerror or exc}"
-                owner.warn_once("recv-down", self.failure)
-                continue
-            got += 1
-            if self.last_active != now:
-                self.last_active = now
-                owner.sessions.move_to_end(self.client_addr)
-            if n > size - end:
-                owner.count_truncated(self, n, size - end)
-                continue
-            seg, k = _coalesced(n, ancillary) if ancillary else (n, 1)
-            if count and not (
-                seg == segment
-                and end - start == count * segment
-                and count + k <= _GSO_MAX_SEGMENTS
-                and end - start + n <= _GSO_MAX_BYTES
-            ):
-                send_run(self, Direction.DOWN, start, end, segment, count)
-                count = 0
-            if not count:
-                start, segment = end, seg
-            count += k
-            end += n
-            # A coalesced receive leaves at once too: its sender batched already.
-            if k > 1 or (sparse and got == 1) or not 0 < seg <= gso_max:
-                send_run(self, Direction.DOWN, start, end, segment, count)
-                count = 0
-        else:
-            if not self.queued:
-                self.queued = True
-                worker.ready.append(self)
-        self.sparse = got <= 1
-        if count:
-            send_run(self, Direction.DOWN, start, end, segment, count)
+        self.owner.relay_turn(self, now)
 
     def problems(self) -> str | None:
         """What went wrong during the session, in one line, or None."""
@@ -339,24 +276,35 @@ class UdpListener:
 
     def _relay_up(self, now: float) -> None:
         """Relay clients' datagrams to their sessions' upstream sockets, one turn's worth."""
+        self.relay_turn(None, now)
+
+    def relay_turn(self, upstream_of: UdpSession | None, now: float) -> None:
+        """Relay one turn's worth of datagrams read from one socket, merged into runs: the
+        listener's (`upstream_of` None: clients' datagrams up to their sessions) or a
+        session's upstream socket (its replies down to its client)."""
+        reader: UdpSession | UdpListener = self if upstream_of is None else upstream_of
+        direction = Direction.UP if upstream_of is None else Direction.DOWN
         worker = self.worker
         view = worker.view
         size = len(view)
         refill_at = size - _MAX_DATAGRAM_BYTES
-        recvmsg_into = self.sock.recvmsg_into
+        recvmsg_into = reader.sock.recvmsg_into
         sessions = self.sessions
         move_to_end = sessions.move_to_end
         gso_max = self.gso_max_segment_bytes
         send_run = self.send_run
-        # The run waiting to be sent, of session `run`, and the datagrams received this turn:
-        # as in `UdpSession._relay_down`.
+        # The run waiting to be sent: `count` datagrams of `segment` bytes of session `run`
+        # (the last one may be shorter, as in a coalesced receive), the buffer's [start, end).
+        # `got`: datagrams received this turn; when the last turn had one at most
+        # (request/response traffic), the first leaves before trying another receive that
+        # would delay it.
         run: UdpSession | None = None
         start = end = segment = count = got = 0
-        sparse = self.sparse
+        sparse = reader.sparse
         for _ in range(_DATAGRAMS_PER_TURN):
             if end > refill_at:
                 if run is not None:
-                    send_run(run, Direction.UP, start, end, segment, count)
+                    send_run(run, direction, start, end, segment, count)
                     run = None
                 end = 0
             try:
@@ -364,20 +312,36 @@ class UdpListener:
             except BlockingIOError:
                 break
             except OSError as exc:
-                self.warn_once("recv-up", f"receive on {self.listener.address}: {exc.strerror}")
+                if upstream_of is None:
+                    text = f"receive on {self.listener.address}: {exc.strerror}"
+                    self.warn_once("recv-up", text)
+                elif isinstance(exc, ConnectionRefusedError):
+                    # ICMP port unreachable for an earlier datagram: the session goes on.
+                    upstream_of.refused += 1
+                else:
+                    upstream_of.failure = (
+                        f"receive from {upstream_of.flow.server}: {exc.strerror or exc}"
+                    )
+                    self.warn_once("recv-down", upstream_of.failure)
                 continue
             got += 1
-            session = sessions.get(addr)
-            if session is None:
-                if run is not None:  # opening may close a session: send what is waiting first
-                    send_run(run, Direction.UP, start, end, segment, count)
-                    run = None
-                session = self._open(addr, now)
+            if upstream_of is None:
+                session = sessions.get(addr)
                 if session is None:
-                    continue
-            elif session.last_active != now:
-                session.last_active = now
-                move_to_end(addr)
+                    if run is not None:  # opening may close a session: send what waits first
+                        send_run(run, direction, start, end, segment, count)
+                        run = None
+                    session = self._open(addr, now)
+                    if session is None:
+                        continue
+                elif session.last_active != now:
+                    session.last_active = now
+                    move_to_end(addr)
+            else:
+                session = upstream_of
+                if session.last_active != now:
+                    session.last_active = now
+                    move_to_end(session.client_addr)
             if n > size - end:
                 self.count_truncated(session, n, size - end)
                 continue
@@ -389,22 +353,23 @@ class UdpListener:
                 and count + k <= _GSO_MAX_SEGMENTS
                 and end - start + n <= _GSO_MAX_BYTES
             ):
-                send_run(run, Direction.UP, start, end, segment, count)
+                send_run(run, direction, start, end, segment, count)
                 run = None
             if run is None:
                 run, start, segment, count = session, end, seg, 0
             count += k
             end += n
+            # A coalesced receive leaves at once too: its sender batched already.
             if k > 1 or (sparse and got == 1) or not 0 < seg <= gso_max:
-                send_run(run, Direction.UP, start, end, segment, count)
+                send_run(run, direction, start, end, segment, count)
                 run = None
         else:
-            if not self.queued:
-                self.queued = True
-                worker.ready.append(self)
-        self.sparse = got <= 1
+            if not reader.queued:
+                reader.queued = True
+                worker.ready.append(reader)
+        reader.sparse = got <= 1
         if run is not None:
-            send_run(run, Direction.UP, start, end, segment, count)
+            send_run(run, direction, start, end, segment, count)
 
     def send_run(
         self,
