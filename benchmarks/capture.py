@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import BLOCK, pattern_digest
+from processes import wait_port
 from relay import (
     MiB,
     Target,
@@ -32,7 +33,6 @@ from relay import (
     bulk_up,
     flowtap_command,
     start_socat,
-    wait_port,
 )
 
 HERE = Path(__file__).resolve().parent

@@ -19,7 +19,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from processes import stop_processes
 from relay import MiB, bulk_down, flowtap_command, start_socat
 
 HERE = Path(__file__).resolve().parent
@@ -100,12 +100,7 @@ class Relay:
         return int(fields[11]) + int(fields[12])
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_processes([self.proc], 15)
 
 
 def start_relay(upstream: int, log_path: Path, *extra: str) -> Relay:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import BLOCK, pattern_digest
+from processes import free_port, stop_processes, wait_port
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -51,20 +52,7 @@ class Proxy:
     port_map: dict[int, int] = field(default_factory=dict)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        stop_processes(self.procs)
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -109,19 +97,6 @@ def open_through(proxy: Proxy, port: int) -> socket.socket:
 # -- the proxies -------------------------------------------------------------------------------
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with status {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"{name} never listened on {port}")
-
-
 def _flowtap_command() -> list[str]:
     exe = shutil.which("flowtap", path=os.path.dirname(sys.executable))
     return [exe] if exe else [sys.executable, "-m", "flowtap.inspector.cli"]
@@ -135,7 +110,7 @@ def start_flowtap(mode: str, workdir: Path) -> Proxy:
         stdout=subprocess.DEVNULL,
         stderr=(workdir / f"flowtap-{mode}.err").open("w"),
     )  # fmt: skip
-    _wait_port(port, proc, "flowtap")
+    wait_port(port, proc=proc, name="flowtap")
     return Proxy(f"flowtap {mode}", "socks5" if mode == "socks5" else "connect", port, [proc])
 
 
@@ -146,7 +121,7 @@ def start_microsocks(workdir: Path) -> Proxy:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _wait_port(port, proc, "microsocks")
+    wait_port(port, proc=proc, name="microsocks")
     return Proxy("microsocks", "socks5", port, [proc])
 
 
@@ -167,7 +142,7 @@ def start_dante(workdir: Path) -> Proxy:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _wait_port(port, proc, "danted")
+    wait_port(port, proc=proc, name="danted")
     return Proxy("dante", "socks5", port, [proc])
 
 
@@ -184,7 +159,7 @@ def start_tinyproxy(workdir: Path) -> Proxy:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _wait_port(port, proc, "tinyproxy")
+    wait_port(port, proc=proc, name="tinyproxy")
     return Proxy("tinyproxy", "connect", port, [proc])
 
 
@@ -219,7 +194,7 @@ def start_mitmdump(exe: Path, mode: str, workdir: Path) -> Proxy:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    _wait_port(port, proc, "mitmdump")
+    wait_port(port, proc=proc, name="mitmdump")
     kind = "socks5" if mode == "socks5" else "connect"
     return Proxy(f"mitmdump {mode}", kind, port, [proc])
 

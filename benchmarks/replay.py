@@ -33,6 +33,9 @@ from flowtap.proxy.flow import Address, Direction
 from flowtap.proxy.listener import ListenerSpec
 from flowtap.proxy.relay import Relay
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from processes import free_port
+
 
 def _rss_mib(field: str = "VmRSS") -> float:
     with open("/proc/self/status") as status:
@@ -42,14 +45,8 @@ def _rss_mib(field: str = "VmRSS") -> float:
     return 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", directory],

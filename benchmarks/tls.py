@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import BLOCK, pattern_digest
+from processes import free_port, stop_processes, wait_port
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -44,32 +45,7 @@ class Proxy:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on {port}") from None
-            time.sleep(0.02)
+        stop_processes(self.procs)
 
 
 def openssl(*args: str) -> None:
@@ -110,7 +86,7 @@ def start_upstream(directory: Path, bulk_port: int) -> tuple[int, subprocess.Pop
     proc = start_stunnel(directory, "upstream",
                          f"[up]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{bulk_port}\n"
                          f"cert = {crt}\nkey = {key}\n")  # fmt: skip
-    wait_port(port)
+    wait_port(port, 30)
     return port, proc
 
 
@@ -161,8 +137,8 @@ def start_stunnel_chain(directory: Path, upstream: int) -> Proxy:
         f"cert = {crt}\nkey = {key}\n"
     )
     front_proc = start_stunnel(directory, "front", front_config)
-    wait_port(middle)
-    wait_port(front)
+    wait_port(middle, 30)
+    wait_port(front, 30)
     return Proxy("stunnel x2", front, directory / "chainca.crt", [front_proc, back])
 
 

@@ -45,7 +45,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import median
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from processes import stop_processes
 
 HOST = "127.0.0.1"
 SIZES = (64, 1400)
@@ -166,16 +170,6 @@ def start_peer(kind: str, *args: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(proc.stdout.readline())
 
 
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((HOST, 0))
@@ -258,7 +252,7 @@ def path_to(kind: str, upstream_port: int) -> Iterator[RelayPath]:
     finally:
         if kind == "socat":
             os.killpg(proc.pid, signal.SIGTERM)
-        stop(proc)
+        stop_processes([proc])
 
 
 # -- clients ---------------------------------------------------------------------------------
@@ -405,7 +399,7 @@ def measure(
                 result.relay_cpu_s = path.cpu_seconds() - before
                 return result
         finally:
-            stop(sink)
+            stop_processes([sink])
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -491,7 +485,7 @@ def main() -> int:
                     if kind == "flowtap":
                         verdicts.append(Verdict(mode, size, rate, lost, socat_rate, direct_rate))
     finally:
-        stop(echo)
+        stop_processes([echo])
     print()
     print(verdict_text(verdicts))
     return 0
