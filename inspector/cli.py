@@ -38,9 +38,10 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         type=options.listen_address,
-        metavar="[udp:|tcp:|socks5:|http:|transparent:]HOST:PORT",
+        metavar="[udp:|tcp:|socks5:|http:|transparent:[udp:]]HOST:PORT",
         help="where clients connect (repeatable; a bare PORT binds 127.0.0.1; 0 picks a port); "
-        "socks5:, http: (proxy with CONNECT) and transparent: (iptables REDIRECT) listeners "
+        "socks5:, http: (proxy with CONNECT) and transparent: (iptables REDIRECT; "
+        "transparent:udp: for UDP steered by TPROXY) listeners "
         "take no --upstream: each client says where it goes",
     )
     parser.add_argument(

@@ -114,8 +114,16 @@ def address(text: str) -> str:
 
 def listen_address(text: str) -> str:
     """An argparse type for `--listen`: an address, optionally prefixed by its transport or
-    mode (`tcp:`, `udp:`, `socks5:`, `http:`, `transparent:`)."""
-    for prefix in ("tcp:", "udp:", "socks5:", "http:", "transparent:"):
+    mode (`tcp:`, `udp:`, `socks5:`, `http:`, `transparent:`, `transparent:udp:`)."""
+    for prefix in (
+        "tcp:",
+        "udp:",
+        "socks5:",
+        "http:",
+        "transparent:udp:",
+        "transparent:tcp:",
+        "transparent:",
+    ):
         if text.startswith(prefix):
             address(text[len(prefix) :])
             return text

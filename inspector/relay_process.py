@@ -43,6 +43,9 @@ ERROR_PREFIX = "flowtap: error: "
 
 
 _MODE_PREFIXES = {
+    # Before "transparent:", which it starts with.
+    "transparent:udp:": (Mode.TRANSPARENT, Transport.UDP),
+    "transparent:tcp:": (Mode.TRANSPARENT, Transport.TCP),
     "tcp:": (Mode.REVERSE, Transport.TCP),
     "udp:": (Mode.REVERSE, Transport.UDP),
     "socks5:": (Mode.SOCKS5, Transport.TCP),

@@ -40,8 +40,9 @@ from .flow import (
 from .handshake import Failure, UpstreamRewriter
 from .listener import BoundListener, ListenerSpec, bind, bound_address, resolve
 from .modes import Destination, HandshakePhase, Prelude, Resolver, literal_destination
-from .policy import ProxyPolicy
+from .policy import Mode, ProxyPolicy
 from .socks_udp import UdpAssociation
+from .transparent_udp import TransparentUdpListener, prepare_listener
 from .udp import UdpListener, check_spec
 from .worker import RelayConfig, Worker
 
@@ -914,7 +915,7 @@ class Relay:
         self.resolver = Resolver()
         try:
             for spec in specs:
-                if spec.transport is Transport.UDP:
+                if spec.transport is Transport.UDP and spec.mode is not Mode.TRANSPARENT:
                     check_spec(spec)
                 upstream: Address | None = None
                 family: int = socket.AF_UNSPEC
@@ -923,6 +924,12 @@ class Relay:
                     family, sockaddr = resolve(spec.upstream, spec.transport)
                     upstream = _sockaddr_address(family, sockaddr, spec.upstream)
                 sock = bind(spec)
+                if spec.transport is Transport.UDP and spec.mode is Mode.TRANSPARENT:
+                    try:
+                        prepare_listener(sock, spec.listen)
+                    except FlowtapError:
+                        sock.close()
+                        raise
                 self.listeners.append(
                     BoundListener(
                         spec=spec,
@@ -954,7 +961,10 @@ class Relay:
                 if tcp:
                     self._tcp.append(_TcpFlows(worker, tcp, self.resolver))
                 for listener in udp[i::count]:
-                    UdpListener(worker, listener)
+                    if listener.spec.mode is Mode.TRANSPARENT:
+                        TransparentUdpListener(worker, listener)
+                    else:
+                        UdpListener(worker, listener)
         except OSError as exc:
             self._discard_workers()
             self._close_listeners()

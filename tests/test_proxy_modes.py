@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
 import socket
 import struct
@@ -511,6 +512,118 @@ def test_transparent_mode_relays_redirected_clients_to_where_they_meant(tmp_path
         if row[0].startswith("flowtap ")
     ]
     assert {c.get("requested") for c in comments} >= {"10.99.0.2:80", "[fd00:99::2]:80"}
+
+
+_TPROXY_PROBE = (
+    "ip link add name ftp0 type veth peer name ftp1 || exit 11; "
+    "iptables -t mangle -A PREROUTING -p udp -j TPROXY --on-port 1 --tproxy-mark 1 || exit 12; "
+    "ip6tables -t mangle -A PREROUTING -p udp -j TPROXY --on-port 1 --tproxy-mark 1 || exit 13; "
+    "ip rule add fwmark 1 lookup 100 && ip route add local 0.0.0.0/0 dev lo table 100 || exit 14"
+)
+_TPROXY_STEPS = {
+    11: "a veth pair (ip link add ... type veth)",
+    12: "the iptables TPROXY target (xt_TPROXY)",
+    13: "the ip6tables TPROXY target",
+    14: "policy routing (ip rule fwmark, a local route in table 100)",
+}
+
+
+def _tproxy_refusal() -> str | None:
+    """Why this system cannot run the TPROXY scenario (which step it refuses), or None."""
+    for tool in ("unshare", "nsenter", "iptables", "ip6tables", "ip"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    probe = subprocess.run(
+        ["unshare", "--net", "sh", "-c", _TPROXY_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    if probe.returncode == 0:
+        return None
+    step = _TPROXY_STEPS.get(probe.returncode, "unshare --net (root)")
+    return f"the kernel refuses {step} in a new network namespace: {probe.stderr.strip()}"
+
+
+def test_transparent_udp_answers_clients_from_the_address_they_asked(tmp_path: Path) -> None:
+    refusal = _tproxy_refusal()
+    if refusal is not None:
+        pytest.skip(refusal)
+    script = Path(__file__).with_name("transparent_udp_scenario.py")
+    result = subprocess.run(
+        ["unshare", "--net", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=script.parent,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["exit"] == 0, outcome["stderr"]
+    # The relay's namespace does not forward: the answer came through flowtap (the server
+    # saw flowtap's address, 10.98.1.1), from the very address and port the client asked.
+    assert outcome["client"] == {
+        "10.99.1.53": [
+            "answer; asked by 10.98.1.1: query for 10.99.1.53",
+            "10.99.1.53",
+            53,
+            "0.0.0.0",
+        ],
+        "fd00:99:1::53": [
+            "answer; asked by fd00:98:1::1: query for fd00:99:1::53",
+            "fd00:99:1::53",
+            53,
+            "::",
+        ],
+    }, outcome["client_error"]
+    closed = {
+        event["requested"]: event for event in outcome["events"] if event["event"] == "closed"
+    }
+    for asked, question, answer in (
+        ("10.99.1.53:53", "query for 10.99.1.53", "answer; asked by 10.98.1.1: "),
+        ("[fd00:99:1::53]:53", "query for fd00:99:1::53", "answer; asked by fd00:98:1::1: "),
+    ):
+        flow = closed[asked]
+        assert flow["server"] == asked
+        assert flow["transport"] == "udp"
+        assert flow["reason"] == "shutdown"
+        assert (flow["bytes_up"], flow["bytes_down"]) == (
+            len(question),
+            len(answer) + len(question),
+        )
+    assert closed["10.99.1.53:53"]["client"].startswith("10.98.0.2:")
+    assert closed["[fd00:99:1::53]:53"]["client"].startswith("[fd00:98::2]:")
+    direct = [e for e in closed.values() if e["client"].startswith("127.0.0.1:")]
+    assert [(e["reason"], e["error"]) for e in direct] == [
+        ("denied", "the datagram was sent to the listener itself, not steered to it")
+    ]
+
+
+def test_transparent_udp_without_the_network_admin_capability_says_what_it_needs() -> None:
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.skip("needs setpriv and root, to drop CAP_NET_ADMIN and CAP_NET_RAW")
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set",
+            "-net_admin,-net_raw",
+            *flowtap_command(),
+            "run",
+            "--listen",
+            "transparent:udp:127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "flowtap: error: transparent:udp:127.0.0.1:0 needs IP_TRANSPARENT (Operation not "
+        "permitted): run as root or with the CAP_NET_ADMIN capability\n"
+    )
 
 
 def test_curl_keeps_a_forwarded_connection_alive_for_its_next_request(
