@@ -32,6 +32,7 @@ from .flow import (
     Transport,
     next_flow_id,
 )
+from .udp_sessions import UdpSessions
 
 if TYPE_CHECKING:
     from .listener import BoundListener
@@ -48,7 +49,6 @@ _IPV6_RECVORIGDSTADDR = 74  # also IPV6_ORIGDSTADDR
 _ANCBUF = socket.CMSG_SPACE(28)  # a sockaddr_in6, the larger of the two
 _MAX_DATAGRAM_BYTES = 65_535
 _DATAGRAMS_PER_TURN = 64
-_DRAIN_QUIET_S = 0.25
 _SESSION_EVENTS = select.EPOLLIN | select.EPOLLET
 _SAY_EVERY_S = 60.0
 
@@ -138,63 +138,29 @@ class TransparentUdpSession:
             self.owner.relay_down(self, now)
 
 
-class TransparentUdpListener:
+class TransparentUdpListener(UdpSessions[SessionKey, "TransparentUdpSession"]):
     """The sessions of one transparent UDP listener, owned by one worker."""
 
     __slots__ = (
         "_last_said",
-        "closed",
-        "deadline",
-        "idle_timeout_s",
         "listener",
-        "max_sessions",
         "policy",
-        "queued",
         "refused",
-        "sessions",
-        "sock",
-        "stopping",
         "unaddressed",
-        "worker",
     )
 
     def __init__(self, worker: Worker, listener: BoundListener) -> None:
         assert listener.spec.policy is not None, "proxy-mode listeners carry a policy"
-        self.worker = worker
+        super().__init__(worker, listener.sock)
         self.listener = listener
         self.policy: ProxyPolicy = listener.spec.policy
-        self.sock = listener.sock
-        self.sessions: collections.OrderedDict[SessionKey, TransparentUdpSession] = (
-            collections.OrderedDict()
-        )
         # Pairs refused once (their flow told why), so that their later datagrams add no flows.
         self.refused: collections.OrderedDict[SessionKey, None] = collections.OrderedDict()
-        self.idle_timeout_s = worker.config.udp_idle_timeout_s
-        self.max_sessions = max(1, worker.config.udp_max_sessions)
-        self.deadline = math.inf
-        self.closed = False
-        self.queued = False
-        self.stopping = False
         self.unaddressed = 0
         self._last_said = -math.inf
-        worker.watch(self.sock.fileno(), select.EPOLLIN | select.EPOLLET, self)
-        worker.add_service(self)
-
-    @property
-    def open_count(self) -> int:
-        return len(self.sessions)
+        self.watch()
 
     # -- clients' datagrams up ----------------------------------------------------------------
-
-    def on_ready(self, fd: int, mask: int, now: float) -> None:
-        if not self.stopping:
-            self._relay_up(now)
-
-    def progress(self, now: float) -> None:
-        """Continue reading clients' datagrams after giving other sockets a turn."""
-        self.queued = False
-        if not self.stopping:
-            self._relay_up(now)
 
     def _relay_up(self, now: float) -> None:
         for _ in range(_DATAGRAMS_PER_TURN):
@@ -346,7 +312,9 @@ class TransparentUdpListener:
             return f"cannot relay to {Requested(*destination)}: {exc.strerror or exc}"
         return upstream, reply
 
-    def close_session(self, session: TransparentUdpSession, reason: CloseReason) -> None:
+    def close_session(
+        self, session: TransparentUdpSession, reason: CloseReason, *, note: str | None = None
+    ) -> None:
         """Close the session's sockets and emit its one `FlowClosed`."""
         if session.closed:
             return
@@ -356,50 +324,13 @@ class TransparentUdpListener:
         session.upstream.close()
         session.reply.close()
         unsent = f"{session.unsent} datagrams not sent" if session.unsent else None
+        error = "; ".join(part for part in (note, unsent) if part) or None
         self.worker.emit_closed(
             session.flow.closed(
                 ended_at=time.time(),
                 bytes_up=session.bytes_up,
                 bytes_down=session.bytes_down,
                 reason=reason,
-                error=unsent,
+                error=error,
             )
         )
-
-    # -- the worker's service ---------------------------------------------------------------
-
-    def on_deadline(self, now: float) -> None:
-        """Close the sessions that have been idle too long (or quiet, once stopping)."""
-        if self.stopping:
-            idle, reason = _DRAIN_QUIET_S, CloseReason.SHUTDOWN
-        elif self.idle_timeout_s:
-            idle, reason = self.idle_timeout_s, CloseReason.IDLE_TIMEOUT
-        else:
-            self.deadline = math.inf
-            return
-        while self.sessions:
-            oldest = next(iter(self.sessions.values()))
-            if oldest.last_active + idle > now:
-                self.deadline = oldest.last_active + idle
-                return
-            self.close_session(oldest, reason)
-        self.deadline = math.inf
-
-    def kill(self, flow_id: int) -> None:
-        """Close the session of flow `flow_id` as killed, if it is one of ours."""
-        for session in self.sessions.values():
-            if session.flow.id == flow_id:
-                self.close_session(session, CloseReason.KILLED)
-                return
-
-    def close_all(self, reason: CloseReason, note: str | None = None) -> None:
-        for session in list(self.sessions.values()):
-            self.close_session(session, reason)
-
-    def stop_accepting(self, now: float) -> None:
-        """Read no more client datagrams; sessions close once replies stop coming."""
-        if self.stopping:
-            return
-        self.stopping = True
-        self.worker.unwatch(self.sock.fileno())
-        self.deadline = now

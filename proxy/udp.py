@@ -27,11 +27,9 @@ counts and reports each datagram of it on its own, a shorter last one included.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import logging
-import math
 import os
 import select
 import socket
@@ -53,6 +51,7 @@ from .flow import (
     Transport,
     next_flow_id,
 )
+from .udp_sessions import UdpSessions
 
 if TYPE_CHECKING:
     from .listener import BoundListener, ListenerSpec
@@ -65,9 +64,6 @@ MAX_IPV4_PAYLOAD_BYTES = 65_507
 
 # How many datagrams one socket may move before other sockets get a turn.
 _DATAGRAMS_PER_TURN = 64
-# After stop-accepting, a session closes once it has been quiet this long (replies in flight
-# still reach their client), or when the relay's grace period ends.
-_DRAIN_QUIET_S = 0.25
 # Receive buffers: the listener absorbs bursts from all clients; the kernel caps the request
 # at net.core.rmem_max, and it is a limit, not an allocation.
 _LISTENER_RCVBUF_BYTES = 4 << 20
@@ -217,37 +213,19 @@ class UdpSession:
         return "; ".join(parts) or None
 
 
-class UdpListener:
+class UdpListener(UdpSessions[ClientAddr, "UdpSession"]):
     """The sessions of one UDP listener, owned by one worker that delivers its socket's events."""
 
     __slots__ = (
         "_warned",
-        "closed",
-        "deadline",
         "gso_max_segment_bytes",
-        "idle_timeout_s",
         "listener",
-        "max_sessions",
-        "queued",
-        "sessions",
-        "sock",
         "sparse",
-        "stopping",
-        "worker",
     )
 
     def __init__(self, worker: Worker, listener: BoundListener) -> None:
-        self.worker = worker
+        super().__init__(worker, listener.sock)
         self.listener = listener
-        self.sock = listener.sock
-        # Least recently active first: the front is the next to time out or to be evicted.
-        self.sessions: collections.OrderedDict[ClientAddr, UdpSession] = collections.OrderedDict()
-        self.idle_timeout_s = worker.config.udp_idle_timeout_s
-        self.max_sessions = max(1, worker.config.udp_max_sessions)
-        self.deadline = math.inf
-        self.closed = False
-        self.queued = False
-        self.stopping = False
         self.sparse = True
         # Runs of datagrams up to this size leave in one segmentation-offload send.
         self.gso_max_segment_bytes = _MAX_DATAGRAM_BYTES
@@ -255,24 +233,9 @@ class UdpListener:
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _LISTENER_RCVBUF_BYTES)
         _want_coalesced(self.sock)
-        worker.watch(self.sock.fileno(), select.EPOLLIN | select.EPOLLET, self)
-        worker.add_service(self)
-
-    @property
-    def open_count(self) -> int:
-        return len(self.sessions)
+        self.watch()
 
     # -- events from the worker ------------------------------------------------------------
-
-    def on_ready(self, fd: int, mask: int, now: float) -> None:
-        if not self.stopping:
-            self._relay_up(now)
-
-    def progress(self, now: float) -> None:
-        """Continue reading clients' datagrams after giving other sockets a turn."""
-        self.queued = False
-        if not self.stopping:
-            self._relay_up(now)
 
     def _relay_up(self, now: float) -> None:
         """Relay clients' datagrams to their sessions' upstream sockets, one turn's worth."""
@@ -463,24 +426,6 @@ class UdpListener:
             return
         self.count_unsent(session, exc, end - start if count == 1 else segment, direction, count)
 
-    def on_deadline(self, now: float) -> None:
-        """Close the sessions that have been idle too long (or quiet, once stopping)."""
-        if self.stopping:
-            idle, reason = _DRAIN_QUIET_S, CloseReason.SHUTDOWN
-        elif self.idle_timeout_s:
-            idle, reason = self.idle_timeout_s, CloseReason.IDLE_TIMEOUT
-        else:
-            self.deadline = math.inf
-            return
-        sessions = self.sessions
-        while sessions:
-            oldest = next(iter(sessions.values()))
-            if oldest.last_active + idle > now:
-                self.deadline = oldest.last_active + idle
-                return
-            self.close_session(oldest, reason)
-        self.deadline = math.inf
-
     # -- sessions ---------------------------------------------------------------------------
 
     def _open(self, addr: ClientAddr, now: float) -> UdpSession | None:
@@ -578,25 +523,6 @@ class UdpListener:
                 error=session.problems(),
             )
         )
-
-    def kill(self, flow_id: int) -> None:
-        """Close the session of flow `flow_id` as killed, if it is one of ours."""
-        for session in self.sessions.values():
-            if session.flow.id == flow_id:
-                self.close_session(session, CloseReason.KILLED)
-                return
-
-    def close_all(self, reason: CloseReason, note: str | None = None) -> None:
-        for session in list(self.sessions.values()):
-            self.close_session(session, reason, note=note)
-
-    def stop_accepting(self, now: float) -> None:
-        """Read no more client datagrams; sessions close once replies stop coming."""
-        if self.stopping:
-            return
-        self.stopping = True
-        self.worker.unwatch(self.sock.fileno())
-        self.deadline = now
 
     # -- trouble, counted on the flow and logged once ----------------------------------------
 

@@ -1,0 +1,125 @@
+"""What every UDP listener with sessions does as a worker service: idle and drain timeouts,
+kill, close-all and stop-accepting, over sessions kept least recently active first."""
+
+from __future__ import annotations
+
+import collections
+import math
+import select
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+from .flow import CloseReason, Flow
+
+if TYPE_CHECKING:
+    import socket
+
+    from .worker import Worker
+
+# After stop-accepting, a session closes once it has been quiet this long (replies in flight
+# still reach their client), or when the relay's grace period ends.
+DRAIN_QUIET_S = 0.25
+
+
+class Session(Protocol):
+    """A UDP session as the service sees it."""
+
+    last_active: float
+    flow: Flow
+
+
+K = TypeVar("K", bound=Hashable)
+S = TypeVar("S", bound=Session)
+
+
+class UdpSessions(Generic[K, S]):
+    """The sessions of one UDP listener, owned by one worker that delivers its socket's events;
+    subclasses read the listener (`_relay_up`) and close a session (`close_session`)."""
+
+    __slots__ = (
+        "closed",
+        "deadline",
+        "idle_timeout_s",
+        "max_sessions",
+        "queued",
+        "sessions",
+        "sock",
+        "stopping",
+        "worker",
+    )
+
+    def __init__(self, worker: Worker, sock: socket.socket) -> None:
+        self.worker = worker
+        self.sock = sock
+        # Least recently active first: the front is the next to time out or to be evicted.
+        self.sessions: collections.OrderedDict[K, S] = collections.OrderedDict()
+        self.idle_timeout_s = worker.config.udp_idle_timeout_s
+        self.max_sessions = max(1, worker.config.udp_max_sessions)
+        self.deadline = math.inf
+        self.closed = False
+        self.queued = False
+        self.stopping = False
+
+    def watch(self) -> None:
+        """Have the worker deliver the listening socket's events; once set up."""
+        self.worker.watch(self.sock.fileno(), select.EPOLLIN | select.EPOLLET, self)
+        self.worker.add_service(self)
+
+    def _relay_up(self, now: float) -> None:
+        """Relay clients' datagrams to their sessions, one turn's worth."""
+        raise NotImplementedError
+
+    def close_session(self, session: S, reason: CloseReason, *, note: str | None = None) -> None:
+        """Close the session's sockets and emit its one `FlowClosed`."""
+        raise NotImplementedError
+
+    @property
+    def open_count(self) -> int:
+        return len(self.sessions)
+
+    def on_ready(self, fd: int, mask: int, now: float) -> None:
+        if not self.stopping:
+            self._relay_up(now)
+
+    def progress(self, now: float) -> None:
+        """Continue reading clients' datagrams after giving other sockets a turn."""
+        self.queued = False
+        if not self.stopping:
+            self._relay_up(now)
+
+    def on_deadline(self, now: float) -> None:
+        """Close the sessions that have been idle too long (or quiet, once stopping)."""
+        if self.stopping:
+            idle, reason = DRAIN_QUIET_S, CloseReason.SHUTDOWN
+        elif self.idle_timeout_s:
+            idle, reason = self.idle_timeout_s, CloseReason.IDLE_TIMEOUT
+        else:
+            self.deadline = math.inf
+            return
+        sessions = self.sessions
+        while sessions:
+            oldest = next(iter(sessions.values()))
+            if oldest.last_active + idle > now:
+                self.deadline = oldest.last_active + idle
+                return
+            self.close_session(oldest, reason)
+        self.deadline = math.inf
+
+    def kill(self, flow_id: int) -> None:
+        """Close the session of flow `flow_id` as killed, if it is one of ours."""
+        for session in self.sessions.values():
+            if session.flow.id == flow_id:
+                self.close_session(session, CloseReason.KILLED)
+                return
+
+    def close_all(self, reason: CloseReason, note: str | None = None) -> None:
+        for session in list(self.sessions.values()):
+            self.close_session(session, reason, note=note)
+
+    def stop_accepting(self, now: float) -> None:
+        """Read no more client datagrams; sessions close once replies stop coming."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.worker.unwatch(self.sock.fileno())
+        self.deadline = now
