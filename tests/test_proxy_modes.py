@@ -22,6 +22,7 @@ from capture_checks import assert_tshark_clean, fields, follow_tcp
 
 from conftest import FlowtapProcess, flowtap_command, json_events, start_flowtap, wait_for
 from flowtap.proxy.socks5 import pack_address
+from flowtap.proxy.transparent_udp import original_destination
 
 BODY = b"hello through the proxy\n" * 40
 
@@ -737,3 +738,22 @@ def _recv_all(sock: socket.socket, size: int) -> bytes:
         assert chunk
         data += chunk
     return data
+
+
+def test_transparent_udp_reads_the_original_destination_from_the_kernels_control_messages() -> None:
+    # struct sockaddr_in / sockaddr_in6 as IP_ORIGDSTADDR / IPV6_ORIGDSTADDR carry them:
+    # the family in host order, the port in network order, then the address.
+    v4 = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 53) + socket.inet_aton("10.9.8.7")
+    v6 = (
+        struct.pack("=H", socket.AF_INET6)
+        + struct.pack("!HI", 443, 0)
+        + socket.inet_pton(socket.AF_INET6, "fd00::7")
+        + b"\0" * 4
+    )
+    mapped = v6[:8] + socket.inet_pton(socket.AF_INET6, "::ffff:10.9.8.7") + b"\0" * 4
+    assert original_destination([(socket.IPPROTO_IP, 20, v4 + b"\0" * 8)]) == ("10.9.8.7", 53)
+    assert original_destination([(socket.IPPROTO_IPV6, 74, v6)]) == ("fd00::7", 443)
+    assert original_destination([(socket.IPPROTO_IPV6, 74, mapped)]) == ("10.9.8.7", 443)
+    # Other control messages, or none: no original destination (the datagram is dropped).
+    assert original_destination([(17, 104, b"\x10\x00\x00\x00")]) is None
+    assert original_destination([]) is None
