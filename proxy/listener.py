@@ -43,7 +43,9 @@ class BoundListener:
     def describe(self) -> str:
         """The `listening ...` line the CLI prints once the listener is ready."""
         if self.spec.mode.is_proxy:
-            return f"listening {self.spec.mode} {self.address} -> *"
+            # Written as --listen takes it: `transparent:udp` is the one proxy mode over UDP.
+            udp = ":udp" if self.spec.transport is Transport.UDP else ""
+            return f"listening {self.spec.mode}{udp} {self.address} -> *"
         return f"listening {self.spec.transport} {self.address} -> {self.spec.upstream}"
 
 

@@ -563,6 +563,9 @@ def test_transparent_udp_answers_clients_from_the_address_they_asked(tmp_path: P
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout)
     assert outcome["exit"] == 0, outcome["stderr"]
+    assert [line.split()[:2] for line in outcome["listening"]] == [
+        ["listening", "transparent:udp"]
+    ] * 2
     # The relay's namespace does not forward: the answer came through flowtap (the server
     # saw flowtap's address, 10.98.1.1), from the very address and port the client asked.
     assert outcome["client"] == {

@@ -146,11 +146,13 @@ def _relay(enter: str) -> int:
     )
     assert proc.stdout is not None
     ports = []
+    listening = []
     while len(ports) < 2:
         line = proc.stdout.readline()
         if not line:
             raise SystemExit(f"flowtap exited: {proc.stderr.read() if proc.stderr else ''}")
         if line.startswith("listening "):
+            listening.append(line.rstrip("\n"))
             ports.append(int(line.split()[2].rsplit(":", 1)[1]))
     # Only datagrams from the client's side (ftr) are steered: flowtap's own to the servers
     # go through lo untouched.
@@ -187,6 +189,7 @@ def _relay(enter: str) -> int:
     print(
         json.dumps(
             {
+                "listening": listening,
                 "client": json.loads(client.stdout) if client.returncode == 0 else {},
                 "client_error": client.stderr,
                 "events": [json.loads(line) for line in lines if line.startswith("{")],
