@@ -182,6 +182,14 @@ def _add_relay_options(parser: argparse.ArgumentParser) -> None:
         "NSS key log format (SSLKEYLOGFILE) that Wireshark reads",
     )
     parser.add_argument(
+        "--tls-capture",
+        choices=("plaintext", "wire"),
+        default="plaintext",
+        help="with --tls intercept and a .pcapng capture, what intercepted TLS is captured as: "
+        "the plaintext as ordinary TCP (default), or the ciphertext of both legs with their "
+        "secrets in Decryption Secrets Blocks, which Wireshark decrypts with no settings",
+    )
+    parser.add_argument(
         "--tls-handshake-timeout",
         type=options.seconds(0.001, options.DAY_S),
         default=10.0,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import socket
 
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.events import Chunk, ChunkSink, Observer
-from flowtap.proxy.flow import Direction, FlowData, FlowEvent, FlowOpened
+from flowtap.proxy.events import Chunk, ChunkSink, Observer, WireObserver
+from flowtap.proxy.flow import Direction, FlowData, FlowEvent, FlowOpened, FlowWire
 
 from .flow_filter import FlowFacts, FlowFilter, Stage
 
@@ -42,6 +42,14 @@ class FilteredObserver:
     @property
     def wants_data(self) -> bool:
         return self._inner.wants_data
+
+    @property
+    def wants_wire(self) -> bool:
+        return isinstance(self._inner, WireObserver) and self._inner.wants_wire
+
+    def handle_wire(self, event: FlowWire) -> None:
+        if event.flow_id in self._picked and isinstance(self._inner, WireObserver):
+            self._inner.handle_wire(event)
 
     def handle(self, event: FlowEvent) -> bool | None:
         if isinstance(event, FlowData):

@@ -152,6 +152,14 @@ def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
     upstream_ca = getattr(args, "upstream_ca", None)
     insecure = bool(getattr(args, "upstream_insecure", False))
     keylog = getattr(args, "keylog", None)
+    wire = getattr(args, "tls_capture", "plaintext") == "wire"
+    if (
+        wire
+        and capture_path_for(getattr(args, "pcap", None), getattr(args, "capture", False)) is None
+    ):
+        raise FlowtapError("--tls-capture wire says what a capture holds; add --pcap FILE.pcapng")
+    if (getattr(args, "tls", None) or "off") != "intercept" and wire:
+        raise FlowtapError("--tls-capture wire captures intercepted TLS; add --tls intercept")
     if (getattr(args, "tls", None) or "off") == "off":
         passthrough = getattr(args, "tls_passthrough", None)
         if upstream_ca or insecure or keylog or passthrough or getattr(args, "ca", None):
@@ -179,6 +187,7 @@ def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
         upstream_insecure=insecure,
         handshake_timeout_s=getattr(args, "tls_handshake_timeout", 10.0),
         keylog=None if keylog is None else Path(keylog),
+        wire_capture=wire,
         passthrough_globs=tuple(getattr(args, "tls_passthrough", None) or ()),
     )
 
@@ -215,6 +224,7 @@ def start_relay(
                 capture_path,
                 max_size_bytes=None if max_size is None else max_size * 1_000_000,
                 max_files=args.pcap_max_files,
+                tls_wire=tls is not None and tls.wire_capture,
             )
             observers.append(filtered(capture, flow_filter))
         except BaseException:

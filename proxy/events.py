@@ -23,7 +23,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from .errors import log_failure
-from .flow import CloseReason, Direction, Flow, FlowClosed, FlowData, FlowEvent, FlowOpened
+from .flow import (
+    CloseReason,
+    Direction,
+    Flow,
+    FlowClosed,
+    FlowData,
+    FlowEvent,
+    FlowOpened,
+    FlowWire,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,20 @@ class Observer(Protocol):
 
     def close(self) -> None:
         """Flush and release resources; called once after the relay has stopped."""
+        ...
+
+
+@runtime_checkable
+class WireObserver(Protocol):
+    """An observer that may also take the ciphertext and secrets of intercepted TLS flows."""
+
+    @property
+    def wants_wire(self) -> bool:
+        """Whether `FlowWire` events are delivered (a `--tls-capture wire` capture)."""
+        ...
+
+    def handle_wire(self, event: FlowWire) -> None:
+        """Take one `FlowWire`; called from relay threads, possibly several at once."""
         ...
 
 
@@ -95,6 +118,10 @@ class Bus:
         self.wants_data = bool(wanting)
         only = wanting[0] if len(wanting) == 1 else None
         self.sink = only if isinstance(only, ChunkSink) else None
+        self.wire_observers = tuple(
+            o for o in self._observers if isinstance(o, WireObserver) and o.wants_wire
+        )
+        """Who takes TLS ciphertext and secrets; when nobody, TLS flows record none."""
 
     @property
     def observers(self) -> Sequence[Observer]:
@@ -116,6 +143,11 @@ class Bus:
             if observer.wants_data and observer.handle(event) is not False:
                 wanted = True
         return wanted
+
+    def emit_wire(self, event: FlowWire) -> None:
+        """Deliver TLS ciphertext or secrets to the observers that take them."""
+        for observer in self.wire_observers:
+            observer.handle_wire(event)
 
     def emit(self, event: FlowEvent) -> None:
         if isinstance(event, FlowData):

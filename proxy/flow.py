@@ -294,3 +294,16 @@ class FlowClosed:
 
 
 FlowEvent = FlowOpened | FlowData | FlowClosed
+
+
+@dataclass(frozen=True, slots=True)
+class FlowWire:
+    """Ciphertext of an intercepted TLS flow as it crossed one leg (`--tls-capture wire`), or
+    that leg's session secrets as NSS key log lines when `secrets`; only for `WireObserver`s."""
+
+    flow_id: int
+    upstream_leg: bool
+    direction: Direction
+    timestamp: float
+    data: bytes
+    secrets: bool = False

@@ -3,7 +3,7 @@ versions), not TLS, or not enough bytes yet to tell."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 CONTENT_HANDSHAKE: Final = 0x16
@@ -37,6 +37,8 @@ class ClientHello:
     versions: tuple[int, ...]
     size_bytes: int
     """How many bytes of the stream the records holding the ClientHello took."""
+    random: bytes = field(default=b"", compare=False)
+    """The client random: what names the connection's secrets in a key log."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class _Reader:
 def _parse_client_hello(body: bytes, size_bytes: int) -> ClientHello:
     reader = _Reader(body, "the ClientHello")
     legacy_version = reader.uint(2)
-    reader.take(32)  # random
+    random = reader.take(32)
     session_id = reader.vector(1, "session id").rest()
     if len(session_id) > 32:
         raise _Malformed(f"a session id of {len(session_id)} bytes")
@@ -167,7 +169,7 @@ def _parse_client_hello(body: bytes, size_bytes: int) -> ClientHello:
     alpn: tuple[str, ...] = ()
     versions: tuple[int, ...] = (legacy_version,)
     if reader.is_done():  # a ClientHello without extensions (SSLv3, old TLS)
-        return ClientHello(sni, alpn, versions, size_bytes)
+        return ClientHello(sni, alpn, versions, size_bytes, bytes(random))
     extensions = reader.vector(2, "extensions")
     if not reader.is_done():
         raise _Malformed("bytes after the extensions")
@@ -184,7 +186,7 @@ def _parse_client_hello(body: bytes, size_bytes: int) -> ClientHello:
             alpn = _alpn(data)
         elif kind == EXT_SUPPORTED_VERSIONS:
             versions = _supported_versions(data)
-    return ClientHello(sni, alpn, versions, size_bytes)
+    return ClientHello(sni, alpn, versions, size_bytes, bytes(random))
 
 
 def _server_name(data: _Reader) -> str | None:

@@ -52,6 +52,8 @@ class TlsSettings:
     handshake_timeout_s: float = 10.0
     keylog: Path | None = None
     """Where both sides' session secrets go, in the NSS key log format (SSLKEYLOGFILE)."""
+    wire_capture: bool = False
+    """Whether each connection's secrets are read back for a capture of the ciphertext."""
     passthrough_globs: tuple[str, ...] = ()
     """Host globs (`--tls-passthrough`) whose TLS is relayed untouched: pinned apps."""
     distrust_passthrough_s: float = 600.0
@@ -59,6 +61,8 @@ class TlsSettings:
     _distrusted: dict[str, float] = field(default_factory=dict, repr=False)
     _contexts: dict[tuple[str, ...], ssl.SSLContext] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    secrets: SessionSecrets | None = field(default=None, init=False, repr=False)
+    """The key log read back per connection, with `wire_capture`."""
 
     def __post_init__(self) -> None:
         if self.mode is TlsMode.INTERCEPT and self.ca is None:
@@ -67,8 +71,18 @@ class TlsSettings:
             self._check_upstream_ca()
         if self.keylog is not None:
             _create_private_file(self.keylog)
-            if self.ca is not None:
-                self.ca.keylog_file = self.keylog
+        if self.wire_capture and self.mode is TlsMode.INTERCEPT:
+            self.secrets = SessionSecrets(self.keylog)
+        if self.ca is not None and self.keylog_path is not None:
+            self.ca.keylog_file = Path(self.keylog_path)
+
+    @property
+    def keylog_path(self) -> str | None:
+        """Where every intercepting context appends its secrets: `--keylog`'s file, else the
+        private one a wire capture reads back."""
+        if self.secrets is not None:
+            return self.secrets.path
+        return None if self.keylog is None else str(self.keylog)
 
     def passthrough_reason(self, host: str, now: float | None = None) -> str | None:
         """Why TLS to `host` is passed through rather than intercepted, or None."""
@@ -119,8 +133,8 @@ class TlsSettings:
             context.verify_mode = ssl.CERT_NONE
         if alpn:
             context.set_alpn_protocols(list(alpn))
-        if self.keylog is not None:
-            context.keylog_filename = str(self.keylog)
+        if self.keylog_path is not None:
+            context.keylog_filename = self.keylog_path
         with self._lock:
             self._contexts[alpn] = context
         return context
@@ -133,6 +147,47 @@ class TlsSettings:
                 f"--upstream-ca {self.upstream_ca}: cannot load it ({_ssl_text(exc)}); "
                 "give a readable PEM file of CA certificates"
             ) from None
+
+
+class SessionSecrets:
+    """The key log the intercepting contexts append to, read back so that each connection's
+    lines (named by its client random) go into a capture: `--keylog`'s file, or else a
+    memfd that only this process can open (through /proc/self/fd)."""
+
+    _MAX_UNCLAIMED = 10_000
+
+    def __init__(self, keylog: Path | None) -> None:
+        if keylog is None:
+            fd = os.memfd_create("flowtap-keylog", os.MFD_CLOEXEC)
+            self.path = f"/proc/self/fd/{fd}"
+            self._file = os.fdopen(fd, "rb", buffering=0)
+        else:
+            self.path = str(keylog)
+            self._file = open(keylog, "rb", buffering=0)  # noqa: SIM115 (kept for the relay's life)
+            self._file.seek(0, os.SEEK_END)  # earlier runs' lines are not this run's
+        self._partial = b""
+        self._lines: dict[bytes, list[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, client_random: bytes) -> bytes:
+        """The key log lines of the connection with `client_random` written so far (each
+        line once)."""
+        key = client_random.hex().encode()
+        with self._lock:
+            self._read_new()
+            return b"".join(self._lines.pop(key, ()))
+
+    def _read_new(self) -> None:
+        data = self._partial + (self._file.read() or b"")
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            parts = line.split()
+            if len(parts) != 3:
+                continue  # a comment or blank line
+            if len(self._lines) >= self._MAX_UNCLAIMED and parts[1] not in self._lines:
+                self._lines.pop(next(iter(self._lines)))  # a connection nobody claimed
+            self._lines.setdefault(parts[1].lower(), []).append(line + b"\n")
 
 
 def _create_private_file(path: Path) -> None:
@@ -189,6 +244,10 @@ class TlsInterception:
         self._client: ssl.SSLObject | None = None
         self._client_in = ssl.MemoryBIO()
         self._client_out = ssl.MemoryBIO()
+        self._upstream_random = b""
+        self.upstream_secrets: bytes | None = None
+        """With a wire capture: the upstream leg's key log lines, once its handshake is done."""
+        self.client_secrets: bytes | None = None
 
     @property
     def is_handshaking(self) -> bool:
@@ -298,11 +357,15 @@ class TlsInterception:
             if self.phase is Phase.UPSTREAM_HANDSHAKE and self._upstream is not None:
                 if not self._handshake(self._upstream):
                     return
+                if self.settings.secrets is not None:
+                    self.upstream_secrets = self.settings.secrets.take(self._upstream_random)
                 self._start_client()
             if self.phase is Phase.CLIENT_HANDSHAKE:
                 assert self._client is not None
                 if not self._handshake(self._client):
                     return
+                if self.settings.secrets is not None and self._hello is not None:
+                    self.client_secrets = self.settings.secrets.take(self._hello.random)
                 self.phase = Phase.OPEN
             if self.phase is Phase.OPEN:
                 self._relay()
@@ -367,7 +430,11 @@ class TlsInterception:
 
     def _drain_outgoing(self) -> None:
         if self._up_out.pending:
-            self.to_server += self._up_out.read()
+            data = self._up_out.read()
+            if not self._upstream_random:
+                # flowtap's own ClientHello, whole in one record: its random names the secrets.
+                self._upstream_random = data[11:43]
+            self.to_server += data
         if self._client_out.pending:
             self.to_client += self._client_out.read()
 

@@ -12,8 +12,8 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .events import Bus
-from .flow import CloseReason, Direction, Flow, FlowData
-from .tls_intercept import TlsInterception, TlsSettings
+from .flow import CloseReason, Direction, Flow, FlowData, FlowWire
+from .tls_intercept import Phase, TlsInterception, TlsSettings
 
 if TYPE_CHECKING:
     from .modes import Prelude
@@ -88,6 +88,11 @@ class TlsTcpFlow:
         self._client_shut = False
         self._server_shut = False
         self._first_eof: CloseReason | None = None
+        # With a wire capture: the ciphertext of each leg (by `upstream_leg`), held until
+        # that leg's secrets are known so that they precede it in the capture; None once live.
+        self._wire: dict[bool, list[FlowWire] | None] | None = None
+        if settings.secrets is not None and worker.bus.wire_observers:
+            self._wire = {False: [], True: []}
 
     # -- events from the worker --------------------------------------------------------------
 
@@ -171,6 +176,8 @@ class TlsTcpFlow:
                     moved |= self._read(self.client, is_client=True, now=now)
                 if not self._server_eof and len(tls.to_client) < _MAX_PENDING_BYTES:
                     moved |= self._read(self.server, is_client=False, now=now)
+                if self._wire is not None:
+                    self._emit_wire()
                 self._emit_plaintext()
                 if tls.error is not None:
                     self._flush_and_fail()
@@ -209,6 +216,8 @@ class TlsTcpFlow:
                 self._first_eof = self._first_eof or CloseReason.SERVER_CLOSED
                 self.tls.server_eof()
             return True
+        if self._wire is not None:
+            self._record_wire(not is_client, Direction.UP if is_client else Direction.DOWN, data)
         if is_client:
             self.tls.feed_client(data)
         else:
@@ -227,8 +236,43 @@ class TlsTcpFlow:
                 self._end_side(is_client)
                 return True
             raise _SideFailed(is_client, exc.strerror or str(exc)) from None
+        if self._wire is not None and sent:
+            direction = Direction.DOWN if is_client else Direction.UP
+            self._record_wire(not is_client, direction, bytes(pending[:sent]))
         del pending[:sent]
         return sent > 0
+
+    def _record_wire(self, upstream_leg: bool, direction: Direction, data: bytes) -> None:
+        assert self._wire is not None
+        event = FlowWire(self.flow.id, upstream_leg, direction, time.time(), data)
+        held = self._wire[upstream_leg]
+        if held is None:
+            self.worker.bus.emit_wire(event)
+        else:
+            held.append(event)
+
+    def _emit_wire(self) -> None:
+        """Hand each leg whose secrets are known (or that failed before) to the wire
+        observers: its secrets first, then the ciphertext held."""
+        wire = self._wire
+        assert wire is not None
+        tls = self.tls
+        if tls.phase is Phase.PLAIN:
+            self._wire = None  # not TLS, or passed through: captured as the bytes it is
+            return
+        failed = tls.phase is Phase.FAILED
+        for upstream_leg, secrets in ((True, tls.upstream_secrets), (False, tls.client_secrets)):
+            held = wire[upstream_leg]
+            if held is None or (secrets is None and not failed):
+                continue
+            bus = self.worker.bus
+            if secrets:
+                bus.emit_wire(
+                    FlowWire(self.flow.id, upstream_leg, Direction.UP, time.time(), secrets, True)
+                )
+            for event in held:
+                bus.emit_wire(event)
+            wire[upstream_leg] = None
 
     def _emit_plaintext(self) -> None:
         tls = self.tls
@@ -269,6 +313,8 @@ class TlsTcpFlow:
             if pending:
                 with contextlib.suppress(OSError):
                     sock.send(pending)
+        if self._wire is not None:
+            self._emit_wire()
         self._emit_plaintext()
         self.worker.close_flow(self, CloseReason.ERROR, error=self.tls.error)
 

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from capture_checks import _parse_follow, capture_loopback, fields, follow_tcp, tshark
+from capture_checks import (
+    _parse_follow,
+    assert_tshark_clean,
+    capture_loopback,
+    fields,
+    follow_tcp,
+    tshark,
+)
 
 from conftest import FlowtapProcess, free_port, json_events, wait_for, wait_port
 from flowtap.proxy.tls_ca import CA_CERT_FILE, CA_FILE, load_or_create_ca
@@ -530,3 +537,82 @@ def test_without_sni_or_with_an_address_as_sni_the_leaf_names_the_address(
     (record,) = closed_records(relay, 1)
     assert record["error"] is None, record
     assert record["tls"].get("sni") == (None if sni_args == ["-noservername"] else "127.0.0.1")
+
+
+def decryption_secrets(path: Path) -> list[tuple[int, bytes]]:
+    """The (secrets type, secrets) of each Decryption Secrets Block of a pcapng file."""
+    data = path.read_bytes()
+    order = ">" if data[8:12] == b"\x1a\x2b\x3c\x4d" else "<"
+    found = []
+    at = 0
+    while at < len(data):
+        kind, total = struct.unpack_from(order + "II", data, at)
+        if kind == 0x0000000A:
+            secrets_type, size = struct.unpack_from(order + "II", data, at + 8)
+            found.append((secrets_type, data[at + 16 : at + 16 + size]))
+        at += total
+    return found
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_wire_capture_holds_both_legs_ciphertext_that_tshark_decrypts_with_no_settings(
+    flowtap: type[FlowtapProcess],
+    pki: Pki,
+    s_server: Callable[..., int],
+    tmp_path: Path,
+    version: str,
+) -> None:
+    upstream = s_server(*pki.server("ecdsa"), "-rev", version)
+    capture = tmp_path / "wire.pcapng"
+    keylog = tmp_path / "keys.log"
+    relay = start_intercepting(
+        flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture),
+        "--tls-capture", "wire", "--keylog", str(keylog),
+    )  # fmt: skip
+    sent = b"ciphertext in the capture\n"
+    received = exchange_line(pki, relay.port, sent)
+    assert received.strip() == sent.strip()[::-1]
+    closed_records(relay, 1)
+    assert relay.stop() == 0
+    assert sent not in capture.read_bytes() and received not in capture.read_bytes()
+    assert_tshark_clean(capture)
+    # One block of secrets per leg, in the NSS key log format, as the keylog file has them.
+    blocks = decryption_secrets(capture)
+    assert [kind for kind, _ in blocks] == [0x544C534B, 0x544C534B]
+    logged = set(keylog.read_bytes().splitlines())
+    labels = []
+    for _, secrets in blocks:
+        lines = secrets.rstrip(b"\0").splitlines()
+        assert set(lines) <= logged
+        # A TLS 1.2 session has its master secret, a TLS 1.3 one its traffic secrets.
+        (label,) = {line.split()[0] for line in lines} & {b"CLIENT_RANDOM", b"EXPORTER_SECRET"}
+        labels.append(label)
+    # The upstream speaks the version asked; the client leg is TLS 1.3 (Python's default).
+    upstream_label = b"CLIENT_RANDOM" if version == "-tls1_2" else b"EXPORTER_SECRET"
+    assert sorted(labels) == sorted([upstream_label, b"EXPORTER_SECRET"])
+    # The client leg on the listener's port, the upstream leg on the upstream's.
+    ports = {
+        int(stream): {int(src), int(dst)}
+        for stream, src, dst in fields(capture, "tcp.stream", "tcp.srcport", "tcp.dstport")
+    }
+    assert sorted(relay.port in p or upstream in p for p in ports.values()) == [True, True]
+    assert any(relay.port in p for p in ports.values())
+    assert any(upstream in p for p in ports.values())
+    for stream in ports:
+        out = tshark("-r", str(capture), "-q", "-z", f"follow,tls,raw,{stream}")
+        # tshark names as node 1 whoever sent the first decrypted bytes it saw.
+        assert sorted(_parse_follow(out)) == sorted((sent, received)), stream
+
+
+def test_wire_capture_to_a_classic_pcap_is_a_one_line_error(pki: Pki, tmp_path: Path) -> None:
+    from conftest import flowtap_command
+
+    result = subprocess.run(
+        [*flowtap_command(), "run", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
+         "--no-control", "--tls", "intercept", "--ca", str(pki.flowtap_ca),
+         "--tls-capture", "wire", "--pcap", str(tmp_path / "x.pcap")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("flowtap: error: ")
+    assert ".pcapng" in result.stderr

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.events import Chunk
-from flowtap.proxy.flow import Direction, FlowEvent
+from flowtap.proxy.flow import Direction, FlowEvent, FlowWire
 
 from .frames import SegmentFields
 from .pcap import PcapFile
@@ -145,6 +145,12 @@ class RotatingCapture:
     ) -> None:
         self._file_for_next_record().write_packet(timestamp_ns, header, payload, comment)
 
+    def write_secrets(self, key_log: bytes) -> None:
+        """A Decryption Secrets Block in the current file (a pcapng one: see CaptureObserver)."""
+        current = self._file_for_next_record()
+        if isinstance(current, PcapNgFile):
+            current.write_secrets(key_log)
+
     def _file_for_next_record(self) -> PcapFile | PcapNgFile:
         """The current file, after starting the next one if it is full."""
         if not self.is_full:
@@ -216,7 +222,14 @@ class CaptureObserver:
         max_files: int | None = None,
         checksums: bool = False,
         flush_interval_s: float = 0.5,
+        tls_wire: bool = False,
     ) -> None:
+        if tls_wire and path.suffix.lower() != ".pcapng":
+            raise FlowtapError(
+                f"--tls-capture wire needs a pcapng capture, not {str(path)!r} (classic pcap "
+                "cannot hold TLS secrets); name the file .pcapng"
+            )
+        self._tls_wire = tls_wire
         self.files = RotatingCapture(path, max_size_bytes=max_size_bytes, max_files=max_files)
         # Without a ring, records go straight to the one file: no layer to cross per chunk.
         rotates = max_size_bytes is not None
@@ -240,6 +253,22 @@ class CaptureObserver:
     @property
     def wants_data(self) -> bool:
         return True
+
+    @property
+    def wants_wire(self) -> bool:
+        """Whether intercepted TLS is captured as ciphertext with its secrets (a
+        `WireObserver`), rather than as plaintext."""
+        return self._tls_wire
+
+    def handle_wire(self, event: FlowWire) -> None:
+        with self._lock:
+            if self._error is not None or self._closed:
+                return
+            try:
+                self._writer.write_wire(event)
+            except Exception as exc:  # the relay has the bytes: only the capture stops
+                self._fail(exc)
+            self._dirty = True
 
     @property
     def error(self) -> BaseException | None:

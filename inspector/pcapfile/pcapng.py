@@ -29,6 +29,8 @@ from .staging import StagedFile
 _PCAPNG_EPB = struct.Struct("!IIIIIII")
 _U32 = struct.Struct("!I")
 _OPT = struct.Struct("!HH")
+_DSB_TYPE = 0x0000000A  # Decryption Secrets Block
+_SECRETS_TLS_KEY_LOG = 0x544C534B  # 'TLSK': NSS key log lines
 _PCAPNG_TRAILERS = tuple(struct.Struct(f"!{pad}xI") for pad in range(4))  # padding, length
 # A chunk of one IPv4 segment in pcapng, the common case of an interactive flow: its record up
 # to the payload, then (by the payload's padding) the record's end and the receiver's whole
@@ -123,6 +125,14 @@ class PcapNgFile(StagedFile):
         )  # fmt: skip
         _PCAPNG_TRAILERS[pad].pack_into(region, at + 28 + size, total)
         return at + total
+
+    def write_secrets(self, key_log: bytes) -> None:
+        """Add a Decryption Secrets Block of TLS secrets (NSS key log lines): packets after
+        it that they decrypt are decrypted by Wireshark with no settings."""
+        pad = _PADDING[len(key_log) & 3]
+        total = 20 + len(key_log) + len(pad)
+        head = struct.pack("!IIII", _DSB_TYPE, total, _SECRETS_TLS_KEY_LOG, len(key_log))
+        self.add_packet(head, key_log, pad + _U32.pack(total))
 
     def write_packet(
         self,

@@ -15,6 +15,10 @@ Conventions a reader of the capture should know:
   a packet comment (see `FLOW_COMMENT_PREFIX`); `flowtap show` prints them.
 - A flow whose client and server differ in IP family is written in IPv6, the IPv4 side as
   an IPv4-mapped address (::ffff:a.b.c.d).
+- With `--tls-capture wire` an intercepted TLS flow is two conversations of ciphertext:
+  the client leg between the client and the listener's address and port, the upstream leg
+  between the client's address and port and the upstream (where the plaintext would be), each
+  preceded by a Decryption Secrets Block of its secrets so that Wireshark decrypts both.
 - TCP checksums are left 0 unless `checksums=True` (Wireshark does not verify them by
   default, and computing them costs the relay about a millisecond a megabyte); IP and UDP
   checksums are always correct.
@@ -42,6 +46,7 @@ from flowtap.proxy.flow import (
     FlowData,
     FlowEvent,
     FlowOpened,
+    FlowWire,
     Transport,
 )
 
@@ -132,6 +137,13 @@ class InPlaceFile(PacketFile, Protocol):
     def commit(self, size: int) -> None: ...
 
 
+@runtime_checkable
+class SecretsFile(Protocol):
+    """A packet file that can hold TLS secrets (pcapng's Decryption Secrets Block)."""
+
+    def write_secrets(self, key_log: bytes) -> None: ...
+
+
 def open_packet_file(path: Path) -> PcapFile | PcapNgFile:
     """A new capture file whose format follows the extension: `.pcap` or `.pcapng`."""
     suffix = path.suffix.lower()
@@ -180,9 +192,9 @@ def _ip_bytes(host: str, family: int) -> bytes | None:
         return None
 
 
-def _endpoints(flow: Flow) -> tuple[bool, bytes, int, bytes, int]:
+def _endpoints(flow: Flow, server: Address) -> tuple[bool, bytes, int, bytes, int]:
     """(is IPv6, client IP, client port, server IP, server port) as written in the capture."""
-    client, server = flow.client, flow.server
+    client = flow.client
     is_v6 = (not client.is_unix and client.is_ipv6) or (not server.is_unix and server.is_ipv6)
     family = socket.AF_INET6 if is_v6 else socket.AF_INET
 
@@ -246,17 +258,20 @@ class _Conversation:
         "server",
     )
 
-    def __init__(self, flow: Flow) -> None:
+    def __init__(self, flow: Flow, *, client_leg: bool = False) -> None:
         self.flow = flow
         self.is_udp = flow.transport is Transport.UDP
         self.proto = PROTO_UDP if self.is_udp else PROTO_TCP
-        is_v6, client_ip, client_port, server_ip, server_port = _endpoints(flow)
+        # A wire capture's client leg reaches the listener; every other conversation the server.
+        server = flow.listener if client_leg else flow.server
+        is_v6, client_ip, client_port, server_ip, server_port = _endpoints(flow, server)
         self.is_v6 = is_v6
         self.client = Side(CLIENT_MAC, SERVER_MAC, client_ip, server_ip, client_port)
         self.server = Side(SERVER_MAC, CLIENT_MAC, server_ip, client_ip, server_port)
         # Initial sequence numbers: arbitrary but reproducible for a given flow.
-        self.client.seq = (flow.id * 0x9E3779B1) & 0xFFFFFFFF
-        self.server.seq = (flow.id * 0x85EBCA77 + 0x1234567) & 0xFFFFFFFF
+        salt = 0x5BD1E995 if client_leg else 0
+        self.client.seq = (flow.id * 0x9E3779B1 ^ salt) & 0xFFFFFFFF
+        self.server.seq = (flow.id * 0x85EBCA77 + 0x1234567 ^ salt) & 0xFFFFFFFF
         self.client.ident = flow.id & 0xFFFF
         self.server.ident = (flow.id * 7) & 0xFFFF
         ip_header = 40 if is_v6 else 20
@@ -382,6 +397,10 @@ class CaptureWriter:
         self._in_place = out if isinstance(out, InPlaceFile) else None
         self._checksums = checksums
         self._conversations: dict[int, _Conversation] = {}
+        # Intercepted TLS flows captured as ciphertext: their plaintext is not written, and
+        # their client leg is a conversation of its own (the upstream leg is the flow's).
+        self._wire_flows: set[int] = set()
+        self._client_legs: dict[int, _Conversation] = {}
         # Without rotation every record goes to the one file: nothing to ask per chunk.
         self._rotates = file_generation is not None
         self._generation = file_generation or (lambda: 0)
@@ -398,6 +417,8 @@ class CaptureWriter:
             if conversation is None:
                 log.debug("data for unknown flow %d not captured", event.flow_id)
                 return
+            if self._wire_flows and event.flow_id in self._wire_flows:
+                return  # plaintext of a flow captured as ciphertext
             self._data(conversation, event)
         elif isinstance(event, FlowOpened):
             conversation = _Conversation(event.flow)
@@ -408,6 +429,35 @@ class CaptureWriter:
             found = self._conversations.pop(event.flow.id, None)
             if found is not None:
                 self._close(found, event.flow)
+            if self._wire_flows:
+                self._wire_flows.discard(event.flow.id)
+                client_leg = self._client_legs.pop(event.flow.id, None)
+                if client_leg is not None:
+                    self._close(client_leg, event.flow)
+
+    def write_wire(self, event: FlowWire) -> None:
+        """Write an intercepted flow's ciphertext on one leg, or that leg's secrets."""
+        flow_id = event.flow_id
+        upstream_leg = self._conversations.get(flow_id)
+        if upstream_leg is None:
+            log.debug("ciphertext of unknown flow %d not captured", flow_id)
+            return
+        self._wire_flows.add(flow_id)
+        if event.secrets:
+            if isinstance(self._out, SecretsFile):
+                self._out.write_secrets(event.data)
+            return
+        if event.upstream_leg:
+            conversation = upstream_leg
+        else:
+            found = self._client_legs.get(flow_id)
+            if found is None:
+                found = _Conversation(upstream_leg.flow, client_leg=True)
+                self._client_legs[flow_id] = found
+                self._handshake(found, _timestamp_ns(upstream_leg.flow.started_at))
+            conversation = found
+        data = FlowData(flow_id, event.direction, event.timestamp, event.data)
+        self._data(conversation, data)
 
     def receive(self, flow_id: int, direction: Direction, sock: socket.socket, size: int) -> Chunk:
         """Receive up to `size` bytes of a TCP flow straight into the file's records.
