@@ -261,21 +261,14 @@ class CaptureObserver:
         return self._tls_wire
 
     def handle_wire(self, event: FlowWire) -> None:
-        with self._lock:
-            if self._error is not None or self._closed:
-                return
-            try:
-                self._writer.write_wire(event)
-            except Exception as exc:  # the relay has the bytes: only the capture stops
-                self._fail(exc)
-            self._dirty = True
+        self.handle(event)
 
     @property
     def error(self) -> BaseException | None:
         """Why the capture stopped writing, if it did (a full disk, say)."""
         return self._error
 
-    def handle(self, event: FlowEvent) -> None:
+    def handle(self, event: FlowEvent | FlowWire) -> None:
         with self._lock:
             if self._error is not None or self._closed:
                 return

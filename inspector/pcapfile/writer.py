@@ -411,7 +411,7 @@ class CaptureWriter:
         # Whether a one-segment IPv4 chunk is framed by `frame_v4_chunk`.
         self._frames_v4_in_one = isinstance(out, PcapNgFile) and not checksums
 
-    def write(self, event: FlowEvent) -> None:
+    def write(self, event: FlowEvent | FlowWire) -> None:
         if type(event) is FlowData:
             conversation = self._conversations.get(event.flow_id)
             if conversation is None:
@@ -434,8 +434,10 @@ class CaptureWriter:
                 client_leg = self._client_legs.pop(event.flow.id, None)
                 if client_leg is not None:
                     self._close(client_leg, event.flow)
+        elif type(event) is FlowWire:
+            self._wire(event)
 
-    def write_wire(self, event: FlowWire) -> None:
+    def _wire(self, event: FlowWire) -> None:
         """Write an intercepted flow's ciphertext on one leg, or that leg's secrets."""
         flow_id = event.flow_id
         upstream_leg = self._conversations.get(flow_id)
