@@ -554,20 +554,25 @@ def decryption_secrets(path: Path) -> list[tuple[int, bytes]]:
     return found
 
 
-@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+@pytest.mark.parametrize(
+    ("version", "filtered"), [("-tls1_2", False), ("-tls1_3", False), ("-tls1_3", True)]
+)
 def test_wire_capture_holds_both_legs_ciphertext_that_tshark_decrypts_with_no_settings(
     flowtap: type[FlowtapProcess],
     pki: Pki,
     s_server: Callable[..., int],
     tmp_path: Path,
     version: str,
+    filtered: bool,
 ) -> None:
     upstream = s_server(*pki.server("ecdsa"), "-rev", version)
     capture = tmp_path / "wire.pcapng"
     keylog = tmp_path / "keys.log"
+    # A --filter wraps the capture: the ciphertext and secrets of the flows it picks go through.
+    picking = ["--filter", f"tcp port {upstream}"] if filtered else []
     relay = start_intercepting(
         flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture),
-        "--tls-capture", "wire", "--keylog", str(keylog),
+        "--tls-capture", "wire", "--keylog", str(keylog), *picking,
     )  # fmt: skip
     sent = b"ciphertext in the capture\n"
     received = exchange_line(pki, relay.port, sent)
