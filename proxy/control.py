@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -536,7 +537,17 @@ class ControlServer:
         with self._lock:
             self._counts_quiet = True
         for flow_id in list(self._capped):
-            relay.want_data(flow_id)
+            relay.want_data(flow_id, functools.partial(self._recount, flow_id))
+
+    def _recount(self, flow_id: int) -> None:
+        """On the flow's relay thread, once it hands its chunks to `handle` again: bytes it
+        moved since the counts were last read reached no `handle`, so count them here."""
+        relay = self._relay
+        live = None if relay is None else relay.byte_counts(flow_id)
+        if live is not None and self._counts_quiet and live != self._counts_sent.get(flow_id):
+            with self._lock:
+                self._counts_quiet = False
+            os.eventfd_write(self._wake_fd, 1)
 
     def _queue_json(self, viewer: _Viewer, message: dict[str, Any]) -> None:
         viewer.out.append((memoryview(encode_json(message)), 0, 0))

@@ -566,10 +566,12 @@ class _TcpFlows:
     def stop_accepting(self, now: float) -> None:
         self._unwatch_listeners()
 
-    def want_data(self, flow_id: int) -> None:
+    def want_data(self, flow_id: int, then: Callable[[], None] | None = None) -> None:
         flow = self.flows.get(flow_id)
         if isinstance(flow, _TcpFlow):  # TLS flows hand every chunk to observers anyway
             flow.up.wants_data = flow.down.wants_data = True
+        if then is not None:
+            then()
 
     def kill(self, flow_id: int) -> None:
         flow = self.flows.get(flow_id)
@@ -1016,12 +1018,13 @@ class Relay:
                 return flow.up.count, flow.down.count
         return None
 
-    def want_data(self, flow_id: int) -> None:
+    def want_data(self, flow_id: int, then: Callable[[], None] | None = None) -> None:
         """Have a live TCP flow hand its next chunks to observers again, both ways (one that
-        stopped wanting them, past a display cap, wants to see the flow move); any thread."""
+        stopped wanting them, past a display cap, wants to see the flow move), then call `then`
+        on the flow's relay thread; any thread."""
         for tcp in self._tcp:
             if flow_id in tcp.flows:
-                tcp.worker.submit(functools.partial(tcp.want_data, flow_id))
+                tcp.worker.submit(functools.partial(tcp.want_data, flow_id, then))
 
     def kill(self, flow_id: int) -> None:
         """Reset both sides of a live flow; a flow that already ended is ignored."""
