@@ -175,6 +175,43 @@ def flowtap_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "flowtap.inspector.cli"]
 
 
+def read_listening_lines(proc: subprocess.Popen[str], count: int) -> list[str]:
+    """The first `count` `listening` lines of a flowtap started with text pipes (exits the
+    script with flowtap's stderr if it ends first)."""
+    assert proc.stdout is not None
+    listening: list[str] = []
+    while len(listening) < count:
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"flowtap exited: {proc.stderr.read() if proc.stderr else ''}")
+        if line.startswith("listening "):
+            listening.append(line.rstrip("\n"))
+    return listening
+
+
+def listening_port(line: str) -> int:
+    """The port of a `listening PROTO HOST:PORT -> ...` line."""
+    return int(line.split()[2].rsplit(":", 1)[1])
+
+
+def interrupt_after_closed(
+    proc: subprocess.Popen[str], closed: int, timeout_s: float = 10.0
+) -> tuple[list[str], str]:
+    """Read a `--json` flowtap's lines until `closed` closed events (or `timeout_s`), then
+    SIGINT it; return every stdout line and its stderr."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while sum('"closed"' in line for line in lines) < closed and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+    proc.send_signal(signal.SIGINT)
+    rest, stderr = proc.communicate(timeout=30)
+    return lines + rest.splitlines(), stderr
+
+
 def start_flowtap(
     *args: str,
     listeners: int = 1,

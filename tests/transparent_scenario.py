@@ -14,11 +14,10 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from conftest import flowtap_command
+from conftest import flowtap_command, interrupt_after_closed, listening_port, read_listening_lines
 
 NOBODY = 65534
 BODY = b"reached without knowing of flowtap\n" * 20
@@ -83,14 +82,7 @@ def main() -> int:
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    ports = []
-    while len(ports) < 2:
-        line = proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"flowtap exited: {proc.stderr.read() if proc.stderr else ''}")
-        if line.startswith("listening "):
-            ports.append(int(line.split()[2].rsplit(":", 1)[1]))
+    ports = [listening_port(line) for line in read_listening_lines(proc, 2)]
     # Only nobody's connections are redirected: flowtap's own (as root) go out untouched.
     _sh(
         f"iptables -t nat -A OUTPUT -p tcp -d 10.99.0.2 --dport 80 -m owner --uid-owner {NOBODY} "
@@ -109,16 +101,7 @@ def main() -> int:
             direct_answer = direct.recv(100)
         except ConnectionResetError:
             direct_answer = b""
-    lines: list[str] = []
-    deadline = time.monotonic() + 10
-    while sum('"closed"' in line for line in lines) < 3 and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line.rstrip("\n"))
-    proc.send_signal(2)
-    rest, stderr = proc.communicate(timeout=30)
-    lines += rest.splitlines()
+    lines, stderr = interrupt_after_closed(proc, 3)
     print(
         json.dumps(
             {

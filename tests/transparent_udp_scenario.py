@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from conftest import flowtap_command
+from conftest import flowtap_command, interrupt_after_closed, listening_port, read_listening_lines
 
 SERVER4 = "10.99.1.53"
 SERVER6 = "fd00:99:1::53"
@@ -144,16 +144,8 @@ def _relay(enter: str) -> int:
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    ports = []
-    listening = []
-    while len(ports) < 2:
-        line = proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"flowtap exited: {proc.stderr.read() if proc.stderr else ''}")
-        if line.startswith("listening "):
-            listening.append(line.rstrip("\n"))
-            ports.append(int(line.split()[2].rsplit(":", 1)[1]))
+    listening = read_listening_lines(proc, 2)
+    ports = [listening_port(line) for line in listening]
     # Only datagrams from the client's side (ftr) are steered: flowtap's own to the servers
     # go through lo untouched.
     for tables, on_ip, port, local in (
@@ -176,16 +168,7 @@ def _relay(enter: str) -> int:
     # A datagram sent to the listener itself, not steered: refused, not relayed to itself.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as direct:
         direct.sendto(b"to the listener itself", ("127.0.0.1", ports[0]))
-    lines: list[str] = []
-    deadline = time.monotonic() + 10
-    while sum('"closed"' in line for line in lines) < 1 and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line.rstrip("\n"))
-    proc.send_signal(2)
-    rest, stderr = proc.communicate(timeout=30)
-    lines += rest.splitlines()
+    lines, stderr = interrupt_after_closed(proc, 1)
     print(
         json.dumps(
             {
