@@ -175,6 +175,16 @@ def flowtap_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "flowtap.inspector.cli"]
 
 
+def process_state(pid: int) -> str | None:
+    """The one-letter state of `pid` in /proc (R, S, T stopped, Z ended but not yet reaped),
+    or None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 def read_listening_lines(proc: subprocess.Popen[str], count: int) -> list[str]:
     """The first `count` `listening` lines of a flowtap started with text pipes (exits the
     script with flowtap's stderr if it ends first)."""

@@ -23,6 +23,7 @@ from conftest import (
     flowtap_command,
     free_port,
     json_events,
+    process_state,
     start_flowtap,
     wait_for,
     wait_port,
@@ -257,12 +258,6 @@ def test_client_reset_becomes_reset_upstream(flowtap: Any) -> None:
     upstream.close()
 
 
-def _process_state(pid: int) -> str:
-    """The one-letter state of `pid` in /proc (R, S, T for stopped...)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
 def test_bytes_a_client_sent_just_before_its_reset_still_reach_upstream(flowtap: Any) -> None:
     upstream = socket.create_server(("127.0.0.1", 0))
     proc = flowtap(
@@ -275,7 +270,7 @@ def test_bytes_a_client_sent_just_before_its_reset_still_reach_upstream(flowtap:
     # The relay is stopped while the last words and the reset arrive, so it wakes to both at
     # once, as a busy relay does: the words are relayed before the reset.
     proc.proc.send_signal(signal.SIGSTOP)
-    wait_for(lambda: _process_state(proc.proc.pid) == "T", 10, "the relay to stop")
+    wait_for(lambda: process_state(proc.proc.pid) == "T", 10, "the relay to stop")
     try:
         client.sendall(b"last words")
         _reset(client)  # on loopback both are queued for the relay before this returns
