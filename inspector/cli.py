@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
-from types import FrameType
 from typing import NoReturn
 
 from flowtap.proxy.errors import FlowtapError
 
 from . import options
 from .relay_process import start_relay
+from .stop_request import StopRequest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -455,19 +453,6 @@ def _add_playback_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print reports as JSON lines")
 
 
-def _catch_stop_signals() -> threading.Event:
-    """An event that SIGINT or SIGTERM sets from now on (before the listening line is printed:
-    a signal sent right after it must still stop flowtap gracefully)."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    return stop
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from .filtered_observer import check_decidable_at_open
     from .flow_filter import parse_option
@@ -475,12 +460,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     flow_filter = parse_option("--filter", args.filter)
     if flow_filter is not None:
         check_decidable_at_open(flow_filter, "--filter")
-    stop = _catch_stop_signals()
+    # Before the listening line is printed: a signal sent right after it must still stop
+    # flowtap gracefully.
+    stop = StopRequest()
     relay = start_relay(
-        args, log=not args.quiet, flow_filter=flow_filter, on_failure=lambda exc: stop.set()
+        args, log=not args.quiet, flow_filter=flow_filter, on_failure=lambda exc: stop.request()
     )
-    while not stop.wait(3600):
-        pass
+    stop.wait()
     relay.stop(args.grace)
     relay.bus.close()
     if relay.failure is not None:

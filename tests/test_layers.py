@@ -8,7 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 INSPECTOR = REPO / "inspector"
 SUBSYSTEMS = ("pcapfile", "tui", "replay")
-SHARED = ("summary", "flow_filter", "filtered_observer", "log")
+SHARED = ("summary", "flow_filter", "filtered_observer", "log", "stop_request")
 # A subsystem may use the ones named here, and no other (nor any command).
 SUBSYSTEM_MAY_USE = {"pcapfile": set(), "tui": {"pcapfile"}, "replay": {"pcapfile"}}
 

@@ -363,7 +363,7 @@ class Server:
             raise
         self.address = self.listeners[0][1]
         self._numbers = 0
-        self._stop = threading.Event()
+        self.stopping = False  # set by `stop`; serve_forever ends
 
     def _bind(self, spec: ListenerSpec) -> socket.socket:
         sock = bind(spec)
@@ -464,14 +464,14 @@ class Server:
     def serve_forever(self) -> None:
         """Serve until `stop` is called (from a signal handler or another thread)."""
         try:
-            while not self._stop.is_set():
+            while not self.stopping:
                 self.loop.poll(0.2)
         finally:
             self._close_sockets()
             self.loop.close()
 
     def stop(self) -> None:
-        self._stop.set()
+        self.stopping = True
 
 
 def report_writer(out: TextIO, *, as_json: bool) -> Callable[[ServedReport], None]:
@@ -491,11 +491,10 @@ def report_writer(out: TextIO, *, as_json: bool) -> Callable[[ServedReport], Non
 def serve_command(args: Any) -> int:
     """`flowtap serve FILE --listen HOST:PORT ...`: the CLI's wiring; exits 0 on SIGINT/SIGTERM."""
     import os
-    import signal
     import sys
-    from types import FrameType
 
     from flowtap.inspector.flow_filter import parse_option
+    from flowtap.inspector.stop_request import StopRequest
 
     from .compare import compile_patterns
     from .turns import load_scripts, select_scripts
@@ -527,13 +526,20 @@ def serve_command(args: Any) -> int:
     for script in scripts:
         if script.gap is not None:
             warn(script.gap.describe(script.id))
+    stop = StopRequest()  # before the server's first thread
     server = Server(scripts, options, on_report=report_writer(sys.stdout, as_json=args.json))
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        server.stop()
+    def serve() -> None:
+        try:
+            server.serve_forever()
+        finally:
+            stop.request()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     print(server.describe(os.path.basename(args.file)), flush=True)
-    server.serve_forever()
+    # The server runs on a thread; the main thread takes SIGINT/SIGTERM (see StopRequest).
+    serving = threading.Thread(target=serve, name="flowtap-serve")
+    serving.start()
+    stop.wait()
+    server.stop()
+    serving.join()
     return 0
