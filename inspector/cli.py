@@ -6,8 +6,9 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from flowtap.proxy.errors import FlowtapError
 
@@ -30,224 +31,430 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"flowtap: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_relay_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+# The options of each command are tables of the rows below, so that what an option is (its
+# flag, value, help) reads in one place and the commands that share options share rows.
+
+
+@dataclass(frozen=True, slots=True)
+class _Switch:
+    """An option that is on when given."""
+
+    flag: str
+    help: str
+
+    def add_to(self, parser: argparse._ActionsContainer) -> None:
+        parser.add_argument(self.flag, action="store_true", help=self.help)
+
+
+@dataclass(frozen=True, slots=True)
+class _Positional:
+    """An argument given without a flag."""
+
+    name: str
+    metavar: str
+    help: str
+
+    def add_to(self, parser: argparse._ActionsContainer) -> None:
+        parser.add_argument(self.name, metavar=self.metavar, help=self.help)
+
+
+@dataclass(frozen=True, slots=True)
+class _Value:
+    """An option that takes a value, converted by `kind`; a repeatable one collects the values
+    of all its occurrences in a list."""
+
+    flag: str
+    metavar: str
+    help: str
+    kind: Callable[[str], Any] = str
+    default: object = None
+    required: bool = False
+    repeatable: bool = False
+
+    def add_to(self, parser: argparse._ActionsContainer) -> None:
+        parser.add_argument(
+            self.flag,
+            action="append" if self.repeatable else "store",
+            default=[] if self.repeatable else self.default,
+            type=self.kind,
+            required=self.required,
+            metavar=self.metavar,
+            help=self.help,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    """An option whose value is one of `choices` (`default` when it is not given)."""
+
+    flag: str
+    choices: tuple[str, ...]
+    default: str | None
+    help: str
+
+    def add_to(self, parser: argparse._ActionsContainer) -> None:
+        parser.add_argument(self.flag, choices=self.choices, default=self.default, help=self.help)
+
+
+@dataclass(frozen=True, slots=True)
+class _OneOf:
+    """Options of which a command line may give one at most."""
+
+    rows: tuple[_Switch | _Value | _Choice, ...]
+
+    def add_to(self, parser: argparse._ActionsContainer) -> None:
+        assert isinstance(parser, argparse.ArgumentParser), "groups do not nest"
+        group = parser.add_mutually_exclusive_group()
+        for row in self.rows:
+            row.add_to(group)
+
+
+_Row = _Positional | _Switch | _Value | _Choice | _OneOf
+
+
+def _add(parser: argparse.ArgumentParser, rows: Iterable[_Row]) -> None:
+    for row in rows:
+        row.add_to(parser)
+
+
+def _filter(what: str) -> _Value:
+    """The --filter option of a command, saying `what` it selects."""
+    return _Value(
+        "--filter",
+        "EXPR",
+        f"{what}, e.g. 'tcp port 6379 and bytes > 1M' (see the README's filter language)",
+    )
+
+
+_CAPTURE_FILE = _Positional("file", "FILE", "a pcap or pcapng capture")
+
+_PROXY_OPTIONS: tuple[_Row, ...] = (
+    _Value(
+        "--auth",
+        "USER:PASS",
+        "proxy listeners require these credentials (SOCKS5 username/password, HTTP "
+        "Proxy-Authorization basic; repeatable)",
+        repeatable=True,
+    ),
+    _Value("--auth-file", "FILE", "proxy credentials, one USER:PASS per line"),
+    _Value(
+        "--allow-from",
+        "CIDR",
+        "proxy listeners serve only clients in CIDR (repeatable; required for a proxy "
+        "listener on a non-loopback address)",
+        repeatable=True,
+    ),
+    _Value(
+        "--deny-to",
+        "CIDR",
+        "proxy listeners refuse destinations in CIDR (repeatable; 169.254.169.254, the "
+        "cloud metadata address, is always denied unless --allow-to names it)",
+        repeatable=True,
+    ),
+    _Value(
+        "--allow-to",
+        "CIDR",
+        "proxy listeners may reach CIDR even if --deny-to or the default denies it",
+        repeatable=True,
+    ),
+    _Value(
+        "--allow-ports",
+        "PORTS",
+        "proxy listeners reach only these destination ports, e.g. 80,443,8000-8999",
+    ),
+    _Value(
+        "--handshake-timeout",
+        "S",
+        "close a proxy client whose handshake is not complete after S seconds (default 10)",
+        options.HANDSHAKE_TIMEOUT,
+        10.0,
+    ),
+)
+
+_RELAY_OPTIONS: tuple[_Row, ...] = (
+    _Value(
         "--listen",
-        action="append",
-        default=[],
-        type=options.listen_address,
-        metavar="[udp:|tcp:|socks5:|http:|transparent:[udp:]]HOST:PORT",
-        help="where clients connect (repeatable; a bare PORT binds 127.0.0.1; 0 picks a port); "
+        "[udp:|tcp:|socks5:|http:|transparent:[udp:]]HOST:PORT",
+        "where clients connect (repeatable; a bare PORT binds 127.0.0.1; 0 picks a port); "
         "socks5:, http: (proxy with CONNECT) and transparent: (iptables REDIRECT; "
         "transparent:udp: for UDP steered by TPROXY) listeners "
         "take no --upstream: each client says where it goes",
-    )
-    parser.add_argument(
+        options.listen_address,
+        repeatable=True,
+    ),
+    _Value(
         "--upstream",
-        action="append",
-        default=[],
-        type=options.peer_address,
-        metavar="HOST:PORT",
-        help="where the matching --listen relays to (one per --listen, or one for all)",
-    )
-    parser.add_argument("--udp", action="store_true", help="relay UDP instead of TCP")
-    _add_proxy_options(parser)
-    parser.add_argument(
+        "HOST:PORT",
+        "where the matching --listen relays to (one per --listen, or one for all)",
+        options.peer_address,
+        repeatable=True,
+    ),
+    _Switch("--udp", "relay UDP instead of TCP"),
+    *_PROXY_OPTIONS,
+    _Switch(
         "--reuse-port",
-        action="store_true",
-        help="share the listening ports with other flowtap processes (SO_REUSEPORT); "
+        "share the listening ports with other flowtap processes (SO_REUSEPORT); "
         "the kernel spreads clients across them",
-    )
-    parser.add_argument("--json", action="store_true", help="print flow events as JSON lines")
-    parser.add_argument(
-        "--pcap", metavar="FILE", help="capture flows to FILE (.pcap or .pcapng, mode 0600)"
-    )
-    parser.add_argument(
+    ),
+    _Switch("--json", "print flow events as JSON lines"),
+    _Value("--pcap", "FILE", "capture flows to FILE (.pcap or .pcapng, mode 0600)"),
+    _Switch(
         "--capture",
-        action="store_true",
-        help="capture flows to a timestamped .pcapng in captures/ (when no --pcap is given)",
-    )
-    parser.add_argument(
+        "capture flows to a timestamped .pcapng in captures/ (when no --pcap is given)",
+    ),
+    _Value(
         "--pcap-max-size",
-        type=options.PCAP_MAX_SIZE_MB,
-        metavar="MB",
-        help="start a new capture file once one reaches MB megabytes (a ring, like dumpcap -b)",
-    )
-    parser.add_argument(
+        "MB",
+        "start a new capture file once one reaches MB megabytes (a ring, like dumpcap -b)",
+        options.PCAP_MAX_SIZE_MB,
+    ),
+    _Value(
         "--pcap-max-files",
-        type=options.PCAP_MAX_FILES,
-        metavar="N",
-        help="with --pcap-max-size, keep only the newest N capture files",
-    )
-    parser.add_argument(
+        "N",
+        "with --pcap-max-size, keep only the newest N capture files",
+        options.PCAP_MAX_FILES,
+    ),
+    _Value(
         "--connect-timeout",
-        type=options.CONNECT_TIMEOUT,
-        default=10.0,
-        metavar="S",
-        help="give up connecting upstream after S seconds (default 10)",
-    )
-    parser.add_argument(
+        "S",
+        "give up connecting upstream after S seconds (default 10)",
+        options.CONNECT_TIMEOUT,
+        10.0,
+    ),
+    _Value(
         "--idle-timeout",
-        type=options.IDLE_TIMEOUT,
-        default=None,
-        metavar="S",
-        help="close flows with no traffic for S seconds (default and 0: never)",
-    )
-    parser.add_argument(
+        "S",
+        "close flows with no traffic for S seconds (default and 0: never)",
+        options.IDLE_TIMEOUT,
+    ),
+    _Value(
         "--grace",
-        type=options.GRACE,
-        default=5.0,
-        metavar="S",
-        help="on SIGINT/SIGTERM, let open flows finish for S seconds (default 5; 0: close them "
-        "at once)",
-    )
-    parser.add_argument(
+        "S",
+        "on SIGINT/SIGTERM, let open flows finish for S seconds (default 5; 0: close them at once)",
+        options.GRACE,
+        5.0,
+    ),
+    _Value(
         "--workers",
-        type=options.WORKERS,
-        default=1,
-        metavar="N",
-        help="relay threads (default 1: they share the GIL; --reuse-port scales across processes)",
-    )
-    parser.add_argument(
+        "N",
+        "relay threads (default 1: they share the GIL; --reuse-port scales across processes)",
+        options.WORKERS,
+        1,
+    ),
+    _Value(
         "--busy-poll",
-        type=options.BUSY_POLL_US,
-        default=200.0,
-        metavar="US",
-        help="while events come less than US microseconds apart, poll without sleeping: lower "
+        "US",
+        "while events come less than US microseconds apart, poll without sleeping: lower "
         "latency, a busy CPU while traffic is dense (default 200; 0: never)",
-    )
-    parser.add_argument(
+        options.BUSY_POLL_US,
+        200.0,
+    ),
+    _Value(
         "--udp-idle-timeout",
-        type=options.IDLE_TIMEOUT,
-        default=60.0,
-        metavar="S",
-        help="close a UDP session after S seconds without a datagram (default 60; 0: never)",
-    )
-    parser.add_argument(
+        "S",
+        "close a UDP session after S seconds without a datagram (default 60; 0: never)",
+        options.IDLE_TIMEOUT,
+        60.0,
+    ),
+    _Value(
         "--udp-max-sessions",
-        type=options.UDP_MAX_SESSIONS,
-        default=10_000,
-        metavar="N",
-        help="UDP sessions per listener; at the limit the least recently active one is closed "
+        "N",
+        "UDP sessions per listener; at the limit the least recently active one is closed "
         "(default 10000)",
-    )
-    control = parser.add_mutually_exclusive_group()
-    control.add_argument(
-        "--control",
-        metavar="PATH",
-        help="serve the control socket (for flowtap tui --attach) at PATH (default: "
-        "$XDG_RUNTIME_DIR/flowtap/ or /tmp/flowtap-UID/)",
-    )
-    control.add_argument(
-        "--no-control", action="store_true", help="serve no control socket: no TUI can attach"
-    )
-    parser.add_argument(
+        options.UDP_MAX_SESSIONS,
+        10_000,
+    ),
+    _OneOf(
+        (
+            _Value(
+                "--control",
+                "PATH",
+                "serve the control socket (for flowtap tui --attach) at PATH (default: "
+                "$XDG_RUNTIME_DIR/flowtap/ or /tmp/flowtap-UID/)",
+            ),
+            _Switch("--no-control", "serve no control socket: no TUI can attach"),
+        )
+    ),
+    _Choice(
         "--tls",
-        choices=("intercept", "passthrough", "off"),
-        default="off",
-        help="TLS on TCP listeners: intercept (decrypt with a certificate from flowtap's CA; "
+        ("intercept", "passthrough", "off"),
+        "off",
+        "TLS on TCP listeners: intercept (decrypt with a certificate from flowtap's CA; "
         "see flowtap ca), passthrough (relay untouched, note the SNI) or off (default)",
-    )
-    parser.add_argument(
+    ),
+    _Value(
         "--ca",
-        metavar="FILE",
-        help="with --tls intercept, sign with your own CA: one PEM file with certificate and key",
-    )
-    upstream_trust = parser.add_mutually_exclusive_group()
-    upstream_trust.add_argument(
-        "--upstream-ca",
-        metavar="FILE",
-        help="with --tls intercept, trust the upstream certificates these PEM CAs sign "
-        "(default: the system store)",
-    )
-    upstream_trust.add_argument(
-        "--upstream-insecure",
-        action="store_true",
-        help="with --tls intercept, do not verify the upstream's certificate (said in each flow)",
-    )
-    parser.add_argument(
+        "FILE",
+        "with --tls intercept, sign with your own CA: one PEM file with certificate and key",
+    ),
+    _OneOf(
+        (
+            _Value(
+                "--upstream-ca",
+                "FILE",
+                "with --tls intercept, trust the upstream certificates these PEM CAs sign "
+                "(default: the system store)",
+            ),
+            _Switch(
+                "--upstream-insecure",
+                "with --tls intercept, do not verify the upstream's certificate (said in each "
+                "flow)",
+            ),
+        )
+    ),
+    _Value(
         "--tls-passthrough",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="with --tls intercept, relay TLS untouched to hosts matching this glob (SNI, e.g. "
+        "PATTERN",
+        "with --tls intercept, relay TLS untouched to hosts matching this glob (SNI, e.g. "
         "'*.apple.com'; repeatable): apps that pin their certificates",
-    )
-    parser.add_argument(
+        repeatable=True,
+    ),
+    _Value(
         "--keylog",
-        metavar="FILE",
-        help="with --tls intercept, append both sides' TLS secrets to FILE (mode 0600) in the "
+        "FILE",
+        "with --tls intercept, append both sides' TLS secrets to FILE (mode 0600) in the "
         "NSS key log format (SSLKEYLOGFILE) that Wireshark reads",
-    )
-    parser.add_argument(
+    ),
+    _Choice(
         "--tls-capture",
-        choices=("plaintext", "wire"),
-        default="plaintext",
-        help="with --tls intercept and a .pcapng capture, what intercepted TLS is captured as: "
+        ("plaintext", "wire"),
+        "plaintext",
+        "with --tls intercept and a .pcapng capture, what intercepted TLS is captured as: "
         "the plaintext as ordinary TCP (default), or the ciphertext of both legs with their "
         "secrets in Decryption Secrets Blocks, which Wireshark decrypts with no settings",
-    )
-    parser.add_argument(
+    ),
+    _Value(
         "--tls-handshake-timeout",
-        type=options.seconds(0.001, options.DAY_S),
-        default=10.0,
-        metavar="S",
-        help="close a TLS flow whose handshakes are not done within S seconds (default 10)",
-    )
-    parser.add_argument(
+        "S",
+        "close a TLS flow whose handshakes are not done within S seconds (default 10)",
+        options.seconds(0.001, options.DAY_S),
+        10.0,
+    ),
+    _Switch(
         "--quiet",
-        action="store_true",
-        help="print only the listening and control lines, not one line per flow event",
-    )
+        "print only the listening and control lines, not one line per flow event",
+    ),
+)
 
+# What replay and serve share: which recorded flows they play, and how they compare.
+_PLAYBACK_OPTIONS: tuple[_Row, ...] = (
+    _Value(
+        "--flow", "ID", "only this recorded flow (repeatable)", options.FLOW_ID, repeatable=True
+    ),
+    _Value(
+        "--turn-timeout",
+        "S",
+        "a peer quiet for S seconds has finished its turn (default 1)",
+        options.TURN_TIMEOUT,
+        1.0,
+    ),
+    _Value(
+        "--ignore",
+        "REGEX",
+        "mask matches (dates, ids) before comparing (repeatable)",
+        repeatable=True,
+    ),
+    _Switch("--json", "print reports as JSON lines"),
+)
 
-def _add_proxy_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--auth",
-        action="append",
-        default=[],
-        metavar="USER:PASS",
-        help="proxy listeners require these credentials (SOCKS5 username/password, HTTP "
-        "Proxy-Authorization basic; repeatable)",
-    )
-    parser.add_argument(
-        "--auth-file", metavar="FILE", help="proxy credentials, one USER:PASS per line"
-    )
-    parser.add_argument(
-        "--allow-from",
-        action="append",
-        default=[],
-        metavar="CIDR",
-        help="proxy listeners serve only clients in CIDR (repeatable; required for a proxy "
-        "listener on a non-loopback address)",
-    )
-    parser.add_argument(
-        "--deny-to",
-        action="append",
-        default=[],
-        metavar="CIDR",
-        help="proxy listeners refuse destinations in CIDR (repeatable; 169.254.169.254, the "
-        "cloud metadata address, is always denied unless --allow-to names it)",
-    )
-    parser.add_argument(
-        "--allow-to",
-        action="append",
-        default=[],
-        metavar="CIDR",
-        help="proxy listeners may reach CIDR even if --deny-to or the default denies it",
-    )
-    parser.add_argument(
-        "--allow-ports",
-        metavar="PORTS",
-        help="proxy listeners reach only these destination ports, e.g. 80,443,8000-8999",
-    )
-    parser.add_argument(
-        "--handshake-timeout",
-        type=options.HANDSHAKE_TIMEOUT,
-        default=10.0,
-        metavar="S",
-        help="close a proxy client whose handshake is not complete after S seconds (default 10)",
-    )
+_REPLAY_OPTIONS: tuple[_Row, ...] = (
+    _CAPTURE_FILE,
+    _Value("--to", "HOST:PORT", "the server to replay to", options.peer_address, required=True),
+    *_PLAYBACK_OPTIONS,
+    _OneOf(
+        (
+            _Value(
+                "--speed",
+                "X",
+                "play X times as fast as recorded (default 1)",
+                options.SPEED,
+                1.0,
+            ),
+            _Switch("--asap", "ignore the recorded pauses"),
+        )
+    ),
+    _filter("replay only the flows it selects"),
+    _Switch("--dry-run", "list the flows it would replay, send nothing"),
+    _Value("--concurrency", "N", "flows at once (default 10)", options.CONCURRENCY, 10),
+    _Switch("--diff", "print a unified diff of differing text responses"),
+    _Switch("--check", "exit 1 when any response differs from the recording"),
+    _Value("--pcap", "OUT", "capture the replay itself to OUT"),
+    _Switch(
+        "--tls",
+        "speak TLS to the server (a decrypted recording: the SNI and ALPN it names)",
+    ),
+    _Value("--sni", "NAME", "with --tls: ask for NAME, not the recorded SNI"),
+    _Value("--tls-ca", "FILE", "with --tls: trust the CAs in FILE (PEM) instead of the system's"),
+    _Switch("--tls-insecure", "with --tls: do not verify the server"),
+    _Value(
+        "--connect-timeout",
+        "S",
+        "give up connecting after S seconds (default 5)",
+        options.CONNECT_TIMEOUT,
+        5.0,
+    ),
+)
+
+_SERVE_OPTIONS: tuple[_Row, ...] = (
+    _CAPTURE_FILE,
+    _Value(
+        "--listen",
+        "HOST:PORT",
+        "where clients connect (default 127.0.0.1:0, a free port)",
+        options.address,
+        "127.0.0.1:0",
+    ),
+    *_PLAYBACK_OPTIONS,
+    _filter("answer only from the recorded flows it selects"),
+    _Switch(
+        "--tls",
+        "answer TCP clients over TLS, with a certificate flowtap's CA signs for the name "
+        "each asks for",
+    ),
+    _Value(
+        "--ca",
+        "FILE",
+        "with --tls, sign with your own CA: one PEM file with certificate and key",
+    ),
+    _Choice(
+        "--on-mismatch",
+        ("continue", "close"),
+        "continue",
+        "when a client's bytes differ from the recording (default continue)",
+    ),
+)
+
+_SHOW_OPTIONS: tuple[_Row, ...] = (
+    _CAPTURE_FILE,
+    _Value("--flow", "ID", "print flow ID", options.FLOW_ID),
+    _OneOf(
+        (
+            _Switch("--hex", "print the flow as a hexdump"),
+            _Choice(
+                "--raw",
+                ("client", "server"),
+                None,
+                "write the reassembled bytes one side sent to stdout",
+            ),
+            _Switch("--tui", "browse the capture in the terminal UI"),
+        )
+    ),
+    _Switch("--json", "print JSON lines"),
+    _filter("list only the flows it selects"),
+)
+
+_CA_OPTIONS: tuple[_Row, ...] = (
+    _Value(
+        "--ca",
+        "FILE",
+        "use your own CA: one PEM file with the CA certificate and its private key",
+    ),
+    _Value(
+        "--export",
+        "DIR",
+        "write the CA certificate (not its key) to DIR as flowtap-ca.pem and flowtap-ca.der",
+    ),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,9 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     run = commands.add_parser("run", help="relay headless, printing one line per flow event")
-    _add_relay_options(run)
-    _add_filter_option(
-        run, "print and capture only the flows it selects as they open (all are relayed)"
+    _add(
+        run,
+        (
+            *_RELAY_OPTIONS,
+            _filter("print and capture only the flows it selects as they open (all are relayed)"),
+        ),
     )
     tui = commands.add_parser("tui", help="relay with a live terminal UI, or browse a capture")
     tui.add_argument("file", nargs="?", metavar="FILE", help="a pcap or pcapng file to browse")
@@ -274,103 +484,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="attach to a running relay's control socket (without PATH: the only relay you "
         "run, or pick one from a list); q detaches and leaves the relay running",
     )
-    _add_relay_options(tui)
+    _add(tui, _RELAY_OPTIONS)
     demo = commands.add_parser("demo", help="relay built-in loopback services and show the flows")
-    demo.add_argument(
-        "--headless", action="store_true", help="print flow events instead of opening the TUI"
-    )
+    _Switch("--headless", "print flow events instead of opening the TUI").add_to(demo)
     replay = commands.add_parser(
         "replay", help="play the client side of recorded flows against a live server"
     )
-    replay.add_argument("file", metavar="FILE", help="a pcap or pcapng capture")
-    replay.add_argument(
-        "--to",
-        required=True,
-        type=options.peer_address,
-        metavar="HOST:PORT",
-        help="the server to replay to",
-    )
-    _add_playback_options(replay)
-    pace = replay.add_mutually_exclusive_group()
-    pace.add_argument(
-        "--speed",
-        type=options.SPEED,
-        default=1.0,
-        metavar="X",
-        help="play X times as fast as recorded (default 1)",
-    )
-    pace.add_argument("--asap", action="store_true", help="ignore the recorded pauses")
-    _add_filter_option(replay, "replay only the flows it selects")
-    replay.add_argument(
-        "--dry-run", action="store_true", help="list the flows it would replay, send nothing"
-    )
-    replay.add_argument(
-        "--concurrency",
-        type=options.CONCURRENCY,
-        default=10,
-        metavar="N",
-        help="flows at once (default 10)",
-    )
-    replay.add_argument(
-        "--diff", action="store_true", help="print a unified diff of differing text responses"
-    )
-    replay.add_argument(
-        "--check", action="store_true", help="exit 1 when any response differs from the recording"
-    )
-    replay.add_argument("--pcap", metavar="OUT", help="capture the replay itself to OUT")
-    replay.add_argument(
-        "--tls",
-        action="store_true",
-        help="speak TLS to the server (a decrypted recording: the SNI and ALPN it names)",
-    )
-    replay.add_argument(
-        "--sni", metavar="NAME", help="with --tls: ask for NAME, not the recorded SNI"
-    )
-    replay.add_argument(
-        "--tls-ca",
-        metavar="FILE",
-        help="with --tls: trust the CAs in FILE (PEM) instead of the system's",
-    )
-    replay.add_argument(
-        "--tls-insecure", action="store_true", help="with --tls: do not verify the server"
-    )
-    replay.add_argument(
-        "--connect-timeout",
-        type=options.CONNECT_TIMEOUT,
-        default=5.0,
-        metavar="S",
-        help="give up connecting after S seconds (default 5)",
-    )
+    _add(replay, _REPLAY_OPTIONS)
     serve = commands.add_parser(
         "serve", help="answer clients with the recorded server side (a mock server)"
     )
-    serve.add_argument("file", metavar="FILE", help="a pcap or pcapng capture")
-    serve.add_argument(
-        "--listen",
-        default="127.0.0.1:0",
-        type=options.address,
-        metavar="HOST:PORT",
-        help="where clients connect (default 127.0.0.1:0, a free port)",
-    )
-    _add_playback_options(serve)
-    _add_filter_option(serve, "answer only from the recorded flows it selects")
-    serve.add_argument(
-        "--tls",
-        action="store_true",
-        help="answer TCP clients over TLS, with a certificate flowtap's CA signs for the name "
-        "each asks for",
-    )
-    serve.add_argument(
-        "--ca",
-        metavar="FILE",
-        help="with --tls, sign with your own CA: one PEM file with certificate and key",
-    )
-    serve.add_argument(
-        "--on-mismatch",
-        choices=("continue", "close"),
-        default="continue",
-        help="when a client's bytes differ from the recording (default continue)",
-    )
+    _add(serve, _SERVE_OPTIONS)
     show = commands.add_parser(
         "show",
         help="list the flows of any pcap/pcapng capture, or print one flow",
@@ -378,18 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Wireshark's...), or print one flow. Exit status 1: the capture is cut short or the "
         "flow has bytes the capture lacks (shown all the same).",
     )
-    show.add_argument("file", metavar="FILE", help="a pcap or pcapng capture")
-    show.add_argument("--flow", type=options.FLOW_ID, metavar="ID", help="print flow ID")
-    shape = show.add_mutually_exclusive_group()
-    shape.add_argument("--hex", action="store_true", help="print the flow as a hexdump")
-    shape.add_argument(
-        "--raw",
-        choices=("client", "server"),
-        help="write the reassembled bytes one side sent to stdout",
-    )
-    shape.add_argument("--tui", action="store_true", help="browse the capture in the terminal UI")
-    show.add_argument("--json", action="store_true", help="print JSON lines")
-    _add_filter_option(show, "list only the flows it selects")
+    _add(show, _SHOW_OPTIONS)
     ca = commands.add_parser(
         "ca",
         help="show the CA that signs intercepted TLS, and how to trust it",
@@ -397,16 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
         "to trust it. flowtap makes its CA on first use in $XDG_DATA_HOME/flowtap (else "
         "~/.local/share/flowtap), key file mode 0600.",
     )
-    ca.add_argument(
-        "--ca",
-        metavar="FILE",
-        help="use your own CA: one PEM file with the CA certificate and its private key",
-    )
-    ca.add_argument(
-        "--export",
-        metavar="DIR",
-        help="write the CA certificate (not its key) to DIR as flowtap-ca.pem and flowtap-ca.der",
-    )
+    _add(ca, _CA_OPTIONS)
     return parser
 
 
@@ -417,40 +521,6 @@ def _version() -> str:
         return version("flowtap")
     except PackageNotFoundError:
         return "unknown (not installed)"
-
-
-def _add_filter_option(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument(
-        "--filter",
-        metavar="EXPR",
-        help=f"{what}, e.g. 'tcp port 6379 and bytes > 1M' (see the README's filter language)",
-    )
-
-
-def _add_playback_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--flow",
-        type=options.FLOW_ID,
-        action="append",
-        default=[],
-        metavar="ID",
-        help="only this recorded flow (repeatable)",
-    )
-    parser.add_argument(
-        "--turn-timeout",
-        type=options.TURN_TIMEOUT,
-        default=1.0,
-        metavar="S",
-        help="a peer quiet for S seconds has finished its turn (default 1)",
-    )
-    parser.add_argument(
-        "--ignore",
-        action="append",
-        default=[],
-        metavar="REGEX",
-        help="mask matches (dates, ids) before comparing (repeatable)",
-    )
-    parser.add_argument("--json", action="store_true", help="print reports as JSON lines")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
