@@ -36,6 +36,7 @@ import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.flow import Address, CloseReason, Direction, Flow, Transport
@@ -155,33 +156,33 @@ _COMPARE: dict[str, Callable[[float, float], bool]] = {
 
 
 @dataclass(frozen=True, slots=True)
-class And:
+class _Junction:
+    """Two expressions joined in three-valued logic: a `decisive` verdict of either decides
+    (False for `and`, True for `or`); else the other verdict if both tell, None if one cannot."""
+
     left: Expr
     right: Expr
+    decisive: ClassVar[bool]
 
     def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
+        decisive = self.decisive
         left = self.left.evaluate(facts, known, found)
-        if left is False:
-            return False
+        if left is decisive:
+            return decisive
         right = self.right.evaluate(facts, known, found)
-        if right is False:
-            return False
-        return True if left and right else None
+        if right is decisive:
+            return decisive
+        return None if left is None or right is None else not decisive
 
 
-@dataclass(frozen=True, slots=True)
-class Or:
-    left: Expr
-    right: Expr
+class And(_Junction):
+    __slots__ = ()
+    decisive = False
 
-    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
-        left = self.left.evaluate(facts, known, found)
-        if left is True:
-            return True
-        right = self.right.evaluate(facts, known, found)
-        if right is True:
-            return True
-        return False if left is False and right is False else None
+
+class Or(_Junction):
+    __slots__ = ()
+    decisive = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,25 +221,9 @@ class IsFamily:
 
 
 @dataclass(frozen=True, slots=True)
-class Port:
-    """`port N`, `src port > 1024`, `tcp.port == N`."""
-
-    side: Side
-    op: str
-    value: int
-    stage = Stage.OPEN
-
-    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
-        compare = _COMPARE[self.op]
-        ports = [end.port for end in _addresses(facts.flow, self.side) if not end.is_unix]
-        if self.op == "!=":
-            return all(compare(port, self.value) for port in ports)
-        return any(compare(port, self.value) for port in ports)
-
-
-@dataclass(frozen=True, slots=True)
-class PortRange:
-    """`portrange A-B` (inclusive)."""
+class Ports:
+    """`port N`, `src port > 1024`, `portrange A-B`, `tcp.port == N`: an end's port is in
+    [`low`, `high`] (`!=` is `not`)."""
 
     side: Side
     low: int
@@ -257,11 +242,10 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True, slots=True)
 class Net:
-    """`host ADDR` (a one-address net), `net CIDR`, `ip.addr == ADDR`; `negate` for `!=`."""
+    """`host ADDR` (a one-address net), `net CIDR`, `ip.addr == ADDR` (`!=` is `not`)."""
 
     side: Side
     network: Network
-    negate: bool = False
     stage = Stage.OPEN
 
     def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
@@ -270,36 +254,33 @@ class Net:
         if requested is not None and self.side is not Side.SRC:
             # An address literal the client asked for counts, like the server's address.
             inside.append(_in_network(requested.host, self.network))
-        return not any(inside) if self.negate else any(inside)
+        return any(inside)
 
 
 @dataclass(frozen=True, slots=True)
 class HostName:
-    """`host NAME`: the name a proxy client asked for (SOCKS, HTTP proxy); `!=` negates."""
+    """`host NAME`: the name a proxy client asked for (SOCKS, HTTP proxy; `!=` is `not`)."""
 
     side: Side
     name: str
-    negate: bool = False
     stage = Stage.OPEN
 
     def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
         requested = facts.flow.requested
         # What the client asked for is the server side of the flow.
-        named = (
+        return (
             self.side is not Side.SRC
             and requested is not None
             and requested.host.lower() == self.name
         )
-        return not named if self.negate else named
 
 
 @dataclass(frozen=True, slots=True)
 class Text:
-    """`state open`, `reason client-reset`, `proto http`, `sni example.com` (`!=` negates)."""
+    """`state open`, `reason client-reset`, `proto http`, `sni example.com` (`!=` is `not`)."""
 
     field: str
     value: str
-    negate: bool = False
 
     @property
     def stage(self) -> Stage:
@@ -327,7 +308,7 @@ class Text:
             else:
                 actual = summary.protocol if self.field == "proto" else sni_of(summary)
             hit = actual is not None and actual.lower() == self.value
-        return hit is not self.negate
+        return hit
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,19 +396,7 @@ class Matches:
 
 
 Payload = Contains | Matches
-Term = (
-    IsTransport
-    | IsFamily
-    | IsTls
-    | Port
-    | PortRange
-    | Net
-    | HostName
-    | Text
-    | Number
-    | Word
-    | Payload
-)
+Term = IsTransport | IsFamily | IsTls | Ports | Net | HostName | Text | Number | Word | Payload
 Expr = And | Or | Not | Term
 
 
@@ -827,6 +796,23 @@ def parse_option(option: str, text: str | None) -> FlowFilter | None:
 
 
 _SIDES = {"src": Side.SRC, "dst": Side.DST}
+# The ports (`low`, `high`) that compare true with a port N, for each operator (`!=` is `not`
+# of `==`).
+_PORTS_COMPARED: dict[str, Callable[[int], tuple[int, int]]] = {
+    "==": lambda n: (n, n),
+    "!=": lambda n: (n, n),
+    "<": lambda n: (0, n - 1),
+    "<=": lambda n: (0, n),
+    ">": lambda n: (n + 1, 65535),
+    ">=": lambda n: (n, 65535),
+}
+
+
+def _negated_if(op: str, term: Term) -> Expr:
+    """`term`, or `not term` when the operator is `!=`."""
+    return Not(term) if op == "!=" else term
+
+
 _OLD_KEYS = {
     "port": "port {}",
     "host": "host {}",
@@ -1011,14 +997,16 @@ class _Parser:
         token = self.value("a port number")
         if not token.text.isdigit() or int(token.text) > 65535:
             raise self.fail(token, "a port number")
-        return Port(side, op, int(token.text))
+        port = int(token.text)
+        low, high = _PORTS_COMPARED[op](port)
+        return _negated_if(op, Ports(side, low, high))
 
     def port_range(self, side: Side) -> Expr:
         token = self.value("a port range such as 1000-2000")
         low, sep, high = token.text.partition("-")
         if not (sep and low.isdigit() and high.isdigit() and int(low) <= int(high) <= 65535):
             raise self.fail(token, "a port range such as 1000-2000")
-        return PortRange(side, int(low), int(high))
+        return Ports(side, int(low), int(high))
 
     def address(self, side: Side, op: str, allow_net: bool) -> Expr:
         expected = "a network such as 10.0.0.0/8" if allow_net else "an IP address or a host name"
@@ -1030,11 +1018,11 @@ class _Parser:
             network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             if not allow_net and _is_host_name(text):
-                return HostName(side, text.lower(), negate=op == "!=")
+                return _negated_if(op, HostName(side, text.lower()))
             raise self.fail(token, expected) from None
         if "/" in text and not allow_net:
             raise self.fail(token, expected + " (use net for a CIDR)")
-        return Net(side, network, negate=op == "!=")
+        return _negated_if(op, Net(side, network))
 
     def text_field(self, field: str, *, required: bool = False) -> Expr:
         op = self.operator(required=required, ordered=False)
@@ -1046,7 +1034,7 @@ class _Parser:
         ).lower()
         if choices and value not in choices:
             raise self.fail(token, f"a {field}: {expected}")
-        return Text(field, value, negate=op == "!=")
+        return _negated_if(op, Text(field, value))
 
     def number(self, field: str) -> Expr:
         op = self.operator()
