@@ -166,8 +166,21 @@ def tui_attached(relay: Relay) -> Iterator[Callable[[], None]]:
             _tmux(server, "kill-server")
 
 
-def idle_ticks(relay: Relay, seconds: float = 5.0) -> int:
-    """CPU ticks the relay process spends over `seconds` with no traffic."""
+def idle_ticks(relay: Relay, log_path: Path, seconds: float = 5.0) -> int:
+    """CPU ticks the relay process spends over `seconds` with no traffic, counted from when
+    its log says the last flow that moved has closed (a client has its last byte a moment
+    before the relay has closed the flow)."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = log_path.read_text()
+        opened = re.findall(r"^#(\d+) opened ", text, re.M)
+        closed = set(re.findall(r"^#(\d+) closed ", text, re.M))
+        # Open: the benchmark's own round-trip flow, which is quiet now.
+        if len([flow for flow in opened if flow not in closed]) <= 1:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the relay's flows never closed:\n{text[-2000:]}")
+        time.sleep(0.05)
     before = relay.cpu_ticks()
     time.sleep(seconds)
     return relay.cpu_ticks() - before
@@ -252,7 +265,9 @@ def main() -> None:
                 )
         figures = {name: statistics.median(rates) for name, rates in bulk_rates.items()}
         if watched is not None:
-            figures["relay CPU ticks, 5 s idle, TUI attached"] = idle_ticks(watched)
+            figures["relay CPU ticks, 5 s idle, TUI attached"] = idle_ticks(
+                watched, workdir / "tui.log"
+            )
 
     print(f"\n1-byte round trips (TCP_NODELAY), one flow per path for {args.seconds:g} s, in "
           f"windows of {args.window}; us")  # fmt: skip
