@@ -312,23 +312,17 @@ def show_flow(
 
 
 def _json_event(event: CaptureEvent) -> dict[str, object]:
-    if isinstance(event, FlowData):
-        return {
-            "event": "data",
+    if isinstance(event, FlowData | FlowGap):
+        record: dict[str, object] = {
+            "event": "gap" if isinstance(event, FlowGap) else "data",
             "flow": event.flow_id,
             "direction": str(event.direction),
             "timestamp": event.timestamp,
-            "size_bytes": len(event.data),
-            "data_b64": base64.b64encode(event.data).decode(),
+            "size_bytes": event.size_bytes if isinstance(event, FlowGap) else len(event.data),
         }
-    if isinstance(event, FlowGap):
-        return {
-            "event": "gap",
-            "flow": event.flow_id,
-            "direction": str(event.direction),
-            "timestamp": event.timestamp,
-            "size_bytes": event.size_bytes,
-        }
+        if isinstance(event, FlowData):
+            record["data_b64"] = base64.b64encode(event.data).decode()
+        return record
     name = "opened" if isinstance(event, FlowOpened) else "closed"
     return {"event": name, **flow_record(event.flow)}
 

@@ -172,25 +172,44 @@ class ServedReport:
         return text
 
 
-class _ServeSession(Session):
-    """A client connection: first matched to a recorded flow, then played."""
+class _ServedClient(Session):
+    """A client of the server, answered with a recorded flow's server side; `number` counts
+    clients in the order they came."""
 
-    def __init__(self, server: Server, sock: socket.socket, client: Address, number: int) -> None:
+    def __init__(
+        self,
+        server: Server,
+        sock: socket.socket,
+        client: Address,
+        number: int,
+        *,
+        transport: Transport,
+        player: Player | None = None,
+        tls: TlsLink | None = None,
+    ) -> None:
         super().__init__(
             server.loop,
             sock,
-            transport=Transport.TCP,
+            transport=transport,
             side=Direction.DOWN,
             peer=client,
             on_done=server.session_done,
+            player=player,
             bus=server.bus,
-            tls=None
-            if server.options.tls is None
-            else TlsLink(server.options.tls, server_side=True),
+            tls=tls,
         )
-        self.server = server
         self.number = number
         self.mismatch: Difference | None = None
+
+
+class _ServeSession(_ServedClient):
+    """A client connection: first matched to a recorded flow, then played."""
+
+    def __init__(self, server: Server, sock: socket.socket, client: Address, number: int) -> None:
+        tls = server.options.tls
+        link = None if tls is None else TlsLink(tls, server_side=True)
+        super().__init__(server, sock, client, number, transport=Transport.TCP, tls=link)
+        self.server = server
 
     def on_connected(self, now: float) -> None:
         script = self.server.matcher.on_connect()
@@ -256,31 +275,27 @@ class _ServeSession(Session):
             self.finish()
 
 
-class _DatagramSession(Session):
+class _DatagramSession(_ServedClient):
     """One UDP client of the server, on a socket connected to it."""
 
     def __init__(
         self, server: Server, sock: socket.socket, client: Address, number: int, player: Player
     ) -> None:
-        super().__init__(
-            server.loop,
-            sock,
-            transport=Transport.UDP,
-            side=Direction.DOWN,
-            peer=client,
-            on_done=server.session_done,
-            player=player,
-            bus=server.bus,
-        )
-        self.number = number
-        self.mismatch: Difference | None = None
+        super().__init__(server, sock, client, number, transport=Transport.UDP, player=player)
 
 
-class _Accepter:
+class _Listening:
+    """A socket of the server's that new clients arrive on; it has no timers."""
+
     def __init__(self, server: Server, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
 
+    def on_timer(self, now: float) -> None:
+        pass
+
+
+class _Accepter(_Listening):
     def on_ready(self, mask: int, now: float) -> None:
         for _ in range(64):
             try:
@@ -289,16 +304,9 @@ class _Accepter:
                 return
             self.server.start_session(client, addr, now)
 
-    def on_timer(self, now: float) -> None:
-        pass
 
-
-class _DatagramListener:
+class _DatagramListener(_Listening):
     """Hands each client address's first datagram to a new session on a connected socket."""
-
-    def __init__(self, server: Server, sock: socket.socket) -> None:
-        self.server = server
-        self.sock = sock
 
     def on_ready(self, mask: int, now: float) -> None:
         for _ in range(64):
@@ -309,9 +317,6 @@ class _DatagramListener:
             except OSError:
                 continue  # an ICMP error about an earlier reply; the next datagram may be fine
             self.server.on_datagram(data, addr, now)
-
-    def on_timer(self, now: float) -> None:
-        pass
 
 
 class Server:
@@ -423,7 +428,7 @@ class Server:
         session.begin(now)
 
     def session_done(self, session: Session, result: SessionResult) -> None:
-        assert isinstance(session, _ServeSession | _DatagramSession)
+        assert isinstance(session, _ServedClient)
         if isinstance(session, _DatagramSession):
             addr = (session.peer.host, session.peer.port)
             if self._datagram_sessions.get(addr) is session:

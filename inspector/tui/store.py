@@ -155,25 +155,24 @@ class PayloadSpill:
 
     def clear(self) -> None:
         with self._lock:
-            self._clear()
-
-    def _clear(self) -> None:
-        self._memory = bytearray()
-        self._pending.clear()
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-        self._disk_size = 0
+            self._drop(go_on=True)
 
     def close(self) -> None:
         with self._lock:
-            self._close()
+            self._drop(go_on=False)
 
-    def _close(self) -> None:
+    def _drop(self, *, go_on: bool) -> None:
+        """Drop every byte held; the file on disk is emptied to go on, or closed."""
         self._memory = bytearray()
         self._pending.clear()
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            if go_on:
+                os.ftruncate(self._fd, 0)
+            else:
+                os.close(self._fd)
+                self._fd = None
+        if go_on:
+            self._disk_size = 0
 
 
 @dataclass(frozen=True, slots=True)
