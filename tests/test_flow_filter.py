@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ssl
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowtap.inspector.flow_filter import (
+    Contains,
     FilterError,
     FlowFacts,
     FlowFilter,
@@ -407,6 +409,49 @@ def test_contains_matches_across_chunk_boundaries_keeping_only_a_tail() -> None:
     scan.feed(UP, b"nee")
     scan.feed(DOWN, b"dle")
     assert not scan.is_done
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stream=st.binary(max_size=400),
+    needle=st.binary(max_size=12),
+    at=st.one_of(st.none(), st.integers(0, 400)),
+    cuts=st.lists(st.integers(0, 420), max_size=8),
+    as_views=st.booleans(),
+)
+def test_contains_finds_the_needle_exactly_as_in_the_joined_stream(
+    stream: bytes, needle: bytes, at: int | None, cuts: list[int], as_views: bool
+) -> None:
+    """However the stream is cut (empty pieces too, bytes or views), `contains` agrees with
+    `needle in stream`: at the start, the very end, across any boundary, or absent (an
+    empty needle is in any byte, not in a direction without any); the other direction's
+    term never matches."""
+    if at is not None:
+        at = min(at, len(stream))
+        stream = stream[:at] + needle + stream[at:]
+    bounds = sorted([0, len(stream), *(cut for cut in cuts if cut <= len(stream))])
+    scan = PayloadScan([Contains(None, needle), Contains(DOWN, needle)])
+    for start, end in pairwise(bounds):
+        piece = stream[start:end]
+        scan.feed(UP, memoryview(piece) if as_views else piece)
+    assert (Contains(None, needle) in scan.found) is (stream != b"" and needle in stream)
+    assert Contains(DOWN, needle) not in scan.found
+
+
+def test_contains_finds_a_needle_ending_a_long_chunk_or_split_after_empty_ones() -> None:
+    needle = b"flowtap-needle"
+    hay = bytes(range(256)) * 256  # every byte value, as in the benchmark's bulk flows
+    for pieces, found in [
+        ([hay + needle], True),
+        ([hay + needle[:-1]], False),
+        ([b"", hay + needle[:3], b"", needle[3:], b""], True),
+        ([hay + needle[:3], b"", hay[:1] + needle[3:]], False),
+        ([b"", b""], False),
+    ]:
+        scan = PayloadScan([Contains(UP, needle)])
+        for piece in pieces:
+            scan.feed(UP, memoryview(piece))
+        assert scan.is_done is found, pieces[-1][-20:]
 
 
 def test_regex_sees_a_window_across_chunks_but_anchors_only_at_the_start() -> None:
