@@ -647,9 +647,11 @@ class FlowSelection:
         pending = self._undecided.pop(flow.id, None)
         summary = None
         scan = None
-        if pending is not None and self._needs_head:
-            summary = summary_of(pending.head_up, pending.head_down, flow)
+        if pending is not None:
+            # What the scan found decides with the end's facts (`contains X and state reset`).
             scan = pending.scan
+            if self._needs_head:
+                summary = summary_of(pending.head_up, pending.head_down, flow)
         facts = FlowFacts.of(flow, summary)
         return self._filter.decide(facts, Stage.PAYLOAD, scan or PayloadScan(())) is True
 

@@ -89,6 +89,7 @@ EXPRESSIONS = [
     "(tcp port {redis} or proto http) and not state reset",
     "! udp && bytes > 10",
     "tcp and (contains PING or contains GET) or udp",
+    "up contains PING and state closed",
     "not (port {http} or port {redis}) and tcp",
 ]
 

@@ -250,6 +250,8 @@ CASES = [
     ("not udp and not tcp", []),
     ("proto http or contains PONG", [1, 2]),
     ("not contains PING", [1, 3, 4, 5]),
+    ("contains PONG and state reset", [2]),
+    ("up contains PING and duration > 2s", [2]),
     ("TCP PORT 6379 AND STATE RESET", [2]),
 ]
 
