@@ -10,8 +10,10 @@ import secrets
 import ssl
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -54,6 +56,39 @@ class Leaf:
     key_pem: bytes
 
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _Recent(Generic[K, V]):
+    """The `size` values last put or got, the least recently used one dropped first; safe to
+    share between relay worker threads (what makes a value happens outside its lock)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+    def keys(self) -> list[K]:
+        """The keys, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
+
 class CertificateAuthority:
     """A CA certificate and key that sign leaf certificates, cached per name (LRU)."""
 
@@ -74,15 +109,12 @@ class CertificateAuthority:
         """Where the contexts made from now on append their session secrets (NSS key log)."""
         self._key = key
         self._cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-        self._cache_size = cache_size
         ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         self._authority_key_identifier = (
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
         )
-        self._leaves: OrderedDict[str, Leaf] = OrderedDict()
-        self._contexts: OrderedDict[tuple[str, str | None], ssl.SSLContext] = OrderedDict()
-        # Relay workers are threads: one lock around the caches (signing happens outside it).
-        self._lock = threading.Lock()
+        self._leaves: _Recent[str, Leaf] = _Recent(cache_size)
+        self._contexts: _Recent[tuple[str, str | None], ssl.SSLContext] = _Recent(cache_size)
 
     @property
     def cert_pem(self) -> bytes:
@@ -98,28 +130,20 @@ class CertificateAuthority:
 
     def leaf(self, name: str) -> Leaf:
         """The leaf certificate for a host name or an IP address, signed now or from the cache."""
-        with self._lock:
-            cached = self._leaves.get(name)
-            if cached is not None:
-                self._leaves.move_to_end(name)
-                return cached
+        cached = self._leaves.get(name)
+        if cached is not None:
+            return cached
         leaf = self._sign_leaf(name)
-        with self._lock:
-            self._leaves[name] = leaf
-            self._leaves.move_to_end(name)
-            while len(self._leaves) > self._cache_size:
-                self._leaves.popitem(last=False)
+        self._leaves.put(name, leaf)
         return leaf
 
     def server_context(self, name: str, alpn: str | None = None) -> ssl.SSLContext:
         """A server-side SSL context that presents the leaf for `name` and, when `alpn` is
         given, selects that protocol if the client offers it (cached per name and ALPN)."""
         key = (name, alpn)
-        with self._lock:
-            cached = self._contexts.get(key)
-            if cached is not None:
-                self._contexts.move_to_end(key)
-                return cached
+        cached = self._contexts.get(key)
+        if cached is not None:
+            return cached
         leaf = self.leaf(name)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         # No TLS 1.3 session tickets: a client that never reads them (redis-cli closes right
@@ -131,17 +155,12 @@ class CertificateAuthority:
             context.set_alpn_protocols([alpn])
         if self.keylog_file is not None:
             context.keylog_filename = str(self.keylog_file)
-        with self._lock:
-            self._contexts[key] = context
-            self._contexts.move_to_end(key)
-            while len(self._contexts) > self._cache_size:
-                self._contexts.popitem(last=False)
+        self._contexts.put(key, context)
         return context
 
     def cached_names(self) -> list[str]:
         """The names whose leaves are cached, least recently used first."""
-        with self._lock:
-            return list(self._leaves)
+        return self._leaves.keys()
 
     def _sign_leaf(self, name: str) -> Leaf:
         san: x509.GeneralName

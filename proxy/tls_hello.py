@@ -3,8 +3,9 @@ versions), not TLS, or not enough bytes yet to tell."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 CONTENT_HANDSHAKE: Final = 0x16
 HANDSHAKE_CLIENT_HELLO: Final = 0x01
@@ -209,34 +210,49 @@ def _server_name(data: _Reader) -> str | None:
 
 
 def _alpn(data: _Reader) -> tuple[str, ...]:
-    protocols = data.vector(2, "the ALPN list")
-    if not data.is_done():
-        raise _Malformed("bytes after the ALPN list")
-    offered = []
-    while not protocols.is_done():
-        name = protocols.vector(1, "an ALPN protocol")
-        raw = name.rest()
-        if not raw:
-            raise _Malformed("an empty ALPN protocol name")
-        # Protocol ids are bytes; latin-1 keeps each byte one character, as ssl expects back.
-        offered.append(raw.decode("latin-1"))
-    if not offered:
-        raise _Malformed("an empty ALPN list")
-    return tuple(offered)
+    return _listed(data, 2, "the ALPN list", _alpn_protocol, "an empty ALPN list")
+
+
+def _alpn_protocol(listed: _Reader) -> str:
+    raw = listed.vector(1, "an ALPN protocol").rest()
+    if not raw:
+        raise _Malformed("an empty ALPN protocol name")
+    # Protocol ids are bytes; latin-1 keeps each byte one character, as ssl expects back.
+    return raw.decode("latin-1")
 
 
 def _supported_versions(data: _Reader) -> tuple[int, ...]:
-    listed = data.vector(1, "supported versions")
+    return _listed(data, 1, "the supported versions", _version, "no supported version")
+
+
+def _version(listed: _Reader) -> int | None:
+    version = listed.uint(2)
+    return None if _is_grease(version) else version
+
+
+T = TypeVar("T")
+
+
+def _listed(
+    data: _Reader,
+    length_size: int,
+    what: str,
+    read: Callable[[_Reader], T | None],
+    if_empty: str,
+) -> tuple[T, ...]:
+    """The items of an extension that is one list, each read by `read` (None: skipped);
+    _Malformed, saying `if_empty`, when none is left."""
+    listed = data.vector(length_size, what)
     if not data.is_done():
-        raise _Malformed("bytes after the supported versions")
-    versions = []
+        raise _Malformed(f"bytes after {what}")
+    items = []
     while not listed.is_done():
-        version = listed.uint(2)
-        if not _is_grease(version):
-            versions.append(version)
-    if not versions:
-        raise _Malformed("no supported version")
-    return tuple(versions)
+        item = read(listed)
+        if item is not None:
+            items.append(item)
+    if not items:
+        raise _Malformed(if_empty)
+    return tuple(items)
 
 
 def _is_grease(value: int) -> bool:

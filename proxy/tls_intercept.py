@@ -409,24 +409,25 @@ class TlsInterception:
                 self._finish_server()
 
     def _finish_client(self) -> None:
-        if self.client_done:
-            return
-        self.client_done = True
-        if self._upstream is not None and self.phase is Phase.OPEN:
-            self._drain_outgoing()
-            _send_close_notify(self._upstream)
-            self.close_notify_bytes_to_server = self._up_out.pending
-            self._drain_outgoing()
+        if not self.client_done:
+            self.client_done = True
+            self.close_notify_bytes_to_server = self._close_notify(self._upstream, self._up_out)
 
     def _finish_server(self) -> None:
-        if self.server_done:
-            return
-        self.server_done = True
-        if self._client is not None and self.phase is Phase.OPEN:
-            self._drain_outgoing()
-            _send_close_notify(self._client)
-            self.close_notify_bytes_to_client = self._client_out.pending
-            self._drain_outgoing()
+        if not self.server_done:
+            self.server_done = True
+            self.close_notify_bytes_to_client = self._close_notify(self._client, self._client_out)
+
+    def _close_notify(self, end: ssl.SSLObject | None, out: ssl.MemoryBIO) -> int:
+        """Send flowtap's close_notify through `end` (writing to `out`) if its TLS is open; the
+        size of the alert, now at the end of the outgoing bytes (0 if none was sent)."""
+        if end is None or self.phase is not Phase.OPEN:
+            return 0
+        self._drain_outgoing()
+        _send_close_notify(end)
+        alert_bytes = out.pending
+        self._drain_outgoing()
+        return alert_bytes
 
     def _drain_outgoing(self) -> None:
         if self._up_out.pending:
