@@ -592,8 +592,6 @@ class FlowSelection:
         self._needs_head = any(t.stage is Stage.HEAD for t in _terms(flow_filter.expr))
         self._undecided: dict[int, _Undecided] = {}
         self._decided: dict[int, bool] = {}
-        self.done_with: set[int] = set()
-        """Flows whose data is no longer needed (until they close)."""
 
     def opened(self, flow: Flow) -> bool:
         """Note a new flow; True when its data is needed to decide."""
@@ -607,15 +605,9 @@ class FlowSelection:
         self._undecided[flow.id] = _Undecided(scan)
         return True
 
-    def data(self, flow: Flow, direction: Direction, data: bytes) -> bool:
-        """Look at the next bytes of a flow; False (and the id in `done_with`) once no more of
-        them are needed."""
-        if not self._wants(flow, direction, data):
-            self.done_with.add(flow.id)
-            return False
-        return True
-
-    def _wants(self, flow: Flow, direction: Direction, data: bytes) -> bool:
+    def data(self, flow: Flow, direction: Direction, data: bytes | memoryview) -> bool:
+        """Look at the next bytes of a flow (kept only in copies, so a view of a buffer that is
+        reused afterwards will do); False once no more of them are needed."""
         pending = self._undecided.get(flow.id)
         if pending is None:
             return False
@@ -640,7 +632,6 @@ class FlowSelection:
 
     def closed(self, flow: Flow) -> bool:
         """Whether the flow, now ended, is selected."""
-        self.done_with.discard(flow.id)
         verdict = self._decided.pop(flow.id, None)
         if verdict is not None:
             return verdict

@@ -95,8 +95,8 @@ def _events(
     result: ShowResult,
     selection: FlowSelection | None = None,
 ) -> Iterator[CaptureEvent]:
-    """The capture's events (the data a `selection` asks for); a damage part-way ends them
-    and is noted in `result`."""
+    """The capture's events (without data: a `selection` is handed the bytes it asks for);
+    a damage part-way ends them and is noted in `result`."""
 
     def note(exc: DamagedCaptureError) -> None:
         result.problem = f"{exc}; shown is what was read before that point"
@@ -109,7 +109,7 @@ def _events(
                 reader,
                 on_damage=note,
                 data_for=selection.opened,
-                data_stopped=selection.done_with,
+                on_data=selection.data,
             )
     finally:
         result.packets_read = reader.packets_read
@@ -125,12 +125,9 @@ def list_flows(
     selection = FlowSelection(flow_filter) if flow_filter is not None else None
     seen = 0
     with CaptureReader(path) as reader:
+        # No FlowData comes: a payload filter reads the bytes it needs through `selection.data`.
         for event in _events(reader, (), result, selection):
-            if isinstance(event, FlowData):
-                # Only a payload filter asks for data, and only until it has decided.
-                if selection is not None:
-                    selection.data(flows[event.flow_id].flow, event.direction, event.data)
-            elif isinstance(event, FlowGap):
+            if isinstance(event, FlowGap):
                 listed = flows[event.flow_id]
                 if event.direction is Direction.UP:
                     listed.gap_bytes_up += event.size_bytes

@@ -6,7 +6,15 @@ import socket
 
 from flowtap.inspector.pcapfile.reader import Segment
 from flowtap.inspector.pcapfile.reassembly import CaptureEvent, FlowGap, Reassembler
-from flowtap.proxy.flow import CloseReason, Direction, FlowClosed, FlowData, FlowOpened, FlowState
+from flowtap.proxy.flow import (
+    CloseReason,
+    Direction,
+    Flow,
+    FlowClosed,
+    FlowData,
+    FlowOpened,
+    FlowState,
+)
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 CLIENT = socket.inet_aton("10.0.0.1")
@@ -285,20 +293,26 @@ def test_data_for_limits_payload_copies_but_not_accounting() -> None:
     assert [e.size_bytes for e in events if isinstance(e, FlowGap)] == [2]
 
 
-def test_no_more_data_is_built_for_a_flow_once_its_id_is_stopped() -> None:
+def test_a_data_sink_gets_views_instead_of_events_until_it_wants_no_more() -> None:
     c = C_ISN + 1
-    stopped: set[int] = set()
-    reassembler = Reassembler(data_stopped=stopped)
+    seen: list[tuple[int, Direction, bytes]] = []
+
+    def sink(flow: Flow, direction: Direction, data: memoryview) -> bool:
+        seen.append((flow.id, direction, bytes(data)))
+        return len(seen) < 2
+
+    reassembler = Reassembler(on_data=sink)
     events: list[CaptureEvent] = []
     for segment in handshake():
         events += reassembler.feed(segment)
     events += reassembler.feed(seg(True, c, ACK, b"abc"))
-    stopped.add(1)
+    events += reassembler.feed(seg(False, S_ISN + 1, ACK, b"xy"))
     events += reassembler.feed(seg(True, c + 3, ACK, b"def"))
     events += reassembler.finish()
-    assert [e.data for e in events if isinstance(e, FlowData)] == [b"abc"]
+    assert seen == [(1, Direction.UP, b"abc"), (1, Direction.DOWN, b"xy")]
+    assert not any(isinstance(e, FlowData) for e in events)
     (end,) = closed(events)
-    assert end.flow.bytes_up == 6
+    assert (end.flow.bytes_up, end.flow.bytes_down) == (6, 2)
 
 
 def test_bytes_waiting_behind_holes_are_bounded_across_flows() -> None:

@@ -71,6 +71,9 @@ class FlowGap:
 
 
 CaptureEvent = FlowOpened | FlowData | FlowGap | FlowClosed
+DataSink = Callable[[Flow, Direction, memoryview], bool]
+"""Takes a flow's next bytes as a view, valid only during the call (a consumer that searches
+them needs no copy); False: no more of that flow's bytes are wanted."""
 
 _FIN = 0x01
 _SYN = 0x02
@@ -156,12 +159,12 @@ class Reassembler:
         self,
         *,
         data_for: Callable[[Flow], bool] | None = None,
-        data_stopped: Container[int] = (),
+        on_data: DataSink | None = None,
         max_buffered_bytes: int = 8 << 20,
         max_total_buffered_bytes: int = 64 << 20,
     ) -> None:
         self._data_for = data_for
-        self._data_stopped = data_stopped
+        self._on_data = on_data
         self._max_buffered = max_buffered_bytes
         self._max_total_buffered = max_total_buffered_bytes
         self._buffered_total = 0
@@ -299,11 +302,7 @@ class Reassembler:
         payload = segment.payload
         stream.delivered += len(payload)
         if conversation.wants_data:
-            flow_id = conversation.flow.id
-            if flow_id in self._data_stopped:
-                conversation.wants_data = False
-            else:
-                self._out.append(FlowData(flow_id, direction, segment.timestamp, bytes(payload)))
+            self._data(conversation, direction, segment.timestamp, payload)
         missing = segment.length - len(payload)
         if missing > 0:
             stream.gap_bytes += missing
@@ -437,14 +436,19 @@ class Reassembler:
             stream.delivered += size
             stream.offset += size
             if conversation.wants_data:
-                flow_id = conversation.flow.id
-                if flow_id in self._data_stopped:
-                    conversation.wants_data = False
-                else:
-                    self._out.append(FlowData(flow_id, direction, timestamp, bytes(piece)))
+                self._data(conversation, direction, timestamp, piece)
         if end > stream.offset:
             # The capture cut this packet short (snap length): the rest is missing.
             self._gap(conversation, stream, direction, end - stream.offset, timestamp)
+
+    def _data(
+        self, conversation: _Conversation, direction: Direction, timestamp: float, data: memoryview
+    ) -> None:
+        on_data = self._on_data
+        if on_data is None:
+            self._out.append(FlowData(conversation.flow.id, direction, timestamp, bytes(data)))
+        elif not on_data(conversation.flow, direction, data):
+            conversation.wants_data = False
 
     def _gap(
         self,
@@ -566,16 +570,17 @@ def capture_events(
     flow_ids: Container[int] | None = None,
     *,
     data_for: Callable[[Flow], bool] | None = None,
-    data_stopped: Container[int] = (),
+    on_data: DataSink | None = None,
 ) -> Iterator[CaptureEvent]:
     """`read_capture` over an open reader, whose counters then say what was read and skipped.
 
-    `data_for`, called once as each flow opens, says whether to build its `FlowData`
-    (instead of `flow_ids`); no more is built for a flow once its id is in `data_stopped`.
+    `data_for`, called once as each flow opens, says whether to read its bytes (instead of
+    `flow_ids`). They come as `FlowData` events, or, with `on_data`, as views passed to it
+    (no copy, no event) until it returns False for that flow.
     """
     if data_for is None and flow_ids is not None:
         data_for = _ids_in(flow_ids)
-    reassembler = Reassembler(data_for=data_for, data_stopped=data_stopped)
+    reassembler = Reassembler(data_for=data_for, on_data=on_data)
     feed = reassembler.feed
     try:
         for segment in reader.segments():
@@ -599,7 +604,7 @@ def readable_events(
     *,
     on_damage: Callable[[DamagedCaptureError], None],
     data_for: Callable[[Flow], bool] | None = None,
-    data_stopped: Container[int] = (),
+    on_data: DataSink | None = None,
 ) -> Iterator[CaptureEvent]:
     """`capture_events` for the commands (show, replay, serve), which fail the same way.
 
@@ -608,7 +613,7 @@ def readable_events(
     part-way ends the events, every flow read so far closed, and goes to `on_damage`.
     """
     try:
-        yield from capture_events(reader, flow_ids, data_for=data_for, data_stopped=data_stopped)
+        yield from capture_events(reader, flow_ids, data_for=data_for, on_data=on_data)
     except DamagedCaptureError as exc:
         if exc.packets_read == 0:
             raise FlowtapError(f"{exc}: nothing could be read; copy or capture it again") from None
