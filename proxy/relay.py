@@ -34,6 +34,7 @@ from .flow import (
     Flow,
     FlowData,
     FlowOpened,
+    TlsFacts,
     Transport,
     next_flow_id,
 )
@@ -160,6 +161,7 @@ class _TcpFlow:
     """A TCP flow owned by one worker: connect upstream, relay both ways, close exactly once."""
 
     is_tls = False
+    tls_facts: TlsFacts | None = None
 
     __slots__ = (
         "client",
@@ -202,7 +204,7 @@ class _TcpFlow:
             return
         if self.connecting:
             if fd == self.server.fileno():
-                self._finish_connect(mask)
+                self.owner.finish_connect(self)
             return
         is_client = fd == self.client.fileno()
         reading, writing = (self.up, self.down) if is_client else (self.down, self.up)
@@ -364,30 +366,9 @@ class _TcpFlow:
             pipe.pending = pending[sent:]
             pipe.writable = False
 
-    def _finish_connect(self, mask: int) -> None:
-        err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self.owner.fail_connect(self, err)
-            return
-        try:
-            self.server.getpeername()
-        except OSError:
-            return  # not connected yet: a stale event for a reused descriptor
-        self.connecting = False
-        self.owner.connected(self)
-
     def _reset(self, is_client: bool, text: str) -> None:
         reason = CloseReason.CLIENT_RESET if is_client else CloseReason.SERVER_RESET
         self.owner.close_flow(self, reason, reset=True, error=text)
-
-    def snapshot(self, reason: CloseReason, error: str | None) -> Flow:
-        return self.flow.closed(
-            ended_at=time.time(),
-            bytes_up=self.up.count,
-            bytes_down=self.down.count,
-            reason=reason,
-            error=error,
-        )
 
 
 class _RewritingFlow(_TcpFlow):
@@ -768,7 +749,7 @@ class _TcpFlows:
             deadline = time.monotonic() + self.config.connect_timeout_s
             self.worker.call_at(deadline, functools.partial(self._connect_deadline, tcp))
         else:
-            self.fail_connect(tcp, err)
+            self._fail_connect(tcp, err)
 
     def _connect_deadline(self, tcp: _TcpFlow | TlsTcpFlow, now: float) -> None:
         if tcp.connecting and not tcp.closed:
@@ -779,8 +760,22 @@ class _TcpFlows:
                 f"no answer from {tcp.flow.server} within {self.config.connect_timeout_s:g} s",
             )
 
-    def connected(self, tcp: _TcpFlow | TlsTcpFlow) -> None:
+    def finish_connect(self, tcp: _TcpFlow | TlsTcpFlow) -> None:
+        """The upstream socket of `tcp`, connecting, has an event: relay if it connected,
+        close the flow if it failed."""
+        err = tcp.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail_connect(tcp, err)
+            return
+        try:
+            tcp.server.getpeername()
+        except OSError:
+            return  # not connected yet: a stale event for a reused descriptor
+        self._connected(tcp)
+
+    def _connected(self, tcp: _TcpFlow | TlsTcpFlow) -> None:
         if not tcp.is_tls:
+            tcp.connecting = False
             prelude = cast(_TcpFlow, tcp).prelude
             if prelude is not None:
                 self._deliver_prelude(cast(_TcpFlow, tcp), prelude)
@@ -822,7 +817,7 @@ class _TcpFlows:
             tcp.queued = True
             self.ready.append(tcp)
 
-    def fail_connect(self, tcp: _TcpFlow | TlsTcpFlow, err: int) -> None:
+    def _fail_connect(self, tcp: _TcpFlow | TlsTcpFlow, err: int) -> None:
         if err in (errno.ENETUNREACH, errno.EHOSTUNREACH):
             failure = Failure.NETWORK_UNREACHABLE
         else:
@@ -869,7 +864,16 @@ class _TcpFlows:
                 else:
                     sock.close()
         del self.flows[tcp.flow.id]
-        worker.emit_closed(tcp.snapshot(reason, error))
+        worker.emit_closed(
+            tcp.flow.closed(
+                ended_at=time.time(),
+                bytes_up=tcp.up.count,
+                bytes_down=tcp.down.count,
+                reason=reason,
+                error=error,
+                tls=tcp.tls_facts,
+            )
+        )
         if self._accept_resume_at is not None and not worker.stopping:
             # A descriptor is free: try accepting again now.
             self._accept_resume_at = time.monotonic()

@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .events import Bus
-from .flow import CloseReason, Direction, Flow, FlowData, FlowWire
+from .flow import CloseReason, Direction, Flow, FlowData, FlowWire, TlsFacts
 from .tls_intercept import Phase, TlsInterception, TlsSettings
 
 if TYPE_CHECKING:
@@ -39,9 +39,7 @@ class TlsWorker(Protocol):
         self, tcp: TlsTcpFlow, reason: CloseReason, *, reset: bool = False, error: str | None = None
     ) -> None: ...
 
-    def connected(self, tcp: TlsTcpFlow) -> None: ...
-
-    def fail_connect(self, tcp: TlsTcpFlow, err: int) -> None: ...
+    def finish_connect(self, tcp: TlsTcpFlow) -> None: ...
 
 
 class _Count:
@@ -112,7 +110,7 @@ class TlsTcpFlow:
             return
         if self.connecting:
             if fd == self.server.fileno():
-                self._finish_connect()
+                self.worker.finish_connect(self)
             return
         is_client = fd == self.client.fileno()
         # While a side has bytes to read, reading reports its error after them (an alert that
@@ -147,17 +145,6 @@ class TlsTcpFlow:
         else:
             self.tls.to_server.clear()
             self._server_shut = True
-
-    def _finish_connect(self) -> None:
-        err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self.worker.fail_connect(self, err)
-            return
-        try:
-            self.server.getpeername()
-        except OSError:
-            return  # not connected yet: a stale event for a reused descriptor
-        self.worker.connected(self)
 
     def on_deadline(self, now: float) -> None:
         """The handshake deadline passed: a flow still handshaking closes with the reason."""
@@ -325,15 +312,10 @@ class TlsTcpFlow:
             text = f"tls: the {who} reset the connection during the handshake ({text})"
         self.worker.close_flow(self, reason, reset=True, error=text)
 
-    def snapshot(self, reason: CloseReason, error: str | None) -> Flow:
-        return self.flow.closed(
-            ended_at=time.time(),
-            bytes_up=self.up.count,
-            bytes_down=self.down.count,
-            reason=reason,
-            error=error,
-            tls=self.tls.facts,
-        )
+    @property
+    def tls_facts(self) -> TlsFacts | None:
+        """What the flow's TLS has shown (None until it is known)."""
+        return self.tls.facts
 
 
 class _SideFailed(Exception):

@@ -32,7 +32,7 @@ from .flow import (
     Transport,
     next_flow_id,
 )
-from .udp_sessions import UdpSessions
+from .udp_sessions import Session, UdpSessions
 
 if TYPE_CHECKING:
     from .listener import BoundListener
@@ -88,23 +88,11 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-class TransparentUdpSession:
+class TransparentUdpSession(Session):
     """One (client, original destination) pair: an upstream socket connected to the
     destination and a reply socket bound to it, connected to the client."""
 
-    __slots__ = (
-        "bytes_down",
-        "bytes_up",
-        "closed",
-        "flow",
-        "key",
-        "last_active",
-        "owner",
-        "queued",
-        "reply",
-        "unsent",
-        "upstream",
-    )
+    __slots__ = ("key", "owner", "reply", "unsent", "upstream")
 
     def __init__(
         self,
@@ -115,17 +103,12 @@ class TransparentUdpSession:
         reply: socket.socket,
         now: float,
     ) -> None:
+        super().__init__(flow, now)
         self.owner = owner
         self.key = key
-        self.flow = flow
         self.upstream = upstream
         self.reply = reply
-        self.last_active = now
-        self.bytes_up = 0
-        self.bytes_down = 0
         self.unsent = 0
-        self.closed = False
-        self.queued = False
 
     def on_ready(self, fd: int, mask: int, now: float) -> None:
         if not self.closed:
@@ -325,12 +308,4 @@ class TransparentUdpListener(UdpSessions[SessionKey, "TransparentUdpSession"]):
         session.reply.close()
         unsent = f"{session.unsent} datagrams not sent" if session.unsent else None
         error = "; ".join(part for part in (note, unsent) if part) or None
-        self.worker.emit_closed(
-            session.flow.closed(
-                ended_at=time.time(),
-                bytes_up=session.bytes_up,
-                bytes_down=session.bytes_down,
-                reason=reason,
-                error=error,
-            )
-        )
+        self.worker.emit_closed(session.ended(reason, error))

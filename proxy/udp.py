@@ -51,7 +51,7 @@ from .flow import (
     Transport,
     next_flow_id,
 )
-from .udp_sessions import UdpSessions
+from .udp_sessions import Session, UdpSessions
 
 if TYPE_CHECKING:
     from .listener import BoundListener, ListenerSpec
@@ -124,22 +124,16 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-class UdpSession:
+class UdpSession(Session):
     """One client address of a UDP listener, with its connected upstream socket."""
 
     __slots__ = (
-        "bytes_down",
-        "bytes_up",
         "client_addr",
-        "closed",
         "dropped",
         "dropped_text",
         "failure",
-        "flow",
-        "last_active",
         "note",
         "owner",
-        "queued",
         "refused",
         "sock",
         "sparse",
@@ -155,15 +149,10 @@ class UdpSession:
         sock: socket.socket,
         now: float,
     ) -> None:
+        super().__init__(flow, now)
         self.owner = owner
-        self.flow = flow
         self.client_addr = client_addr
         self.sock = sock
-        self.last_active = now
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.closed = False
-        self.queued = False
         self.sparse = True
         self.refused = 0
         self.too_large = 0
@@ -514,15 +503,7 @@ class UdpListener(UdpSessions[ClientAddr, "UdpSession"]):
         del self.sessions[session.client_addr]
         self.worker.unwatch(session.sock.fileno())
         session.sock.close()
-        self.worker.emit_closed(
-            session.flow.closed(
-                ended_at=time.time(),
-                bytes_up=session.bytes_up,
-                bytes_down=session.bytes_down,
-                reason=reason,
-                error=session.problems(),
-            )
-        )
+        self.worker.emit_closed(session.ended(reason, session.problems()))
 
     # -- trouble, counted on the flow and logged once ----------------------------------------
 

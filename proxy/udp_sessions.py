@@ -6,8 +6,9 @@ from __future__ import annotations
 import collections
 import math
 import select
+import time
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .flow import CloseReason, Flow
 
@@ -21,11 +22,29 @@ if TYPE_CHECKING:
 DRAIN_QUIET_S = 0.25
 
 
-class Session(Protocol):
-    """A UDP session as the service sees it."""
+class Session:
+    """What every kind of UDP session holds: its flow, when it was last active, its byte
+    counts, and whether it is closed or waits in the worker's queue for another turn."""
 
-    last_active: float
-    flow: Flow
+    __slots__ = ("bytes_down", "bytes_up", "closed", "flow", "last_active", "queued")
+
+    def __init__(self, flow: Flow, now: float) -> None:
+        self.flow = flow
+        self.last_active = now
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.closed = False
+        self.queued = False
+
+    def ended(self, reason: CloseReason, error: str | None) -> Flow:
+        """The session's flow as it ends now, with its byte counts."""
+        return self.flow.closed(
+            ended_at=time.time(),
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            reason=reason,
+            error=error,
+        )
 
 
 K = TypeVar("K", bound=Hashable)
