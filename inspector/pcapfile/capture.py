@@ -34,7 +34,7 @@ from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.events import Chunk
 from flowtap.proxy.flow import Direction, FlowEvent, FlowWire
 
-from .frames import SegmentFields
+from .frames import Payload, SegmentFields
 from .pcap import PcapFile
 from .pcapng import PcapNgFile
 from .staging import capture_write_error
@@ -137,11 +137,7 @@ class RotatingCapture:
         return current
 
     def write_packet(
-        self,
-        timestamp_ns: int,
-        header: bytes,
-        payload: bytes | memoryview,
-        comment: str | None = None,
+        self, timestamp_ns: int, header: bytes, payload: Payload, comment: str | None = None
     ) -> None:
         self._file_for_next_record().write_packet(timestamp_ns, header, payload, comment)
 

@@ -29,6 +29,7 @@ ETH_HEADER = struct.Struct("!6s6sH")
 IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 IPV6_HEADER = struct.Struct("!IHBB16s16s")
 UDP_HEADER = struct.Struct("!HHHH")
+U32 = struct.Struct("!I")
 TCP_V4_FIELDS = "6s6sHBBHHHBBH4s4sHHIIBBHHH"  # Ethernet, IPv4, TCP
 TCP_V6_FIELDS = "6s6sHIHBB16s16sHHIIBBHHH"  # Ethernet, IPv6, TCP
 ETH_IPV4_TCP = struct.Struct("!" + TCP_V4_FIELDS)
@@ -36,6 +37,8 @@ ETH_IPV6_TCP = struct.Struct("!" + TCP_V6_FIELDS)
 SegmentFields = tuple[bytes | int, ...]
 """The fields of a TCP segment's Ethernet, IP and TCP headers, in `TCP_V4_FIELDS` or
 `TCP_V6_FIELDS` order (the Ethernet type, third, says which)."""
+Payload = bytes | memoryview
+"""A packet's payload: bytes of its own, or a view of the buffer it was received into."""
 
 
 def fold(total: int) -> int:

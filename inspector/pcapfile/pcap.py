@@ -11,6 +11,8 @@ from .frames import (
     SNAPLEN,
     TCP_V4_FIELDS,
     TCP_V6_FIELDS,
+    U32,
+    Payload,
     SegmentFields,
 )
 from .staging import StagedFile
@@ -20,7 +22,6 @@ from .staging import StagedFile
 # struct, in one call, on the relay thread (see `frame_segment`).
 _PCAP_HEADER = struct.Struct("!IHHiIII")
 _PCAP_RECORD = struct.Struct("!IIII")
-_U32 = struct.Struct("!I")
 
 
 class PcapFile(StagedFile):
@@ -37,7 +38,7 @@ class PcapFile(StagedFile):
 
     @staticmethod
     def _record_size(head: bytes) -> int:
-        return 16 + int(_U32.unpack_from(head, 8)[0])
+        return 16 + int(U32.unpack_from(head, 8)[0])
 
     @staticmethod
     def record_layout(header_size: int, payload_size: int) -> tuple[int, int]:
@@ -65,11 +66,7 @@ class PcapFile(StagedFile):
         return at + 16 + size
 
     def write_packet(
-        self,
-        timestamp_ns: int,
-        header: bytes,
-        payload: bytes | memoryview,
-        comment: str | None = None,
+        self, timestamp_ns: int, header: bytes, payload: Payload, comment: str | None = None
     ) -> None:
         size = len(header) + len(payload)
         sec, ns = divmod(timestamp_ns, 1_000_000_000)

@@ -18,6 +18,8 @@ from .frames import (
     TCP_V4_FIELDS,
     TCP_V6_FIELDS,
     TCP_WINDOW,
+    U32,
+    Payload,
     SegmentFields,
     Side,
 )
@@ -27,7 +29,6 @@ from .staging import StagedFile
 # follow the file's): a record's own header and its packet's headers are then packed by one
 # struct, in one call, on the relay thread (see `frame_segment`).
 _PCAPNG_EPB = struct.Struct("!IIIIIII")
-_U32 = struct.Struct("!I")
 _OPT = struct.Struct("!HH")
 _DSB_TYPE = 0x0000000A  # Decryption Secrets Block
 _SECRETS_TLS_KEY_LOG = 0x544C534B  # 'TLSK': NSS key log lines
@@ -63,11 +64,11 @@ class PcapNgFile(StagedFile):
         shb_options = _OPT.pack(4, len(app)) + app + _pad4(len(app)) + _OPT.pack(0, 0)
         shb_length = 28 + len(shb_options)
         shb = (
-            _U32.pack(0x0A0D0D0A)
-            + _U32.pack(shb_length)
+            U32.pack(0x0A0D0D0A)
+            + U32.pack(shb_length)
             + struct.pack("!IHHq", 0x1A2B3C4D, 1, 0, -1)
             + shb_options
-            + _U32.pack(shb_length)
+            + U32.pack(shb_length)
         )
         name = b"flowtap"
         idb_options = (
@@ -82,13 +83,13 @@ class PcapNgFile(StagedFile):
         idb = (
             struct.pack("!IIHHI", 1, idb_length, LINKTYPE_ETHERNET, 0, SNAPLEN)
             + idb_options
-            + _U32.pack(idb_length)
+            + U32.pack(idb_length)
         )
         self._start(shb + idb)
 
     @staticmethod
     def _record_size(head: bytes) -> int:
-        return int(_U32.unpack_from(head, 4)[0])  # every block's total length
+        return int(U32.unpack_from(head, 4)[0])  # every block's total length
 
     @staticmethod
     def record_layout(header_size: int, payload_size: int) -> tuple[int, int]:
@@ -109,7 +110,7 @@ class PcapNgFile(StagedFile):
         region[at + 28 : at + 28 + len(header)] = header
         end = at + 28 + size
         region[end : end + pad] = _PADDING[size & 3]
-        _U32.pack_into(region, end + pad, total)
+        U32.pack_into(region, end + pad, total)
         return end + pad + 4
 
     def frame_segment(
@@ -132,14 +133,10 @@ class PcapNgFile(StagedFile):
         pad = _PADDING[len(key_log) & 3]
         total = 20 + len(key_log) + len(pad)
         head = struct.pack("!IIII", _DSB_TYPE, total, _SECRETS_TLS_KEY_LOG, len(key_log))
-        self.add_packet(head, key_log, pad + _U32.pack(total))
+        self.add_packet(head, key_log, pad + U32.pack(total))
 
     def write_packet(
-        self,
-        timestamp_ns: int,
-        header: bytes,
-        payload: bytes | memoryview,
-        comment: str | None = None,
+        self, timestamp_ns: int, header: bytes, payload: Payload, comment: str | None = None
     ) -> None:
         size = len(header) + len(payload)
         tail = _PADDING[size & 3]
@@ -150,7 +147,7 @@ class PcapNgFile(StagedFile):
         epb = _PCAPNG_EPB.pack(
             6, total, 0, timestamp_ns >> 32, timestamp_ns & 0xFFFFFFFF, size, size
         )
-        self.add_packet(epb + header, payload, tail + _U32.pack(total))
+        self.add_packet(epb + header, payload, tail + U32.pack(total))
 
 
 def frame_v4_chunk(region: memoryview, timestamp_ns: int, src: Side, dst: Side, size: int) -> int:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from flowtap.proxy.errors import FlowtapError, describe_failure, log_failure
 
+from .frames import Payload
+
 log = logging.getLogger(__name__)
 
 
@@ -226,7 +228,7 @@ class StagedFile:
             if self._fill == self._STAGING_BYTES:
                 self._hand_over()
 
-    def add_packet(self, head: bytes, payload: bytes | memoryview, tail: bytes) -> None:
+    def add_packet(self, head: bytes, payload: Payload, tail: bytes) -> None:
         """`add` of the three parts of one record, in one call (the per-packet path)."""
         middle = len(head) + len(payload)
         end = self._fill + middle + len(tail)

@@ -69,6 +69,7 @@ from .frames import (
     TCP_WINDOW,
     TCP_WINDOW_SHIFT,
     UDP_HEADER,
+    Payload,
     SegmentFields,
     Side,
     fold,
@@ -98,11 +99,7 @@ class PacketFile(Protocol):
     def size_bytes(self) -> int: ...
 
     def write_packet(
-        self,
-        timestamp_ns: int,
-        header: bytes,
-        payload: bytes | memoryview,
-        comment: str | None = None,
+        self, timestamp_ns: int, header: bytes, payload: Payload, comment: str | None = None
     ) -> None: ...
 
     def flush(self, *, wait: bool = True) -> None: ...
@@ -288,7 +285,7 @@ class _Conversation:
         src: Side,
         dst: Side,
         flags: int,
-        payload: bytes | memoryview,
+        payload: Payload,
         *,
         options: bytes = b"",
         checksums: bool,
@@ -335,7 +332,7 @@ class _Conversation:
             offset, flags, TCP_WINDOW, 0, 0,
         )  # fmt: skip
 
-    def udp_header(self, src: Side, dst: Side, payload: bytes | memoryview) -> bytes:
+    def udp_header(self, src: Side, dst: Side, payload: Payload) -> bytes:
         """Ethernet, IP and UDP headers (with a correct UDP checksum) for one datagram."""
         udp_length = 8 + len(payload)
         pseudo = words(src.ip) + words(dst.ip) + PROTO_UDP + udp_length
@@ -628,7 +625,7 @@ class CaptureWriter:
         dst: Side,
         flags: int,
         timestamp_ns: int,
-        payload: bytes | memoryview = b"",
+        payload: Payload = b"",
         *,
         options: bytes = b"",
         comment: str | None = None,
