@@ -90,6 +90,7 @@ EXPRESSIONS = [
     "! udp && bytes > 10",
     "tcp and (contains PING or contains GET) or udp",
     "up contains PING and state closed",
+    'down contains "\\x07example"',
     "not (port {http} or port {redis}) and tcp",
 ]
 
