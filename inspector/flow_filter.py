@@ -200,23 +200,28 @@ class Not:
         return None if verdict is None else not verdict
 
 
+class _EndpointTerm:
+    """A term about a flow's transport and endpoints, which are known once it opens."""
+
+    __slots__ = ()
+    stage = Stage.OPEN
+
+
 @dataclass(frozen=True, slots=True)
-class IsTransport:
+class IsTransport(_EndpointTerm):
     """`tcp`, `udp`."""
 
     transport: Transport
-    stage = Stage.OPEN
 
     def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
         return facts.flow.transport is self.transport
 
 
 @dataclass(frozen=True, slots=True)
-class IsFamily:
+class IsFamily(_EndpointTerm):
     """`unix`, `ip` (IPv4), `ip6`: an end of the flow is of this family."""
 
     family: str
-    stage = Stage.OPEN
 
     def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
         ends = (facts.flow.client, facts.flow.server)
@@ -227,14 +232,13 @@ class IsFamily:
 
 
 @dataclass(frozen=True, slots=True)
-class Ports:
+class Ports(_EndpointTerm):
     """`port N`, `src port > 1024`, `portrange A-B`, `tcp.port == N`: an end's port is in
     [`low`, `high`] (`!=` is `not`)."""
 
     side: Side
     low: int
     high: int
-    stage = Stage.OPEN
 
     def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
         return any(
@@ -247,12 +251,11 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
-class Net:
+class Net(_EndpointTerm):
     """`host ADDR` (a one-address net), `net CIDR`, `ip.addr == ADDR` (`!=` is `not`)."""
 
     side: Side
     network: Network
-    stage = Stage.OPEN
 
     def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
         inside = [_in_network(end.host, self.network) for end in _addresses(facts.flow, self.side)]
@@ -264,12 +267,11 @@ class Net:
 
 
 @dataclass(frozen=True, slots=True)
-class HostName:
+class HostName(_EndpointTerm):
     """`host NAME`: the name a proxy client asked for (SOCKS, HTTP proxy; `!=` is `not`)."""
 
     side: Side
     name: str
-    stage = Stage.OPEN
 
     def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
         requested = facts.flow.requested
@@ -378,27 +380,30 @@ class Word:
 
 
 @dataclass(frozen=True, slots=True)
-class Contains:
-    """`contains "GET /"` in either direction, or `up contains` / `down contains`."""
+class _PayloadTerm:
+    """A term about the bytes of one `direction` (None: either): whether a scan of the
+    flow's payload has `found` it so far."""
 
     direction: Direction | None
-    needle: bytes
     stage = Stage.PAYLOAD
 
     def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
-        return found(self)
+        # Contains and Matches are the only payload terms, so `self` is one of them.
+        return found(self)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
-class Matches:
+class Contains(_PayloadTerm):
+    """`contains "GET /"` in either direction, or `up contains` / `down contains`."""
+
+    needle: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Matches(_PayloadTerm):
     """`matches /regex/` (a bytes regex) in either direction, or one with `up`/`down`."""
 
-    direction: Direction | None
     pattern: re.Pattern[bytes]
-    stage = Stage.PAYLOAD
-
-    def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
-        return found(self)
 
 
 Payload = Contains | Matches
@@ -826,21 +831,16 @@ _OLD_KEYS = {
     "has": 'contains "{}"',
     "re": "matches /{}/",
 }
+# Wireshark's port and address fields: `tcp.port`, `udp.srcport`, `ip.dst`, `ipv6.addr`...
 _WIRESHARK_PORTS = {
-    "tcp.port": (Transport.TCP, Side.EITHER),
-    "tcp.srcport": (Transport.TCP, Side.SRC),
-    "tcp.dstport": (Transport.TCP, Side.DST),
-    "udp.port": (Transport.UDP, Side.EITHER),
-    "udp.srcport": (Transport.UDP, Side.SRC),
-    "udp.dstport": (Transport.UDP, Side.DST),
+    f"{transport}.{field}": (transport, side)
+    for transport in (Transport.TCP, Transport.UDP)
+    for field, side in (("port", Side.EITHER), ("srcport", Side.SRC), ("dstport", Side.DST))
 }
 _WIRESHARK_ADDRESSES = {
-    "ip.addr": Side.EITHER,
-    "ip.src": Side.SRC,
-    "ip.dst": Side.DST,
-    "ipv6.addr": Side.EITHER,
-    "ipv6.src": Side.SRC,
-    "ipv6.dst": Side.DST,
+    f"{family}.{field}": side
+    for family in ("ip", "ipv6")
+    for field, side in (("addr", Side.EITHER), ("src", Side.SRC), ("dst", Side.DST))
 }
 _WIRESHARK_PAYLOADS = {
     "frame": None,
