@@ -52,10 +52,14 @@ log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")
 _IOV_MAX = 1024
-_FLUSH_DELAY_S = 0.005
-"""After a wake-up the server waits this long, so that one send carries many small events
-(a viewer redraws 20 times a second at most: it cannot tell)."""
-_EVENTS_PER_FRAME_BATCH = 64
+_FLUSH_DELAY_S = 0.05
+"""After a wake-up the server waits this long, so that one send carries many small events (a
+viewer redraws 20 times a second at most). Each wake-up of this thread takes the GIL from the
+relay threads once or more; at 5 ms, 200 wake-ups a second held up one round trip in a hundred
+of an interactive flow (p99 x4 with a viewer attached, benchmarks/latency.py), at 50 ms few."""
+_EVENTS_PER_FRAME_BATCH = 1024
+"""Events framed into one buffer between sends (each send lets go of the GIL): about a
+millisecond of this thread's time, so that a relay thread waits on it at most that long."""
 _COUNTS_INTERVAL_S = 0.5
 
 
@@ -577,7 +581,7 @@ class ControlServer:
         """Turn up to `_EVENTS_PER_FRAME_BATCH` waiting events into one buffer of frames (and,
         once none wait, the drop counts into notices).
 
-        Small batches, each followed by a send that lets go of the GIL, keep the relay
+        Bounded batches, each followed by a send that lets go of the GIL, keep the relay
         threads from waiting long for it; one buffer per batch keeps the per-event work to
         a header packed into it.
         """
