@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .events import Bus
@@ -194,42 +194,20 @@ def new_handshake(mode: Mode, policy: ProxyPolicy) -> Handshake:
     return HttpProxyServer(policy.credentials)
 
 
+@dataclass(slots=True, eq=False)
 class HandshakePhase:
     """One proxy-mode client from accept until its flow has a destination (or is refused)."""
 
-    __slots__ = (
-        "client",
-        "client_address",
-        "closed",
-        "deciding",
-        "handshake",
-        "listener_address",
-        "mode",
-        "policy",
-        "started_at",
-        "worker",
-    )
-
-    def __init__(
-        self,
-        worker: ProxyWorker,
-        mode: Mode,
-        policy: ProxyPolicy,
-        client: socket.socket,
-        client_address: Address,
-        listener_address: Address,
-        started_at: float,
-    ) -> None:
-        self.worker = worker
-        self.mode = mode
-        self.policy = policy
-        self.client = client
-        self.client_address = client_address
-        self.listener_address = listener_address
-        self.started_at = started_at
-        self.closed = False
-        self.deciding = False
-        self.handshake: Handshake | None = None
+    worker: ProxyWorker
+    mode: Mode
+    policy: ProxyPolicy
+    client: socket.socket
+    client_address: Address
+    listener_address: Address
+    started_at: float
+    closed: bool = field(default=False, init=False)
+    deciding: bool = field(default=False, init=False)
+    handshake: Handshake | None = field(default=None, init=False)
 
     def start(self) -> None:
         """Begin: read the client's handshake, or find a transparent flow's destination."""

@@ -17,6 +17,7 @@ import math
 import select
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import FlowtapError
@@ -88,27 +89,16 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+@dataclass(slots=True, eq=False, kw_only=True)
 class TransparentUdpSession(Session):
     """One (client, original destination) pair: an upstream socket connected to the
     destination and a reply socket bound to it, connected to the client."""
 
-    __slots__ = ("key", "owner", "reply", "unsent", "upstream")
-
-    def __init__(
-        self,
-        owner: TransparentUdpListener,
-        key: SessionKey,
-        flow: Flow,
-        upstream: socket.socket,
-        reply: socket.socket,
-        now: float,
-    ) -> None:
-        super().__init__(flow, now)
-        self.owner = owner
-        self.key = key
-        self.upstream = upstream
-        self.reply = reply
-        self.unsent = 0
+    owner: TransparentUdpListener
+    key: SessionKey
+    upstream: socket.socket
+    reply: socket.socket
+    unsent: int = field(default=0, init=False)
 
     def on_ready(self, fd: int, mask: int, now: float) -> None:
         if not self.closed:
@@ -260,7 +250,9 @@ class TransparentUdpListener(UdpSessions[SessionKey, "TransparentUdpSession"]):
         upstream, reply = sockets
         if len(self.sessions) >= self.max_sessions:
             self.close_session(next(iter(self.sessions.values())), CloseReason.IDLE_TIMEOUT)
-        session = TransparentUdpSession(self, key, flow, upstream, reply, now)
+        session = TransparentUdpSession(
+            flow=flow, last_active=now, owner=self, key=key, upstream=upstream, reply=reply
+        )
         self.worker.bus.emit(FlowOpened(flow))
         if not self.sessions and self.idle_timeout_s:
             self.deadline = now + self.idle_timeout_s
@@ -295,17 +287,10 @@ class TransparentUdpListener(UdpSessions[SessionKey, "TransparentUdpSession"]):
             return f"cannot relay to {Requested(*destination)}: {exc.strerror or exc}"
         return upstream, reply
 
-    def close_session(
-        self, session: TransparentUdpSession, reason: CloseReason, *, note: str | None = None
-    ) -> None:
-        """Close the session's sockets and emit its one `FlowClosed`."""
-        if session.closed:
-            return
-        session.closed = True
+    def _forget(self, session: TransparentUdpSession, note: str | None) -> str | None:
         del self.sessions[session.key]
         self.worker.unwatch(session.upstream.fileno())
         session.upstream.close()
         session.reply.close()
         unsent = f"{session.unsent} datagrams not sent" if session.unsent else None
-        error = "; ".join(part for part in (note, unsent) if part) or None
-        self.worker.emit_closed(session.ended(reason, error))
+        return "; ".join(part for part in (note, unsent) if part) or None

@@ -36,6 +36,7 @@ import socket
 import struct
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import FlowtapError
@@ -124,43 +125,22 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+@dataclass(slots=True, eq=False, kw_only=True)
 class UdpSession(Session):
     """One client address of a UDP listener, with its connected upstream socket."""
 
-    __slots__ = (
-        "client_addr",
-        "dropped",
-        "dropped_text",
-        "failure",
-        "note",
-        "owner",
-        "refused",
-        "sock",
-        "sparse",
-        "too_large",
-        "truncated",
-    )
-
-    def __init__(
-        self,
-        owner: UdpListener,
-        flow: Flow,
-        client_addr: ClientAddr,
-        sock: socket.socket,
-        now: float,
-    ) -> None:
-        super().__init__(flow, now)
-        self.owner = owner
-        self.client_addr = client_addr
-        self.sock = sock
-        self.sparse = True
-        self.refused = 0
-        self.too_large = 0
-        self.truncated = 0
-        self.dropped = 0
-        self.dropped_text = ""
-        self.failure: str | None = None
-        self.note: str | None = None
+    owner: UdpListener
+    client_addr: ClientAddr
+    sock: socket.socket
+    sparse: bool = field(default=True, init=False)
+    # What went wrong, counted as it happens and told when the session closes (`problems`).
+    refused: int = field(default=0, init=False)
+    too_large: int = field(default=0, init=False)
+    truncated: int = field(default=0, init=False)
+    dropped: int = field(default=0, init=False)
+    dropped_text: str = field(default="", init=False)
+    failure: str | None = field(default=None, init=False)
+    note: str | None = field(default=None, init=False)
 
     def on_ready(self, fd: int, mask: int, now: float) -> None:
         if not self.closed:
@@ -467,7 +447,7 @@ class UdpListener(UdpSessions[ClientAddr, "UdpSession"]):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SESSION_RCVBUF_BYTES)
         _want_coalesced(sock)
-        session = UdpSession(self, flow, addr, sock, now)
+        session = UdpSession(flow=flow, last_active=now, owner=self, client_addr=addr, sock=sock)
         self.worker.bus.emit(FlowOpened(flow))
         err = sock.connect_ex(listener.upstream_sockaddr)  # type: ignore[arg-type]
         if err:
@@ -491,19 +471,13 @@ class UdpListener(UdpSessions[ClientAddr, "UdpSession"]):
         self.worker.watch(sock.fileno(), _SESSION_EVENTS, session)
         return session
 
-    def close_session(
-        self, session: UdpSession, reason: CloseReason, *, note: str | None = None
-    ) -> None:
-        """Close the session's upstream socket and emit its one `FlowClosed`."""
-        if session.closed:
-            return
-        session.closed = True
+    def _forget(self, session: UdpSession, note: str | None) -> str | None:
         if note:
             session.note = note
         del self.sessions[session.client_addr]
         self.worker.unwatch(session.sock.fileno())
         session.sock.close()
-        self.worker.emit_closed(session.ended(reason, session.problems()))
+        return session.problems()
 
     # -- trouble, counted on the flow and logged once ----------------------------------------
 

@@ -8,6 +8,7 @@ import math
 import select
 import time
 from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .flow import CloseReason, Flow
@@ -22,19 +23,17 @@ if TYPE_CHECKING:
 DRAIN_QUIET_S = 0.25
 
 
+@dataclass(slots=True, eq=False, kw_only=True)
 class Session:
     """What every kind of UDP session holds: its flow, when it was last active, its byte
     counts, and whether it is closed or waits in the worker's queue for another turn."""
 
-    __slots__ = ("bytes_down", "bytes_up", "closed", "flow", "last_active", "queued")
-
-    def __init__(self, flow: Flow, now: float) -> None:
-        self.flow = flow
-        self.last_active = now
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.closed = False
-        self.queued = False
+    flow: Flow
+    last_active: float
+    bytes_up: int = field(default=0, init=False)
+    bytes_down: int = field(default=0, init=False)
+    closed: bool = field(default=False, init=False)
+    queued: bool = field(default=False, init=False)
 
     def ended(self, reason: CloseReason, error: str | None) -> Flow:
         """The session's flow as it ends now, with its byte counts."""
@@ -53,7 +52,7 @@ S = TypeVar("S", bound=Session)
 
 class UdpSessions(Generic[K, S]):
     """The sessions of one UDP listener, owned by one worker that delivers its socket's events;
-    subclasses read the listener (`_relay_up`) and close a session (`close_session`)."""
+    subclasses read the listener (`_relay_up`) and drop a closing session (`_forget`)."""
 
     __slots__ = (
         "closed",
@@ -90,6 +89,14 @@ class UdpSessions(Generic[K, S]):
 
     def close_session(self, session: S, reason: CloseReason, *, note: str | None = None) -> None:
         """Close the session's sockets and emit its one `FlowClosed`."""
+        if session.closed:
+            return
+        session.closed = True
+        error = self._forget(session, note)
+        self.worker.emit_closed(session.ended(reason, error))
+
+    def _forget(self, session: S, note: str | None) -> str | None:
+        """Drop a closing session and close its sockets; what went wrong in it (`note` too)."""
         raise NotImplementedError
 
     @property
