@@ -10,7 +10,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field
 from typing import Protocol
 
 from .events import Bus
@@ -89,42 +89,27 @@ class _Destination:
     bytes_down: int = 0
 
 
+@dataclass(slots=True, eq=False)
 class UdpAssociation:
     """One client's UDP ASSOCIATE, from the success reply until its TCP connection ends."""
 
-    __slots__ = (
-        "by_sockaddr",
-        "client_address",
-        "client_udp",
-        "closed",
-        "control",
-        "destinations",
-        "listener_address",
-        "pending",
-        "policy",
-        "relay",
-        "upstream",
-        "user",
-        "worker",
-    )
+    worker: AssociationWorker
+    control: socket.socket
+    client_address: Address
+    listener_address: Address
+    policy: ProxyPolicy
+    expected_client: InitVar[tuple[str, int]]
+    user: str | None
+    closed: bool = field(default=False, init=False)
+    relay: socket.socket = field(init=False)
+    client_udp: tuple[str, int] = field(init=False)
+    upstream: dict[int, socket.socket] = field(default_factory=dict, init=False)
+    destinations: dict[tuple[str, int], _Destination] = field(default_factory=dict, init=False)
+    by_sockaddr: dict[tuple[str, int], _Destination] = field(default_factory=dict, init=False)
+    pending: dict[tuple[str, int], list[bytes]] = field(default_factory=dict, init=False)
 
-    def __init__(
-        self,
-        worker: AssociationWorker,
-        control: socket.socket,
-        client_address: Address,
-        listener_address: Address,
-        policy: ProxyPolicy,
-        expected_client: tuple[str, int],
-        user: str | None,
-    ) -> None:
-        self.worker = worker
-        self.control = control
-        self.client_address = client_address
-        self.listener_address = listener_address
-        self.policy = policy
-        self.user = user
-        self.closed = False
+    def __post_init__(self, expected_client: tuple[str, int]) -> None:
+        listener_address = self.listener_address
         family = socket.AF_INET6 if listener_address.is_ipv6 else socket.AF_INET
         self.relay = socket.socket(family, socket.SOCK_DGRAM)
         self.relay.bind((listener_address.host, 0))
@@ -134,12 +119,8 @@ class UdpAssociation:
         host, port = expected_client
         if not _is_specific_address(host):
             # 0.0.0.0, or a name (PySocks sends "0"): the host of the TCP connection.
-            host = client_address.host
-        self.client_udp: tuple[str, int] = (host, port)
-        self.upstream: dict[int, socket.socket] = {}
-        self.destinations: dict[tuple[str, int], _Destination] = {}
-        self.by_sockaddr: dict[tuple[str, int], _Destination] = {}
-        self.pending: dict[tuple[str, int], list[bytes]] = {}
+            host = self.client_address.host
+        self.client_udp = (host, port)
 
     @property
     def bound(self) -> Address:
