@@ -244,6 +244,7 @@ class _Conversation:
     __slots__ = (
         "client",
         "comment_generation",
+        "down_sides",
         "flow",
         "header_size",
         "is_udp",
@@ -253,6 +254,7 @@ class _Conversation:
         "max_payload",
         "proto",
         "server",
+        "up_sides",
     )
 
     def __init__(self, flow: Flow, *, client_leg: bool = False) -> None:
@@ -265,6 +267,9 @@ class _Conversation:
         self.is_v6 = is_v6
         self.client = Side(CLIENT_MAC, SERVER_MAC, client_ip, server_ip, client_port)
         self.server = Side(SERVER_MAC, CLIENT_MAC, server_ip, client_ip, server_port)
+        # (sender, receiver) of bytes going up and down.
+        self.up_sides = (self.client, self.server)
+        self.down_sides = (self.server, self.client)
         # Initial sequence numbers: arbitrary but reproducible for a given flow.
         salt = 0x5BD1E995 if client_leg else 0
         self.client.seq = (flow.id * 0x9E3779B1 ^ salt) & 0xFFFFFFFF
@@ -576,10 +581,9 @@ class CaptureWriter:
         prefix = conversation.layout[0]
         timestamp_ns = sent.timestamp_ns
         conversation.last_ns = timestamp_ns
-        if sent.direction is Direction.UP:
-            src, dst = conversation.client, conversation.server
-        else:
-            src, dst = conversation.server, conversation.client
+        src, dst = (
+            conversation.up_sides if sent.direction is Direction.UP else conversation.down_sides
+        )
         at = 0
         left = sent.received
         if self._checksums:  # a checksum over each payload: the general path
@@ -653,10 +657,9 @@ class CaptureWriter:
         if timestamp_ns < conversation.last_ns:
             timestamp_ns = conversation.last_ns
         conversation.last_ns = timestamp_ns
-        if event.direction is Direction.UP:
-            src, dst = conversation.client, conversation.server
-        else:
-            src, dst = conversation.server, conversation.client
+        src, dst = (
+            conversation.up_sides if event.direction is Direction.UP else conversation.down_sides
+        )
         data = event.data
         step = conversation.max_payload
         if conversation.is_udp:
