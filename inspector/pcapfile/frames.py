@@ -2,7 +2,9 @@
 the per-endpoint state that numbers them (`Side`); no file format and no flow logic here.
 
 Each layout is a `struct` in network byte order, so that a file format can pack a record's
-own header and a packet's headers with one struct in one call (see `pcap.PcapFile.frame_segment`).
+own header and a packet's headers with one struct in one call, on the relay thread (see
+`pcap.PcapFile.frame_segment`); pcap and pcapng files are written in that order too (both
+formats allow either, and readers follow the file's).
 """
 
 from __future__ import annotations

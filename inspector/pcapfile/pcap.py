@@ -17,9 +17,6 @@ from .frames import (
 )
 from .staging import StagedFile
 
-# The files are written in network byte order (both formats allow either order; readers
-# follow the file's): a record's own header and its packet's headers are then packed by one
-# struct, in one call, on the relay thread (see `frame_segment`).
 _PCAP_HEADER = struct.Struct("!IHHiIII")
 _PCAP_RECORD = struct.Struct("!IIII")
 

@@ -25,9 +25,6 @@ from .frames import (
 )
 from .staging import StagedFile
 
-# The files are written in network byte order (both formats allow either order; readers
-# follow the file's): a record's own header and its packet's headers are then packed by one
-# struct, in one call, on the relay thread (see `frame_segment`).
 _PCAPNG_EPB = struct.Struct("!IIIIIII")
 _OPT = struct.Struct("!HH")
 _DSB_TYPE = 0x0000000A  # Decryption Secrets Block
