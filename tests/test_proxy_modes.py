@@ -547,13 +547,14 @@ def _tproxy_refusal() -> str | None:
     return f"the kernel refuses {step} in a new network namespace: {probe.stderr.strip()}"
 
 
-def test_transparent_udp_answers_clients_from_the_address_they_asked(tmp_path: Path) -> None:
+def _transparent_udp_scenario(*flowtap_options: str) -> dict[str, Any]:
+    """What `transparent_udp_scenario.py` saw, run in a network namespace of its own."""
     refusal = _tproxy_refusal()
     if refusal is not None:
         pytest.skip(refusal)
     script = Path(__file__).with_name("transparent_udp_scenario.py")
     result = subprocess.run(
-        ["unshare", "--net", sys.executable, str(script)],
+        ["unshare", "--net", sys.executable, str(script), *flowtap_options],
         capture_output=True,
         text=True,
         timeout=120,
@@ -561,7 +562,12 @@ def test_transparent_udp_answers_clients_from_the_address_they_asked(tmp_path: P
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    outcome = json.loads(result.stdout)
+    outcome: dict[str, Any] = json.loads(result.stdout)
+    return outcome
+
+
+def test_transparent_udp_answers_clients_from_the_address_they_asked() -> None:
+    outcome = _transparent_udp_scenario()
     assert outcome["exit"] == 0, outcome["stderr"]
     assert [line.split()[:2] for line in outcome["listening"]] == [
         ["listening", "transparent:udp"]
@@ -760,3 +766,28 @@ def test_transparent_udp_reads_the_original_destination_from_the_kernels_control
     # Other control messages, or none: no original destination (the datagram is dropped).
     assert original_destination([(17, 104, b"\x10\x00\x00\x00")]) is None
     assert original_destination([]) is None
+
+
+def test_transparent_udp_drops_clients_outside_allow_from_with_one_log_line() -> None:
+    outcome = _transparent_udp_scenario(
+        "--allow-from", "10.98.5.0/24", "--allow-from", "fd00:98:5::/64"
+    )
+    assert outcome["exit"] == 0, outcome["stderr"]
+    # Nothing reached the servers and nothing came back: each client's flow closed at once
+    # as denied, with no byte relayed (the one sent to the listener itself too).
+    for answer in outcome["client"].values():
+        assert answer[0].startswith("no answer: "), answer
+    closed = [event for event in outcome["events"] if event["event"] == "closed"]
+    assert sorted(event["client"].rsplit(":", 1)[0] for event in closed) == [
+        "10.98.0.2",
+        "127.0.0.1",
+        "[fd00:98::2]",
+    ]
+    for event in closed:
+        assert event["reason"] == "denied"
+        assert (event["bytes_up"], event["bytes_down"]) == (0, 0)
+        assert event["error"].endswith(" is outside --allow-from")
+    # Counted, and said once: at most one line a minute.
+    lines = outcome["stderr"].splitlines()
+    assert len(lines) == 1, lines
+    assert "refused a client from 10.98.0.2 outside --allow-from (1 refused so far)" in lines[0]

@@ -4,7 +4,8 @@ UDP servers on 10.99.1.53 and fd00:99:1::53 port 53 in the server's, flowtap lis
 `transparent:udp:` on loopback, and TPROXY rules steering the client's datagrams to port 53
 into flowtap. The client asks the servers without knowing of flowtap; only flowtap can
 answer it. Prints, as JSON, what the client got (and from where) and
-flowtap's --json lines. Usage: transparent_udp_scenario.py
+flowtap's --json lines. Usage: transparent_udp_scenario.py [--allow-from CIDR ...] (flowtap's
+own; the client then waits 3 s for an answer rather than 10)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json, socket, sys
 out = {}
 for family, host in ((socket.AF_INET, sys.argv[1]), (socket.AF_INET6, sys.argv[2])):
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(10)
+        sock.settimeout(float(sys.argv[3]))
         sock.sendto(b"query for " + host.encode(), (host, 53))
         try:
             data, source = sock.recvfrom(2048)
@@ -62,7 +63,8 @@ def main() -> int:
     _sh("ip link set lo up")
     holders = [subprocess.Popen(["unshare", "--net", "sleep", "120"]) for _ in range(2)]
     try:
-        return _run(*(_namespace_of(holder.pid) for holder in holders))
+        client, server = (_namespace_of(holder.pid) for holder in holders)
+        return _run(client, server, sys.argv[1:])
     finally:
         for holder in holders:
             holder.kill()
@@ -94,7 +96,7 @@ def _join(enter: str, here: str, there: str, net: int, routes: str) -> None:
     )
 
 
-def _run(enter_client: str, enter_server: str) -> int:
+def _run(enter_client: str, enter_server: str, policy: list[str]) -> int:
     _join(
         enter_client,
         "ftr",
@@ -122,13 +124,13 @@ def _run(enter_client: str, enter_server: str) -> int:
     if server.stdout.readline().strip() != "ready":
         raise SystemExit("the UDP server did not start")
     try:
-        return _relay(enter_client)
+        return _relay(enter_client, policy)
     finally:
         server.kill()
         server.wait()
 
 
-def _relay(enter: str) -> int:
+def _relay(enter: str, policy: list[str]) -> int:
     proc = subprocess.Popen(
         [
             *flowtap_command(),
@@ -139,6 +141,7 @@ def _relay(enter: str) -> int:
             "transparent:udp:127.0.0.1:0",
             "--listen",
             "transparent:udp:[::1]:0",
+            *policy,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -159,7 +162,7 @@ def _relay(enter: str) -> int:
         family = "-6" if tables == "ip6tables" else "-4"
         _sh(f"ip {family} rule add fwmark 1 lookup 100 && {local}")
     client = subprocess.run(
-        [*enter.split(), sys.executable, "-c", _CLIENT, SERVER4, SERVER6],
+        [*enter.split(), sys.executable, "-c", _CLIENT, SERVER4, SERVER6, "3" if policy else "10"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -168,7 +171,7 @@ def _relay(enter: str) -> int:
     # A datagram sent to the listener itself, not steered: refused, not relayed to itself.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as direct:
         direct.sendto(b"to the listener itself", ("127.0.0.1", ports[0]))
-    lines, stderr = interrupt_after_closed(proc, 1)
+    lines, stderr = interrupt_after_closed(proc, 0 if policy else 1)
     print(
         json.dumps(
             {
