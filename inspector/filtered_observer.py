@@ -11,7 +11,7 @@ import socket
 
 from flowtap.proxy.errors import FlowtapError
 from flowtap.proxy.events import Chunk, ChunkSink, Observer, WireObserver
-from flowtap.proxy.flow import Direction, FlowData, FlowEvent, FlowOpened, FlowWire
+from flowtap.proxy.flow import Direction, FlowData, FlowEvent, FlowOpened, FlowUpdated, FlowWire
 
 from .flow_filter import FlowFacts, FlowFilter, Stage
 
@@ -64,7 +64,8 @@ class FilteredObserver:
             return self._inner.handle(event)
         if event.flow.id not in self._picked:
             return None
-        self._picked.discard(event.flow.id)
+        if not isinstance(event, FlowUpdated):
+            self._picked.discard(event.flow.id)  # closed: its last event
         return self._inner.handle(event)
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ import threading
 from typing import Any, TextIO
 
 from flowtap.proxy.control_protocol import flow_to_json
-from flowtap.proxy.flow import Flow, FlowClosed, FlowData, FlowEvent, FlowOpened
+from flowtap.proxy.flow import Flow, FlowClosed, FlowData, FlowEvent, FlowOpened, FlowUpdated
 
 
 def human_bytes(size_bytes: int) -> str:
@@ -34,15 +34,20 @@ def server_text(flow: Flow) -> str:
     return f"{flow.server} ({flow.requested.label})"
 
 
-def event_line(event: FlowOpened | FlowClosed, *, as_json: bool) -> str:
-    """The log line for one opened or closed event."""
+_EVENT_NAMES = {FlowOpened: "opened", FlowUpdated: "updated", FlowClosed: "closed"}
+
+
+def event_line(event: FlowOpened | FlowUpdated | FlowClosed, *, as_json: bool) -> str:
+    """The log line for one opened, updated or closed event."""
     flow = event.flow
-    name = "opened" if isinstance(event, FlowOpened) else "closed"
+    name = _EVENT_NAMES[type(event)]
     if as_json:
         return json.dumps({"event": name, **flow_record(flow)}, separators=(",", ":"))
     head = f"#{flow.id} {name} {flow.transport} {flow.client} -> {server_text(flow)}"
     if isinstance(event, FlowOpened):
         return f"{head} via {flow.listener}"
+    if isinstance(event, FlowUpdated):
+        return head if flow.tls is None else f"{head} [{flow.tls.summary()}]"
     line = (
         f"{head} {flow.reason} up={human_bytes(flow.bytes_up)} "
         f"down={human_bytes(flow.bytes_down)} {flow.duration_s or 0.0:.3f}s"
@@ -53,14 +58,14 @@ def event_line(event: FlowOpened | FlowClosed, *, as_json: bool) -> str:
 
 
 class FlowLog:
-    """Prints opened/closed lines from its own thread; it never blocks the relay."""
+    """Prints opened/updated/closed lines from its own thread; it never blocks the relay."""
 
     wants_data = False
 
     def __init__(self, out: TextIO, *, as_json: bool = False) -> None:
         self._out = out
         self._as_json = as_json
-        self._events: collections.deque[FlowOpened | FlowClosed] = collections.deque()
+        self._events: collections.deque[FlowOpened | FlowUpdated | FlowClosed] = collections.deque()
         self._wake = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="flowtap-log", daemon=True)

@@ -43,7 +43,7 @@ from .control_protocol import (
     flow_to_json,
 )
 from .errors import FlowtapError
-from .flow import Direction, Flow, FlowClosed, FlowData, FlowEvent, FlowOpened
+from .flow import Direction, Flow, FlowClosed, FlowData, FlowEvent, FlowOpened, FlowUpdated
 
 if TYPE_CHECKING:
     from .relay import Relay
@@ -61,6 +61,7 @@ _EVENTS_PER_FRAME_BATCH = 1024
 """Events framed into one buffer between sends (each send lets go of the GIL): about a
 millisecond of this thread's time, so that a relay thread waits on it at most that long."""
 _COUNTS_INTERVAL_S = 0.5
+_EVENT_KINDS = {FlowOpened: "opened", FlowUpdated: "updated", FlowClosed: "closed"}
 
 
 def default_control_dir() -> Path:
@@ -299,6 +300,9 @@ class ControlServer:
         with self._lock:
             if isinstance(event, FlowOpened):
                 self._open[flow.id] = flow
+            elif isinstance(event, FlowUpdated):
+                if flow.id in self._open:  # a viewer subscribing later gets it as it is now
+                    self._open[flow.id] = flow
             elif isinstance(event, FlowClosed):
                 self._open.pop(flow.id, None)
                 self._recent.append(flow)
@@ -518,6 +522,8 @@ class ControlServer:
             counts[0],
             counts[1],
             flow.state,
+            tls=flow.tls,
+            requested=flow.requested,
         )
 
     def _push_counts(self) -> None:
@@ -624,7 +630,7 @@ class ControlServer:
                 buffer += data
                 charge += len(data)
             else:
-                kind = "opened" if isinstance(event, FlowOpened) else "closed"
+                kind = _EVENT_KINDS[type(event)]
                 buffer += encode_json({"type": kind, "flow": flow_to_json(event.flow)})
                 events += 1
         if buffer:

@@ -3,7 +3,7 @@
 Every frame is a 5-byte header (payload length, big-endian u32; kind, u8) and its payload.
 A `JSON` frame holds one UTF-8 JSON object: the server's `hello`, a client's request
 (`{"id": N, "cmd": ...}`), the reply to it (`{"type": "reply", "id": N, "ok": ...}`) or a
-pushed event (`{"type": "opened" | "closed" | "not-shown" | "counts" | "bye", ...}`). A
+pushed event (`{"type": "opened" | "updated" | "closed" | "not-shown" | "counts" | "bye", ...}`). A
 `DATA` frame carries one `FlowData`: flow id (u64), direction (u8, 0 up, 1 down), time
 (f64 Unix seconds), then the bytes as they crossed the relay, so payloads are never
 re-encoded. The server speaks first with its `hello` and `version`; a later version adds

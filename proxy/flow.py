@@ -7,6 +7,7 @@ TCP chunk boundaries in `FlowData` are an artefact of `recv` and carry no meanin
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 from dataclasses import dataclass
@@ -239,6 +240,10 @@ class Flow:
     def duration_s(self) -> float | None:
         return None if self.ended_at is None else self.ended_at - self.started_at
 
+    def with_tls(self, tls: TlsFacts) -> Flow:
+        """This flow, as it stands, with its TLS facts (once a flow: `replace` will do)."""
+        return dataclasses.replace(self, tls=tls)
+
     def closed(
         self,
         *,
@@ -293,7 +298,15 @@ class FlowClosed:
     flow: Flow
 
 
-FlowEvent = FlowOpened | FlowData | FlowClosed
+@dataclass(frozen=True, slots=True)
+class FlowUpdated:
+    """What is known of an open flow grew (its TLS facts, once its handshake is done):
+    emitted after its opened event and before its closed one, at most a few times a flow."""
+
+    flow: Flow
+
+
+FlowEvent = FlowOpened | FlowData | FlowClosed | FlowUpdated
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .events import Bus
-from .flow import CloseReason, Direction, Flow, FlowData, FlowWire, TlsFacts
+from .flow import CloseReason, Direction, Flow, FlowData, FlowUpdated, FlowWire, TlsFacts
 from .tls_intercept import Phase, TlsInterception, TlsSettings
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ class TlsTcpFlow:
         self._client_shut = False
         self._server_shut = False
         self._first_eof: CloseReason | None = None
+        self._facts_told: TlsFacts | None = None
         # With a wire capture: the ciphertext of each leg (by `upstream_leg`), held until
         # that leg's secrets are known so that they precede it in the capture; None once live.
         self._wire: dict[bool, list[FlowWire] | None] | None = None
@@ -165,6 +166,8 @@ class TlsTcpFlow:
                     moved |= self._read(self.server, is_client=False, now=now)
                 if self._wire is not None:
                     self._emit_wire()
+                if tls.facts is not self._facts_told:
+                    self._tell_facts()
                 self._emit_plaintext()
                 if tls.error is not None:
                     self._flush_and_fail()
@@ -260,6 +263,14 @@ class TlsTcpFlow:
             for event in held:
                 bus.emit_wire(event)
             wire[upstream_leg] = None
+
+    def _tell_facts(self) -> None:
+        """Observers hear of the TLS facts once known (the handshake done, or the flow found
+        not to be TLS), before the plaintext that follows; a failure tells them on close."""
+        facts = self.tls.facts
+        self._facts_told = facts
+        if facts is not None and self.tls.error is None:
+            self.worker.bus.emit(FlowUpdated(self.flow.with_tls(facts)))
 
     def _emit_plaintext(self) -> None:
         tls = self.tls

@@ -23,16 +23,25 @@ from test_tls_relay import (
     pki,
     s_server,
     start_intercepting,
+    tls_client,
 )
 from test_tui import until
 from textual.pilot import Pilot
 
-from conftest import FlowtapProcess, exchange, flowtap_command, start_flowtap
+from conftest import (
+    FlowtapProcess,
+    exchange,
+    flowtap_command,
+    json_events,
+    start_flowtap,
+    wait_for,
+)
 from flowtap.inspector.summary import summarize
 from flowtap.inspector.tui.app import FlowtapApp
 from flowtap.inspector.tui.viewer import ControlClient
 from flowtap.inspector.tui.widgets.flow_detail import FlowDetail
 from flowtap.inspector.tui.widgets.flow_table import LOCK, FlowTable
+from flowtap.proxy.flow import FlowOpened
 
 __all__ = ["pki", "s_server"]  # fixtures this module's tests use
 # The plain request's upstream (expecting a ClientHello) closes on it at once.
@@ -103,16 +112,25 @@ def test_show_filter_tls_and_sni_selects_an_intercepted_flow_of_a_capture(
     assert plain_record["tls"]["mode"] == "not-tls"
 
 
-def test_tui_attached_to_an_intercepting_relay_marks_the_flow_and_shows_its_tls_facts(
-    pki: Pki, s_server: Callable[..., int], tmp_path: Path
-) -> None:
+def watched_interceptor(
+    pki: Pki, s_server: Callable[..., int], control: Path, output: str
+) -> FlowtapProcess:
+    """A relay intercepting TLS to a self-signed `s_server -www` (unverified), serving its
+    control socket at `control`; `output` is `--quiet` or `--json`."""
     upstream = s_server(*pki.server("self"), "-www")
-    control = tmp_path / "control.sock"
-    relay = start_flowtap(
-        "run", "--quiet", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{upstream}",
+    return start_flowtap(
+        "run", output, "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{upstream}",
         "--tls", "intercept", "--ca", str(pki.flowtap_ca), "--upstream-insecure",
         "--control", str(control),
     )  # fmt: skip
+
+
+def test_tui_attached_to_an_intercepting_relay_marks_the_flow_and_shows_its_tls_facts(
+    pki: Pki, s_server: Callable[..., int], tmp_path: Path
+) -> None:
+    control = tmp_path / "control.sock"
+    relay = watched_interceptor(pki, s_server, control, "--quiet")
+    upstream = relay.listeners[0][2].rsplit(":", 1)[1]
     client: ControlClient | None = None
     try:
         relay.wait_line("^control unix:")
@@ -164,6 +182,66 @@ def test_tui_attached_to_an_intercepting_relay_marks_the_flow_and_shows_its_tls_
     finally:
         if client is not None:
             client.close()
+        relay.stop()
+
+
+def test_an_open_intercepted_flow_has_its_tls_facts_in_run_json_the_control_socket_and_tui(
+    pki: Pki, s_server: Callable[..., int], tmp_path: Path
+) -> None:
+    """The facts come once the handshake is done, while the flow stays open, not at its close."""
+    control = tmp_path / "control.sock"
+    relay = watched_interceptor(pki, s_server, control, "--json")
+    watching: ControlClient | None = None
+    late: ControlClient | None = None
+    try:
+        relay.wait_line("^control unix:")
+        watching = ControlClient(str(control))
+        watching.subscribe()
+        app = FlowtapApp(events=watching, relay=watching, source="test")  # type: ignore[arg-type]
+
+        async def scenario(pilot: Pilot[None]) -> None:
+            # The handshake, then nothing: the flow stays open while the facts are checked.
+            client = await asyncio.to_thread(tls_client, pki, relay.port, "svc.test")
+            try:
+                wait_for(lambda: json_events(relay, "updated") != [], 10, "the updated line")
+                (updated,) = json_events(relay, "updated")
+                assert updated["flow"] == 1 and updated["state"] != "closed"
+                assert updated["tls"]["mode"] == "intercept"
+                assert updated["tls"]["sni"] == "svc.test"
+                assert updated["tls"]["version"] == "TLSv1.3"
+                assert json_events(relay, "closed") == []
+                table = app.query_one(FlowTable)
+                records = app.store.records
+                await until(pilot, lambda: 1 in records, "the flow's row")
+                await until(pilot, lambda: LOCK in table.row_text(records[1]), "the lock mark")
+                assert not records[1].is_closed
+                # A viewer attaching now gets the open flow with its facts.
+                nonlocal late
+                late = viewer = ControlClient(str(control))
+                viewer.subscribe()
+                seen: list[object] = []
+
+                def backlog() -> bool:
+                    seen.extend(viewer.drain())
+                    return any(isinstance(event, FlowOpened) for event in seen)
+
+                wait_for(backlog, 10, "the late viewer's backlog")
+                (opened,) = [event for event in seen if isinstance(event, FlowOpened)]
+                assert opened.flow.tls is not None and opened.flow.tls.sni == "svc.test"
+            finally:
+                client.close()
+            await until(pilot, lambda: records[1].is_closed, "the flow's close")
+            assert LOCK in table.row_text(records[1])
+
+        async def main() -> None:
+            async with app.run_test(size=(160, 48)) as pilot:
+                await scenario(pilot)
+
+        asyncio.run(main())
+    finally:
+        for viewer in (watching, late):
+            if viewer is not None:
+                viewer.close()
         relay.stop()
 
 

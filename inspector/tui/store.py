@@ -28,6 +28,7 @@ from flowtap.proxy.flow import (
     FlowEvent,
     FlowOpened,
     FlowState,
+    FlowUpdated,
     Transport,
 )
 
@@ -350,6 +351,13 @@ class FlowStore:
                 records[flow.id] = FlowRecord(flow)
                 self.open_count += 1
                 changes.added.append(flow.id)
+            elif isinstance(event, FlowUpdated):
+                record = records.get(event.flow.id)
+                if record is None or record.is_closed:
+                    continue
+                # Its facts (TLS, once the handshake is done); the counts are the store's.
+                record.flow = event.flow
+                changes.changed.add(record.id)
             elif isinstance(event, FlowClosed):
                 flow = event.flow
                 record = records.get(flow.id)

@@ -34,7 +34,14 @@ from flowtap.proxy.control_protocol import (
     flow_from_json,
 )
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.flow import Direction, FlowClosed, FlowData, FlowEvent, FlowOpened
+from flowtap.proxy.flow import (
+    Direction,
+    FlowClosed,
+    FlowData,
+    FlowEvent,
+    FlowOpened,
+    FlowUpdated,
+)
 
 MiB = 1024 * 1024
 
@@ -311,6 +318,8 @@ class ControlClient:
         events: list[FlowEvent | DataNotShown] = []
         if kind == "opened":
             events.append(FlowOpened(flow_from_json(message["flow"])))
+        elif kind == "updated":
+            events.append(FlowUpdated(flow_from_json(message["flow"])))
         elif kind == "closed":
             events.append(FlowClosed(flow_from_json(message["flow"])))
         elif kind == "not-shown":
