@@ -27,6 +27,8 @@ import os
 import socket
 import threading
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -91,6 +93,7 @@ class RotatingCapture:
         self.generation = 0
         self.paths: deque[Path] = deque()
         self._closing: list[PcapFile | PcapNgFile] = []  # full files their I/O threads finish
+        self._together = False  # records kept in the current file: see kept_together
         self._current = self._open_next()
 
     @property
@@ -100,7 +103,11 @@ class RotatingCapture:
     @property
     def is_full(self) -> bool:
         """Whether the next record starts a new file."""
-        return self._max_size_bytes is not None and self.size_bytes >= self._max_size_bytes
+        return (
+            self._max_size_bytes is not None
+            and self.size_bytes >= self._max_size_bytes
+            and not self._together
+        )
 
     @property
     def next_generation(self) -> int:
@@ -146,6 +153,18 @@ class RotatingCapture:
         current = self._file_for_next_record()
         if isinstance(current, PcapNgFile):
             current.write_secrets(key_log)
+
+    @contextmanager
+    def kept_together(self) -> Iterator[None]:
+        """Start the next file now if the current one is full, then add every record to the
+        current file until the context ends (a TLS leg written again in a new file, then its
+        next packets, are not split between two files)."""
+        self._file_for_next_record()
+        self._together = True
+        try:
+            yield
+        finally:
+            self._together = False
 
     def _file_for_next_record(self) -> PcapFile | PcapNgFile:
         """The current file, after starting the next one if it is full."""

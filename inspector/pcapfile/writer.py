@@ -19,6 +19,11 @@ Conventions a reader of the capture should know:
   the client leg between the client and the listener's address and port, the upstream leg
   between the client's address and port and the upstream (where the plaintext would be), each
   preceded by a Decryption Secrets Block of its secrets so that Wireshark decrypts both.
+  In a ring of files, a leg still open when a new file starts is written again in it from
+  its start (secrets, handshake, the ciphertext so far) before its next packet there, so that
+  each file decrypts on its own: Wireshark needs a TLS session's handshake and every record
+  before the ones it decrypts. A leg past `REPLAY_BUDGET_BYTES` of ciphertext (a bulk
+  transfer) is not repeated; it decrypts in the file where it began, or in the ring merged.
 - TCP checksums are left 0 unless `checksums=True` (Wireshark does not verify them by
   default, and computing them costs the relay about a millisecond a megabyte); IP and UDP
   checksums are always correct.
@@ -32,6 +37,8 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -92,6 +99,10 @@ UNIX_SERVER_V6 = "fd00:f10e::2"
 UNIX_SERVER_PORT = 1
 
 
+REPLAY_BUDGET_BYTES = 64 * 1024
+"""The most ciphertext of one TLS leg a ring keeps to write again in each new file."""
+
+
 class PacketFile(Protocol):
     """A capture file taking Ethernet frames, each given as a header and a payload."""
 
@@ -141,6 +152,16 @@ class SecretsFile(Protocol):
     def write_secrets(self, key_log: bytes) -> None: ...
 
 
+@runtime_checkable
+class FileRing(Protocol):
+    """A ring of capture files (see `capture.RotatingCapture`)."""
+
+    def kept_together(self) -> AbstractContextManager[None]:
+        """Start the next file now if the current one is full, then add every record to the
+        current file until the context ends."""
+        ...
+
+
 def open_packet_file(path: Path) -> PcapFile | PcapNgFile:
     """A new capture file whose format follows the extension: `.pcap` or `.pcapng`."""
     suffix = path.suffix.lower()
@@ -169,6 +190,17 @@ class _SentChunk:
 
     def release(self) -> None:
         self.writer.finish_chunk()
+
+
+@dataclass(slots=True)
+class _LegHistory:
+    """What a TLS leg put in a ring of files so far, to write again at the start of the next."""
+
+    generation: int
+    """The file the leg's packets are in now."""
+    secrets: list[bytes] = field(default_factory=list)
+    chunks: list[FlowWire] = field(default_factory=list)
+    size_bytes: int = 0
 
 
 def _plain_chunk(data: bytes, asked: int) -> Chunk:
@@ -403,6 +435,9 @@ class CaptureWriter:
         # their client leg is a conversation of its own (the upstream leg is the flow's).
         self._wire_flows: set[int] = set()
         self._client_legs: dict[int, _Conversation] = {}
+        # In a ring: what each TLS leg (flow id, upstream leg) wrote, while within the budget.
+        self._ring = out if isinstance(out, FileRing) else None
+        self._histories: dict[tuple[int, bool], _LegHistory | None] = {}
         # Without rotation every record goes to the one file: nothing to ask per chunk.
         self._rotates = file_generation is not None
         self._generation = file_generation or (lambda: 0)
@@ -433,6 +468,8 @@ class CaptureWriter:
                 self._close(found, event.flow)
             if self._wire_flows:
                 self._wire_flows.discard(event.flow.id)
+                self._histories.pop((event.flow.id, True), None)
+                self._histories.pop((event.flow.id, False), None)
                 client_leg = self._client_legs.pop(event.flow.id, None)
                 if client_leg is not None:
                     self._close(client_leg, event.flow)
@@ -442,26 +479,70 @@ class CaptureWriter:
     def _wire(self, event: FlowWire) -> None:
         """Write an intercepted flow's ciphertext on one leg, or that leg's secrets."""
         flow_id = event.flow_id
-        upstream_leg = self._conversations.get(flow_id)
-        if upstream_leg is None:
+        if flow_id not in self._conversations:
             log.debug("ciphertext of unknown flow %d not captured", flow_id)
             return
         self._wire_flows.add(flow_id)
+        if self._ring is None:
+            self._write_wire(event)
+            return
+        key = (flow_id, event.upstream_leg)
+        with self._ring.kept_together():
+            generation = self._generation()
+            history = self._histories[key] if key in self._histories else _LegHistory(generation)
+            if history is not None and history.generation != generation:
+                history.generation = generation
+                self._replay(event, history)
+            self._write_wire(event)
+            if history is not None:
+                history.size_bytes += len(event.data)
+                if history.size_bytes > REPLAY_BUDGET_BYTES:
+                    history = None  # too long to repeat in each file: kept no more
+                elif event.secrets:
+                    history.secrets.append(event.data)
+                else:
+                    history.chunks.append(event)
+            self._histories[key] = history
+
+    def _write_wire(self, event: FlowWire) -> None:
         if event.secrets:
             if isinstance(self._out, SecretsFile):
                 self._out.write_secrets(event.data)
             return
+        self._data(
+            self._leg(event), FlowData(event.flow_id, event.direction, event.timestamp, event.data)
+        )
+
+    def _leg(self, event: FlowWire) -> _Conversation:
+        """The conversation of the event's leg, the client leg's started at its first packet."""
+        upstream_leg = self._conversations[event.flow_id]
         if event.upstream_leg:
-            conversation = upstream_leg
+            return upstream_leg
+        found = self._client_legs.get(event.flow_id)
+        if found is None:
+            found = _Conversation(upstream_leg.flow, client_leg=True)
+            self._client_legs[event.flow_id] = found
+            self._handshake(found, _timestamp_ns(upstream_leg.flow.started_at))
+        return found
+
+    def _replay(self, event: FlowWire, history: _LegHistory) -> None:
+        """Write a leg again from its start in a new file of the ring: its secrets, its TCP
+        handshake and its ciphertext so far, numbered as before so that its packets go on."""
+        flow_id = event.flow_id
+        flow = self._conversations[flow_id].flow
+        if isinstance(self._out, SecretsFile):
+            for secrets in history.secrets:
+                self._out.write_secrets(secrets)
+        leg = _Conversation(flow, client_leg=not event.upstream_leg)
+        if event.upstream_leg:
+            self._conversations[flow_id] = leg
+        elif flow_id in self._client_legs:
+            self._client_legs[flow_id] = leg
         else:
-            found = self._client_legs.get(flow_id)
-            if found is None:
-                found = _Conversation(upstream_leg.flow, client_leg=True)
-                self._client_legs[flow_id] = found
-                self._handshake(found, _timestamp_ns(upstream_leg.flow.started_at))
-            conversation = found
-        data = FlowData(flow_id, event.direction, event.timestamp, event.data)
-        self._data(conversation, data)
+            return  # the client leg's first packet is still to come: it starts it
+        self._handshake(leg, _timestamp_ns(flow.started_at))
+        for chunk in history.chunks:
+            self._data(leg, FlowData(flow_id, chunk.direction, chunk.timestamp, chunk.data))
 
     def receive(self, flow_id: int, direction: Direction, sock: socket.socket, size: int) -> Chunk:
         """Receive up to `size` bytes of a TCP flow straight into the file's records.
