@@ -89,6 +89,11 @@ class _Recent(Generic[K, V]):
             return list(self._items)
 
 
+Alpn = str | tuple[str, ...] | None
+"""The ALPN protocol a server context selects, or those it selects from (its preference
+first), or None for no ALPN."""
+
+
 class CertificateAuthority:
     """A CA certificate and key that sign leaf certificates, cached per name (LRU)."""
 
@@ -114,7 +119,7 @@ class CertificateAuthority:
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
         )
         self._leaves: _Recent[str, Leaf] = _Recent(cache_size)
-        self._contexts: _Recent[tuple[str, str | None], ssl.SSLContext] = _Recent(cache_size)
+        self._contexts: _Recent[tuple[str, Alpn], ssl.SSLContext] = _Recent(cache_size)
 
     @property
     def cert_pem(self) -> bytes:
@@ -137,9 +142,10 @@ class CertificateAuthority:
         self._leaves.put(name, leaf)
         return leaf
 
-    def server_context(self, name: str, alpn: str | None = None) -> ssl.SSLContext:
+    def server_context(self, name: str, alpn: Alpn = None) -> ssl.SSLContext:
         """A server-side SSL context that presents the leaf for `name` and, when `alpn` is
-        given, selects that protocol if the client offers it (cached per name and ALPN)."""
+        given, selects that protocol (the first of those) the client offers, if any (cached
+        per name and ALPN)."""
         key = (name, alpn)
         cached = self._contexts.get(key)
         if cached is not None:
@@ -151,8 +157,8 @@ class CertificateAuthority:
         # kernel do; resuming clients fall back to a full handshake, and each costs less.
         context.num_tickets = 0
         _load_chain_from_memory(context, leaf.cert_pem + self._cert_pem, leaf.key_pem)
-        if alpn is not None:
-            context.set_alpn_protocols([alpn])
+        if alpn:
+            context.set_alpn_protocols([alpn] if isinstance(alpn, str) else list(alpn))
         if self.keylog_file is not None:
             context.keylog_filename = str(self.keylog_file)
         self._contexts.put(key, context)

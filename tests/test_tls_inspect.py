@@ -396,6 +396,41 @@ def test_serve_tls_answers_curl_and_s_client_with_a_leaf_for_the_name_they_ask(
     assert b"subject=CN = other.test" in s_client.stdout or b"CN=other.test" in s_client.stdout
 
 
+def test_serve_tls_offers_the_recorded_alpn_so_curl_http2_gets_the_recorded_h2_answer(
+    flowtap: type[FlowtapProcess], pki: Pki, h2_server: int, tmp_path: Path
+) -> None:
+    capture = tmp_path / "h2.pcapng"
+    relay = recording_relay(flowtap, pki, h2_server, capture)
+    asked = ["curl", "-sS", "--http2", "--cacert", str(pki.flowtap_ca_cert),
+             "-w", " %{http_version} %{response_code}\\n"]  # fmt: skip
+    recorded = subprocess.run(
+        [*asked, f"https://localhost:{relay.port}/recorded"], capture_output=True, timeout=30
+    )
+    assert recorded.returncode == 0, recorded.stderr
+    assert recorded.stdout == b"hello /recorded 2 200\n"
+    (record,) = closed_records(relay, 1)
+    assert record["tls"]["alpn"] == "h2"
+    assert relay.stop() == 0
+
+    server = flowtap("serve", str(capture), "--tls", "--ca", str(pki.flowtap_ca))  # type: ignore[call-arg]
+    # The same request on the same port as recorded (its :authority names the port).
+    served = subprocess.run(
+        [*asked, "--connect-to", f"localhost:{relay.port}:127.0.0.1:{server.port}",
+         f"https://localhost:{relay.port}/recorded"],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert served.returncode == 0, served.stderr
+    assert served.stdout == recorded.stdout  # h2 negotiated, and the recorded answer
+    # A client that offers only HTTP/1.1 is still served TLS, without ALPN.
+    s_client = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-alpn", "http/1.1",
+         "-servername", "localhost", "-CAfile", str(pki.flowtap_ca_cert)],
+        input=b"", capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert b"Verify return code: 0 (ok)" in s_client.stdout, s_client.stdout
+    assert b"No ALPN negotiated" in s_client.stdout
+
+
 def test_serve_ca_without_tls_is_a_one_line_error(tmp_path: Path) -> None:
     capture = tmp_path / "none.pcapng"
     capture.write_bytes(b"")

@@ -49,17 +49,32 @@ class ServeOptions:
     """`serve --tls`: answer TCP clients over TLS with this server context (`tls_context`)."""
 
 
-def tls_context(ca: CertificateAuthority, default_name: str) -> ssl.SSLContext:
+def tls_context(
+    ca: CertificateAuthority, default_name: str, alpn: tuple[str, ...] = ()
+) -> ssl.SSLContext:
     """A server context that presents, to each client, a leaf signed by `ca` for the name it
-    asks for (SNI), or for `default_name` when it asks for none."""
-    context = ca.server_context(default_name)
+    asks for (SNI), or for `default_name` when it asks for none, and selects the first of the
+    `alpn` protocols the client offers."""
+    context = ca.server_context(default_name, alpn)
 
     def for_name(obj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
         if name:
-            obj.context = ca.server_context(name)
+            # The context a name switches to selects the ALPN (OpenSSL asks it, not the first).
+            obj.context = ca.server_context(name, alpn)
 
     context.sni_callback = for_name
     return context
+
+
+def recorded_alpn(scripts: Sequence[Script]) -> tuple[str, ...]:
+    """The ALPN protocols the recorded TLS flows negotiated, the most frequent first (the
+    first recorded first among equals): what `serve --tls` offers a client."""
+    counts: dict[str, int] = {}
+    for script in scripts:
+        tls = script.flow.tls
+        if tls is not None and tls.alpn:
+            counts[tls.alpn] = counts.get(tls.alpn, 0) + 1
+    return tuple(sorted(counts, key=lambda protocol: -counts[protocol]))
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -506,22 +521,15 @@ def serve_command(args: Any) -> int:
 
     flow_filter = parse_option("--filter", args.filter)
     listen = Address.parse(args.listen)
-    context = None
+    ca = None
     if args.tls:
         # Imported here: cryptography costs start-up time that plain serving need not pay.
         from flowtap.proxy.tls_ca import load_ca_file, load_or_create_ca
 
         ca = load_ca_file(Path(args.ca)) if args.ca else load_or_create_ca()
-        context = tls_context(ca, listen.host or "localhost")
     elif args.ca:
         raise FlowtapError("--ca is for serving TLS; add --tls")
-    options = ServeOptions(
-        listen=listen,
-        turn_timeout_s=args.turn_timeout,
-        on_mismatch=args.on_mismatch,
-        ignore=compile_patterns(args.ignore),
-        tls=context,
-    )
+    ignore = compile_patterns(args.ignore)
 
     def warn(message: str) -> None:
         print(f"flowtap: warning: {message}", file=sys.stderr)
@@ -531,6 +539,16 @@ def serve_command(args: Any) -> int:
     for script in scripts:
         if script.gap is not None:
             warn(script.gap.describe(script.id))
+    context = None
+    if ca is not None:
+        context = tls_context(ca, listen.host or "localhost", recorded_alpn(scripts))
+    options = ServeOptions(
+        listen=listen,
+        turn_timeout_s=args.turn_timeout,
+        on_mismatch=args.on_mismatch,
+        ignore=ignore,
+        tls=context,
+    )
     stop = StopRequest()  # before the server's first thread
     server = Server(scripts, options, on_report=report_writer(sys.stdout, as_json=args.json))
 
