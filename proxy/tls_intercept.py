@@ -10,6 +10,7 @@ ALPN the upstream picked. Anything else passes untouched, as plain TCP.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import fnmatch
 import os
@@ -155,8 +156,13 @@ class SessionSecrets:
     memfd that only this process can open (through /proc/self/fd)."""
 
     _MAX_UNCLAIMED = 10_000
+    # The memfd's lines already read are given back to the kernel once this much has piled
+    # up: it would otherwise hold about 1 KB of secrets per flow for the relay's life.
+    _FREE_EVERY_BYTES = 64 * 1024
 
     def __init__(self, keylog: Path | None) -> None:
+        self._freed = 0
+        self._private = keylog is None
         if keylog is None:
             fd = os.memfd_create("flowtap-keylog", os.MFD_CLOEXEC)
             self.path = f"/proc/self/fd/{fd}"
@@ -179,6 +185,8 @@ class SessionSecrets:
 
     def _read_new(self) -> None:
         data = self._partial + (self._file.read() or b"")
+        if self._private:
+            self._free_read_lines()
         lines = data.split(b"\n")
         self._partial = lines.pop()
         for line in lines:
@@ -188,6 +196,22 @@ class SessionSecrets:
             if len(self._lines) >= self._MAX_UNCLAIMED and parts[1] not in self._lines:
                 self._lines.pop(next(iter(self._lines)))  # a connection nobody claimed
             self._lines.setdefault(parts[1].lower(), []).append(line + b"\n")
+
+    def _free_read_lines(self) -> None:
+        """Punch the whole pages already read out of the memfd (its size, and so where ssl
+        appends and where the next read starts, stays); never the user's --keylog file."""
+        upto = self._file.tell() & ~(_PAGE_BYTES - 1)
+        if upto - self._freed < self._FREE_EVERY_BYTES:
+            return
+        if _fallocate(self._file.fileno(), _PUNCH_HOLE_KEEP_SIZE, 0, upto) == 0:
+            self._freed = upto
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+_PUNCH_HOLE_KEEP_SIZE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+_fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
 
 
 def _create_private_file(path: Path) -> None:

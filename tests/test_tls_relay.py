@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import stat
@@ -607,6 +608,47 @@ def test_wire_capture_holds_both_legs_ciphertext_that_tshark_decrypts_with_no_se
         out = tshark("-r", str(capture), "-q", "-z", f"follow,tls,raw,{stream}")
         # tshark names as node 1 whoever sent the first decrypted bytes it saw.
         assert sorted(_parse_follow(out)) == sorted((sent, received)), stream
+
+
+def test_a_wire_capture_keeps_no_secrets_in_memory_once_they_are_in_the_capture(
+    flowtap: type[FlowtapProcess], pki: Pki, tmp_path: Path
+) -> None:
+    """The private key log (a memfd ssl appends to) gives its pages back once read: it grew
+    by about 1.7 KB a flow for the relay's life."""
+    flows = 200
+    cert, key = pki.server("ecdsa")
+    port = free_port()
+    # An echoing TLS upstream that takes any number of clients (s_server stops at -naccept).
+    upstream = subprocess.Popen(
+        ["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={cert},"
+         f"key={key},verify=0", "PIPE"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_port(port)
+        capture = tmp_path / "wire.pcapng"
+        relay = start_intercepting(
+            flowtap, pki, port, "--upstream-ca", str(pki.upstream_ca), "--pcap", str(capture),
+            "--tls-capture", "wire",
+        )  # fmt: skip
+        fds = Path(f"/proc/{relay.proc.pid}/fd")
+        (keylog,) = [fd for fd in fds.iterdir() if "flowtap-keylog" in os.readlink(fd)]
+        for _ in range(flows):
+            assert exchange_line(pki, relay.port, b"abc\n") == b"abc\n"
+        closed_records(relay, flows)
+        written = keylog.stat()
+        assert relay.stop() == 0
+    finally:
+        upstream.kill()
+        upstream.wait()
+    # Every line went through it (10 or so a flow, both legs' TLS 1.3 secrets)...
+    assert written.st_size > 200 * 1024
+    # ... and what it still holds is less than the threshold that gives pages back, plus one.
+    assert written.st_blocks * 512 <= 64 * 1024 + 2 * os.sysconf("SC_PAGE_SIZE")
+    assert len(decryption_secrets(capture)) == 2 * flows
+    # The last flow's secrets, read after many pages were given back, decrypt its packets.
+    last = tshark("-r", str(capture), "-q", "-z", f"follow,tls,raw,{2 * flows - 1}")
+    assert sorted(_parse_follow(last)) == [b"abc\n", b"abc\n"]
 
 
 def test_wire_capture_to_a_classic_pcap_is_a_one_line_error(pki: Pki, tmp_path: Path) -> None:
