@@ -615,7 +615,7 @@ def test_a_wire_capture_keeps_no_secrets_in_memory_once_they_are_in_the_capture(
 ) -> None:
     """The private key log (a memfd ssl appends to) gives its pages back once read: it grew
     by about 1.7 KB a flow for the relay's life."""
-    flows = 200
+    flows = 100
     cert, key = pki.server("ecdsa")
     port = free_port()
     # An echoing TLS upstream that takes any number of clients (s_server stops at -naccept).
@@ -642,7 +642,7 @@ def test_a_wire_capture_keeps_no_secrets_in_memory_once_they_are_in_the_capture(
         upstream.kill()
         upstream.wait()
     # Every line went through it (10 or so a flow, both legs' TLS 1.3 secrets)...
-    assert written.st_size > 200 * 1024
+    assert written.st_size > 2 * 64 * 1024
     # ... and what it still holds is less than the threshold that gives pages back, plus one.
     assert written.st_blocks * 512 <= 64 * 1024 + 2 * os.sysconf("SC_PAGE_SIZE")
     assert len(decryption_secrets(capture)) == 2 * flows
