@@ -109,11 +109,14 @@ class Bus:
 
     def __init__(self, observers: Iterable[Observer] = ()) -> None:
         self._observers: tuple[Observer, ...] = tuple(observers)
+        self.observed = False
         self.wants_data = False
         self.sink: ChunkSink | None = None
         self._survey()
 
     def _survey(self) -> None:
+        # With no observer at all, the relay builds no events (opened, closed) either.
+        self.observed = bool(self._observers)
         wanting = [o for o in self._observers if o.wants_data]
         self.wants_data = bool(wanting)
         only = wanting[0] if len(wanting) == 1 else None

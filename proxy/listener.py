@@ -105,6 +105,9 @@ def bind(spec: ListenerSpec, *, backlog: int = 4096) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)  # type: ignore[arg-type]
         if kind == socket.SOCK_STREAM:
+            if family != socket.AF_UNIX:
+                # Accepted sockets inherit it (Linux): no setsockopt per client.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.listen(backlog)
     except OSError as exc:
         sock.close()

@@ -41,7 +41,12 @@ from .socks_udp import UdpAssociation
 
 _IN = select.EPOLLIN
 _RDHUP = select.EPOLLRDHUP
+_HUP = select.EPOLLHUP
+_ERR = select.EPOLLERR
 _ET = select.EPOLLET
+# What a TCP flow watches its sockets for. A proxy client is watched with it from accept on,
+# so that its flow takes it over without another epoll call; its handshake ignores writability.
+FLOW_EVENTS = _IN | select.EPOLLOUT | _ERR | _RDHUP | _ET
 # Handshakes are short; what does not fit in this is not a handshake (HTTP heads stop at 64 KiB).
 _RECV_BYTES = 16 * 1024
 
@@ -102,6 +107,9 @@ class ProxyWorker(Protocol):
         client: socket.socket,
         destination: Destination,
         prelude: Prelude,
+        *,
+        watched: bool = False,
+        unread: bool = False,
     ) -> None: ...
 
 
@@ -207,6 +215,9 @@ class HandshakePhase:
     started_at: float
     closed: bool = field(default=False, init=False)
     deciding: bool = field(default=False, init=False)
+    # Whether the client may have sent bytes that no event will announce again (read by its
+    # flow once connected).
+    unread: bool = field(default=False, init=False)
     handshake: Handshake | None = field(default=None, init=False)
 
     def start(self) -> None:
@@ -217,12 +228,19 @@ class HandshakePhase:
             return
         self.handshake = new_handshake(self.mode, self.policy)
         worker.add_deadline(time.monotonic() + self.policy.handshake_timeout_s, self)
-        worker.watch_client(self.client.fileno(), _IN | _RDHUP | _ET, self)
+        fd = self.client.fileno()
+        worker.watch_client(fd, FLOW_EVENTS, self)
+        # Clients send their greeting as soon as they are connected: it is often here already,
+        # and read now it costs no wait for the poll.
+        self.on_ready(fd, _IN, 0.0)
 
     # -- events from the worker ------------------------------------------------------------
 
     def on_ready(self, fd: int, mask: int, now: float) -> None:
-        if self.closed or self.deciding:
+        if self.closed or not mask & (_IN | _RDHUP | _HUP | _ERR):
+            return
+        if self.deciding:
+            self.unread = True
             return
         handshake = self.handshake
         assert handshake is not None
@@ -246,10 +264,12 @@ class HandshakePhase:
                     self.close(event.reason, event.error)
                     return
                 else:
+                    # A full read may have left more behind; a short one drained the socket.
+                    self.unread = len(data) == _RECV_BYTES
                     self.decide(event)
                     return
 
-    def on_deadline(self) -> None:
+    def on_deadline(self, now: float = 0.0) -> None:
         """The handshake timeout: answer what the protocol has for it and close."""
         if self.closed or self.deciding:
             return
@@ -266,9 +286,9 @@ class HandshakePhase:
     def decide(self, request: OpenUpstream) -> None:
         """The client asked for `request.requested`: check it, resolve it, connect."""
         self.deciding = True
-        self.worker.unwatch(self.client.fileno())
         requested = request.requested
         if request.command is Command.UDP_ASSOCIATE:
+            self.worker.unwatch(self.client.fileno())
             self._associate(requested)
             return
         refusal = self.policy.destination_refusal(requested.host, requested.port)
@@ -306,7 +326,14 @@ class HandshakePhase:
         self.closed = True
         self.worker.proxy_ended(self)
         flow = self._flow(destination.address, requested)
-        self.worker.open_upstream(flow, self.client, destination, Prelude(self.handshake, early))
+        self.worker.open_upstream(
+            flow,
+            self.client,
+            destination,
+            Prelude(self.handshake, early),
+            watched=self.handshake is not None,
+            unread=self.unread,
+        )
 
     def _associate(self, requested: Requested) -> None:
         """Open a UDP association for the client; the TCP connection keeps it alive."""

@@ -154,6 +154,9 @@ class Worker(threading.Thread):
         self._on_empty = on_empty
         self._on_failure = on_failure
         self._handlers: dict[int, Handler] = {}
+        # Descriptors unwatched while a batch of events is dispatched: the rest of the batch
+        # may hold events of theirs, which must not reach whoever reuses the number next.
+        self._stale: set[int] = set()
         self._timers: list[tuple[float, int, Callable[[float], None]]] = []
         self._seq = itertools.count()
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
@@ -181,8 +184,20 @@ class Worker(threading.Thread):
     def unwatch(self, fd: int) -> None:
         """Stop delivering the events of `fd`; call before closing it."""
         if self._handlers.pop(fd, None) is not None:
+            self._stale.add(fd)
             with contextlib.suppress(OSError, ValueError):
                 self._ep.unregister(fd)
+
+    def forget(self, fd: int) -> None:
+        """Stop delivering the events of `fd`, which the caller closes at once: closing a
+        descriptor takes it out of epoll, so this costs no system call."""
+        if self._handlers.pop(fd, None) is not None:
+            self._stale.add(fd)
+
+    def hand_over(self, fd: int, handler: Handler) -> None:
+        """Deliver the events of `fd`, already watched, to `handler` from now on (its mask
+        stays as it was watched with)."""
+        self._handlers[fd] = handler
 
     def is_watched(self, fd: int) -> bool:
         return fd in self._handlers
@@ -306,9 +321,11 @@ class Worker(threading.Thread):
                 gap = min(now - last_event, cold_gap_s)
                 average_gap_s += (gap - average_gap_s) / 8
                 last_event = now
+            stale = self._stale
+            stale.clear()
             for fd, mask in events:
                 handler = handlers.get(fd)
-                if handler is not None:
+                if handler is not None and (not stale or fd not in stale):
                     handler.on_ready(fd, mask, now)
             if ready:
                 for _ in range(len(ready)):

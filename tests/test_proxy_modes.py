@@ -365,6 +365,24 @@ def test_bytes_sent_with_the_request_reach_the_server(proxy: Any, echo_server: A
     assert received[12:] == b"pipelined bytes"
 
 
+def test_bytes_sent_while_a_name_resolves_reach_the_server(proxy: Any, echo_server: Any) -> None:
+    # Sent apart from the request, they come while flowtap resolves the name: the client is
+    # read by its handshake until then and by its flow after, and neither may lose them.
+    relay = proxy("--listen", "socks5:127.0.0.1:0")
+    _, port = echo_server
+    with socket.create_connection(_address(relay), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(_socks_connect("localhost", port))
+        sock.sendall(b"sent after the request")
+        received = b""
+        while len(received) < 2 + 10 + len(b"sent after the request"):
+            chunk = sock.recv(1000)
+            assert chunk
+            received += chunk
+    assert received[:4] == b"\x05\x00\x05\x00"
+    assert received[12:] == b"sent after the request"
+
+
 def test_client_outside_allow_from_is_closed_at_once(proxy: Any) -> None:
     relay = proxy("--listen", "socks5:127.0.0.1:0", "--allow-from", "10.0.0.0/8")
     try:

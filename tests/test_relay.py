@@ -28,6 +28,8 @@ from conftest import (
     wait_for,
     wait_port,
 )
+from flowtap.proxy.flow import Address
+from flowtap.proxy.listener import ListenerSpec, bind
 
 
 def closed_events(
@@ -701,3 +703,13 @@ def test_port_in_use_without_reuse_port_on_the_other_side() -> None:
     taken.close()
     assert result.returncode == 2
     assert "every sharer needs --reuse-port" in result.stderr
+
+
+def test_clients_are_accepted_with_nagle_off_from_the_listening_socket() -> None:
+    # The relay sets no TCP_NODELAY per client: Linux copies it from the listening socket.
+    listener = bind(ListenerSpec(Address("127.0.0.1", 0), Address("127.0.0.1", 9)))
+    with listener, socket.create_connection(listener.getsockname(), timeout=5):
+        listener.setblocking(True)
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

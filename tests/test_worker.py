@@ -4,8 +4,11 @@ failure that closes every service's flows, with services that are plain objects 
 from __future__ import annotations
 
 import math
+import select
+import socket
 import threading
 import time
+from collections.abc import Callable
 
 from conftest import wait_for
 from flowtap.proxy.events import Bus
@@ -117,3 +120,58 @@ def test_a_failing_service_closes_every_services_flows_as_error_and_reports() ->
     for service in (failing, other):
         assert service.calls[-1] == ("close-all", (CloseReason.ERROR, note))
     assert empty.is_set()  # the relay's stop does not wait for a dead worker
+
+
+class _Recorder:
+    """A handler that records its events and runs `then` on the first one."""
+
+    def __init__(self, then: Callable[[], None] | None = None) -> None:
+        self.events: list[int] = []
+        self.then = then
+
+    def on_ready(self, fd: int, mask: int, now: float) -> None:
+        self.events.append(fd)
+        if self.then is not None:
+            then, self.then = self.then, None
+            then()
+
+
+def test_an_event_of_a_descriptor_closed_in_its_batch_skips_the_next_owner_of_its_number() -> None:
+    failures: list[BaseException] = []
+    worker = _worker(failures, threading.Event())
+    first = socket.socketpair()
+    second = socket.socketpair()
+    reused: list[socket.socket] = []
+    newcomer = _Recorder()
+
+    def close_second_and_reuse_its_number() -> None:
+        # As a flow that closes and a new one that gets the same descriptor number.
+        fd = second[1].fileno()
+        worker.forget(fd)
+        second[1].close()
+        reused.extend(socket.socketpair())
+        assert reused[0].fileno() == fd
+        worker.watch(fd, select.EPOLLOUT | select.EPOLLET, newcomer)
+
+    closer = _Recorder(close_second_and_reuse_its_number)
+    # Both readable before the loop starts, so that the first poll returns both events.
+    first[0].send(b"x")
+    second[0].send(b"x")
+    worker.watch(first[1].fileno(), select.EPOLLIN | select.EPOLLET, closer)
+    worker.watch(second[1].fileno(), select.EPOLLIN | select.EPOLLET, _Recorder())
+    worker.start()
+    try:
+        wait_for(lambda: bool(closer.events), 5, "the first event")
+        # Writable at once: the new socket's own event comes in the next batch, and only it.
+        wait_for(lambda: bool(newcomer.events), 5, "the new socket's own event")
+        done = threading.Event()
+        worker.submit(done.set)
+        assert done.wait(5)
+        assert newcomer.events == [reused[0].fileno()]
+    finally:
+        worker.submit(worker.exit)
+        worker.join(5)
+        worker.release()
+        for sock in (*first, second[0], *reused):
+            sock.close()
+    assert failures == []
