@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from .errors import FlowtapError
 from .flow import TlsFacts
@@ -31,7 +31,11 @@ if TYPE_CHECKING:
 # A fatal handshake_failure alert in a TLS 1.2 record: what a client is told when flowtap
 # cannot reach a trusted upstream (before any ServerHello, a plaintext alert is the norm).
 ALERT_HANDSHAKE_FAILURE = b"\x15\x03\x03\x00\x02\x02\x28"
-_READ_BYTES = 256 * 1024
+# Plaintext decrypted (many records, each at most 16 KiB) before one write re-encrypts it: one
+# SSLObject.write and one observer chunk per batch instead of per record.
+_BATCH_BYTES = 256 * 1024
+# Each relay thread's batch buffer: emptied before the call that filled it returns.
+_batches = threading.local()
 
 
 class TlsMode(enum.StrEnum):
@@ -247,9 +251,15 @@ class TlsInterception:
         self.phase = Phase.PEEKING
         self.to_client = bytearray()
         self.to_server = bytearray()
+        self.keeps_plaintext = True
+        """Whether the plaintext goes into `plaintext_up`/`plaintext_down` (else it is only
+        counted): the caller says so when no observer wants data."""
         self.plaintext_up: list[bytes] = []
         """What the client sent (decrypted), for observers; the caller empties it."""
         self.plaintext_down: list[bytes] = []
+        self.bytes_up = 0
+        """Plaintext bytes the client sent (relayed or due), kept or not."""
+        self.bytes_down = 0
         self.error: str | None = None
         """Why the flow must close, once it must (a one-line reason starting `tls:`)."""
         self.client_done = False
@@ -285,27 +295,39 @@ class TlsInterception:
         if self.phase is Phase.UPSTREAM_HANDSHAKE and self._upstream is None:
             self._start_upstream()
 
-    def feed_client(self, data: bytes) -> None:
-        """Bytes the client sent."""
+    def feed_client(self, data: bytes | memoryview) -> None:
+        """Bytes the client sent (copied before this returns: the caller may reuse `data`)."""
         phase = self.phase
-        if phase is Phase.PLAIN:
+        if phase is Phase.OPEN:
+            self._client_in.write(data)
+            # Only the client's direction has new records to relay.
+            self._advance(down=False)
+        elif phase is Phase.PLAIN:
             self.to_server += data
-            self.plaintext_up.append(data)
+            self.bytes_up += len(data)
+            if self.keeps_plaintext:
+                self.plaintext_up.append(bytes(data))
         elif phase is Phase.PEEKING:
             self._peeked += data
             self._peek()
         elif phase is Phase.UPSTREAM_HANDSHAKE:
             self._peeked += data  # more of the client's handshake: it waits for our answer
-        elif phase in (Phase.CLIENT_HANDSHAKE, Phase.OPEN):
+        elif phase is Phase.CLIENT_HANDSHAKE:
             self._client_in.write(data)
             self._advance()
 
-    def feed_server(self, data: bytes) -> None:
-        """Bytes the upstream sent."""
-        if self.phase is Phase.PLAIN:
+    def feed_server(self, data: bytes | memoryview) -> None:
+        """Bytes the upstream sent (copied before this returns: the caller may reuse `data`)."""
+        phase = self.phase
+        if phase is Phase.OPEN:
+            self._up_in.write(data)
+            self._advance(up=False)
+        elif phase is Phase.PLAIN:
             self.to_client += data
-            self.plaintext_down.append(data)
-        elif self.phase is not Phase.FAILED:
+            self.bytes_down += len(data)
+            if self.keeps_plaintext:
+                self.plaintext_down.append(bytes(data))
+        elif phase is not Phase.FAILED:
             self._up_in.write(data)
             self._advance()
 
@@ -364,7 +386,9 @@ class TlsInterception:
         data = bytes(self._peeked)
         self._peeked.clear()
         self.to_server += data
-        self.plaintext_up.append(data)
+        self.bytes_up += len(data)
+        if self.keeps_plaintext:
+            self.plaintext_up.append(data)
 
     def _start_upstream(self) -> None:
         hello = self._hello
@@ -376,7 +400,9 @@ class TlsInterception:
         )
         self._advance()
 
-    def _advance(self) -> None:
+    def _advance(self, *, up: bool = True, down: bool = True) -> None:
+        """Take the handshakes as far as they go, then relay the records of the directions
+        asked (`up`: the client's, `down`: the upstream's)."""
         try:
             if self.phase is Phase.UPSTREAM_HANDSHAKE and self._upstream is not None:
                 if not self._handshake(self._upstream):
@@ -392,7 +418,7 @@ class TlsInterception:
                     self.client_secrets = self.settings.secrets.take(self._hello.random)
                 self.phase = Phase.OPEN
             if self.phase is Phase.OPEN:
-                self._relay()
+                self._relay(up, down)
         except ssl.SSLError as exc:
             self._fail(self._describe_failure(exc))
         finally:
@@ -420,15 +446,18 @@ class TlsInterception:
         self._peeked.clear()
         self.phase = Phase.CLIENT_HANDSHAKE
 
-    def _relay(self) -> None:
+    def _relay(self, up: bool, down: bool) -> None:
         client, upstream = self._client, self._upstream
         assert client is not None and upstream is not None
-        if not self.client_done:
-            done = _read_all(client, self.plaintext_up, upstream)
+        keeps = self.keeps_plaintext
+        if up and not self.client_done:
+            moved, done = _relay_records(client, upstream, self.plaintext_up if keeps else None)
+            self.bytes_up += moved
             if done:
                 self._finish_client()
-        if not self.server_done:
-            done = _read_all(upstream, self.plaintext_down, client)
+        if down and not self.server_done:
+            moved, done = _relay_records(upstream, client, self.plaintext_down if keeps else None)
+            self.bytes_down += moved
             if done:
                 self._finish_server()
 
@@ -528,21 +557,50 @@ class TlsInterception:
         )
 
 
-def _read_all(source: ssl.SSLObject, plaintext: list[bytes], sink: ssl.SSLObject) -> bool:
-    """Decrypt what `source` has, re-encrypt it into `sink`; True once `source` has ended."""
+def _batch_view() -> memoryview:
+    """This thread's batch buffer (made on first use)."""
+    try:
+        view: memoryview = _batches.view
+    except AttributeError:
+        view = _batches.view = memoryview(bytearray(_BATCH_BYTES))
+    return view
+
+
+def _relay_records(
+    source: ssl.SSLObject, sink: ssl.SSLObject, plaintext: list[bytes] | None
+) -> tuple[int, bool]:
+    """Decrypt what `source` has and re-encrypt it into `sink`, a batch of records at a time
+    (each batch appended to `plaintext` unless None); the plaintext bytes moved, and whether
+    `source` has ended."""
+    view = _batch_view()
+    size = len(view)
+    moved = 0
     while True:
-        try:
-            data = source.read(_READ_BYTES)
-        except ssl.SSLWantReadError:
-            return False
-        except ssl.SSLZeroReturnError:
-            return True  # close_notify
-        except ssl.SSLEOFError:
-            return True  # TCP FIN without close_notify: relayed as an end all the same
-        if not data:
-            return True
-        plaintext.append(data)
-        sink.write(data)
+        filled = 0
+        ended = False
+        while filled < size:
+            try:
+                # Into the reused buffer (read(n) would allocate n bytes for each record); with
+                # a buffer, read returns a count (typeshed says bytes).
+                n = cast("int", source.read(size - filled, view[filled:]))
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                # close_notify, or a TCP FIN without it: relayed as an end all the same.
+                ended = True
+                break
+            if not n:
+                ended = True  # close_notify (read returns 0 rather than raising)
+                break
+            filled += n
+        if filled:
+            batch = view[:filled]
+            sink.write(batch)
+            if plaintext is not None:
+                plaintext.append(bytes(batch))
+            moved += filled
+        if filled < size:
+            return moved, ended
 
 
 def _send_close_notify(obj: ssl.SSLObject) -> None:

@@ -18,19 +18,33 @@ from .tls_intercept import Phase, TlsInterception, TlsSettings
 if TYPE_CHECKING:
     from .modes import Prelude
 
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
 _ERR = select.EPOLLERR
-_RECV_BYTES = 64 * 1024
-# Reads per flow before other flows get a turn (the plain relay's _CHUNKS_PER_TURN).
-_READS_PER_TURN = 16
+_HUP = select.EPOLLHUP
+_RDHUP = select.EPOLLRDHUP
+# Reads per flow (of up to the worker's buffer, 256 KiB) before other flows get a turn (the
+# plain relay's _CHUNKS_PER_TURN).
+_READS_PER_TURN = 8
 # Ciphertext waiting for one peer beyond which flowtap stops reading the other (backpressure).
 _MAX_PENDING_BYTES = 256 * 1024
 _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+class _Buffers(Protocol):
+    """The receive buffer of the relay thread (reused by every flow on it)."""
+
+    @property
+    def view(self) -> memoryview: ...
 
 
 class TlsWorker(Protocol):
     """What a TLS flow needs of the relay worker that owns it."""
 
     bus: Bus
+
+    @property
+    def worker(self) -> _Buffers: ...
 
     # The worker's queue of flows to progress again (it holds other kinds of handler too).
     ready: collections.deque[Any]
@@ -87,6 +101,13 @@ class TlsTcpFlow:
         self._server_shut = False
         self._first_eof: CloseReason | None = None
         self._facts_told: TlsFacts | None = None
+        # What edge-triggered epoll said of each socket since flowtap last found it empty or
+        # full: a socket is read or written only while it may take the call, so a bulk
+        # transfer one way does not ask the other way's socket for nothing at every turn.
+        self._client_readable = self._server_readable = True
+        self._client_writable = self._server_writable = True
+        # The peer's FIN has come (EPOLLRDHUP): read on to it, even after a short read.
+        self._client_peer_closed = self._server_peer_closed = False
         # With a wire capture: the ciphertext of each leg (by `upstream_leg`), held until
         # that leg's secrets are known so that they precede it in the capture; None once live.
         self._wire: dict[bool, list[FlowWire] | None] | None = None
@@ -127,6 +148,19 @@ class TlsTcpFlow:
             if err:
                 self._reset(is_client, os.strerror(err))
                 return
+        if mask & (_IN | _HUP | _ERR | _RDHUP):
+            closed = bool(mask & (_RDHUP | _HUP))
+            if is_client:
+                self._client_readable = True
+                self._client_peer_closed |= closed
+            else:
+                self._server_readable = True
+                self._server_peer_closed |= closed
+        if mask & (_OUT | _ERR | _HUP):
+            if is_client:
+                self._client_writable = True
+            else:
+                self._server_writable = True
         self.progress(now)
 
     def _is_owed_only_close_notify(self, is_client: bool) -> bool:
@@ -157,12 +191,21 @@ class TlsTcpFlow:
         """Read what both sockets have, run it through TLS, send what is due."""
         self.queued = False
         tls = self.tls
+        tls.keeps_plaintext = self.worker.bus.wants_data
         try:
             for _ in range(_READS_PER_TURN):
                 moved = False
-                if not self._client_eof and len(tls.to_server) < _MAX_PENDING_BYTES:
+                if (
+                    self._client_readable
+                    and not self._client_eof
+                    and len(tls.to_server) < _MAX_PENDING_BYTES
+                ):
                     moved |= self._read(self.client, is_client=True, now=now)
-                if not self._server_eof and len(tls.to_client) < _MAX_PENDING_BYTES:
+                if (
+                    self._server_readable
+                    and not self._server_eof
+                    and len(tls.to_client) < _MAX_PENDING_BYTES
+                ):
                     moved |= self._read(self.server, is_client=False, now=now)
                 if self._wire is not None:
                     self._emit_wire()
@@ -189,14 +232,16 @@ class TlsTcpFlow:
     # -- socket work --------------------------------------------------------------------------
 
     def _read(self, sock: socket.socket, *, is_client: bool, now: float) -> bool:
+        view = self.worker.worker.view
         try:
-            data = sock.recv(_RECV_BYTES)
+            n = sock.recv_into(view)
         except BlockingIOError:
+            self._set_readable(is_client, False)
             return False
         except OSError as exc:
             raise _SideFailed(is_client, exc.strerror or str(exc)) from None
         self.last_active = now
-        if not data:
+        if not n:
             if is_client:
                 self._client_eof = True
                 self._first_eof = self._first_eof or CloseReason.CLIENT_CLOSED
@@ -206,20 +251,40 @@ class TlsTcpFlow:
                 self._first_eof = self._first_eof or CloseReason.SERVER_CLOSED
                 self.tls.server_eof()
             return True
+        if n < len(view) and not (
+            self._client_peer_closed if is_client else self._server_peer_closed
+        ):
+            # Emptied: edge-triggered epoll reports any later arrival as a new event.
+            self._set_readable(is_client, False)
+        data = view[:n]
         if self._wire is not None:
-            self._record_wire(not is_client, Direction.UP if is_client else Direction.DOWN, data)
+            direction = Direction.UP if is_client else Direction.DOWN
+            self._record_wire(not is_client, direction, bytes(data))
         if is_client:
             self.tls.feed_client(data)
         else:
             self.tls.feed_server(data)
         return True
 
+    def _set_readable(self, is_client: bool, readable: bool) -> None:
+        if is_client:
+            self._client_readable = readable
+        else:
+            self._server_readable = readable
+
+    def _set_writable(self, is_client: bool, writable: bool) -> None:
+        if is_client:
+            self._client_writable = writable
+        else:
+            self._server_writable = writable
+
     def _send(self, sock: socket.socket, pending: bytearray, *, is_client: bool) -> bool:
-        if not pending:
+        if not pending or not (self._client_writable if is_client else self._server_writable):
             return False
         try:
             sent = sock.send(pending)
         except BlockingIOError:
+            self._set_writable(is_client, False)
             return False
         except OSError as exc:
             if self._is_owed_only_close_notify(is_client):
@@ -229,6 +294,9 @@ class TlsTcpFlow:
         if self._wire is not None and sent:
             direction = Direction.DOWN if is_client else Direction.UP
             self._record_wire(not is_client, direction, bytes(pending[:sent]))
+        if sent < len(pending):
+            # Full: epoll reports EPOLLOUT once it has room again.
+            self._set_writable(is_client, False)
         del pending[:sent]
         return sent > 0
 
@@ -274,16 +342,17 @@ class TlsTcpFlow:
 
     def _emit_plaintext(self) -> None:
         tls = self.tls
+        self.up.count = tls.bytes_up
+        self.down.count = tls.bytes_down
         bus = self.worker.bus
-        for chunks, direction, count in (
-            (tls.plaintext_up, Direction.UP, self.up),
-            (tls.plaintext_down, Direction.DOWN, self.down),
+        for chunks, direction in (
+            (tls.plaintext_up, Direction.UP),
+            (tls.plaintext_down, Direction.DOWN),
         ):
             if not chunks:
                 continue
-            for chunk in chunks:
-                count.count += len(chunk)
-                if bus.wants_data:
+            if bus.wants_data:
+                for chunk in chunks:
                     bus.emit_data(FlowData(self.flow.id, direction, time.time(), chunk))
             chunks.clear()
 

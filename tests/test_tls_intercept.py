@@ -271,3 +271,55 @@ def test_a_client_half_closing_tcp_still_gets_the_answer(cas: CAs) -> None:
     assert tls.error is None
     client.incoming.write(bytes(tls.to_client))
     assert client.obj.read(100) == b"digest"
+
+
+def read_all(peer: Peer) -> bytes:
+    """All the plaintext a peer's TLS has for it now."""
+    data = b""
+    while True:
+        try:
+            chunk = peer.obj.read(1 << 20)
+        except ssl.SSLWantReadError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.mark.parametrize("keeps", [True, False])
+def test_many_records_are_relayed_whole_in_batches_and_counted(cas: CAs, keeps: bool) -> None:
+    client, server = make_client(cas[0]), make_server(cas[1])
+    tls = TlsInterception(settings(cas), "127.0.0.1")
+    pump(client, tls, server)
+    tls.keeps_plaintext = keeps
+    # 41 records of at most 16 KiB each way, fed at once: more than one batch of 256 KiB.
+    upload = bytes(range(256)) * 2600
+    download = upload[::-1]
+    for start in range(0, len(upload), 16384):
+        client.obj.write(upload[start : start + 16384])
+        server.obj.write(download[start : start + 16384])
+    tls.feed_client(client.outgoing.read())
+    tls.feed_server(server.outgoing.read())
+    server.incoming.write(bytes(tls.to_server))
+    client.incoming.write(bytes(tls.to_client))
+    assert read_all(server) == upload and read_all(client) == download
+    assert (tls.bytes_up, tls.bytes_down) == (len(upload), len(download))
+    if keeps:
+        # One chunk per batch of records for observers, not one per record.
+        assert b"".join(tls.plaintext_up) == upload and len(tls.plaintext_up) == 3
+        assert b"".join(tls.plaintext_down) == download and len(tls.plaintext_down) == 3
+    else:
+        assert tls.plaintext_up == [] and tls.plaintext_down == []
+
+
+def test_plaintext_that_is_not_tls_is_counted_when_not_kept(cas: CAs) -> None:
+    tls = TlsInterception(settings(cas), "127.0.0.1")
+    tls.server_connected()
+    tls.keeps_plaintext = False
+    tls.feed_client(memoryview(b"GET / HTTP/1.1\r\n\r\n"))
+    tls.feed_server(memoryview(b"HTTP/1.1 204 No Content\r\n\r\n"))
+    assert tls.phase is Phase.PLAIN
+    assert bytes(tls.to_server) == b"GET / HTTP/1.1\r\n\r\n"
+    assert bytes(tls.to_client) == b"HTTP/1.1 204 No Content\r\n\r\n"
+    assert (tls.bytes_up, tls.bytes_down) == (18, 27)
+    assert tls.plaintext_up == [] and tls.plaintext_down == []

@@ -663,3 +663,72 @@ def test_wire_capture_to_a_classic_pcap_is_a_one_line_error(pki: Pki, tmp_path: 
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("flowtap: error: ")
     assert ".pcapng" in result.stderr
+
+
+def _serve_upload_then_download(
+    listener: socket.socket,
+    context: ssl.SSLContext,
+    upload_size: int,
+    download: bytes,
+    received: list[bytes],
+) -> None:
+    """One TLS connection: read `upload_size` bytes, then send `download` and close."""
+    conn, _ = listener.accept()
+    with context.wrap_socket(conn, server_side=True) as tls:
+        data = bytearray()
+        while len(data) < upload_size:
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        received.append(bytes(data))
+        tls.sendall(download)
+
+
+@pytest.mark.parametrize("captured", [True, False])
+def test_megabytes_each_way_through_small_socket_buffers_arrive_whole(
+    flowtap: type[FlowtapProcess], pki: Pki, tmp_path: Path, captured: bool
+) -> None:
+    # Small receive buffers at both peers: flowtap's sends to each fill them (partial
+    # writes, EAGAIN) many times while it decrypts and re-encrypts in batches of records.
+    upload = bytes(range(256)) * 8192  # 2 MiB
+    download = bytes(range(255, -1, -1)) * 8192
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*pki.server("ecdsa"))
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    received: list[bytes] = []
+    server = threading.Thread(
+        target=_serve_upload_then_download,
+        args=(listener, context, len(upload), download, received),
+    )
+    server.start()
+    capture = tmp_path / "bulk.pcapng"
+    extra = ["--pcap", str(capture)] if captured else []
+    relay = start_intercepting(
+        flowtap, pki, listener.getsockname()[1], "--upstream-ca", str(pki.upstream_ca), *extra
+    )
+    try:
+        client_context = ssl.create_default_context(cafile=str(pki.flowtap_ca_cert))
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        raw.settimeout(30)
+        raw.connect(("127.0.0.1", relay.port))
+        with client_context.wrap_socket(raw, server_hostname="svc.test") as client:
+            client.sendall(upload)
+            got = bytearray()
+            while chunk := client.recv(65536):
+                got += chunk
+        server.join(30)
+    finally:
+        listener.close()
+    assert received == [upload]
+    assert bytes(got) == download
+    (record,) = closed_records(relay, 1)
+    assert record["error"] is None, record
+    assert (record["bytes_up"], record["bytes_down"]) == (len(upload), len(download))
+    if captured:
+        assert relay.stop() == 0
+        assert follow_tcp(capture, 0) == (upload, download)
