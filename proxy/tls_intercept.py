@@ -298,15 +298,8 @@ class TlsInterception:
     def feed_client(self, data: bytes | memoryview) -> None:
         """Bytes the client sent (copied before this returns: the caller may reuse `data`)."""
         phase = self.phase
-        if phase is Phase.OPEN:
-            self._client_in.write(data)
-            # Only the client's direction has new records to relay.
-            self._advance(down=False)
-        elif phase is Phase.PLAIN:
-            self.to_server += data
-            self.bytes_up += len(data)
-            if self.keeps_plaintext:
-                self.plaintext_up.append(bytes(data))
+        if phase is Phase.OPEN or phase is Phase.PLAIN:
+            self._relay_fed(data, from_client=True)
         elif phase is Phase.PEEKING:
             self._peeked += data
             self._peek()
@@ -319,17 +312,27 @@ class TlsInterception:
     def feed_server(self, data: bytes | memoryview) -> None:
         """Bytes the upstream sent (copied before this returns: the caller may reuse `data`)."""
         phase = self.phase
-        if phase is Phase.OPEN:
-            self._up_in.write(data)
-            self._advance(up=False)
-        elif phase is Phase.PLAIN:
-            self.to_client += data
-            self.bytes_down += len(data)
-            if self.keeps_plaintext:
-                self.plaintext_down.append(bytes(data))
+        if phase is Phase.OPEN or phase is Phase.PLAIN:
+            self._relay_fed(data, from_client=False)
         elif phase is not Phase.FAILED:
             self._up_in.write(data)
             self._advance()
+
+    def _relay_fed(self, data: bytes | memoryview, *, from_client: bool) -> None:
+        """Relay what one peer sent once the flow is open (only that direction has new
+        records) or plain."""
+        if self.phase is Phase.OPEN:
+            (self._client_in if from_client else self._up_in).write(data)
+            self._advance(up=from_client, down=not from_client)
+            return
+        if from_client:
+            self.to_server += data
+            self.bytes_up += len(data)
+        else:
+            self.to_client += data
+            self.bytes_down += len(data)
+        if self.keeps_plaintext:
+            (self.plaintext_up if from_client else self.plaintext_down).append(bytes(data))
 
     def client_eof(self) -> None:
         """The client closed its side (TCP FIN)."""
