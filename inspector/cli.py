@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from flowtap.proxy.errors import FlowtapError
 
@@ -31,6 +31,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"flowtap: error: {message} (see {self.prog} --help)\n")
 
 
+class _TakesArguments(Protocol):
+    """A parser or an argument group: what a row adds itself to."""
+
+    def add_argument(self, *names: str, **settings: Any) -> Any: ...
+
+
 # The options of each command are tables of the rows below, so that what an option is (its
 # flag, value, help) reads in one place and the commands that share options share rows.
 
@@ -42,7 +48,7 @@ class _Switch:
     flag: str
     help: str
 
-    def add_to(self, parser: argparse._ActionsContainer) -> None:
+    def add_to(self, parser: _TakesArguments) -> None:
         parser.add_argument(self.flag, action="store_true", help=self.help)
 
 
@@ -54,7 +60,7 @@ class _Positional:
     metavar: str
     help: str
 
-    def add_to(self, parser: argparse._ActionsContainer) -> None:
+    def add_to(self, parser: _TakesArguments) -> None:
         parser.add_argument(self.name, metavar=self.metavar, help=self.help)
 
 
@@ -71,7 +77,7 @@ class _Value:
     required: bool = False
     repeatable: bool = False
 
-    def add_to(self, parser: argparse._ActionsContainer) -> None:
+    def add_to(self, parser: _TakesArguments) -> None:
         parser.add_argument(
             self.flag,
             action="append" if self.repeatable else "store",
@@ -92,7 +98,7 @@ class _Choice:
     default: str | None
     help: str
 
-    def add_to(self, parser: argparse._ActionsContainer) -> None:
+    def add_to(self, parser: _TakesArguments) -> None:
         parser.add_argument(self.flag, choices=self.choices, default=self.default, help=self.help)
 
 
@@ -102,7 +108,7 @@ class _OneOf:
 
     rows: tuple[_Switch | _Value | _Choice, ...]
 
-    def add_to(self, parser: argparse._ActionsContainer) -> None:
+    def add_to(self, parser: _TakesArguments) -> None:
         assert isinstance(parser, argparse.ArgumentParser), "groups do not nest"
         group = parser.add_mutually_exclusive_group()
         for row in self.rows:
