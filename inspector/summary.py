@@ -1,4 +1,5 @@
-"""Protocol summaries: pure functions from the first bytes of each direction to a short story.
+"""Protocol summaries: pure functions from the first bytes of each direction to a short story
+(and, for HTTP/2, `Http2Summary`, which follows a whole connection fed as its bytes come).
 
 Recognises HTTP/1.x, HTTP/2 (its streams, with the `hpack` and `hyperframe` libraries of the
 `h2` project), TLS (ClientHello version, SNI, ALPN), DNS, Redis (RESP) and falls back
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from hpack import Decoder
 
 HEAD_BYTES = 4096
-"""How many bytes of each direction a summary looks at."""
+"""How many bytes of each direction a summary looks at (an HTTP/2 one follows the whole flow)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +58,15 @@ _TLS_VERSIONS = {
 
 
 def summarize(up: bytes, down: bytes, *, transport: str = "tcp", server_port: int = 0) -> Summary:
-    """Summarise a flow from the first bytes the client sent (`up`) and the server sent."""
+    """Summarise a flow from the first bytes the client sent (`up`) and the server sent; an
+    HTTP/2 flow's from all the bytes given (see `Http2Summary`)."""
+    if up.startswith(H2_PREFACE):
+        return _http2(up, down)
     up = up[:HEAD_BYTES]
     down = down[:HEAD_BYTES]
     if not up and not down:
         return EMPTY
-    for recognise in (_tls, _http2, _http, _redis):
+    for recognise in (_tls, _http, _redis):
         found = recognise(up, down)
         if found is not None:
             return found
@@ -141,13 +145,23 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 """What an HTTP/2 client sends first: over TLS with ALPN `h2` as much as in cleartext (h2c
 with prior knowledge), so the bytes alone tell HTTP/2 whatever the ALPN was."""
 
-_H2_FRAME_HEADER = 9
+_H2_FRAME_HEADER = struct.Struct("!HBBBI")  # length (24 bits), type, flags, stream id
 _H2_HEADER_TABLE_SIZE = 0x1
+_H2_HEADERS, _H2_RST_STREAM, _H2_SETTINGS, _H2_PUSH_PROMISE, _H2_CONTINUATION = 1, 3, 4, 5, 9
+_H2_READ = frozenset(
+    (_H2_HEADERS, _H2_RST_STREAM, _H2_SETTINGS, _H2_PUSH_PROMISE, _H2_CONTINUATION)
+)
+_H2_MAX_BLOCK_BYTES = 1 << 20
+"""The largest frame or header block an HTTP/2 summary reads (the protocol's default frame
+size limit is 16 KiB); past it the direction is followed no further."""
+_H2_MAX_TABLE_BYTES = 1 << 16
+H2_STREAMS_LISTED = 100
+"""How many streams an HTTP/2 summary lists; later ones are only counted."""
 
 
 @dataclass(slots=True)
 class _H2Stream:
-    """What the first bytes tell of one HTTP/2 stream."""
+    """What an HTTP/2 summary tells of one stream."""
 
     method: str = ""
     path: str = ""
@@ -156,73 +170,146 @@ class _H2Stream:
     reset: bool = False
 
 
-def _h2_blocks(
-    data: bytes, decoder: Decoder, peer: Decoder
-) -> list[tuple[int, list[tuple[str, str]]]]:
-    """(stream id, headers) of each whole header block in `data` (frames from its start),
-    decoded in order with `decoder`; a SETTINGS frame's header table size goes to `peer`,
-    the decoder of the other direction (whose encoder it bounds)."""
-    from hpack import HPACKError
-    from hyperframe.exceptions import HyperframeError
-    from hyperframe.frame import (
-        ContinuationFrame,
-        Frame,
-        HeadersFrame,
-        PushPromiseFrame,
-        RstStreamFrame,
-        SettingsFrame,
-    )
+class _H2Reader:
+    """One direction of an HTTP/2 connection, read frame by frame as its bytes come: only the
+    frames a summary needs are kept (a DATA frame's body is skipped, never held)."""
 
-    blocks: list[tuple[int, list[tuple[str, str]]]] = []
-    pos = 0
-    pending: tuple[int, bytearray] | None = None  # a block waiting for its CONTINUATIONs
-    view = memoryview(data)
-    try:
-        while pos + _H2_FRAME_HEADER <= len(data):
-            frame, length = Frame.parse_frame_header(view[pos : pos + _H2_FRAME_HEADER])
-            end = pos + _H2_FRAME_HEADER + length
-            if end > len(data):
-                break  # the first bytes end inside this frame
-            frame.parse_body(view[pos + _H2_FRAME_HEADER : end])
-            pos = end
-            fragment: bytes | None = None
-            if isinstance(frame, HeadersFrame | PushPromiseFrame):
-                # A pushed request's headers come from the server's encoder: decoding them
-                # keeps this direction's table in step.
-                stream = frame.promised_stream_id if isinstance(frame, PushPromiseFrame) else 0
-                pending = (stream or frame.stream_id, bytearray())
-                fragment = frame.data
-            elif isinstance(frame, ContinuationFrame) and pending is not None:
-                fragment = frame.data
-            elif isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
-                size = frame.settings.get(_H2_HEADER_TABLE_SIZE)
-                if size is not None:
-                    peer.max_allowed_table_size = size
-            elif isinstance(frame, RstStreamFrame):
-                blocks.append((frame.stream_id, [(":reset", str(frame.error_code))]))
-            if fragment is not None and pending is not None:
-                pending[1].extend(fragment)
-                if "END_HEADERS" in frame.flags:
-                    headers = decoder.decode(bytes(pending[1]), raw=True)
-                    blocks.append((pending[0], [(_text(k), _text(v)) for k, v in headers]))
-                    pending = None
-    except (HyperframeError, HPACKError, ValueError):
-        pass  # malformed: what was decoded before stands
-    return blocks
+    __slots__ = ("block", "decoder", "frame", "is_followed", "length", "partial", "skip")
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.partial = bytearray()  # a frame header, or a read frame's body, not whole yet
+        self.frame: bytes | None = None  # the header of the frame whose body is in `partial`
+        self.length = _H2_FRAME_HEADER.size  # bytes `partial` must reach
+        self.skip = 0  # body bytes of an unread frame still to come
+        self.block: tuple[int, bytearray] | None = None  # a header block awaiting CONTINUATION
+        self.is_followed = True
+
+    def feed(self, data: bytes | memoryview, summary: Http2Summary, peer: Decoder) -> None:
+        from hpack import HPACKError
+        from hyperframe.exceptions import HyperframeError
+
+        view = memoryview(data)
+        pos = 0
+        size = len(view)
+        try:
+            while pos < size and self.is_followed:
+                if self.skip:
+                    step = min(self.skip, size - pos)
+                    self.skip -= step
+                    pos += step
+                    continue
+                step = min(self.length - len(self.partial), size - pos)
+                self.partial += view[pos : pos + step]
+                pos += step
+                if len(self.partial) < self.length:
+                    break
+                if self.frame is None:
+                    self._header(bytes(self.partial))
+                    if self.frame is None or self.length:
+                        continue
+                self._body(summary, peer)
+        except (HyperframeError, HPACKError, ValueError):
+            self.is_followed = False  # malformed: what was decoded before stands
+
+    def _header(self, header: bytes) -> None:
+        high, low, kind, _, _ = _H2_FRAME_HEADER.unpack(header)
+        length = high << 8 | low
+        self.partial.clear()
+        if kind not in _H2_READ:
+            self.skip = length
+            self.length = _H2_FRAME_HEADER.size
+            return
+        if length > _H2_MAX_BLOCK_BYTES:
+            self.is_followed = False
+            return
+        self.frame = header
+        self.length = length
+
+    def _body(self, summary: Http2Summary, peer: Decoder) -> None:
+        from hyperframe.frame import (
+            ContinuationFrame,
+            Frame,
+            HeadersFrame,
+            PushPromiseFrame,
+            RstStreamFrame,
+            SettingsFrame,
+        )
+
+        assert self.frame is not None
+        frame, _ = Frame.parse_frame_header(memoryview(self.frame))
+        frame.parse_body(memoryview(self.partial))
+        self.frame = None
+        self.partial.clear()
+        self.length = _H2_FRAME_HEADER.size
+        fragment: bytes | None = None
+        if isinstance(frame, HeadersFrame | PushPromiseFrame):
+            # A pushed request's headers come from the server's encoder: decoding them keeps
+            # this direction's table in step.
+            stream = frame.promised_stream_id if isinstance(frame, PushPromiseFrame) else 0
+            self.block = (stream or frame.stream_id, bytearray())
+            fragment = frame.data
+        elif isinstance(frame, ContinuationFrame) and self.block is not None:
+            fragment = frame.data
+        elif isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+            size = frame.settings.get(_H2_HEADER_TABLE_SIZE)
+            if size is not None:
+                # It bounds the other direction's encoder; past 64 KiB (a table that large
+                # is not worth its memory here) that direction is followed no further.
+                peer.max_allowed_table_size = min(size, _H2_MAX_TABLE_BYTES)
+        elif isinstance(frame, RstStreamFrame):
+            summary.add(frame.stream_id, {":reset": str(frame.error_code)})
+        if fragment is not None and self.block is not None:
+            stream_id, block = self.block
+            block += fragment
+            if len(block) > _H2_MAX_BLOCK_BYTES:
+                self.is_followed = False
+            elif "END_HEADERS" in frame.flags:
+                self.block = None
+                headers = self.decoder.decode(bytes(block), raw=True)
+                summary.add(stream_id, {_text(k): _text(v) for k, v in headers})
 
 
-def _http2(up: bytes, down: bytes) -> Summary | None:
-    if not up.startswith(H2_PREFACE):
-        return None
-    from hpack import Decoder  # only for HTTP/2 flows: most summaries never need it
+class Http2Summary:
+    """The streams of an HTTP/2 connection, followed over the whole flow as its bytes come
+    (`feed`), in bounded memory: each header block is decoded in order (HPACK's tables need
+    every one), and the first `H2_STREAMS_LISTED` streams are kept, later ones counted."""
 
-    up_decoder, down_decoder = Decoder(), Decoder()
-    streams: dict[int, _H2Stream] = {}
-    requests = _h2_blocks(up[len(H2_PREFACE) :], up_decoder, down_decoder)
-    responses = _h2_blocks(down, down_decoder, up_decoder)
-    for stream_id, headers in requests + responses:
-        stream = streams.setdefault(stream_id, _H2Stream())
-        fields = dict(headers)
+    def __init__(self) -> None:
+        from hpack import Decoder  # only for HTTP/2 flows: most summaries never need it
+
+        self._up = _H2Reader(Decoder())
+        self._down = _H2Reader(Decoder())
+        self._preface_left = len(H2_PREFACE)
+        self._streams: dict[int, _H2Stream] = {}
+        self._unlisted = 0
+        self._stopped = False
+
+    def feed(self, is_up: bool, data: bytes | memoryview) -> None:
+        """Take the next bytes the client (`is_up`) or the server sent."""
+        if is_up:
+            if self._preface_left:
+                skipped = min(self._preface_left, len(data))
+                self._preface_left -= skipped
+                data = memoryview(data)[skipped:]
+            self._up.feed(data, self, self._down.decoder)
+        else:
+            self._down.feed(data, self, self._up.decoder)
+
+    def stop(self) -> None:
+        """Bytes are missing (a viewer fell behind, the capture has a gap): follow no further."""
+        if self._up.is_followed or self._down.is_followed:
+            self._up.is_followed = self._down.is_followed = False
+            self._stopped = True
+
+    def add(self, stream_id: int, fields: dict[str, str]) -> None:
+        """Note a header block (or a reset, as `:reset`) of a stream."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if len(self._streams) >= H2_STREAMS_LISTED:
+                self._unlisted += ":method" in fields
+                return
+            stream = self._streams[stream_id] = _H2Stream()
         stream.method = stream.method or fields.get(":method", "")
         stream.path = stream.path or fields.get(":path", "")
         stream.authority = stream.authority or fields.get(":authority", "")
@@ -230,27 +317,41 @@ def _http2(up: bytes, down: bytes) -> Summary | None:
         if status and (not stream.status or stream.status.startswith("1")):
             stream.status = status  # a final status wins over an informational one
         stream.reset = stream.reset or ":reset" in fields
-    asked = [(i, s) for i, s in sorted(streams.items()) if s.method]
-    details = [f"HTTP/2: {len(asked)} stream{'s' if len(asked) != 1 else ''}"]
-    for stream_id, stream in asked:
-        line = f"> [{stream_id}] {stream.method} {stream.path}"
-        if stream.authority:
-            line += f" ({stream.authority})"
-        details.append(line)
-        if stream.status or stream.reset:
-            outcome = stream.status + (" reset" if stream.reset else "")
-            details.append(f"< [{stream_id}] {outcome.strip()}")
-    if not asked:
-        return Summary("http", "HTTP/2 connection", tuple(details))
-    _, first = asked[0]
-    headline = f"h2 {first.method} {first.path}"
-    if first.authority:
-        headline += f" ({first.authority})"
-    if first.status:
-        headline += f" → {first.status}"
-    if len(asked) > 1:
-        headline += f" (+{len(asked) - 1} more)"
-    return Summary("http", headline, tuple(details))
+
+    def summary(self) -> Summary:
+        asked = [(i, s) for i, s in sorted(self._streams.items()) if s.method]
+        total = len(asked) + self._unlisted
+        details = [f"HTTP/2: {total} stream{'s' if total != 1 else ''}"]
+        for stream_id, stream in asked:
+            line = f"> [{stream_id}] {stream.method} {stream.path}"
+            if stream.authority:
+                line += f" ({stream.authority})"
+            details.append(line)
+            if stream.status or stream.reset:
+                outcome = stream.status + (" reset" if stream.reset else "")
+                details.append(f"< [{stream_id}] {outcome.strip()}")
+        if self._unlisted:
+            details.append(f"… +{self._unlisted} more streams")
+        if self._stopped:
+            details.append("… bytes missing: later streams not followed")
+        if not asked:
+            return Summary("http", "HTTP/2 connection", tuple(details))
+        _, first = asked[0]
+        headline = f"h2 {first.method} {first.path}"
+        if first.authority:
+            headline += f" ({first.authority})"
+        if first.status:
+            headline += f" → {first.status}"
+        if total > 1:
+            headline += f" (+{total - 1} more)"
+        return Summary("http", headline, tuple(details))
+
+
+def _http2(up: bytes, down: bytes) -> Summary:
+    follower = Http2Summary()
+    follower.feed(True, up)
+    follower.feed(False, down)
+    return follower.summary()
 
 
 # -- TLS -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import re
 import tracemalloc
 
 from flowtap.inspector.pcapfile.reassembly import FlowGap
+from flowtap.inspector.summary import HEAD_BYTES
 from flowtap.inspector.tui.store import (
     CHUNK_GAP,
     CHUNK_NOT_SHOWN,
@@ -177,3 +178,41 @@ def test_missing_bytes_are_noted_in_place_and_left_out_of_the_payload() -> None:
     assert store.chunk_datas(record, 0, 3) == [b"before ", b"", b"after"]
     assert store.chunk_bytes(record, 1) == b""
     assert [type(e).__name__ for e in store.events(1)] == ["FlowOpened"] + ["FlowData"] * 3
+
+
+def test_an_http2_flow_is_summarised_from_all_its_bytes_until_some_are_missing() -> None:
+    from test_summary_h2 import _request, converse
+
+    paths = [f"/stream/{n:03d}/of/a/long/connection" for n in range(90)]
+    traced = [
+        [*_request("GET", path), ("x-trace", f"{n * 0x9E3779B97F4A7C15:032x}")]
+        for n, path in enumerate(paths)
+    ]
+    up, down = converse(traced, dict.fromkeys(paths, "200"))
+    assert len(up) > HEAD_BYTES and len(down) > HEAD_BYTES
+    store = FlowStore()
+    store.apply([FlowOpened(_flow(1, port=443))])
+    for at in range(0, max(len(up), len(down)), 1000):  # both directions, interleaved
+        store.apply(
+            [
+                FlowData(1, Direction.UP, 1.0, up[at : at + 1000]),
+                FlowData(1, Direction.DOWN, 1.0, down[at : at + 1000]),
+            ]
+        )
+        store.refresh_summaries()
+    record = store.get(1)
+    assert record is not None
+    assert record.summary.headline == f"h2 GET {paths[0]} (h2.test) → 200 (+89 more)"
+    assert record.summary.details[-2:] == (f"> [179] GET {paths[-1]} (h2.test)", "< [179] 200")
+    # A hole in the bytes (a viewer fell behind): what was followed stays, and says so.
+    store.apply([DataNotShown(1, Direction.UP, 500)])
+    store.apply([FlowData(1, Direction.UP, 2.0, b"\x00\x00\x05\x01\x04\x00\x00\x00\xa1")])
+    store.refresh_summaries()
+    assert record.summary.details[0] == "HTTP/2: 90 streams"
+    assert record.summary.details[-1] == "… bytes missing: later streams not followed"
+    closed = _flow(1, port=443).closed(
+        ended_at=1003.0, bytes_up=len(up), bytes_down=len(down), reason=CloseReason.CLIENT_CLOSED
+    )
+    store.apply([FlowClosed(closed)])
+    store.refresh_summaries()
+    assert record.summary.details[0] == "HTTP/2: 90 streams" and record.h2 is None

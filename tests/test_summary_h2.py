@@ -8,11 +8,17 @@ from h2.connection import H2Connection
 from h2.events import RequestReceived
 from h2.settings import SettingCodes
 from hpack import Encoder
-from hyperframe.frame import ContinuationFrame, HeadersFrame, SettingsFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, SettingsFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowtap.inspector.summary import H2_PREFACE, summarize
+from flowtap.inspector.summary import (
+    H2_PREFACE,
+    H2_STREAMS_LISTED,
+    HEAD_BYTES,
+    Http2Summary,
+    summarize,
+)
 
 Headers = list[tuple[str, str]]
 
@@ -22,28 +28,33 @@ def _request(method: str, path: str, authority: str = "h2.test") -> Headers:
 
 
 def converse(requests: list[Headers], answers: dict[str, str | None]) -> tuple[bytes, bytes]:
-    """What an h2 client sends asking `requests` on one connection, and what an h2 server
-    sends back: the status `answers` maps a path to, or a reset stream for None."""
+    """What an h2 client sends asking `requests` on one connection (50 at a time, within the
+    server's limit of open streams), and what an h2 server sends back: the status `answers`
+    maps a path to, or a reset stream for None."""
     client = H2Connection(H2Configuration(client_side=True))
     server = H2Connection(H2Configuration(client_side=False))
     client.initiate_connection()
     server.initiate_connection()
-    for number, headers in enumerate(requests):
-        client.send_headers(1 + 2 * number, headers, end_stream=True)
-    up = client.data_to_send()
-    for event in server.receive_data(up):
-        if isinstance(event, RequestReceived):
-            asked = dict((k.decode(), v.decode()) for k, v in event.headers)
-            status = answers[asked[":path"]]
-            if status is None:
-                server.reset_stream(event.stream_id)
-                continue
-            reply = [(":status", status), ("content-type", "text/plain")]
-            server.send_headers(event.stream_id, reply)
-            server.send_data(event.stream_id, b"body of " + asked[":path"].encode(), True)
-    down = server.data_to_send()
-    client.receive_data(down)
-    up += client.data_to_send()  # the client's SETTINGS ACK
+    up = down = b""
+    for first in range(0, len(requests), 50):
+        for number, headers in enumerate(requests[first : first + 50], start=first):
+            client.send_headers(1 + 2 * number, headers, end_stream=True)
+        sent = client.data_to_send()
+        up += sent
+        for event in server.receive_data(sent):
+            if isinstance(event, RequestReceived):
+                asked = dict((k.decode(), v.decode()) for k, v in event.headers)
+                status = answers[asked[":path"]]
+                if status is None:
+                    server.reset_stream(event.stream_id)
+                    continue
+                reply = [(":status", status), ("content-type", "text/plain")]
+                server.send_headers(event.stream_id, reply)
+                server.send_data(event.stream_id, b"body of " + asked[":path"].encode(), True)
+        answered = server.data_to_send()
+        down += answered
+        client.receive_data(answered)
+    up += client.data_to_send()  # the client's SETTINGS ACK, WINDOW_UPDATEs
     return up, down
 
 
@@ -130,3 +141,51 @@ def test_a_larger_header_table_the_client_allowed_is_honoured() -> None:
 def test_any_bytes_after_the_preface_summarise_without_raising(up: bytes, down: bytes) -> None:
     summary = summarize(H2_PREFACE + up, down)
     assert summary.protocol == "http"
+
+
+def test_a_long_connection_is_followed_past_the_first_bytes_and_lists_a_bounded_number() -> None:
+    count = H2_STREAMS_LISTED + 40
+    paths = [f"/catalogue/item/{n:04d}?view=full&lang=en" for n in range(count)]
+    up, down = converse([_request("GET", path) for path in paths], dict.fromkeys(paths, "200"))
+    assert len(up) > HEAD_BYTES and len(down) > HEAD_BYTES
+    summary = summarize(up, down)
+    assert summary.headline == f"h2 GET {paths[0]} (h2.test) → 200 (+{count - 1} more)"
+    assert summary.details[0] == f"HTTP/2: {count} streams"
+    last = 2 * H2_STREAMS_LISTED - 1  # the last listed stream's id
+    assert summary.details[-3:] == (
+        f"> [{last}] GET {paths[H2_STREAMS_LISTED - 1]} (h2.test)",
+        f"< [{last}] 200",
+        "… +40 more streams",
+    )
+    assert len(summary.details) == 1 + 2 * H2_STREAMS_LISTED + 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=3000), min_size=1, max_size=40))
+def test_fed_in_any_pieces_the_summary_is_that_of_the_whole_bytes(cuts: list[int]) -> None:
+    paths = [f"/piece/{n}" for n in range(30)]
+    up, down = converse([_request("POST", path) for path in paths], dict.fromkeys(paths, "201"))
+    follower = Http2Summary()
+    for data, is_up in ((up, True), (down, False)):
+        at = 0
+        for cut in cuts * (len(data) // sum(cuts) + 1):
+            follower.feed(is_up, data[at : at + cut])
+            at += cut
+    assert follower.summary() == summarize(up, down)
+    assert follower.summary().details[0] == "HTTP/2: 30 streams"
+
+
+def test_large_data_frames_are_skipped_without_being_held() -> None:
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, _request("PUT", "/upload"))
+    up = client.data_to_send()
+    body = DataFrame(1, data=b"u" * 16000, flags=["END_STREAM"]).serialize()
+    follower = Http2Summary()
+    follower.feed(True, up)
+    for _ in range(64):  # 1 MB of DATA frames, fed a frame and a half at a time
+        follower.feed(True, body[:9000])
+        follower.feed(True, body[9000:] + body[:100])
+        follower.feed(True, body[100:])
+    assert "> [1] PUT /upload (h2.test)" in follower.summary().details
+    assert follower._up.partial == bytearray()  # no body kept, only frames' headers pass

@@ -36,8 +36,9 @@ from conftest import (
     start_flowtap,
     wait_for,
 )
-from flowtap.inspector.summary import summarize
-from flowtap.inspector.tui.app import FlowtapApp
+from flowtap.inspector.summary import H2_STREAMS_LISTED, HEAD_BYTES, summarize
+from flowtap.inspector.tui.app import FlowtapApp, stream_capture
+from flowtap.inspector.tui.store import FlowStore
 from flowtap.inspector.tui.viewer import ControlClient
 from flowtap.inspector.tui.widgets.flow_detail import FlowDetail
 from flowtap.inspector.tui.widgets.flow_table import LOCK, FlowTable
@@ -315,6 +316,45 @@ def test_curl_http2_through_interception_is_summarised_as_streams(
     picked = flowtap_show(str(capture), "--filter", '"h2 GET /first" and tls', "--json")
     assert picked.returncode == 0, picked.stderr
     assert [json.loads(line)["tls"]["alpn"] for line in picked.stdout.splitlines()] == ["h2"]
+
+
+def test_a_long_curl_http2_connection_is_summarised_past_its_first_bytes(
+    flowtap: type[FlowtapProcess], pki: Pki, h2_server: int, tmp_path: Path
+) -> None:
+    capture = tmp_path / "h2-long.pcapng"
+    relay = recording_relay(flowtap, pki, h2_server, capture)
+    count = H2_STREAMS_LISTED + 50
+    paths = [f"/items/{n:03d}/details-of-a-longer-path" for n in range(count)]
+    result = subprocess.run(
+        ["curl", "-sS", "--http2", "--cacert", str(pki.flowtap_ca_cert),
+         *(f"https://localhost:{relay.port}{path}" for path in paths)],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"".join(b"hello " + path.encode() for path in paths)
+    (record,) = closed_records(relay, 1)  # one connection, all the streams
+    assert relay.stop() == 0
+    up, down = follow_tcp(capture, 0)
+    assert len(up) > HEAD_BYTES and len(down) > HEAD_BYTES
+
+    # The TUI browsing the capture: its store reads every byte of the flow.
+    store = FlowStore()
+    for batch, _ in stream_capture(capture):
+        store.apply(batch)
+    store.refresh_summaries()
+    stored = store.get(record["flow"])
+    assert stored is not None
+    summary = stored.summary
+    assert summary == summarize(up, down)
+    authority = f"localhost:{relay.port}"
+    assert summary.headline == f"h2 GET {paths[0]} ({authority}) → 200 (+{count - 1} more)"
+    assert summary.details[0] == f"HTTP/2: {count} streams"
+    last = 2 * H2_STREAMS_LISTED - 1  # the id of the last stream listed
+    assert summary.details[-3:] == (
+        f"> [{last}] GET {paths[H2_STREAMS_LISTED - 1]} ({authority})",
+        f"< [{last}] 200",
+        "… +50 more streams",
+    )
 
 
 def replay(*args: str) -> subprocess.CompletedProcess[str]:

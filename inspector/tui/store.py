@@ -17,7 +17,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from flowtap.inspector.pcapfile.reassembly import FlowGap
-from flowtap.inspector.summary import EMPTY, HEAD_BYTES, Summary, summarize
+from flowtap.inspector.summary import (
+    EMPTY,
+    H2_PREFACE,
+    HEAD_BYTES,
+    Http2Summary,
+    Summary,
+    summarize,
+)
 from flowtap.proxy.control_protocol import DataNotShown
 from flowtap.proxy.events import EventQueue
 from flowtap.proxy.flow import (
@@ -243,6 +250,7 @@ class FlowRecord:
         "chunks",
         "flow",
         "gaps",
+        "h2",
         "head_down",
         "head_up",
         "kept_down",
@@ -264,6 +272,8 @@ class FlowRecord:
         self.head_down: bytes | None = b""
         self.summary: Summary = EMPTY
         self.summary_stale = False
+        # An HTTP/2 connection's summary follows every byte the store gets, not the heads.
+        self.h2: Http2Summary | None = None
         self.gaps = 0
         # Bytes the relay did not send this viewer because it fell behind.
         self.not_shown = 0
@@ -413,6 +423,8 @@ class FlowStore:
         event: DataNotShown | FlowGap,
     ) -> None:
         is_up = direction is Direction.UP
+        if record.h2 is not None:
+            record.h2.stop()  # its frames cannot be found past a hole
         if (record.kept_up if is_up else record.kept_down) < self._max_kept:
             # Past the keep cap nothing more is shown anyway.
             flags = kind | (CHUNK_UP if is_up else 0)
@@ -432,10 +444,19 @@ class FlowStore:
             record.bytes_down += len(data)
             kept = record.kept_down
             head = record.head_down
-        if head is not None and len(head) < HEAD_BYTES:
+        h2 = record.h2
+        if h2 is not None:
+            h2.feed(is_up, data)
+            if not record.summary_stale:
+                record.summary_stale = True
+                self._stale.add(record.id)
+        elif head is not None and len(head) < HEAD_BYTES:
+            before = head
             head += data[: HEAD_BYTES - len(head)]
             if is_up:
                 record.head_up = head
+                if len(before) < len(H2_PREFACE) <= len(head):
+                    self._follow_h2(record, before + data)
             else:
                 record.head_down = head
             if not record.summary_stale:
@@ -454,6 +475,15 @@ class FlowStore:
             record.kept_up += len(data)
         else:
             record.kept_down += len(data)
+
+    def _follow_h2(self, record: FlowRecord, up: bytes) -> None:
+        """Follow the flow as HTTP/2 if the client's first bytes (`up`, all so far) are its
+        preface and the server's are all in the head."""
+        down = record.head_down
+        if up.startswith(H2_PREFACE) and down is not None and len(down) < HEAD_BYTES:
+            record.h2 = Http2Summary()
+            record.h2.feed(True, up)
+            record.h2.feed(False, down)
 
     def set_live_counts(self, flow_id: int, bytes_up: int, bytes_down: int) -> int:
         """Raise a live flow's byte counts to what the relay reports; return the bytes added."""
@@ -483,14 +513,18 @@ class FlowStore:
             if record is None:
                 continue
             record.summary_stale = False
-            summary = summarize(
-                record.head_up or self._head(record, True),
-                record.head_down or self._head(record, False),
-                transport=str(record.flow.transport),
-                server_port=record.flow.server.port,
-            )
+            if record.h2 is not None:
+                summary = record.h2.summary()
+            else:
+                summary = summarize(
+                    record.head_up or self._head(record, True),
+                    record.head_down or self._head(record, False),
+                    transport=str(record.flow.transport),
+                    server_port=record.flow.server.port,
+                )
             if record.is_closed:
                 record.head_up = record.head_down = None  # the spill has them
+                record.h2 = None  # nothing more comes: the summary is final
             if summary != record.summary:
                 record.summary = summary
                 changed.append(record.id)
