@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
 from flowtap.inspector.flow_filter import parse_filter
 from flowtap.inspector.replay.compare import compare, compile_patterns, mask, text_diff
 from flowtap.inspector.replay.playback import Close, HalfClose, Player, Reset, Send
-from flowtap.inspector.replay.serve import FlowMatcher
+from flowtap.inspector.replay.serve import FlowMatcher, recorded_alpn
 from flowtap.inspector.replay.turns import (
     Ending,
     Script,
@@ -26,6 +26,7 @@ from flowtap.proxy.flow import (
     FlowClosed,
     FlowData,
     FlowOpened,
+    TlsFacts,
     Transport,
 )
 
@@ -268,3 +269,16 @@ def test_matcher_serves_identical_flows_in_recorded_order() -> None:
     )
     matcher = FlowMatcher(scripts)
     assert [matcher.choose(b"GET /", is_final=False).id for _ in range(3)] == [1, 2, 1]  # type: ignore[union-attr]
+
+
+def test_serve_offers_the_recorded_alpn_protocols_most_frequent_first() -> None:
+    def negotiated(flow_id: int, alpn: str | None) -> Script:
+        script = scripts_from_events(_events(flow_id, [(UP, 0, b"x"), (DOWN, 0.1, b"y")]))[0]
+        tls = TlsFacts("intercept", alpn=alpn)
+        return replace(script, flow=replace(script.flow, tls=tls))  # type: ignore[arg-type]
+
+    plain = scripts_from_events(_events(9, [(UP, 0, b"x")]))
+    assert recorded_alpn(plain) == ()  # type: ignore[arg-type]
+    picked = ["http/1.1", "h2", None, "h2", "spdy/3", "h2", "http/1.1"]
+    scripts = [negotiated(number, alpn) for number, alpn in enumerate(picked, start=1)]
+    assert recorded_alpn(scripts) == ("h2", "http/1.1", "spdy/3")
