@@ -34,6 +34,7 @@ from .flow import (
     Flow,
     FlowData,
     FlowOpened,
+    Requested,
     TlsFacts,
     Transport,
     next_flow_id,
@@ -47,6 +48,7 @@ from .modes import (
     Prelude,
     Resolver,
     literal_destination,
+    transparent_destination,
 )
 from .policy import Mode, ProxyPolicy
 from .socks_udp import UdpAssociation
@@ -240,13 +242,20 @@ class _TcpFlow:
     def progress(self, now: float) -> None:
         """Move whatever bytes can move now, in both directions."""
         self.queued = False
+        up = self.up
+        down = self.down
+        again = False
         try:
-            again = self._pump(self.up, now)
-            again = self._pump(self.down, now) or again
+            # A direction with nothing to read, send or pass on is not pumped at all: most
+            # events concern one direction (and a pump call is most of what one costs).
+            if up.pending is not None or ((up.readable or up.eof) and not up.shut):
+                again = self._pump(up, now)
+            if down.pending is not None or ((down.readable or down.eof) and not down.shut):
+                again = self._pump(down, now) or again
         except _SideReset as exc:
             self._reset(exc.is_client, str(exc))
             return
-        if self.up.shut and self.down.shut:
+        if up.shut and down.shut:
             self.owner.close_flow(self, self.first_eof or CloseReason.CLIENT_CLOSED)
         elif again and not self.queued:
             self.queued = True
@@ -620,7 +629,7 @@ class _TcpFlows:
         started = time.time()
         client.setblocking(False)
         # TCP_NODELAY comes from the listening socket (`listener.bind` sets it).
-        if client.family != socket.AF_UNIX:
+        if listener.address.path is None:
             client_address = Address(addr[0], addr[1])  # type: ignore[index]
         else:
             client_address = Address(host="", path=str(addr) or listener.address.path or "")
@@ -652,8 +661,25 @@ class _TcpFlows:
             policy.refuse_client(client_address.host)
             _reset_and_close(client)
             return
+        mode = listener.spec.mode
+        if mode is Mode.TRANSPARENT:
+            destination = transparent_destination(client, listener.address, policy)
+            if destination is not None:
+                host, port = destination.sockaddr[0], destination.sockaddr[1]
+                flow = Flow(
+                    next_flow_id(),
+                    Transport.TCP,
+                    client_address,
+                    Address(host, port),
+                    listener.address,
+                    started,
+                    requested=Requested(host, port),
+                )
+                self.connect_upstream(flow, client, destination.family, destination.sockaddr)
+                return
+            # Refused, or not redirected: the phase finds out again and says why.
         phase = HandshakePhase(
-            self, listener.spec.mode, policy, client, client_address, listener.address, started
+            self, mode, policy, client, client_address, listener.address, started
         )
         self.proxied.add(phase)
         phase.start()
