@@ -130,24 +130,9 @@ class TlsTcpFlow:
     def on_ready(self, fd: int, mask: int, now: float) -> None:
         if self.closed:
             return
-        if self.connecting:
-            if fd == self.server.fileno():
-                self.worker.finish_connect(self)
-            return
         is_client = fd == self.client.fileno()
-        # While a side has bytes to read, reading reports its error after them (an alert that
-        # came before a reset is read first); only a side read to its end is asked directly.
-        if mask & _ERR and (self._client_eof if is_client else self._server_eof):
-            sock = self.client if is_client else self.server
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err and self._is_owed_only_close_notify(is_client):
-                # It reset after its FIN with nothing owed to it: nothing was lost, and
-                # nothing more can reach it, so the flow ends as that side closed it.
-                self.worker.close_flow(self, self._first_eof or CloseReason.CLIENT_CLOSED)
-                return
-            if err:
-                self._reset(is_client, os.strerror(err))
-                return
+        # Noted even while connecting: the client is watched from accept, and an edge (its
+        # FIN after its first bytes, say) is reported once.
         if mask & (_IN | _HUP | _ERR | _RDHUP):
             closed = bool(mask & (_RDHUP | _HUP))
             if is_client:
@@ -161,6 +146,23 @@ class TlsTcpFlow:
                 self._client_writable = True
             else:
                 self._server_writable = True
+        if self.connecting:
+            if not is_client:
+                self.worker.finish_connect(self)
+            return
+        # While a side has bytes to read, reading reports its error after them (an alert that
+        # came before a reset is read first); only a side read to its end is asked directly.
+        if mask & _ERR and (self._client_eof if is_client else self._server_eof):
+            sock = self.client if is_client else self.server
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err and self._is_owed_only_close_notify(is_client):
+                # It reset after its FIN with nothing owed to it: nothing was lost, and
+                # nothing more can reach it, so the flow ends as that side closed it.
+                self.worker.close_flow(self, self._first_eof or CloseReason.CLIENT_CLOSED)
+                return
+            if err:
+                self._reset(is_client, os.strerror(err))
+                return
         self.progress(now)
 
     def _is_owed_only_close_notify(self, is_client: bool) -> bool:
