@@ -25,11 +25,16 @@ def _follow_tls_streams(path: Path, streams: list[int]) -> dict[int, tuple[bytes
     return {int(section.split("\n", 1)[0]): _parse_follow(section) for section in sections}
 
 
-@pytest.fixture
-def tls_echo_server(pki: Pki) -> Iterator[int]:
-    """A TLS echo server on loopback (Python's ssl, a thread per connection); its port."""
+@pytest.fixture(params=[ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
+def tls_echo_server(
+    pki: Pki, request: pytest.FixtureRequest
+) -> Iterator[tuple[int, ssl.TLSVersion]]:
+    """A TLS echo server on loopback (Python's ssl, a thread per connection) speaking at most
+    the TLS version of the parameter (the upstream leg's secrets differ: a TLS 1.2 session
+    has a master secret, a TLS 1.3 one traffic secrets); its port and that version."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(*pki.server("ecdsa"))
+    context.maximum_version = request.param
 
     class Echo(socketserver.BaseRequestHandler):
         def handle(self) -> None:
@@ -43,15 +48,18 @@ def tls_echo_server(pki: Pki) -> Iterator[int]:
     with Server(("127.0.0.1", 0), Echo) as server:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
-        yield server.server_address[1]
+        yield server.server_address[1], request.param
         server.shutdown()
         thread.join(10)
 
 
 def test_each_file_of_a_wire_capture_ring_decrypts_the_tls_flows_in_it_on_its_own(
-    flowtap: type[FlowtapProcess], pki: Pki, tls_echo_server: int, tmp_path: Path
+    flowtap: type[FlowtapProcess],
+    pki: Pki,
+    tls_echo_server: tuple[int, ssl.TLSVersion],
+    tmp_path: Path,
 ) -> None:
-    upstream = tls_echo_server
+    upstream, version = tls_echo_server
     relay = start_intercepting(
         flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca), "--pcap",
         str(tmp_path / "ring.pcapng"), "--tls-capture", "wire", "--pcap-max-size", "1",
@@ -81,7 +89,8 @@ def test_each_file_of_a_wire_capture_ring_decrypts_the_tls_flows_in_it_on_its_ow
                 talk(filler, [b"%02d %s\n" % (number, b"f" * 1020) for _ in range(24)])
         assert len(list(tmp_path.glob("ring_*.pcapng"))) > 1, "the ring did not rotate"
         talk(lasting, [b"last words of the lasting flow\n"])
-    closed_records(relay, len(said))
+    versions = {record["tls"]["version"] for record in closed_records(relay, len(said))}
+    assert versions == {"TLSv1.2" if version is ssl.TLSVersion.TLSv1_2 else "TLSv1.3"}
     assert relay.stop() == 0
     files = sorted(tmp_path.glob("ring_*.pcapng"))
     last_file_of: dict[int, Path] = {}
