@@ -302,10 +302,16 @@ def measure(proxy: Proxy, args: argparse.Namespace) -> dict[str, float]:
     return results
 
 
+def default_mitmdump() -> str | None:
+    """mitmdump on the PATH, else the one benchmarks/modes.py installs in its venv, if made."""
+    exe = Path.home() / ".cache" / "flowtap-bench" / "mitmproxy-venv" / "bin" / "mitmdump"
+    return shutil.which("mitmdump") or (str(exe) if exe.exists() else None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    parser.add_argument("--mitmdump", default=shutil.which("mitmdump"), help="mitmdump to run")
+    parser.add_argument("--mitmdump", default=default_mitmdump(), help="mitmdump to run")
     parser.add_argument("--size-mib", type=int, default=128, help="bulk size each way")
     parser.add_argument("--rounds", type=int, default=5000, help="ping-pong round trips")
     parser.add_argument("--seconds", type=float, default=5.0, help="handshake test length")
