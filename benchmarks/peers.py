@@ -4,7 +4,9 @@ Run as a process: `python benchmarks/peers.py` prints `bulk PORT` and `echo PORT
 A bulk client's first byte picks the job: `U` upload (the server reads to EOF, answers the
 sha256 of what it read), `S<size>\\n` sized upload (the same after `size` bytes, with no
 EOF), `D<size>\\n` download (the server sends `size` bytes of a fixed pattern and closes),
-`P` ping-pong (one byte echoed at a time).
+`P` ping-pong (one byte echoed at a time), `V` upload of the download pattern (the server
+reads to EOF comparing each byte with the pattern, answers `ok <bytes>`, or `bad <offset>`
+of the first read that differs: a comparison costs it about a tenth of a sha256).
 """
 
 from __future__ import annotations
@@ -47,6 +49,18 @@ def _bulk_job(conn: socket.socket) -> None:
             while n := conn.recv_into(buf):
                 digest.update(view[:n])
             conn.sendall(digest.hexdigest().encode())
+        elif kind == b"V":
+            # The pattern from any offset on, for one receive.
+            expected = BLOCK + BLOCK[:262144]
+            buf = bytearray(262144)
+            got = 0
+            bad = -1
+            while n := conn.recv_into(buf):
+                offset = got % len(BLOCK)
+                if bad < 0 and buf[:n] != expected[offset : offset + n]:
+                    bad = got
+                got += n
+            conn.sendall(b"ok %d" % got if bad < 0 else b"bad %d" % bad)
         elif kind == b"S":
             # A sized upload: the digest after `size` bytes, for proxies that do not relay a
             # half-close (microsocks closes both ways at the client's FIN).
