@@ -171,9 +171,13 @@ class _TcpFlow:
 
     is_tls = False
     tls_facts: TlsFacts | None = None
+    # Whether the client's bytes go up as they are (not rewritten), so that an event may
+    # relay them on the short path of `on_ready`.
+    relays_up_as_is = True
 
     __slots__ = (
         "client",
+        "client_fd",
         "closed",
         "connecting",
         "down",
@@ -195,6 +199,7 @@ class _TcpFlow:
         self.worker = owner.worker
         self.flow = flow
         self.client = client
+        self.client_fd = client.fileno()
         self.server = server
         self.up = _Pipe(client, server, Direction.UP)
         self.down = _Pipe(server, client, Direction.DOWN)
@@ -220,8 +225,24 @@ class _TcpFlow:
                 if mask & (_RDHUP | _HUP):
                     self.up.peer_closed = True
             return
-        is_client = fd == self.client.fileno()
+        is_client = fd == self.client_fd
         reading, writing = (self.up, self.down) if is_client else (self.down, self.up)
+        if (
+            (mask == _IN or mask == _IN | _OUT)
+            and reading.pending is None
+            and writing.pending is None
+            and not reading.eof
+            and not reading.peer_closed
+            and not self.worker.bus.wants_data
+            and (self.relays_up_as_is or not is_client)
+        ):
+            # The common event of a flow in full swing (a request, an answer): bytes to
+            # relay one way and nothing else to do, relayed here without the general path's
+            # calls (a round trip through the relay is two of these).
+            if mask & _OUT:
+                writing.writable = True
+            self._relay_once(reading, is_client, now)
+            return
         if mask & _ERR and reading.eof:
             # Nothing is left to read from this side, so no read will report its error. While
             # something is, reading goes on: bytes that came before a reset are queued ahead of
@@ -238,6 +259,52 @@ class _TcpFlow:
         if mask & _OUT:
             writing.writable = True
         self.progress(now)
+
+    def _relay_once(self, pipe: _Pipe, is_client: bool, now: float) -> None:
+        """Relay one read of `pipe` (nothing pending either way, no observer wants data); what
+        is not simple (an end, a full buffer, a short send) goes on by the general path."""
+        worker = self.worker
+        buf = worker.buffer
+        pipe.readable = True
+        try:
+            n = pipe.src.recv_into(buf)
+        except BlockingIOError:
+            pipe.readable = False
+            return
+        except _RESET_ERRORS as exc:
+            self._reset(is_client, exc.strerror or "reset")
+            return
+        except OSError as exc:
+            self._reset(is_client, exc.strerror or str(exc))
+            return
+        if n == 0:
+            pipe.eof = True
+            if self.first_eof is None:
+                self.first_eof = (
+                    CloseReason.CLIENT_CLOSED if is_client else CloseReason.SERVER_CLOSED
+                )
+            self.progress(now)
+            return
+        self.last_active = now
+        pipe.count += n
+        chunk = worker.view[:n]
+        try:
+            sent = pipe.dst.send(chunk)
+        except BlockingIOError:
+            sent = 0
+        except _RESET_ERRORS as exc:
+            self._reset(not is_client, exc.strerror or "reset")
+            return
+        except OSError as exc:
+            self._reset(not is_client, exc.strerror or str(exc))
+            return
+        if sent < n:
+            pipe.pending = memoryview(bytes(chunk[sent:]))
+            pipe.writable = False
+        elif n == len(buf):
+            self.progress(now)  # more may be waiting: read on, a turn at a time
+        else:
+            pipe.readable = False
 
     def progress(self, now: float) -> None:
         """Move whatever bytes can move now, in both directions."""
@@ -408,6 +475,7 @@ class _RewritingFlow(_TcpFlow):
     forwarded requests); the other direction, and every reverse-mode flow, relay as is."""
 
     __slots__ = ("rewriter",)
+    relays_up_as_is = False
 
     def __init__(
         self,

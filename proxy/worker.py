@@ -302,6 +302,7 @@ class Worker(threading.Thread):
         # never spins, and an idle relay sleeps. Measured here against `--busy-poll 0`: UDP
         # ping-pong x1.7-1.8 and request/response with 16 in flight x1.6-1.9
         # (benchmarks/udp.py), TCP ping-pong p50 52 -> 40 us (benchmarks/relay.py).
+        stale = self._stale
         busy_poll_s = self.config.busy_poll_s
         cold_gap_s = 4 * busy_poll_s  # the gap counted for a sleep, however long it was
         average_gap_s = cold_gap_s
@@ -321,8 +322,8 @@ class Worker(threading.Thread):
                 gap = min(now - last_event, cold_gap_s)
                 average_gap_s += (gap - average_gap_s) / 8
                 last_event = now
-            stale = self._stale
-            stale.clear()
+            if stale:
+                stale.clear()
             for fd, mask in events:
                 handler = handlers.get(fd)
                 if handler is not None and (not stale or fd not in stale):
