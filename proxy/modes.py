@@ -181,25 +181,18 @@ def original_destination(sock: socket.socket) -> Destination:
     return Destination(socket.AF_INET, (socket.inet_ntoa(raw[4:8]), raw[2] << 8 | raw[3]))
 
 
-def transparent_destination(
-    sock: socket.socket, listener: Address, policy: ProxyPolicy
-) -> Destination | None:
-    """Where a redirected client goes, if it may go there at once; None for a client that
-    must be refused (a `HandshakePhase` then says why) or whose destination is unknown.
-
-    The common case of a transparent listener, cut to the bone: one system call and no
-    phase object per client, so that it costs about what a reverse listener's client does.
-    """
-    try:
-        destination = original_destination(sock)
-    except OSError:
-        return None
-    host, port = destination.sockaddr[0], destination.sockaddr[1]
+def transparent_target(
+    listener: Address, policy: ProxyPolicy, host: str, port: int
+) -> tuple[Address, Requested] | None:
+    """The server address and the asked-for destination of a client redirected to `host`
+    and `port`, if it may go there at once; None for a client that must be refused (a
+    `HandshakePhase` then says why). Depends on nothing but its arguments: the relay keeps
+    the answers for the destinations it sees again."""
     if port == listener.port and host == listener.host:
         return None  # made to the listener itself
     if policy.destination_refusal(host, port) is not None:
         return None
-    return destination
+    return Address(host, port), Requested(host, port)
 
 
 def _close_gently(sock: socket.socket) -> None:

@@ -48,7 +48,8 @@ from .modes import (
     Prelude,
     Resolver,
     literal_destination,
-    transparent_destination,
+    original_destination,
+    transparent_target,
 )
 from .policy import Mode, ProxyPolicy
 from .socks_udp import UdpAssociation
@@ -75,6 +76,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 # How many chunks one direction may move before other flows get a turn.
 _CHUNKS_PER_TURN = 8
 _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+# Destinations of transparent clients whose checks are kept, at most (then forgotten at once).
+_TRANSPARENT_TARGETS_KEPT = 4096
 # After running out of descriptors, accepting resumes this long after (or when a flow closes).
 _ACCEPT_PAUSE_S = 0.1
 
@@ -583,6 +586,7 @@ class _TcpFlows:
         "_accepters",
         "_idle_scan_s",
         "_next_idle_scan",
+        "_transparent_targets",
         "bus",
         "config",
         "deadline",
@@ -604,6 +608,8 @@ class _TcpFlows:
         # Proxy-mode clients without a TCP flow: handshakes that have not decided their
         # upstream yet, and SOCKS5 UDP associations.
         self.proxied: set[HandshakePhase | UdpAssociation] = set()
+        # What `transparent_target` said of each (listener, destination) seen lately.
+        self._transparent_targets: dict[tuple[int, str, int], tuple[Address, Requested] | None] = {}
         self.ready = worker.ready
         self._accepters = [_Accepter(self, listener) for listener in listeners]
         self._accept_resume_at: float | None = None
@@ -731,20 +737,37 @@ class _TcpFlows:
             return
         mode = listener.spec.mode
         if mode is Mode.TRANSPARENT:
-            destination = transparent_destination(client, listener.address, policy)
+            # The common case cut to the bone, to cost about what a reverse listener's client
+            # does: one getsockopt, and the checks of a destination done once (its answer
+            # kept: the same policy gives it again), no handshake phase.
+            try:
+                destination = original_destination(client)
+            except OSError:
+                destination = None
             if destination is not None:
-                host, port = destination.sockaddr[0], destination.sockaddr[1]
-                flow = Flow(
-                    next_flow_id(),
-                    Transport.TCP,
-                    client_address,
-                    Address(host, port),
-                    listener.address,
-                    started,
-                    requested=Requested(host, port),
-                )
-                self.connect_upstream(flow, client, destination.family, destination.sockaddr)
-                return
+                sockaddr = destination.sockaddr
+                key = (id(listener), sockaddr[0], sockaddr[1])
+                targets = self._transparent_targets
+                if key in targets:
+                    target = targets[key]
+                else:
+                    target = transparent_target(listener.address, policy, sockaddr[0], sockaddr[1])
+                    if len(targets) >= _TRANSPARENT_TARGETS_KEPT:
+                        targets.clear()
+                    targets[key] = target
+                if target is not None:
+                    server, requested = target
+                    flow = Flow(
+                        next_flow_id(),
+                        Transport.TCP,
+                        client_address,
+                        server,
+                        listener.address,
+                        started,
+                        requested=requested,
+                    )
+                    self.connect_upstream(flow, client, destination.family, sockaddr)
+                    return
             # Refused, or not redirected: the phase finds out again and says why.
         phase = HandshakePhase(
             self, mode, policy, client, client_address, listener.address, started

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from flowtap.proxy.errors import FlowtapError
+from flowtap.proxy.flow import Address, Requested
+from flowtap.proxy.modes import transparent_target
 from flowtap.proxy.policy import (
     DEFAULT_DENIED,
     ProxyPolicy,
@@ -78,3 +80,15 @@ def test_ports_in_digits_beyond_ascii_are_one_line_errors() -> None:
         parse_ports("--allow-ports", "8\u00b2")
     with pytest.raises(FlowtapError):
         Address.parse("127.0.0.1:8\u00b2")
+
+
+def test_a_transparent_client_goes_at_once_only_where_it_may_and_not_back_to_the_listener() -> None:
+    listener = Address("127.0.0.1", 8081)
+    policy = _policy(allow_ports=parse_ports("--allow-ports", "80,443"))
+    assert transparent_target(listener, policy, "10.0.0.7", 443) == (
+        Address("10.0.0.7", 443),
+        Requested("10.0.0.7", 443),
+    )
+    assert transparent_target(listener, policy, "10.0.0.7", 22) is None
+    assert transparent_target(listener, policy, "169.254.169.254", 80) is None
+    assert transparent_target(listener, _policy(), "127.0.0.1", 8081) is None
