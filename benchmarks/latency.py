@@ -200,8 +200,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="round trips per path (s)")
     parser.add_argument("--rounds", type=int, default=10, help="turns each path takes")
     parser.add_argument("--window", type=int, default=1000, help="round trips per window")
-    parser.add_argument("--bulk-mib", type=int, default=256, help="bulk download size (MiB)")
-    parser.add_argument("--bulk-rounds", type=int, default=3, help="bulk runs per path")
+    parser.add_argument("--bulk-mib", type=int, default=1024, help="bulk download size (MiB)")
+    parser.add_argument("--bulk-rounds", type=int, default=5, help="bulk runs per path")
     parser.add_argument("--no-tui", action="store_true", help="skip the rows with a TUI")
     args = parser.parse_args()
     with_tui = not args.no_tui and shutil.which("tmux") is not None
