@@ -8,7 +8,7 @@ import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -126,12 +126,13 @@ def watched_interceptor(
     )  # fmt: skip
 
 
-def test_tui_attached_to_an_intercepting_relay_marks_the_flow_and_shows_its_tls_facts(
-    pki: Pki, s_server: Callable[..., int], tmp_path: Path
+def with_attached_tui(
+    relay: FlowtapProcess,
+    control: Path,
+    scenario: Callable[[FlowtapApp, Pilot[None]], Awaitable[None]],
 ) -> None:
-    control = tmp_path / "control.sock"
-    relay = watched_interceptor(pki, s_server, control, "--quiet")
-    upstream = relay.listeners[0][2].rsplit(":", 1)[1]
+    """Run `scenario` in a TUI (Textual's pilot) attached to `relay`'s control socket at
+    `control`, then detach and stop the relay."""
     client: ControlClient | None = None
     try:
         relay.wait_line("^control unix:")
@@ -139,45 +140,9 @@ def test_tui_attached_to_an_intercepting_relay_marks_the_flow_and_shows_its_tls_
         client.subscribe()
         app = FlowtapApp(events=client, relay=client, source="test")  # type: ignore[arg-type]
 
-        async def scenario(pilot: Pilot[None]) -> None:
-            result = await asyncio.to_thread(curl_through, pki, relay.port, "--http1.1")
-            assert result.returncode == 0, result.stderr
-            await asyncio.to_thread(exchange, relay.port, b"plain words\r\n")
-            table = app.query_one(FlowTable)
-            records = app.store.records
-            await until(
-                pilot, lambda: sum(records[i].is_closed for i in table.ids) == 2, "two flows"
-            )
-            secure, plain = sorted(table.ids)
-            assert records[secure].flow.tls is not None
-            assert table.row_text(records[secure]).count(LOCK) == 1
-            assert LOCK + f"127.0.0.1:{upstream}" in table.row_text(records[secure])
-            assert LOCK not in table.row_text(records[plain])
-            # HTTP inside TLS is summarised as HTTP (summaries are refreshed on the app's tick).
-            await until(pilot, lambda: records[secure].summary.protocol == "http", "the summary")
-
-            def facts() -> str:
-                return str(app.query_one("#facts").render())
-
-            # Selecting the other flow first: the pane redraws when the selection moves back.
-            table.select_flow(plain)
-            await until(pilot, lambda: "tls: not TLS" in facts(), "the plain flow's detail")
-            assert "upstream certificate" not in facts()
-            table.select_flow(secure)
-            await until(pilot, lambda: "tls intercept" in facts(), "the intercepted flow's detail")
-            facts_text = facts()
-            assert "tls intercept  sni localhost" in facts_text
-            assert "TLSv1.3" in facts_text and "TLS_" in facts_text
-            assert "upstream certificate: CN=svc.test, issued by CN=svc.test, expires 20" in (
-                facts_text
-            )
-            assert "upstream verification: off (--upstream-insecure)" in facts_text
-            assert "GET / " in facts_text  # the summary of the plaintext
-            assert app.query_one(FlowDetail).flow_id == secure
-
         async def main() -> None:
             async with app.run_test(size=(160, 48)) as pilot:
-                await scenario(pilot)
+                await scenario(app, pilot)
 
         asyncio.run(main())
     finally:
@@ -186,64 +151,94 @@ def test_tui_attached_to_an_intercepting_relay_marks_the_flow_and_shows_its_tls_
         relay.stop()
 
 
+def test_tui_attached_to_an_intercepting_relay_marks_the_flow_and_shows_its_tls_facts(
+    pki: Pki, s_server: Callable[..., int], tmp_path: Path
+) -> None:
+    control = tmp_path / "control.sock"
+    relay = watched_interceptor(pki, s_server, control, "--quiet")
+    upstream = relay.listeners[0][2].rsplit(":", 1)[1]
+
+    async def scenario(app: FlowtapApp, pilot: Pilot[None]) -> None:
+        result = await asyncio.to_thread(curl_through, pki, relay.port, "--http1.1")
+        assert result.returncode == 0, result.stderr
+        await asyncio.to_thread(exchange, relay.port, b"plain words\r\n")
+        table = app.query_one(FlowTable)
+        records = app.store.records
+        await until(pilot, lambda: sum(records[i].is_closed for i in table.ids) == 2, "two flows")
+        secure, plain = sorted(table.ids)
+        assert records[secure].flow.tls is not None
+        assert table.row_text(records[secure]).count(LOCK) == 1
+        assert LOCK + f"127.0.0.1:{upstream}" in table.row_text(records[secure])
+        assert LOCK not in table.row_text(records[plain])
+        # HTTP inside TLS is summarised as HTTP (summaries are refreshed on the app's tick).
+        await until(pilot, lambda: records[secure].summary.protocol == "http", "the summary")
+
+        def facts() -> str:
+            return str(app.query_one("#facts").render())
+
+        # Selecting the other flow first: the pane redraws when the selection moves back.
+        table.select_flow(plain)
+        await until(pilot, lambda: "tls: not TLS" in facts(), "the plain flow's detail")
+        assert "upstream certificate" not in facts()
+        table.select_flow(secure)
+        await until(pilot, lambda: "tls intercept" in facts(), "the intercepted flow's detail")
+        facts_text = facts()
+        assert "tls intercept  sni localhost" in facts_text
+        assert "TLSv1.3" in facts_text and "TLS_" in facts_text
+        assert "upstream certificate: CN=svc.test, issued by CN=svc.test, expires 20" in (
+            facts_text
+        )
+        assert "upstream verification: off (--upstream-insecure)" in facts_text
+        assert "GET / " in facts_text  # the summary of the plaintext
+        assert app.query_one(FlowDetail).flow_id == secure
+
+    with_attached_tui(relay, control, scenario)
+
+
 def test_an_open_intercepted_flow_has_its_tls_facts_in_run_json_the_control_socket_and_tui(
     pki: Pki, s_server: Callable[..., int], tmp_path: Path
 ) -> None:
     """The facts come once the handshake is done, while the flow stays open, not at its close."""
     control = tmp_path / "control.sock"
     relay = watched_interceptor(pki, s_server, control, "--json")
-    watching: ControlClient | None = None
-    late: ControlClient | None = None
-    try:
-        relay.wait_line("^control unix:")
-        watching = ControlClient(str(control))
-        watching.subscribe()
-        app = FlowtapApp(events=watching, relay=watching, source="test")  # type: ignore[arg-type]
 
-        async def scenario(pilot: Pilot[None]) -> None:
-            # The handshake, then nothing: the flow stays open while the facts are checked.
-            client = await asyncio.to_thread(tls_client, pki, relay.port, "svc.test")
+    async def scenario(app: FlowtapApp, pilot: Pilot[None]) -> None:
+        # The handshake, then nothing: the flow stays open while the facts are checked.
+        client = await asyncio.to_thread(tls_client, pki, relay.port, "svc.test")
+        try:
+            wait_for(lambda: json_events(relay, "updated") != [], 10, "the updated line")
+            (updated,) = json_events(relay, "updated")
+            assert updated["flow"] == 1 and updated["state"] != "closed"
+            assert updated["tls"]["mode"] == "intercept"
+            assert updated["tls"]["sni"] == "svc.test"
+            assert updated["tls"]["version"] == "TLSv1.3"
+            assert json_events(relay, "closed") == []
+            table = app.query_one(FlowTable)
+            records = app.store.records
+            await until(pilot, lambda: 1 in records, "the flow's row")
+            await until(pilot, lambda: LOCK in table.row_text(records[1]), "the lock mark")
+            assert not records[1].is_closed
+            # A viewer attaching now gets the open flow with its facts.
+            viewer = ControlClient(str(control))
+            seen: list[object] = []
+
+            def backlog() -> bool:
+                seen.extend(viewer.drain())
+                return any(isinstance(event, FlowOpened) for event in seen)
+
             try:
-                wait_for(lambda: json_events(relay, "updated") != [], 10, "the updated line")
-                (updated,) = json_events(relay, "updated")
-                assert updated["flow"] == 1 and updated["state"] != "closed"
-                assert updated["tls"]["mode"] == "intercept"
-                assert updated["tls"]["sni"] == "svc.test"
-                assert updated["tls"]["version"] == "TLSv1.3"
-                assert json_events(relay, "closed") == []
-                table = app.query_one(FlowTable)
-                records = app.store.records
-                await until(pilot, lambda: 1 in records, "the flow's row")
-                await until(pilot, lambda: LOCK in table.row_text(records[1]), "the lock mark")
-                assert not records[1].is_closed
-                # A viewer attaching now gets the open flow with its facts.
-                nonlocal late
-                late = viewer = ControlClient(str(control))
                 viewer.subscribe()
-                seen: list[object] = []
-
-                def backlog() -> bool:
-                    seen.extend(viewer.drain())
-                    return any(isinstance(event, FlowOpened) for event in seen)
-
                 wait_for(backlog, 10, "the late viewer's backlog")
-                (opened,) = [event for event in seen if isinstance(event, FlowOpened)]
-                assert opened.flow.tls is not None and opened.flow.tls.sni == "svc.test"
             finally:
-                client.close()
-            await until(pilot, lambda: records[1].is_closed, "the flow's close")
-            assert LOCK in table.row_text(records[1])
-
-        async def main() -> None:
-            async with app.run_test(size=(160, 48)) as pilot:
-                await scenario(pilot)
-
-        asyncio.run(main())
-    finally:
-        for viewer in (watching, late):
-            if viewer is not None:
                 viewer.close()
-        relay.stop()
+            (opened,) = [event for event in seen if isinstance(event, FlowOpened)]
+            assert opened.flow.tls is not None and opened.flow.tls.sni == "svc.test"
+        finally:
+            client.close()
+        await until(pilot, lambda: records[1].is_closed, "the flow's close")
+        assert LOCK in table.row_text(records[1])
+
+    with_attached_tui(relay, control, scenario)
 
 
 @pytest.fixture
