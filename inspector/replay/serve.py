@@ -383,7 +383,7 @@ class Server:
             raise
         self.address = self.listeners[0][1]
         self._numbers = 0
-        self.stopping = False  # set by `stop`; serve_forever ends
+        self._stopping = False  # set by `stop` (from another thread); serve_forever ends
 
     def _bind(self, spec: ListenerSpec) -> socket.socket:
         sock = bind(spec)
@@ -484,14 +484,14 @@ class Server:
     def serve_forever(self) -> None:
         """Serve until `stop` is called (from a signal handler or another thread)."""
         try:
-            while not self.stopping:
+            while not self._stopping:
                 self.loop.poll(0.2)
         finally:
             self._close_sockets()
             self.loop.close()
 
     def stop(self) -> None:
-        self.stopping = True
+        self._stopping = True
 
 
 def report_writer(out: TextIO, *, as_json: bool) -> Callable[[ServedReport], None]:
