@@ -8,7 +8,15 @@ import threading
 from typing import Any, TextIO
 
 from flowtap.proxy.control_protocol import flow_to_json
-from flowtap.proxy.flow import Flow, FlowClosed, FlowData, FlowEvent, FlowOpened, FlowUpdated
+from flowtap.proxy.flow import (
+    EVENT_NAMES,
+    Flow,
+    FlowClosed,
+    FlowData,
+    FlowEvent,
+    FlowOpened,
+    FlowUpdated,
+)
 
 
 def human_bytes(size_bytes: int) -> str:
@@ -34,13 +42,10 @@ def server_text(flow: Flow) -> str:
     return f"{flow.server} ({flow.requested.label})"
 
 
-_EVENT_NAMES = {FlowOpened: "opened", FlowUpdated: "updated", FlowClosed: "closed"}
-
-
 def event_line(event: FlowOpened | FlowUpdated | FlowClosed, *, as_json: bool) -> str:
     """The log line for one opened, updated or closed event."""
     flow = event.flow
-    name = _EVENT_NAMES[type(event)]
+    name = EVENT_NAMES[type(event)]
     if as_json:
         return json.dumps({"event": name, **flow_record(flow)}, separators=(",", ":"))
     head = f"#{flow.id} {name} {flow.transport} {flow.client} -> {server_text(flow)}"

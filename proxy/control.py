@@ -43,7 +43,16 @@ from .control_protocol import (
     flow_to_json,
 )
 from .errors import FlowtapError
-from .flow import Direction, Flow, FlowClosed, FlowData, FlowEvent, FlowOpened, FlowUpdated
+from .flow import (
+    EVENT_NAMES,
+    Direction,
+    Flow,
+    FlowClosed,
+    FlowData,
+    FlowEvent,
+    FlowOpened,
+    FlowUpdated,
+)
 
 if TYPE_CHECKING:
     from .relay import Relay
@@ -61,7 +70,6 @@ _EVENTS_PER_FRAME_BATCH = 1024
 """Events framed into one buffer between sends (each send lets go of the GIL): about a
 millisecond of this thread's time, so that a relay thread waits on it at most that long."""
 _COUNTS_INTERVAL_S = 0.5
-_EVENT_KINDS = {FlowOpened: "opened", FlowUpdated: "updated", FlowClosed: "closed"}
 
 
 def default_control_dir() -> Path:
@@ -630,7 +638,7 @@ class ControlServer:
                 buffer += data
                 charge += len(data)
             else:
-                kind = _EVENT_KINDS[type(event)]
+                kind = EVENT_NAMES[type(event)]
                 buffer += encode_json({"type": kind, "flow": flow_to_json(event.flow)})
                 events += 1
         if buffer:

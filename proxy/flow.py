@@ -308,6 +308,13 @@ class FlowUpdated:
 
 FlowEvent = FlowOpened | FlowData | FlowClosed | FlowUpdated
 
+EVENT_NAMES: dict[type[FlowOpened | FlowUpdated | FlowClosed], str] = {
+    FlowOpened: "opened",
+    FlowUpdated: "updated",
+    FlowClosed: "closed",
+}
+"""What `run --json` and the control socket call each event of a flow's life (data aside)."""
+
 
 @dataclass(frozen=True, slots=True)
 class FlowWire:

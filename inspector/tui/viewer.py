@@ -34,16 +34,11 @@ from flowtap.proxy.control_protocol import (
     flow_from_json,
 )
 from flowtap.proxy.errors import FlowtapError
-from flowtap.proxy.flow import (
-    Direction,
-    FlowClosed,
-    FlowData,
-    FlowEvent,
-    FlowOpened,
-    FlowUpdated,
-)
+from flowtap.proxy.flow import EVENT_NAMES, Direction, FlowClosed, FlowData, FlowEvent, FlowOpened
 
 MiB = 1024 * 1024
+# The flow events the relay pushes, by the name it sends them under.
+_EVENT_TYPES = {name: kind for kind, name in EVENT_NAMES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,12 +311,8 @@ class ControlClient:
     def _on_message(self, message: dict[str, Any]) -> str | None:
         kind = message.get("type")
         events: list[FlowEvent | DataNotShown] = []
-        if kind == "opened":
-            events.append(FlowOpened(flow_from_json(message["flow"])))
-        elif kind == "updated":
-            events.append(FlowUpdated(flow_from_json(message["flow"])))
-        elif kind == "closed":
-            events.append(FlowClosed(flow_from_json(message["flow"])))
+        if kind in _EVENT_TYPES:
+            events.append(_EVENT_TYPES[kind](flow_from_json(message["flow"])))
         elif kind == "not-shown":
             events.append(
                 DataNotShown(
