@@ -475,6 +475,23 @@ def test_socks4a_connect_by_name(proxy: Any, echo_server: Any) -> None:
 # -- transparent mode in a network namespace the test creates -----------------------------------
 
 
+def _in_own_namespace(scenario: str, *args: str) -> dict[str, Any]:
+    """What the scenario script `scenario` (beside this file) printed as JSON, run with
+    `args` in a network namespace of its own."""
+    script = Path(__file__).with_name(scenario)
+    result = subprocess.run(
+        ["unshare", "--net", sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=script.parent,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    outcome: dict[str, Any] = json.loads(result.stdout)
+    return outcome
+
+
 def _can_make_namespaces() -> bool:
     if shutil.which("unshare") is None or shutil.which("iptables") is None:
         return False
@@ -491,17 +508,7 @@ def test_transparent_mode_relays_redirected_clients_to_where_they_meant(tmp_path
     if not _can_make_namespaces():
         pytest.skip("needs unshare --net and iptables (root) for a network namespace")
     capture = tmp_path / "transparent.pcapng"
-    script = Path(__file__).with_name("transparent_scenario.py")
-    result = subprocess.run(
-        ["unshare", "--net", sys.executable, str(script), str(capture)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=script.parent,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    outcome = json.loads(result.stdout)
+    outcome = _in_own_namespace("transparent_scenario.py", str(capture))
     assert outcome["body4"] == outcome["expected"]
     assert outcome["body6"] == outcome["expected"]
     assert outcome["exit"] == 0, outcome["stderr"]
@@ -570,18 +577,7 @@ def _transparent_udp_scenario(*flowtap_options: str) -> dict[str, Any]:
     refusal = _tproxy_refusal()
     if refusal is not None:
         pytest.skip(refusal)
-    script = Path(__file__).with_name("transparent_udp_scenario.py")
-    result = subprocess.run(
-        ["unshare", "--net", sys.executable, str(script), *flowtap_options],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=script.parent,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    outcome: dict[str, Any] = json.loads(result.stdout)
-    return outcome
+    return _in_own_namespace("transparent_udp_scenario.py", *flowtap_options)
 
 
 def test_transparent_udp_answers_clients_from_the_address_they_asked() -> None:
