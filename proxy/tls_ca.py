@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import ipaddress
@@ -9,8 +10,9 @@ import os
 import secrets
 import ssl
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -33,6 +35,10 @@ LEAF_VALIDITY = datetime.timedelta(days=397)
 LEAF_BACKDATE = datetime.timedelta(hours=1)
 """How far before now a leaf starts: a client whose clock is a little behind still accepts it."""
 DEFAULT_CACHE_SIZE = 4096
+READY_CONTEXTS = 8
+"""Server contexts holding the leaf key, made ahead off the handshake path for new names."""
+# A key file that can never be opened (nothing lives under a character device).
+_NO_KEY_FILE = "/dev/null/flowtap-no-key"
 
 _SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -48,12 +54,11 @@ def default_ca_dir() -> Path:
 
 @dataclass(frozen=True)
 class Leaf:
-    """A certificate for one name or address, signed by the CA, and its private key (PEM)."""
+    """A certificate for one name or address, signed by the CA for the process's leaf key."""
 
     name: str
     cert: x509.Certificate
     cert_pem: bytes
-    key_pem: bytes
 
 
 K = TypeVar("K", bound=Hashable)
@@ -120,6 +125,23 @@ class CertificateAuthority:
         )
         self._leaves: _Recent[str, Leaf] = _Recent(cache_size)
         self._contexts: _Recent[tuple[str, Alpn], ssl.SSLContext] = _Recent(cache_size)
+        # One leaf key for the process's life, as mitmproxy has: it never leaves memory, no new
+        # name waits for a key, and a context that holds it takes a new leaf's certificate
+        # alone (see _use_certificate).
+        leaf_key = ec.generate_private_key(ec.SECP256R1())
+        self._leaf_public_key = leaf_key.public_key()
+        self._leaf_key_identifier = x509.SubjectKeyIdentifier.from_public_key(self._leaf_public_key)
+        # SEC1 ("EC PRIVATE KEY"): OpenSSL 3 loads it in about half the time of PKCS#8.
+        self._leaf_key_pem = leaf_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        placeholder, key_pem = _self_signed(leaf_key), self._leaf_key_pem
+        # The factory holds no reference to the CA: the thread that fills the pool must not
+        # keep it alive.
+        self._ready = _ReadyContexts(lambda: _keyed_context(placeholder, key_pem), READY_CONTEXTS)
+        weakref.finalize(self, self._ready.close)
 
     @property
     def cert_pem(self) -> bytes:
@@ -151,12 +173,15 @@ class CertificateAuthority:
         if cached is not None:
             return cached
         leaf = self.leaf(name)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        # No TLS 1.3 session tickets: a client that never reads them (redis-cli closes right
-        # after its reply) would reset the connection on close, as unread data makes the
-        # kernel do; resuming clients fall back to a full handshake, and each costs less.
-        context.num_tickets = 0
-        _load_chain_from_memory(context, leaf.cert_pem + self._cert_pem, leaf.key_pem)
+        # The CA's certificate is not sent: clients trust it as an anchor, which TLS lets a
+        # server leave out of the chain (RFC 8446, 4.4.2), and each certificate loaded costs
+        # OpenSSL 3.0 about 0.1 ms.
+        context = self._ready.take()
+        if context is not None:
+            _use_certificate(context, leaf.cert_pem)
+        else:
+            context = _server_context()
+            _load_chain_from_memory(context, leaf.cert_pem, self._leaf_key_pem)
         if alpn:
             context.set_alpn_protocols([alpn] if isinstance(alpn, str) else list(alpn))
         if self.keylog_file is not None:
@@ -176,7 +201,6 @@ class CertificateAuthority:
             if not name or not name.isascii() or len(name) > 253:
                 raise ValueError(f"{name!r} is not a host name or an IP address") from None
             san = x509.DNSName(name.lower())
-        key = ec.generate_private_key(ec.SECP256R1())
         not_before = datetime.datetime.now(datetime.UTC) - LEAF_BACKDATE
         not_after = min(not_before + LEAF_VALIDITY, self.cert.not_valid_after_utc)
         # A common name is limited to 64 characters; the SAN is what clients check anyway.
@@ -185,7 +209,7 @@ class CertificateAuthority:
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
+            .public_key(self._leaf_public_key)
             .serial_number(_serial_number())
             .not_valid_before(not_before)
             .not_valid_after(not_after)
@@ -193,17 +217,109 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True, key_cert_sign=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(self._leaf_key_identifier, False)
             .add_extension(self._authority_key_identifier, False)
             .sign(self._key, _signature_hash(self._key))
         )
-        # SEC1 ("EC PRIVATE KEY"): OpenSSL 3 loads it in about half the time of PKCS#8.
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-        return Leaf(name, cert, cert.public_bytes(serialization.Encoding.PEM), key_pem)
+        return Leaf(name, cert, cert.public_bytes(serialization.Encoding.PEM))
+
+
+class _ReadyContexts:
+    """Server contexts that already hold the leaf key, `size` of them made ahead by a thread
+    of their own (OpenSSL does most of that work with the GIL released), so that a new name
+    only loads its certificate."""
+
+    def __init__(self, make: Callable[[], ssl.SSLContext], size: int) -> None:
+        self._make = make
+        self._size = size
+        self._ready: collections.deque[ssl.SSLContext] = collections.deque()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def take(self) -> ssl.SSLContext | None:
+        """A context made ahead, or None when none is ready (the thread makes another)."""
+        with self._changed:
+            if self._thread is None and not self._closed:
+                # Started on first use: a CA that never serves a client makes no thread.
+                self._thread = threading.Thread(
+                    target=self._fill, name="flowtap-leaf-contexts", daemon=True
+                )
+                self._thread.start()
+            context = self._ready.popleft() if self._ready else None
+            self._changed.notify()
+        return context
+
+    def close(self) -> None:
+        """Stop making contexts (the CA is gone)."""
+        with self._changed:
+            self._closed = True
+            self._ready.clear()
+            self._changed.notify()
+
+    def _fill(self) -> None:
+        while True:
+            with self._changed:
+                while not self._closed and len(self._ready) >= self._size:
+                    self._changed.wait()
+                if self._closed:
+                    return
+            context = self._make()
+            with self._changed:
+                self._ready.append(context)
+
+
+def _server_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # No TLS 1.3 session tickets: a client that never reads them (redis-cli closes right
+    # after its reply) would reset the connection on close, as unread data makes the
+    # kernel do; resuming clients fall back to a full handshake, and each costs less.
+    context.num_tickets = 0
+    return context
+
+
+def _keyed_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """A server context holding the leaf key, with `cert_pem` (a certificate for that key)
+    until a leaf's replaces it."""
+    context = _server_context()
+    _load_chain_from_memory(context, cert_pem, key_pem)
+    return context
+
+
+def _use_certificate(context: ssl.SSLContext, cert_pem: bytes) -> None:
+    """Make a context that holds the leaf key present `cert_pem`, a certificate for that key,
+    without loading the key again."""
+    # Python's ssl has no call that sets a certificate alone: load_cert_chain loads the chain,
+    # then the key file. OpenSSL keeps a context's key when a new certificate is for the same
+    # key (SSL_CTX_use_certificate), so a key file that cannot be opened leaves the context
+    # with the new certificate and its key, and skips OpenSSL 3.0's key decoder, about half a
+    # millisecond a name (openssl/openssl#15199, #18814).
+    fd = os.memfd_create("flowtap-leaf", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, cert_pem)
+        context.load_cert_chain(f"/proc/self/fd/{fd}", _NO_KEY_FILE)
+    except NotADirectoryError:
+        pass  # the key file, as meant; a certificate that does not load raises ssl.SSLError
+    finally:
+        os.close(fd)
+
+
+def _self_signed(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A certificate for `key`, signed by itself, that only carries the key into a context
+    (a leaf's certificate replaces it before any client sees it)."""
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flowtap leaf key")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(_serial_number())
+        .not_valid_before(now - LEAF_BACKDATE)
+        .not_valid_after(now + LEAF_VALIDITY)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def load_or_create_ca(directory: Path | None = None) -> CertificateAuthority:

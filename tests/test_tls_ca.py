@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from conftest import flowtap_command
 from flowtap.proxy.errors import FlowtapError
@@ -19,6 +20,7 @@ from flowtap.proxy.tls_ca import (
     CA_CERT_FILE,
     CA_FILE,
     LEAF_VALIDITY,
+    READY_CONTEXTS,
     CertificateAuthority,
     default_ca_dir,
     load_ca_file,
@@ -160,14 +162,14 @@ def test_leaf_rejects_names_that_are_neither_host_nor_address(ca: CertificateAut
             ca.leaf(bad)
 
 
-def test_python_ssl_client_completes_a_handshake_with_the_servers_leaf(
-    ca: CertificateAuthority,
-) -> None:
+def handshake(server_context: ssl.SSLContext, name: str, cafile: Path) -> ssl.SSLObject:
+    """A Python ssl client's handshake for `name` with `server_context`, in memory; the
+    client's side, done."""
     server_in, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    server = ca.server_context("service.test").wrap_bio(server_in, server_out, server_side=True)
-    client_context = ssl.create_default_context(cafile=str(ca.cert_file))
+    server = server_context.wrap_bio(server_in, server_out, server_side=True)
+    client_context = ssl.create_default_context(cafile=str(cafile))
     client_in, client_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = client_context.wrap_bio(client_in, client_out, server_hostname="service.test")
+    client = client_context.wrap_bio(client_in, client_out, server_hostname=name)
     done = {"client": False, "server": False}
     for _ in range(10):
         for side, obj in (("client", client), ("server", server)):
@@ -182,9 +184,37 @@ def test_python_ssl_client_completes_a_handshake_with_the_servers_leaf(
         if all(done.values()):
             break
     assert all(done.values())
+    return client
+
+
+def test_python_ssl_client_completes_a_handshake_with_the_servers_leaf(
+    ca: CertificateAuthority,
+) -> None:
+    assert ca.cert_file is not None
+    client = handshake(ca.server_context("service.test"), "service.test", ca.cert_file)
     peer = client.getpeercert()
     assert peer is not None and ("DNS", "service.test") in peer["subjectAltName"]
     assert ca.server_context("service.test") is ca.server_context("service.test")
+
+
+def test_each_new_name_presents_its_own_leaf_all_for_the_one_leaf_key(
+    ca: CertificateAuthority,
+) -> None:
+    # More names than contexts made ahead: some take a ready context, some are made at once.
+    assert ca.cert_file is not None
+    names = [f"name-{index}.test" for index in range(3 * READY_CONTEXTS)]
+    keys = set()
+    for name in names:
+        client = handshake(ca.server_context(name), name, ca.cert_file)
+        der = client.getpeercert(binary_form=True)
+        assert der is not None
+        cert = x509.load_der_x509_certificate(der)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == [name]
+        keys.add(cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+    assert len(keys) == 1
+    # The leaf key lives in memory only: the CA's directory holds what it held before.
+    assert {path.name for path in ca.cert_file.parent.iterdir()} == {CA_FILE, CA_CERT_FILE}
 
 
 def make_openssl_ca(tmp_path: Path, key_args: list[str]) -> Path:
