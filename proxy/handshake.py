@@ -16,29 +16,18 @@ from typing import Protocol
 from .flow import Address, CloseReason, Requested
 
 
-class Command(enum.StrEnum):
-    """What the client wants done with its destination."""
-
-    CONNECT = "connect"
-    UDP_ASSOCIATE = "udp-associate"
-
-
-class Failure(enum.Enum):
-    """Why the relay could not give the client its destination; each protocol has a reply."""
-
-    NOT_ALLOWED = "not allowed by the listener's rules"
-    NETWORK_UNREACHABLE = "network unreachable"
-    HOST_UNREACHABLE = "the name does not resolve"
-    REFUSED = "connection refused"
-    TIMEOUT = "no answer in time"
-    GENERAL = "failed"
-
-
 @dataclass(frozen=True, slots=True)
 class SendReply:
     """Bytes to send to the client; the handshake goes on."""
 
     data: bytes
+
+
+class Command(enum.StrEnum):
+    """What the client wants done with its destination."""
+
+    CONNECT = "connect"
+    UDP_ASSOCIATE = "udp-associate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +49,17 @@ class Reject:
 
 
 HandshakeEvent = SendReply | OpenUpstream | Reject
+
+
+class Failure(enum.Enum):
+    """Why the relay could not give the client its destination; each protocol has a reply."""
+
+    NOT_ALLOWED = "not allowed by the listener's rules"
+    NETWORK_UNREACHABLE = "network unreachable"
+    HOST_UNREACHABLE = "the name does not resolve"
+    REFUSED = "connection refused"
+    TIMEOUT = "no answer in time"
+    GENERAL = "failed"
 
 
 class UpstreamRewriter(Protocol):
