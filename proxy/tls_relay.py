@@ -286,8 +286,7 @@ class TlsTcpFlow:
         try:
             sent = sock.send(pending)
         except BlockingIOError:
-            self._set_writable(is_client, False)
-            return False
+            sent = 0  # the socket is full: handled as a short send is, below
         except OSError as exc:
             if self._is_owed_only_close_notify(is_client):
                 self._end_side(is_client)
