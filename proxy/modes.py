@@ -57,10 +57,12 @@ _SOL_IPV6 = 41
 @dataclass(frozen=True, slots=True)
 class Prelude:
     """What a proxy-mode flow owes once its upstream answers: the handshake's reply to the
-    client and the bytes the client sent after its request, for the server."""
+    client, the bytes the client sent after its request, for the server, and a read of the
+    client if it may have sent more that no event will announce again (`unread`)."""
 
     handshake: Handshake | None
     early_data: bytes
+    unread: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,14 +102,7 @@ class ProxyWorker(Protocol):
     ) -> None: ...
 
     def open_upstream(
-        self,
-        flow: Flow,
-        client: socket.socket,
-        destination: Destination,
-        prelude: Prelude,
-        *,
-        watched: bool = False,
-        unread: bool = False,
+        self, flow: Flow, client: socket.socket, destination: Destination, prelude: Prelude
     ) -> None: ...
 
 
@@ -336,14 +331,8 @@ class HandshakePhase:
         self.closed = True
         self.worker.proxy_ended(self)
         flow = self._flow(destination.address, requested)
-        self.worker.open_upstream(
-            flow,
-            self.client,
-            destination,
-            Prelude(self.handshake, early),
-            watched=self.handshake is not None,
-            unread=self.unread,
-        )
+        prelude = Prelude(self.handshake, early, self.unread)
+        self.worker.open_upstream(flow, self.client, destination, prelude)
 
     def _associate(self, requested: Requested) -> None:
         """Open a UDP association for the client; the TCP connection keeps it alive."""

@@ -169,6 +169,19 @@ def _send(pipe: _Pipe, data: memoryview | list[memoryview]) -> int:
         raise _SideReset(pipe.dst_is_client, exc.strerror or str(exc)) from None
 
 
+def _recv(pipe: _Pipe, size: int) -> bytes | None:
+    """Read what `pipe.src` has now (empty at its end, None if nothing waits); its failure is
+    a _SideReset."""
+    try:
+        return pipe.src.recv(size)
+    except BlockingIOError:
+        return None
+    except _RESET_ERRORS as exc:
+        raise _SideReset(not pipe.dst_is_client, exc.strerror or "reset") from None
+    except OSError as exc:
+        raise _SideReset(not pipe.dst_is_client, exc.strerror or str(exc)) from None
+
+
 class _TcpFlow:
     """A TCP flow owned by one worker: connect upstream, relay both ways, close exactly once."""
 
@@ -500,15 +513,10 @@ class _RewritingFlow(_TcpFlow):
         bus = self.worker.bus
         size = len(self.worker.buffer)
         while pipe.readable and not pipe.eof:
-            try:
-                data = pipe.src.recv(size)
-            except BlockingIOError:
+            data = _recv(pipe, size)
+            if data is None:
                 pipe.readable = False
                 break
-            except _RESET_ERRORS as exc:
-                raise _SideReset(True, exc.strerror or "reset") from None
-            except OSError as exc:
-                raise _SideReset(True, exc.strerror or str(exc)) from None
             if not data:
                 pipe.eof = True
                 if self.first_eof is None:
@@ -821,26 +829,11 @@ class _TcpFlows:
         self.resolver.resolve(host, port, answered)
 
     def open_upstream(
-        self,
-        flow: Flow,
-        client: socket.socket,
-        destination: Destination,
-        prelude: Prelude,
-        *,
-        watched: bool = False,
-        unread: bool = False,
+        self, flow: Flow, client: socket.socket, destination: Destination, prelude: Prelude
     ) -> None:
-        """Connect a proxy-mode flow whose handshake decided `destination`; `watched`: its
-        client is watched already (by the handshake), `unread`: it may have bytes waiting."""
-        self.connect_upstream(
-            flow,
-            client,
-            destination.family,
-            destination.sockaddr,
-            prelude,
-            watched=watched,
-            unread=unread,
-        )
+        """Connect a proxy-mode flow whose handshake (or original destination) decided
+        `destination`."""
+        self.connect_upstream(flow, client, destination.family, destination.sockaddr, prelude)
 
     # -- connecting -------------------------------------------------------------------------
 
@@ -851,15 +844,11 @@ class _TcpFlows:
         family: int,
         sockaddr: object,
         prelude: Prelude | None = None,
-        *,
-        watched: bool = False,
-        unread: bool = False,
     ) -> None:
         """Emit `flow` opened and connect its client to `flow.server` (at `family`, `sockaddr`);
         the flow relays once connected (after `prelude`, for a proxy-mode flow), or closes
-        (refused, timed out) with its one event. `watched`: the client is watched already
-        (a proxy handshake read it), its events go to the flow from now on; `unread`: it may
-        have bytes waiting that no event will announce again."""
+        (refused, timed out) with its one event. A client watched already (a proxy handshake
+        read it) has its events go to the flow from now on."""
         try:
             # Non-blocking from its creation: no ioctl of its own.
             server = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -901,17 +890,18 @@ class _TcpFlows:
             tcp.prelude = prelude
             # What the client sends while the upstream connects is announced by an event;
             # what a handshake left unread, or sent before the client was watched, is not.
-            tcp.up.readable = unread
+            tcp.up.readable = prelude is not None and prelude.unread
             tcp.down.readable = False
         self.flows[flow.id] = tcp
         if self.bus.observed:
             self.bus.emit(FlowOpened(flow))
         worker = self.worker
-        if watched:
-            worker.hand_over(client.fileno(), tcp)
+        fd = client.fileno()
+        if worker.is_watched(fd):
+            worker.hand_over(fd, tcp)
         else:
             # Watched from now on: epoll reports at once what the client sent before.
-            worker.watch(client.fileno(), _FLOW_EVENTS, tcp)
+            worker.watch(fd, _FLOW_EVENTS, tcp)
         err = server.connect_ex(sockaddr)  # type: ignore[arg-type]
         if err in (0, errno.EINPROGRESS, errno.EAGAIN):
             worker.watch(server.fileno(), _FLOW_EVENTS, tcp)
