@@ -283,16 +283,38 @@ class HostName(_EndpointTerm):
         )
 
 
+# When each field a term may name is known: a flow's state, reason and counts once it ends,
+# its protocol and SNI from its first bytes.
+_FIELD_STAGES = {
+    "id": Stage.OPEN,
+    "proto": Stage.HEAD,
+    "sni": Stage.HEAD,
+    "state": Stage.END,
+    "reason": Stage.END,
+    "bytes": Stage.END,
+    "up": Stage.END,
+    "down": Stage.END,
+    "duration": Stage.END,
+}
+
+
+class _FieldTerm:
+    """A term about one named field of a flow, which is known at that field's stage."""
+
+    __slots__ = ()
+    field: str
+
+    @property
+    def stage(self) -> Stage:
+        return _FIELD_STAGES[self.field]
+
+
 @dataclass(frozen=True, slots=True)
-class Text:
+class Text(_FieldTerm):
     """`state open`, `reason client-reset`, `proto http`, `sni example.com` (`!=` is `not`)."""
 
     field: str
     value: str
-
-    @property
-    def stage(self) -> Stage:
-        return Stage.END if self.field in ("state", "reason") else Stage.HEAD
 
     def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
         if self.stage > known:
@@ -336,16 +358,12 @@ class IsTls:
 
 
 @dataclass(frozen=True, slots=True)
-class Number:
+class Number(_FieldTerm):
     """`bytes > 1M`, `up >= 10K`, `down == 0`, `duration > 2s`, `id 3`."""
 
     field: str
     op: str
     value: float
-
-    @property
-    def stage(self) -> Stage:
-        return Stage.OPEN if self.field == "id" else Stage.END
 
     def evaluate(self, facts: FlowFacts, known: Stage, found: Found) -> Verdict:
         if self.stage > known:
@@ -887,6 +905,13 @@ class _Parser:
         found = "the end" if token.kind == "end" else repr(token.text)
         return FilterError(self.text, token.column, f"expected {expected}, found {found}")
 
+    def accept(self, kind: str) -> bool:
+        """Take the next token if it is of `kind`; whether it was."""
+        if self.peek().kind != kind:
+            return False
+        self.take()
+        return True
+
     def expect_end(self) -> None:
         token = self.peek()
         if token.kind != "end":
@@ -897,32 +922,27 @@ class _Parser:
 
     def expression(self) -> Expr:
         left = self.conjunction()
-        while self.peek().kind == "or":
-            self.take()
+        while self.accept("or"):
             left = Or(left, self.conjunction())
         return left
 
     def conjunction(self) -> Expr:
         left = self.unary()
         while self.peek().kind not in ("or", ")", "end"):
-            if self.peek().kind == "and":
-                self.take()
+            self.accept("and")  # optional: `a b` is `a and b`
             left = And(left, self.unary())
         return left
 
     def unary(self) -> Expr:
-        token = self.peek()
-        if token.kind == "not":
-            self.take()
+        if self.accept("not"):
             return Not(self.unary())
-        if token.kind == "(":
-            self.take()
-            inner = self.expression()
-            if self.peek().kind != ")":
-                raise self.fail(self.peek(), "')' to close the '(' at column " + str(token.column))
-            self.take()
-            return inner
-        return self.term()
+        opening = self.peek()
+        if not self.accept("("):
+            return self.term()
+        inner = self.expression()
+        if not self.accept(")"):
+            raise self.fail(self.peek(), "')' to close the '(' at column " + str(opening.column))
+        return inner
 
     def term(self) -> Expr:
         token = self.take()
