@@ -66,16 +66,9 @@ class Number:
         return value if math.isfinite(value) else None
 
 
-@dataclass(frozen=True, slots=True)
-class Count:
-    """An argparse type: a whole number in [low, high]."""
-
-    noun: str
-    low: int
-    high: int
-
-    def __call__(self, text: str) -> int:
-        return int(Number(self.noun, self.low, self.high, whole=True)(text))
+def count(noun: str, low: int, high: int) -> Number:
+    """A whole-number option in [low, high]."""
+    return Number(noun, low, high, whole=True)
 
 
 def seconds(low: float, high: float, zero: str | None = None) -> Number:
@@ -95,12 +88,12 @@ SPEED = Number("a speed factor", 0.001, 1_000_000.0)
 # Relay threads share one GIL, so past a few they only contend for it; each costs an epoll
 # and an eventfd descriptor, a receive buffer and a thread. 64 is far past any gain and far
 # below the descriptors a process has (the flows need those).
-WORKERS = Count("a number of relay threads", 1, 64)
-CONCURRENCY = Count("a number of flows at once", 1, 10_000)
-PCAP_MAX_SIZE_MB = Count("a number of megabytes", 1, 1_000_000)
-PCAP_MAX_FILES = Count("a number of files", 1, 100_000)
-UDP_MAX_SESSIONS = Count("a number of sessions", 1, 1_000_000)
-FLOW_ID = Count("a flow number", 1, 1_000_000_000)
+WORKERS = count("a number of relay threads", 1, 64)
+CONCURRENCY = count("a number of flows at once", 1, 10_000)
+PCAP_MAX_SIZE_MB = count("a number of megabytes", 1, 1_000_000)
+PCAP_MAX_FILES = count("a number of files", 1, 100_000)
+UDP_MAX_SESSIONS = count("a number of sessions", 1, 1_000_000)
+FLOW_ID = count("a flow number", 1, 1_000_000_000)
 
 
 def address(text: str) -> str:
