@@ -47,12 +47,9 @@ class ChunkView(ScrollView, can_focus=True):
     DEFAULT_CSS = """
     ChunkView { height: 1fr; padding: 0 1; scrollbar-gutter: stable; }
     """
-    # A pager's keys: no scrolling animation, so that reaching the end is known at once.
+    # A pager's keys are the scroll container's (its scroll actions, below, move at once);
+    # these say what home and end mean here.
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("up", "step(-1)", "Scroll up", show=False),
-        Binding("down", "step(1)", "Scroll down", show=False),
-        Binding("pageup", "page(-1)", "Page up", show=False),
-        Binding("pagedown", "page(1)", "Page down", show=False),
         Binding("home", "scroll_home", "Top", show=False),
         Binding("end", "scroll_end", "Bottom (follow)", show=False),
     ]
@@ -249,12 +246,23 @@ class ChunkView(ScrollView, can_focus=True):
         elif self.following:
             self.scroll_end(animate=False, immediate=True, x_axis=False, force=True)
 
-    def action_step(self, lines: int) -> None:
-        self.scroll_to(y=self.scroll_y + lines, animate=False, immediate=True)
+    # The container's scroll actions without animation, so that reaching the end is known at
+    # once.
 
-    def action_page(self, pages: int) -> None:
-        height = self.scrollable_content_region.height
-        self.scroll_to(y=self.scroll_y + pages * height, animate=False, immediate=True)
+    def action_scroll_up(self) -> None:
+        self._scroll_lines(-1)
+
+    def action_scroll_down(self) -> None:
+        self._scroll_lines(1)
+
+    def action_page_up(self) -> None:
+        self._scroll_lines(-self.scrollable_content_region.height)
+
+    def action_page_down(self) -> None:
+        self._scroll_lines(self.scrollable_content_region.height)
+
+    def _scroll_lines(self, lines: int) -> None:
+        self.scroll_to(y=self.scroll_y + lines, animate=False, immediate=True)
 
     def action_scroll_home(self) -> None:
         self.scroll_to(0, 0, animate=False, immediate=True)
