@@ -17,16 +17,18 @@ from .frames import (
 )
 from .staging import StagedFile
 
+# A record's header: seconds, microseconds, captured length, original length.
+_RECORD_FORMAT = "!IIII"
 _PCAP_HEADER = struct.Struct("!IHHiIII")
-_PCAP_RECORD = struct.Struct("!IIII")
+_PCAP_RECORD = struct.Struct(_RECORD_FORMAT)
 
 
 class PcapFile(StagedFile):
     """A classic pcap file (big-endian, microsecond timestamps, Ethernet)."""
 
     _SEGMENT = (
-        struct.Struct("!IIII" + TCP_V4_FIELDS),
-        struct.Struct("!IIII" + TCP_V6_FIELDS),
+        struct.Struct(_RECORD_FORMAT + TCP_V4_FIELDS),
+        struct.Struct(_RECORD_FORMAT + TCP_V6_FIELDS),
     )
 
     def __init__(self, path: Path) -> None:
