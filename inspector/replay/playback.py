@@ -46,18 +46,20 @@ Command = Send | HalfClose | Reset | Close
 
 
 @dataclass(frozen=True, slots=True)
-class _Burst:
-    offset_s: float
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class _Step:
     """One of our turns: sent after the peer has sent `peer_bytes_before`, `think_s` later."""
 
     peer_bytes_before: int
     think_s: float
     bursts: tuple[_Burst, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Burst:
+    """Bytes of a turn, sent `offset_s` after the turn is released."""
+
+    offset_s: float
+    data: bytes
 
 
 class _Phase(enum.Enum):

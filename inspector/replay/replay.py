@@ -277,7 +277,6 @@ class Replayer:
                 self._failed += 1
             self._reports[index] = report_for(script, result, options)
 
-        connect_timeout: float | None = None
         if not is_udp:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(sockaddr)  # type: ignore[arg-type]
@@ -286,7 +285,6 @@ class Replayer:
                 self._failed += 1
                 self._reports[index] = _refused(script, options.target, err)
                 return
-            connect_timeout = options.connect_timeout_s
         else:
             try:
                 sock.connect(sockaddr)  # type: ignore[arg-type]
@@ -305,7 +303,7 @@ class Replayer:
             on_done=done,
             player=player,
             bus=self._bus,
-            connect_timeout_s=connect_timeout,
+            connect_timeout_s=None if is_udp else options.connect_timeout_s,
             tls=tls,
         )
         self._active += 1
