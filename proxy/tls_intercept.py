@@ -130,12 +130,17 @@ class TlsSettings:
             context = self._contexts.get(alpn)
         if context is not None:
             return context
-        context = ssl.create_default_context(
-            cafile=None if self.upstream_ca is None else str(self.upstream_ca)
-        )
         if self.upstream_insecure:
+            # No CA certificates: OpenSSL builds the chain it will not check all the same, and
+            # with the system's loaded it looks for an unknown issuer by listing /etc/ssl/certs
+            # (a few hundred entries) twice a handshake, about 0.5 ms of CPU here.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+        else:
+            context = ssl.create_default_context(
+                cafile=None if self.upstream_ca is None else str(self.upstream_ca)
+            )
         if alpn:
             context.set_alpn_protocols(list(alpn))
         if self.keylog_path is not None:
