@@ -307,19 +307,26 @@ def _use_certificate(context: ssl.SSLContext, cert_pem: bytes) -> None:
 def _self_signed(key: ec.EllipticCurvePrivateKey) -> bytes:
     """A certificate for `key`, signed by itself, that only carries the key into a context
     (a leaf's certificate replaces it before any client sees it)."""
-    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flowtap leaf key")])
-    cert = (
+    cert = _self_issued(key, name, LEAF_VALIDITY).sign(key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _self_issued(
+    key: ec.EllipticCurvePrivateKey, name: x509.Name, validity: datetime.timedelta
+) -> x509.CertificateBuilder:
+    """A certificate of `name` for `key`, issued by `name` itself, valid from a little before
+    now (as leaves are) for `validity`: for its caller to extend and sign with `key`."""
+    now = datetime.datetime.now(datetime.UTC)
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(_serial_number())
         .not_valid_before(now - LEAF_BACKDATE)
-        .not_valid_after(now + LEAF_VALIDITY)
-        .sign(key, hashes.SHA256())
+        .not_valid_after(now + validity)
     )
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def load_or_create_ca(directory: Path | None = None) -> CertificateAuthority:
@@ -418,7 +425,6 @@ def _with_subject_key_identifier(cert: x509.Certificate, key: _SigningKey) -> x5
 
 def _create_ca_file(key_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
     user = os.environ.get("USER") or str(os.getuid())
     name = x509.Name(
         [
@@ -429,13 +435,7 @@ def _create_ca_file(key_path: Path) -> None:
         ]
     )
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(_serial_number())
-        .not_valid_before(now - LEAF_BACKDATE)
-        .not_valid_after(now + CA_VALIDITY)
+        _self_issued(key, name, CA_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(digital_signature=True, key_cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
