@@ -86,6 +86,12 @@ class FilteredSink(FilteredObserver):
         data = sock.recv(size)
         return Chunk(len(data), [memoryview(data)], None, size)
 
+    def record(
+        self, flow_id: int, direction: Direction, timestamp_ns: int, data: memoryview
+    ) -> None:
+        if flow_id in self._picked:
+            self._sink.record(flow_id, direction, timestamp_ns, data)
+
 
 def filtered(observer: Observer, flow_filter: FlowFilter | None) -> Observer:
     """`observer`, hearing only of the flows `flow_filter` picks (all of them with None)."""

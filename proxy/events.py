@@ -91,16 +91,26 @@ class Chunk(NamedTuple):
 
 @runtime_checkable
 class ChunkSink(Protocol):
-    """An observer that receives a flow's TCP data into its own memory: nothing is copied.
+    """An observer that takes a flow's TCP data with no copy made for it alone.
 
-    For each chunk the relay calls `receive`, sends the parts it returns (which may be in
-    the sink's memory), then releases the loan, always before it receives the next chunk;
-    the sink keeps that memory from being reused until then (and may finish its own work on
-    the chunk then, once the chunk is on its way). `receive` raises what `socket.recv` raises.
+    For each chunk the relay either calls `receive`, sends the parts it returns (which may
+    be in the sink's memory) and releases the loan, or (for a flow direction moving small
+    chunks) receives the chunk into its own buffer, sends it and hands it to `record`;
+    either way before it receives the next chunk. The sink keeps lent memory from being
+    reused until the loan is released (and may finish its own work on the chunk then, once
+    the chunk is on its way). `receive` raises what `socket.recv` raises.
     """
 
     def receive(self, flow_id: int, direction: Direction, sock: socket.socket, size: int) -> Chunk:
         """Read at most `size` bytes of `sock` (one flow direction), as `FlowData` would carry."""
+        ...
+
+    def record(
+        self, flow_id: int, direction: Direction, timestamp_ns: int, data: memoryview
+    ) -> None:
+        """Take a chunk the relay received into its own memory at `timestamp_ns` and has
+        sent (a small one: copying it after the send costs the round trip less than
+        receiving it in place); `data` is valid only during the call."""
         ...
 
 

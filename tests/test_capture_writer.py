@@ -287,7 +287,7 @@ def test_closed_capture_keeps_no_blocks_reserved_ahead(tmp_path: Path) -> None:
 @pytest.mark.parametrize("checksums", [False, True], ids=["plain", "checksums"])
 @pytest.mark.parametrize("suffix", [".pcap", ".pcapng"])
 @pytest.mark.parametrize("server_host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
-def test_chunks_received_into_the_file_or_copied_are_the_packets_written_one_by_one(
+def test_chunks_received_into_the_file_recorded_or_copied_are_the_packets_written_one_by_one(
     tmp_path: Path, suffix: str, server_host: str, checksums: bool
 ) -> None:
     client_host = server_host
@@ -322,10 +322,23 @@ def test_chunks_received_into_the_file_or_copied_are_the_packets_written_one_by_
     writer.write(events[-1])
     out.close()
 
+    # Chunks the relay received into its own buffer and hands over once sent.
+    recorded = tmp_path / f"recorded{suffix}"
+    out = open_packet_file(recorded)
+    writer = CaptureWriter(out, checksums=checksums)
+    writer.write(events[0])
+    for event in events[1:-1]:
+        assert isinstance(event, FlowData)
+        writer.record(flow.id, event.direction, int(event.timestamp * 1e9), memoryview(event.data))
+    writer.write(events[-1])
+    out.close()
+
     def packets(path: Path) -> list[bytes]:
         return [record.data for record in CaptureReader(path).records()]
 
     assert packets(in_place) == packets(reference)
     assert packets(ordinary) == packets(reference)
+    assert packets(recorded) == packets(reference)
     assert_tshark_clean(ordinary)
     assert_tshark_clean(in_place)
+    assert_tshark_clean(recorded)

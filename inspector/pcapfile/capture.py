@@ -317,6 +317,20 @@ class CaptureObserver:
             self._chunk_done()
         return chunk
 
+    def record(
+        self, flow_id: int, direction: Direction, timestamp_ns: int, data: memoryview
+    ) -> None:
+        """Capture a chunk the relay received and sent itself (the `ChunkSink` path of flows
+        moving small chunks)."""
+        with self._lock:
+            if self._error is not None or self._closed:
+                return
+            try:
+                self._writer.record(flow_id, direction, timestamp_ns, data)
+            except Exception as exc:  # the relay has sent the bytes: only the capture stops
+                self._fail(exc)
+            self._dirty = True
+
     def _chunk_done(self) -> None:
         """A chunk's records are in the file (or the file failed): the next may come."""
         failure = self._writer.failure

@@ -208,6 +208,17 @@ def _plain_chunk(data: bytes, asked: int) -> Chunk:
     return Chunk(len(data), [memoryview(data)], None, asked)
 
 
+def _copy_v4_chunk(
+    out: InPlaceFile, timestamp_ns: int, src: Side, dst: Side, data: bytes | memoryview
+) -> None:
+    """Add a one-segment IPv4 chunk to a pcapng file: copied into the file's buffer and
+    framed there by `frame_v4_chunk`, as a chunk received in place is."""
+    size = len(data)
+    region = out.reserve(82 + size + 3 + 4 + V4_ACK_RECORD_SIZE)
+    region[82 : 82 + size] = data
+    out.commit(frame_v4_chunk(region, timestamp_ns, src, dst, size))
+
+
 def _timestamp_ns(timestamp: float) -> int:
     seconds = int(timestamp)
     return seconds * 1_000_000_000 + round((timestamp - seconds) * 1e9)
@@ -621,6 +632,60 @@ class CaptureWriter:
         sent.timestamp_ns = max(time.time_ns(), conversation.last_ns)
         return tuple.__new__(Chunk, (received, parts, sent, size))  # Chunk(...), without a call
 
+    def record(
+        self, flow_id: int, direction: Direction, timestamp_ns: int, data: memoryview
+    ) -> None:
+        """Add the records of a TCP chunk the relay received into its own memory and has
+        sent: copied into the file's buffer and framed there, as `receive` frames in place."""
+        out = self._in_place
+        conversation = self._conversations.get(flow_id)
+        size = len(data)
+        if (
+            out is None
+            or conversation is None
+            or conversation.is_udp
+            or (self._wire_flows and flow_id in self._wire_flows)
+            # A ring of files: a chunk of several segments may not fit in what is left of
+            # the file, and a new file's first packet names the flow; packet by packet then.
+            or (
+                self._rotates
+                and (
+                    size > conversation.max_payload
+                    or conversation.comment_generation != self._generation()
+                )
+            )
+        ):
+            self.write(FlowData(flow_id, direction, timestamp_ns / 1e9, bytes(data)))
+            return
+        step = conversation.max_payload
+        timestamp_ns = max(timestamp_ns, conversation.last_ns)
+        if size <= step and self._frames_v4_in_one and not conversation.is_v6:
+            conversation.last_ns = timestamp_ns
+            src, dst = (
+                conversation.up_sides if direction is Direction.UP else conversation.down_sides
+            )
+            _copy_v4_chunk(out, timestamp_ns, src, dst, data)
+            return
+        layout = conversation.layout
+        if layout is None:
+            layout = conversation.layout = self._layout(out, conversation.header_size, step)
+        prefix, slot, ack_room = layout
+        region = out.reserve(-(-size // step) * slot + ack_room)
+        for index, start in enumerate(range(0, size, step)):
+            end = min(start + step, size)
+            at = index * slot + prefix
+            region[at : at + end - start] = data[start:end]
+        sent = self._sent
+        sent.conversation = conversation
+        sent.direction = direction
+        sent.region = region
+        sent.received = size
+        sent.timestamp_ns = timestamp_ns
+        try:
+            self._frame(sent)
+        finally:
+            sent.region = None
+
     def _receive_copy(
         self, flow_id: int, direction: Direction, sock: socket.socket, size: int
     ) -> Chunk:
@@ -768,9 +833,7 @@ class CaptureWriter:
         ):
             # One segment (a copied chunk, with a viewer attached say): copied into the file's
             # buffer and framed there like a chunk received in place, not packet by packet.
-            region = out.reserve(82 + size + 3 + 4 + V4_ACK_RECORD_SIZE)
-            region[82 : 82 + size] = data
-            out.commit(frame_v4_chunk(region, timestamp_ns, src, dst, size))
+            _copy_v4_chunk(out, timestamp_ns, src, dst, data)
             return
         for start in range(0, size, step):
             chunk = view[start : start + step]
