@@ -25,9 +25,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import BLOCK
@@ -164,9 +165,11 @@ def client_context(proxy: Proxy) -> ssl.SSLContext:
     return context
 
 
-def handshakes_per_s(proxy: Proxy, seconds: float, limit: int, threads: int = 4) -> float:
-    """New TLS connections per second through the proxy, each doing a 1-byte round trip (so
-    the upstream handshake is done too)."""
+def handshakes_done(
+    proxy: Proxy, seconds: float, limit: int, threads: int = 4
+) -> tuple[int, float]:
+    """New TLS connections through the proxy, each doing a 1-byte round trip (so the upstream
+    handshake is done too), and the seconds they took."""
     context = client_context(proxy)
     count = [0] * threads
     stop_at = time.monotonic() + seconds
@@ -185,10 +188,10 @@ def handshakes_per_s(proxy: Proxy, seconds: float, limit: int, threads: int = 4)
         worker.start()
     for worker in workers:
         worker.join()
-    return sum(count) / (time.perf_counter() - started)
+    return sum(count), time.perf_counter() - started
 
 
-def cpu_s(procs: list[subprocess.Popen[bytes]]) -> float:
+def cpu_s(procs: Sequence[subprocess.Popen[Any]]) -> float:
     """CPU time (user and system) the processes have used so far."""
     total = 0
     for proc in procs:
@@ -302,9 +305,26 @@ def new_name_ms(directory: Path, names: int, gap_s: float) -> float:
     return times[len(times) // 2] * 1e3
 
 
-def measure(proxy: Proxy, args: argparse.Namespace) -> dict[str, float]:
+def handshakes(
+    proxy: Proxy, seconds: float, peers: Sequence[subprocess.Popen[Any]]
+) -> tuple[float, float, float]:
+    """Handshakes/s, and the CPU ms each took in the proxy and in its peers (the client
+    threads, in this process, and the upstream's processes), which share the cores."""
+    proxy_cpu, client_cpu, peers_cpu = cpu_s(proxy.procs), time.process_time(), cpu_s(peers)
+    done, elapsed = handshakes_done(proxy, seconds, limit=20_000)
+    proxy_cpu = cpu_s(proxy.procs) - proxy_cpu
+    others = time.process_time() - client_cpu + cpu_s(peers) - peers_cpu
+    return done / elapsed, proxy_cpu * 1e3 / done, others * 1e3 / done
+
+
+def measure(
+    proxy: Proxy, args: argparse.Namespace, peers: Sequence[subprocess.Popen[Any]]
+) -> dict[str, float]:
     results: dict[str, float] = {}
-    results["handshakes/s"] = handshakes_per_s(proxy, args.seconds, limit=20_000)
+    rate, proxy_ms, peers_ms = handshakes(proxy, args.seconds, peers)
+    results["handshakes/s"] = rate
+    results["CPU ms/handshake"] = proxy_ms
+    results["peers' CPU ms/hs"] = peers_ms
     results["bulk down MB/s"], results["CPU ms/MB down"] = bulk_down(proxy, args.size_mib * MiB)
     try:
         results["bulk up MB/s"], results["CPU ms/MB up"] = bulk_up(proxy, args.size_mib * MiB)
@@ -368,7 +388,7 @@ def main() -> None:
             for name, start in starters:
                 proxy = start()
                 try:
-                    table[name] = measure(proxy, args)
+                    table[name] = measure(proxy, args, [upstream_proc, peers])
                 finally:
                     proxy.stop()
                 print(f"{name}: done", flush=True)
@@ -416,6 +436,15 @@ def report(table: dict[str, dict[str, float]], args: argparse.Namespace, new_nam
     print()
     for label, ok in checks:
         print(f"{'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}  {label}")
+    if mitm is not None:
+        # The client and the upstream share the cores with the proxy: the CPU they take for
+        # each handshake bounds how far apart the proxies' handshakes/s can be.
+        own = mitm["CPU ms/handshake"] / flowtap["CPU ms/handshake"]
+        peers = flowtap["peers' CPU ms/hs"]
+        print(
+            f"      handshakes: mitmdump takes {own:.1f}x flowtap's CPU a handshake; the peers "
+            f"take {peers:.1f} ms of CPU for each besides"
+        )
 
 
 if __name__ == "__main__":
