@@ -4,11 +4,11 @@ instances (a C reference that decrypts and re-encrypts), side by side in one run
 Run on demand:  python benchmarks/tls.py [--quick] [--mitmdump PATH]
 The upstream is a TLS server (stunnel4 in server mode in front of benchmarks/peers.py);
 every proxy's CA is trusted by the client and upstream verification is off for all three.
-Prints how long a new name takes (signing and loading its leaf, in this process), then a
-table and a strict verdict per target of the issue. The table has each proxy's CPU time per
-MB of bulk: the client, the upstream and the proxy share the machine's cores, so where the
-proxy's own cost is small, their sum is what bounds its MB/s. Loopback only; every loop is
-bounded in count and time.
+Prints how long a new name's leaf takes flowtap (in this process), then a table and a
+strict verdict per target of the issue. The table has each proxy's CPU time per handshake
+and per MB of bulk: the client, the upstream and the proxy share the machine's cores, so
+where the proxy's own cost is small, their sum is what bounds its figures. Loopback only;
+every loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -153,10 +153,10 @@ def start_stunnel_chain(directory: Path, upstream: int) -> Proxy:
 # -- workloads ------------------------------------------------------------------------------
 
 
-def connect(proxy: Proxy, context: ssl.SSLContext) -> ssl.SSLSocket:
+def connect(proxy: Proxy, context: ssl.SSLContext, name: str = "svc.test") -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return context.wrap_socket(raw, server_hostname="svc.test")
+    return context.wrap_socket(raw, server_hostname=name)
 
 
 def client_context(proxy: Proxy) -> ssl.SSLContext:
@@ -287,22 +287,47 @@ def idle_kib_per_flow(proxy: Proxy, flows: int) -> float:
     return (after - before) / flows
 
 
-def new_name_ms(directory: Path, names: int, gap_s: float) -> float:
-    """The median time flowtap's CA takes to give a server context for a name it has not seen
-    (sign the leaf, load it), in this process, names coming `gap_s` apart (0: back to back)."""
+def new_name_ms(directory: Path, names: int, gap_s: float, ahead_s: float = 0.0) -> float:
+    """The median time flowtap's CA takes, in this process, to give a server context for a
+    name it has not seen, names coming `gap_s` apart (0: back to back); with `ahead_s`, the
+    name was given to `prepare` that long before, as the relay does at the ClientHello."""
     from flowtap.proxy.tls_ca import load_or_create_ca
 
-    ca = load_or_create_ca(directory / "new-name-ca")
+    ca = load_or_create_ca(directory / f"new-name-ca-{gap_s}-{ahead_s}")
     ca.server_context("warm-up.test")
     times = []
     for index in range(names):
+        name = f"name-{index}.test"
         if gap_s:
             time.sleep(gap_s)  # pacing: new names arriving at most 1/gap_s a second
+        if ahead_s:
+            ca.prepare(name)
+            time.sleep(ahead_s)  # what the upstream's handshake takes meanwhile
         started = time.perf_counter()
-        ca.server_context(f"name-{index}.test")
+        ca.server_context(name)
         times.append(time.perf_counter() - started)
     times.sort()
     return times[len(times) // 2] * 1e3
+
+
+def first_handshake_ms(proxy: Proxy, names: int) -> float:
+    """How much longer a connection's handshake takes through the proxy for a name it has not
+    seen than for one it has (medians; new and known names alternate)."""
+    context = client_context(proxy)
+    known: list[float] = []
+    new: list[float] = []
+    run = os.urandom(4).hex()  # names no earlier run asked for
+    for index in range(names):
+        for name, times in (("svc.test", known), (f"first-{index}-{run}.test", new)):
+            started = time.perf_counter()
+            with connect(proxy, context, name) as sock:
+                sock.sendall(b"P!")
+                if sock.recv(1) != b"!":
+                    raise RuntimeError("no echo")
+            times.append(time.perf_counter() - started)
+    known.sort()
+    new.sort()
+    return (new[len(new) // 2] - known[len(known) // 2]) * 1e3
 
 
 def handshakes(
@@ -325,6 +350,7 @@ def measure(
     results["handshakes/s"] = rate
     results["CPU ms/handshake"] = proxy_ms
     results["peers' CPU ms/hs"] = peers_ms
+    results["new name +ms"] = first_handshake_ms(proxy, args.names)
     results["bulk down MB/s"], results["CPU ms/MB down"] = bulk_down(proxy, args.size_mib * MiB)
     try:
         results["bulk up MB/s"], results["CPU ms/MB up"] = bulk_up(proxy, args.size_mib * MiB)
@@ -354,7 +380,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5000, help="ping-pong round trips")
     parser.add_argument("--seconds", type=float, default=5.0, help="handshake test length")
     parser.add_argument("--idle", type=int, default=2000, help="idle TLS flows held")
-    parser.add_argument("--names", type=int, default=300, help="new names timed")
+    parser.add_argument("--names", type=int, default=200, help="new names timed")
     args = parser.parse_args()
     if args.quick:
         args.size_mib, args.rounds, args.seconds, args.idle, args.names = 16, 1000, 2.0, 300, 100
@@ -379,10 +405,15 @@ def main() -> None:
             )
         else:
             print("mitmdump not found (--mitmdump PATH): its column and targets are skipped")
-        new_name = new_name_ms(directory, args.names, gap_s=0.005)
+        spaced = new_name_ms(directory, args.names, gap_s=0.005)
         burst = new_name_ms(directory, args.names, gap_s=0.0)
-        print(f"new name: {new_name:.2f} ms (median of {args.names}, 5 ms apart; "
-              f"back to back: {burst:.2f} ms)", flush=True)  # fmt: skip
+        prepared = new_name_ms(directory, args.names, gap_s=0.005, ahead_s=0.001)
+        print(
+            f"new name, in this process: {spaced:.2f} ms to sign and load its leaf (median of "
+            f"{args.names}, 5 ms apart; back to back: {burst:.2f} ms); {prepared:.2f} ms on the "
+            "relay's thread when prepared at the ClientHello 1 ms before",
+            flush=True,
+        )
         table: dict[str, dict[str, float]] = {}
         try:
             for name, start in starters:
@@ -395,7 +426,7 @@ def main() -> None:
         finally:
             upstream_proc.terminate()
             peers.terminate()
-    report(table, args, new_name)
+    report(table, args)
 
 
 def _bulk(results: dict[str, float]) -> float:
@@ -403,7 +434,7 @@ def _bulk(results: dict[str, float]) -> float:
     return min(v for k, v in results.items() if k.startswith("bulk") and not math.isnan(v))
 
 
-def report(table: dict[str, dict[str, float]], args: argparse.Namespace, new_name: float) -> None:
+def report(table: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     names = list(table)
     metrics = list(next(iter(table.values())))
     print(f"\nTLS interception, {args.size_mib} MiB each way, {args.rounds} ping-pong rounds, "
@@ -431,8 +462,8 @@ def report(table: dict[str, dict[str, float]], args: argparse.Namespace, new_nam
                 lambda m: flowtap["ping-pong p50 us"] <= 0.3 * m["ping-pong p50 us"])  # fmt: skip
     checks.append((f"memory per idle TLS flow <= 64 KiB at {args.idle} flows",
                    flowtap["KiB/idle TLS flow"] <= 64))  # fmt: skip
-    checks.append((f"new name {new_name:.2f} ms <= 0.5 ms (well under a millisecond)",
-                   new_name <= 0.5))  # fmt: skip
+    checks.append(("a new name adds <= 0.5 ms to its first handshake (well under a millisecond)",
+                   flowtap["new name +ms"] <= 0.5))  # fmt: skip
     print()
     for label, ok in checks:
         print(f"{'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}  {label}")

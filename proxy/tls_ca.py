@@ -37,6 +37,10 @@ LEAF_BACKDATE = datetime.timedelta(hours=1)
 DEFAULT_CACHE_SIZE = 4096
 READY_CONTEXTS = 8
 """Server contexts holding the leaf key, made ahead off the handshake path for new names."""
+MAX_PENDING_NAMES = 256
+"""Names whose contexts `prepare` makes ahead at most, the oldest forgotten first."""
+# How long a handshake waits for the CA's thread to finish its context before making one.
+_PREPARE_WAIT_S = 5.0
 # A key file that can never be opened (nothing lives under a character device).
 _NO_KEY_FILE = "/dev/null/flowtap-no-key"
 
@@ -140,8 +144,10 @@ class CertificateAuthority:
         placeholder, key_pem = _self_signed(leaf_key), self._leaf_key_pem
         # The factory holds no reference to the CA: the thread that fills the pool must not
         # keep it alive.
-        self._ready = _ReadyContexts(lambda: _keyed_context(placeholder, key_pem), READY_CONTEXTS)
-        weakref.finalize(self, self._ready.close)
+        self._background = _Background(lambda: _keyed_context(placeholder, key_pem), READY_CONTEXTS)
+        weakref.finalize(self, self._background.close)
+        self._pending: dict[str, _Pending] = {}
+        self._pending_lock = threading.Lock()
 
     @property
     def cert_pem(self) -> bytes:
@@ -164,6 +170,21 @@ class CertificateAuthority:
         self._leaves.put(name, leaf)
         return leaf
 
+    def prepare(self, name: str) -> None:
+        """Start making the server context for `name` on the CA's thread, unless its leaf is
+        made or under way: the handshake that needs it (`server_context`) then waits only
+        for what is left, if anything."""
+        if self._leaves.get(name) is not None:
+            return
+        with self._pending_lock:
+            if name in self._pending:
+                return
+            if len(self._pending) >= MAX_PENDING_NAMES:
+                # Names asked for whose handshake never came (an upstream that failed, say).
+                self._pending.pop(next(iter(self._pending)))
+            pending = self._pending[name] = _Pending()
+        self._background.run(lambda: self._make_pending(name, pending))
+
     def server_context(self, name: str, alpn: Alpn = None) -> ssl.SSLContext:
         """A server-side SSL context that presents the leaf for `name` and, when `alpn` is
         given, selects that protocol (the first of those) the client offers, if any (cached
@@ -172,22 +193,54 @@ class CertificateAuthority:
         cached = self._contexts.get(key)
         if cached is not None:
             return cached
-        leaf = self.leaf(name)
-        # The CA's certificate is not sent: clients trust it as an anchor, which TLS lets a
-        # server leave out of the chain (RFC 8446, 4.4.2), and each certificate loaded costs
-        # OpenSSL 3.0 about 0.1 ms.
-        context = self._ready.take()
-        if context is not None:
-            _use_certificate(context, leaf.cert_pem)
-        else:
-            context = _server_context()
-            _load_chain_from_memory(context, leaf.cert_pem, self._leaf_key_pem)
+        context = self._claim(name) or self._new_context(name)
         if alpn:
             context.set_alpn_protocols([alpn] if isinstance(alpn, str) else list(alpn))
         if self.keylog_file is not None:
             context.keylog_filename = str(self.keylog_file)
         self._contexts.put(key, context)
         return context
+
+    def _new_context(self, name: str) -> ssl.SSLContext:
+        """A server context, without ALPN, that presents the leaf for `name`."""
+        leaf = self.leaf(name)
+        # The CA's certificate is not sent: clients trust it as an anchor, which TLS lets a
+        # server leave out of the chain (RFC 8446, 4.4.2), and each certificate loaded costs
+        # OpenSSL 3.0 about 0.1 ms.
+        context = self._background.take()
+        if context is not None:
+            _use_certificate(context, leaf.cert_pem)
+        else:
+            context = _server_context()
+            _load_chain_from_memory(context, leaf.cert_pem, self._leaf_key_pem)
+        return context
+
+    def _make_pending(self, name: str, pending: _Pending) -> None:
+        """Make the context `prepare` asked for (on the CA's thread), unless a handshake
+        that needed it first has made it itself."""
+        with self._pending_lock:
+            if pending.started:
+                return
+            pending.started = True
+        try:
+            pending.context = self._new_context(name)
+        except (ValueError, OSError, ssl.SSLError):
+            pass  # made again, and the error raised, by the handshake that needs it
+        finally:
+            pending.done.set()
+
+    def _claim(self, name: str) -> ssl.SSLContext | None:
+        """The context `prepare` made or is making for `name` (waiting for it), or None."""
+        with self._pending_lock:
+            pending = self._pending.pop(name, None)
+            if pending is None:
+                return None
+            if not pending.started:
+                # Still queued: making it here is sooner than waiting for those before it.
+                pending.started = True
+                return None
+        pending.done.wait(_PREPARE_WAIT_S)
+        return pending.context
 
     def cached_names(self) -> list[str]:
         """The names whose leaves are cached, least recently used first."""
@@ -224,15 +277,29 @@ class CertificateAuthority:
         return Leaf(name, cert, cert.public_bytes(serialization.Encoding.PEM))
 
 
-class _ReadyContexts:
-    """Server contexts that already hold the leaf key, `size` of them made ahead by a thread
-    of their own (OpenSSL does most of that work with the GIL released), so that a new name
-    only loads its certificate."""
+class _Pending:
+    """A name's server context being made on the CA's thread."""
+
+    __slots__ = ("context", "done", "started")
+
+    def __init__(self) -> None:
+        self.started = False
+        """Whether a thread has begun making it (guarded by the CA's lock)."""
+        self.context: ssl.SSLContext | None = None
+        """The context, once `done`; None if it could not be made."""
+        self.done = threading.Event()
+
+
+class _Background:
+    """The CA's own thread: it runs the jobs it is given (a name's server context, asked for
+    at the ClientHello) and meanwhile keeps `size` contexts that hold the leaf key made ahead
+    (OpenSSL does most of that work with the GIL released)."""
 
     def __init__(self, make: Callable[[], ssl.SSLContext], size: int) -> None:
         self._make = make
         self._size = size
         self._ready: collections.deque[ssl.SSLContext] = collections.deque()
+        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -240,30 +307,43 @@ class _ReadyContexts:
     def take(self) -> ssl.SSLContext | None:
         """A context made ahead, or None when none is ready (the thread makes another)."""
         with self._changed:
-            if self._thread is None and not self._closed:
-                # Started on first use: a CA that never serves a client makes no thread.
-                self._thread = threading.Thread(
-                    target=self._fill, name="flowtap-leaf-contexts", daemon=True
-                )
-                self._thread.start()
+            self._start()
             context = self._ready.popleft() if self._ready else None
             self._changed.notify()
         return context
 
+    def run(self, job: Callable[[], None]) -> None:
+        """Run `job` on the thread, after the jobs given before it."""
+        with self._changed:
+            self._start()
+            self._jobs.append(job)
+            self._changed.notify()
+
     def close(self) -> None:
-        """Stop making contexts (the CA is gone)."""
+        """Stop the thread (the CA is gone)."""
         with self._changed:
             self._closed = True
             self._ready.clear()
+            self._jobs.clear()
             self._changed.notify()
 
-    def _fill(self) -> None:
+    def _start(self) -> None:
+        if self._thread is None and not self._closed:
+            # Started on first use: a CA that never serves a client makes no thread.
+            self._thread = threading.Thread(target=self._loop, name="flowtap-leaves", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
         while True:
             with self._changed:
-                while not self._closed and len(self._ready) >= self._size:
+                while not self._closed and not self._jobs and len(self._ready) >= self._size:
                     self._changed.wait()
                 if self._closed:
                     return
+                job = self._jobs.popleft() if self._jobs else None
+            if job is not None:
+                job()
+                continue
             context = self._make()
             with self._changed:
                 self._ready.append(context)

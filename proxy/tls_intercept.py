@@ -386,6 +386,10 @@ class TlsInterception:
                 self._go_plain()
                 return
             self.phase = Phase.UPSTREAM_HANDSHAKE
+            ca = self.settings.ca
+            assert ca is not None
+            # The leaf for a new name is made on the CA's thread while the upstream answers.
+            ca.prepare(result.sni or self.upstream_host)
             if self._server_connected:
                 self._start_upstream()
 

@@ -7,6 +7,7 @@ import os
 import ssl
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,44 @@ def test_each_new_name_presents_its_own_leaf_all_for_the_one_leaf_key(
     assert len(keys) == 1
     # The leaf key lives in memory only: the CA's directory holds what it held before.
     assert {path.name for path in ca.cert_file.parent.iterdir()} == {CA_FILE, CA_CERT_FILE}
+
+
+def test_a_name_prepared_at_the_client_hello_is_signed_ahead_and_served(
+    ca: CertificateAuthority,
+) -> None:
+    assert ca.cert_file is not None
+    ca.prepare("ahead.test")
+    deadline = time.monotonic() + 10
+    while "ahead.test" not in ca.cached_names():
+        assert time.monotonic() < deadline, "the CA's thread did not sign the prepared name"
+        time.sleep(0.001)
+    client = handshake(ca.server_context("ahead.test", "h2"), "ahead.test", ca.cert_file)
+    peer = client.getpeercert()
+    assert peer is not None and ("DNS", "ahead.test") in peer["subjectAltName"]
+    assert ca.server_context("ahead.test", "h2") is ca.server_context("ahead.test", "h2")
+
+
+def test_many_names_prepared_at_once_each_present_their_own_leaf(
+    ca: CertificateAuthority,
+) -> None:
+    # Asked for in the other order: a handshake takes over a name the thread has not begun.
+    assert ca.cert_file is not None
+    names = [f"burst-{index}.test" for index in range(20)]
+    for name in names:
+        ca.prepare(name)
+    for name in reversed(names):
+        client = handshake(ca.server_context(name), name, ca.cert_file)
+        peer = client.getpeercert()
+        assert peer is not None and peer["subjectAltName"] == (("DNS", name),)
+
+
+def test_a_prepared_name_that_is_no_host_name_fails_where_it_is_used(
+    ca: CertificateAuthority,
+) -> None:
+    ca.prepare("caf\u00e9.test")
+    with pytest.raises(ValueError):
+        ca.server_context("caf\u00e9.test")
+    assert ca.server_context("after.test") is not None  # the CA's thread goes on
 
 
 def make_openssl_ca(tmp_path: Path, key_args: list[str]) -> Path:
