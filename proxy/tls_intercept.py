@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import enum
 import fnmatch
+import functools
 import os
 import ssl
 import threading
@@ -545,16 +546,9 @@ class TlsInterception:
         return f"tls: {text}"
 
     def _upstream_facts(self, upstream: ssl.SSLObject, hello: ClientHello) -> TlsFacts:
-        from cryptography import x509  # only once a flow is intercepted
-
         cipher = upstream.cipher()
-        subject = issuer = not_after = None
         der = upstream.getpeercert(binary_form=True)
-        if der:
-            cert = x509.load_der_x509_certificate(der)
-            subject = cert.subject.rfc4514_string()
-            issuer = cert.issuer.rfc4514_string()
-            not_after = f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+        subject, issuer, not_after = _certificate_facts(der) if der else (None, None, None)
         return TlsFacts(
             mode="intercept",
             sni=hello.sni,
@@ -567,6 +561,17 @@ class TlsInterception:
             upstream_not_after=not_after,
             verification=self.settings.verification,
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _certificate_facts(der: bytes) -> tuple[str, str, str]:
+    """A certificate's subject, issuer and expiry as the flow's facts give them (remembered:
+    an upstream shows the same certificate to every connection)."""
+    from cryptography import x509  # only once a flow is intercepted
+
+    cert = x509.load_der_x509_certificate(der)
+    not_after = f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+    return cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(), not_after
 
 
 def _batch_view() -> memoryview:
