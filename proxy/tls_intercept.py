@@ -16,6 +16,7 @@ import fnmatch
 import functools
 import os
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -138,6 +139,10 @@ class TlsSettings:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+            # As create_default_context does, and so as the verifying contexts do.
+            keylog = os.environ.get("SSLKEYLOGFILE")
+            if keylog and not sys.flags.ignore_environment:
+                context.keylog_filename = keylog
         else:
             context = ssl.create_default_context(
                 cafile=None if self.upstream_ca is None else str(self.upstream_ca)
