@@ -148,13 +148,17 @@ def test_an_untrusted_upstream_fails_with_the_reason_and_an_alert_for_the_client
     assert tls.facts is not None and tls.facts.verification == "system store"
 
 
-def test_an_insecure_upstream_context_holds_no_ca_certificates(cas: CAs) -> None:
+def test_an_insecure_upstream_context_holds_no_ca_certificates(
+    cas: CAs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Unchecked, the upstream's chain needs no CA certificates: with them, OpenSSL looks for
     # the issuer of an unknown one in the system's directory at every handshake.
+    monkeypatch.setenv("SSLKEYLOGFILE", str(tmp_path / "sslkeylog"))
     insecure = TlsSettings(TlsMode.INTERCEPT, cas[0], upstream_insecure=True)
     context = insecure.upstream_context(())
     assert context.verify_mode is ssl.CERT_NONE and not context.check_hostname
     assert context.cert_store_stats()["x509"] == 0
+    assert context.keylog_filename == str(tmp_path / "sslkeylog")  # as a verifying one has
     client, server = make_client(cas[0]), make_server(cas[1])
     tls = TlsInterception(insecure, "127.0.0.1")
     pump(client, tls, server)
