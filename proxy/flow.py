@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import FlowtapError
 
@@ -281,9 +281,12 @@ class FlowOpened:
     flow: Flow
 
 
-@dataclass(frozen=True, slots=True)
-class FlowData:
-    """Bytes that flowtap delivered in one direction of a flow (for UDP: one datagram)."""
+class FlowData(NamedTuple):
+    """Bytes that flowtap delivered in one direction of a flow (for UDP: one datagram).
+
+    A named tuple rather than a frozen dataclass: one is built per chunk, on the relay's
+    path and again in each viewer, and a tuple is built in half the time.
+    """
 
     flow_id: int
     direction: Direction
