@@ -343,6 +343,7 @@ class _Background:
                 job = self._jobs.popleft() if self._jobs else None
             if job is not None:
                 job()
+                del job  # it holds the CA, which the thread must not keep alive
                 continue
             context = self._make()
             with self._changed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import ssl
 import stat
@@ -254,6 +255,18 @@ def test_a_prepared_name_that_is_no_host_name_fails_where_it_is_used(
     with pytest.raises(ValueError):
         ca.server_context("caf\u00e9.test")
     assert ca.server_context("after.test") is not None  # the CA's thread goes on
+
+
+def test_the_cas_thread_ends_with_the_ca(tmp_path: Path) -> None:
+    ca = load_or_create_ca(tmp_path / "flowtap")
+    ca.prepare("gone.test")
+    ca.server_context("gone.test")
+    thread = ca._background._thread
+    assert thread is not None and thread.is_alive()
+    del ca
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def make_openssl_ca(tmp_path: Path, key_args: list[str]) -> Path:
