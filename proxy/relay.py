@@ -681,7 +681,7 @@ class _TcpFlows:
 
     def want_data(self, flow_id: int, then: Callable[[], None] | None = None) -> None:
         flow = self.flows.get(flow_id)
-        if isinstance(flow, _TcpFlow):  # TLS flows hand every chunk to observers anyway
+        if flow is not None:
             flow.up.wants_data = flow.down.wants_data = True
         if then is not None:
             then()

@@ -57,12 +57,14 @@ class TlsWorker(Protocol):
 
 
 class _Count:
-    """Plaintext bytes moved one way (what `Relay.byte_counts` reads)."""
+    """Plaintext bytes moved one way (what `Relay.byte_counts` reads), and whether observers
+    still want them (they stop wanting a direction past a display cap)."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "wants_data")
 
     def __init__(self) -> None:
         self.count = 0
+        self.wants_data = True
 
 
 class TlsTcpFlow:
@@ -193,7 +195,9 @@ class TlsTcpFlow:
         """Read what both sockets have, run it through TLS, send what is due."""
         self.queued = False
         tls = self.tls
-        tls.keeps_plaintext = self.worker.bus.wants_data
+        tls.keeps_plaintext = self.worker.bus.wants_data and (
+            self.up.wants_data or self.down.wants_data
+        )
         try:
             for _ in range(_READS_PER_TURN):
                 moved = False
@@ -346,15 +350,17 @@ class TlsTcpFlow:
         self.up.count = tls.bytes_up
         self.down.count = tls.bytes_down
         bus = self.worker.bus
-        for chunks, direction in (
-            (tls.plaintext_up, Direction.UP),
-            (tls.plaintext_down, Direction.DOWN),
+        for chunks, side, direction in (
+            (tls.plaintext_up, self.up, Direction.UP),
+            (tls.plaintext_down, self.down, Direction.DOWN),
         ):
             if not chunks:
                 continue
-            if bus.wants_data:
+            if side.wants_data and bus.wants_data:
                 for chunk in chunks:
-                    bus.emit_data(FlowData(self.flow.id, direction, time.time(), chunk))
+                    if not bus.emit_data(FlowData(self.flow.id, direction, time.time(), chunk)):
+                        side.wants_data = False  # until `Relay.want_data` asks again
+                        break
             chunks.clear()
 
     def _shut_finished_sides(self) -> None:

@@ -6,15 +6,18 @@ from __future__ import annotations
 import os
 import pwd
 import socket
+import ssl
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_tls_relay import Pki, pki, tls_client
 
 from conftest import exchange, flowtap_command, start_flowtap, wait_for
 from flowtap.inspector.tui.viewer import ControlClient
@@ -37,6 +40,8 @@ from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import Address, Direction, Flow, FlowData, FlowState, Transport
 from flowtap.proxy.listener import ListenerSpec
 from flowtap.proxy.relay import Relay
+
+__all__ = ["pki"]  # a fixture this module's tests use
 
 
 class PlainClient:
@@ -478,6 +483,74 @@ def test_counts_of_a_capped_flow_stop_while_it_is_quiet_and_resume_when_it_moves
     counts_reach([4296, 4296])
     held.close()
     client.close()
+
+
+@pytest.fixture
+def tls_echo(pki: Pki) -> Iterator[int]:
+    """A TLS echo server on loopback (one connection at a time); yields its port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*pki.server("self"))
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(raw, server_side=True) as conn:
+                    while data := conn.recv(1 << 16):
+                        conn.sendall(data)
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    listener.close()
+    thread.join(10)
+
+
+def test_counts_of_a_capped_intercepted_tls_flow_resume_when_it_moves_again(
+    pki: Pki, tls_echo: int, tmp_path: Path
+) -> None:
+    """A TLS flow stops handing its plaintext to observers past the display cap, as a plain
+    one does, and is asked for it again once it has gone quiet."""
+    control = tmp_path / "relay.sock"
+    relay = start_flowtap(
+        "run", "--quiet", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{tls_echo}",
+        "--tls", "intercept", "--ca", str(pki.flowtap_ca), "--upstream-insecure",
+        "--control", str(control),
+    )  # fmt: skip
+    client = PlainClient(control)
+    try:
+        client.reply(client.request("subscribe"))
+        with tls_client(pki, relay.port) as held:
+
+            def echo(payload: bytes) -> None:
+                held.sendall(payload)
+                got = 0
+                while got < len(payload):
+                    got += len(held.recv(1 << 16))
+
+            def counts_reach(expected: list[int]) -> None:
+                def reached(events: list[dict[str, Any] | FlowData]) -> bool:
+                    found = kinds(events, "counts")
+                    return bool(found) and list(found[-1]["flows"].values())[-1] == expected
+
+                client.events(reached, 20.0)
+
+            size = 3 * 1024 * 1024  # past the 1 MiB a viewer is sent of each direction
+            echo(b"a" * size)
+            counts_reach([size, size])
+            with pytest.raises((AssertionError, TimeoutError), match="timed out"):
+                client.events(lambda events: bool(kinds(events, "counts")), 1.5)
+            echo(b"b" * 100)
+            counts_reach([size + 100, size + 100])
+    finally:
+        client.close()
+        assert relay.stop() == 0
 
 
 def test_a_viewer_queues_events_in_order_and_counts_data_past_its_budget(served: Any) -> None:
