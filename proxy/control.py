@@ -282,6 +282,9 @@ class ControlServer:
             size = len(event.data)
             forwarded = self._forwarded.get(key, 0)
             if forwarded >= self.forward_cap_bytes:
+                # Still counted: a flow that hands every chunk to observers (UDP) has no other
+                # count of its bytes while it is open.
+                self._forwarded[key] = forwarded + size
                 if self._counts_quiet:  # a quiet capped flow moves again: count it again
                     with self._lock:
                         self._counts_quiet = False
@@ -515,8 +518,7 @@ class ControlServer:
 
     def _live(self, flow: Flow) -> Flow:
         """`flow` (as opened) with the bytes it has moved so far."""
-        relay = self._relay
-        counts = None if relay is None else relay.byte_counts(flow.id)
+        counts = self._byte_counts(flow.id)
         if counts is None:
             return flow
         return Flow(
@@ -541,7 +543,7 @@ class ControlServer:
         counts: dict[str, list[int]] = {}
         sent = self._counts_sent
         for flow_id in list(self._capped):
-            live = relay.byte_counts(flow_id)
+            live = self._byte_counts(flow_id)
             if live is not None and sent.get(flow_id) != live:
                 sent[flow_id] = live
                 counts[str(flow_id)] = [live[0], live[1]]
@@ -557,11 +559,23 @@ class ControlServer:
         for flow_id in list(self._capped):
             relay.want_data(flow_id, functools.partial(self._recount, flow_id))
 
+    def _byte_counts(self, flow_id: int) -> tuple[int, int] | None:
+        """Bytes a live flow has moved so far (up, down): the relay's counts of a TCP flow;
+        for another (UDP), the bytes of the data events `handle` took; None if unknown."""
+        relay = self._relay
+        live = None if relay is None else relay.byte_counts(flow_id)
+        if live is not None:
+            return live
+        up = self._forwarded.get((flow_id, Direction.UP))
+        down = self._forwarded.get((flow_id, Direction.DOWN))
+        if up is None and down is None:
+            return None
+        return up or 0, down or 0
+
     def _recount(self, flow_id: int) -> None:
         """On the flow's relay thread, once it hands its chunks to `handle` again: bytes it
         moved since the counts were last read reached no `handle`, so count them here."""
-        relay = self._relay
-        live = None if relay is None else relay.byte_counts(flow_id)
+        live = self._byte_counts(flow_id)
         if live is not None and self._counts_quiet and live != self._counts_sent.get(flow_id):
             with self._lock:
                 self._counts_quiet = False

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from test_tls_relay import Pki, pki, tls_client
 
-from conftest import exchange, flowtap_command, start_flowtap, wait_for
+from conftest import UdpEchoServer, exchange, flowtap_command, start_flowtap, wait_for
 from flowtap.inspector.tui.viewer import ControlClient
 from flowtap.proxy.control import ControlServer
 from flowtap.proxy.control_protocol import (
@@ -142,6 +142,16 @@ def served(echo_server: tuple[str, int], tmp_path: Path) -> Iterator[Any]:
 
 def kinds(events: list[dict[str, Any] | FlowData], kind: str) -> list[dict[str, Any]]:
     return [e for e in events if isinstance(e, dict) and e.get("type") == kind]
+
+
+def counts_reach(client: PlainClient, expected: list[int], timeout_s: float = 20.0) -> None:
+    """Wait for a `counts` message whose last flow has the `expected` (up, down) counts."""
+
+    def reached(events: list[dict[str, Any] | FlowData]) -> bool:
+        found = kinds(events, "counts")
+        return bool(found) and list(found[-1]["flows"].values())[-1] == expected
+
+    client.events(reached, timeout_s)
 
 
 def test_the_socket_is_owner_only_and_the_hello_gives_the_relays_facts(served: Any) -> None:
@@ -465,24 +475,47 @@ def test_counts_of_a_capped_flow_stop_while_it_is_quiet_and_resume_when_it_moves
         while len(got) < len(payload):
             got += held.recv(1 << 16)
 
-    def counts_reach(expected: list[int], timeout_s: float = 20.0) -> None:
-        def reached(events: list[dict[str, Any] | FlowData]) -> bool:
-            found = kinds(events, "counts")
-            return bool(found) and list(found[-1]["flows"].values())[-1] == expected
-
-        client.events(reached, timeout_s)
-
     echo(b"a" * 4096)  # past the cap: from now on the relay sends counts, not data
-    counts_reach([4096, 4096])
+    counts_reach(client, [4096, 4096])
     # Quiet: no counts come any more (before, the same ones came twice a second).
     with pytest.raises((AssertionError, TimeoutError), match="timed out"):
         client.events(lambda events: bool(kinds(events, "counts")), 1.5)
     echo(b"b" * 100)
-    counts_reach([4196, 4196])
+    counts_reach(client, [4196, 4196])
     echo(b"c" * 100)
-    counts_reach([4296, 4296])
+    counts_reach(client, [4296, 4296])
     held.close()
     client.close()
+
+
+def test_counts_of_a_capped_udp_flow_keep_up_with_its_datagrams(
+    udp_echo: type[UdpEchoServer], tmp_path: Path
+) -> None:
+    echo = udp_echo()
+    control = ControlServer(str(tmp_path / "control.sock"), forward_cap_bytes=1024)
+    bus = Bus([control])
+    spec = ListenerSpec(
+        Address("127.0.0.1", 0), Address(echo.host, echo.port), transport=Transport.UDP
+    )
+    relay = Relay([spec], bus)
+    relay.start()
+    control.start(relay)
+    client = PlainClient(tmp_path / "control.sock")
+    try:
+        client.reply(client.request("subscribe"))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", relay.listeners[0].address.port))
+            for sent in range(1, 9):  # 4 KiB each way: past the 1 KiB a viewer is sent
+                sock.send(b"a" * 512)
+                assert sock.recv(2048) == b"a" * 512
+                if sent == 2:
+                    counts_reach(client, [1024, 1024])  # the cap reached: counts from now on
+            counts_reach(client, [4096, 4096])
+    finally:
+        client.close()
+        relay.stop(1.0)
+        bus.close()
 
 
 @pytest.fixture
@@ -534,20 +567,13 @@ def test_counts_of_a_capped_intercepted_tls_flow_resume_when_it_moves_again(
                 while got < len(payload):
                     got += len(held.recv(1 << 16))
 
-            def counts_reach(expected: list[int]) -> None:
-                def reached(events: list[dict[str, Any] | FlowData]) -> bool:
-                    found = kinds(events, "counts")
-                    return bool(found) and list(found[-1]["flows"].values())[-1] == expected
-
-                client.events(reached, 20.0)
-
             size = 3 * 1024 * 1024  # past the 1 MiB a viewer is sent of each direction
             echo(b"a" * size)
-            counts_reach([size, size])
+            counts_reach(client, [size, size])
             with pytest.raises((AssertionError, TimeoutError), match="timed out"):
                 client.events(lambda events: bool(kinds(events, "counts")), 1.5)
             echo(b"b" * 100)
-            counts_reach([size + 100, size + 100])
+            counts_reach(client, [size + 100, size + 100])
     finally:
         client.close()
         assert relay.stop() == 0
