@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
+import socket
 import ssl
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -217,6 +220,34 @@ def test_each_new_name_presents_its_own_leaf_all_for_the_one_leaf_key(
     assert len(keys) == 1
     # The leaf key lives in memory only: the CA's directory holds what it held before.
     assert {path.name for path in ca.cert_file.parent.iterdir()} == {CA_FILE, CA_CERT_FILE}
+
+
+def test_openssl_s_client_gets_the_leaf_alone_and_verifies_it(ca: CertificateAuthority) -> None:
+    # The CA certificate stays out of the chain: the client holds it as its trust anchor.
+    assert ca.cert_file is not None
+    context = ca.server_context("chain.test")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve_one() -> None:
+            conn, _ = listener.accept()
+            with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+
+        server = threading.Thread(target=serve_one, daemon=True)
+        server.start()
+        result = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername",
+             "chain.test", "-CAfile", str(ca.cert_file), "-verify_return_error",
+             "-verify_hostname", "chain.test", "-showcerts"],
+            input=b"", capture_output=True, timeout=30,
+        )  # fmt: skip
+        server.join(timeout=10)
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "Verify return code: 0 (ok)" in out
+    assert out.count("-----BEGIN CERTIFICATE-----") == 1
+    assert " 0 s:CN = chain.test" in out and " 1 s:" not in out
 
 
 def test_a_name_prepared_at_the_client_hello_is_signed_ahead_and_served(
