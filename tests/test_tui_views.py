@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from capture_checks import assert_tshark_clean
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_tui import screen_text, until
 from textual.pilot import Pilot
 from textual.selection import Selection
@@ -25,7 +27,7 @@ from flowtap.inspector.summary import escape_bytes
 from flowtap.inspector.tui import app as app_module
 from flowtap.inspector.tui.app import FlowtapApp
 from flowtap.inspector.tui.widgets.chunk_view import ChunkView
-from flowtap.inspector.tui.widgets.conversation import Conversation
+from flowtap.inspector.tui.widgets.conversation import Conversation, body_line_count, body_lines
 from flowtap.inspector.tui.widgets.hex_view import HexView
 from flowtap.proxy.control_protocol import DataNotShown
 from flowtap.proxy.events import EventQueue
@@ -464,3 +466,17 @@ def test_a_flow_browsed_in_a_capture_opens_at_its_top_though_it_looks_live(
         assert shown_lines(view)[:2] == [conversation_line(0), conversation_line(1)]
 
     run(app, scenario)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.one_of(
+        st.binary(max_size=600),
+        st.lists(st.sampled_from([b"a", b"\n", b"\\", b"\t", b"\r", b"\x00", b"\xff"])).map(
+            b"".join
+        ),
+    ),
+    width=st.integers(min_value=1, max_value=200),
+)
+def test_a_chunks_line_count_is_that_of_its_lines_as_drawn(data: bytes, width: int) -> None:
+    assert body_line_count(data, width) == len(body_lines(data, width))

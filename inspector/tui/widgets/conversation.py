@@ -43,11 +43,38 @@ def body_lines(data: bytes, width: int) -> list[str]:
     return lines
 
 
+def _bytes_escaped_to(characters: int) -> bytes:
+    return bytes(b for b in range(256) if b != 10 and len(escape_bytes(bytes([b]))) == characters)
+
+
+# The bytes `escape_bytes` widens, by how many characters each takes (\t, \xNN); the newline
+# ends a line after its own escape.
+_WIDENED = tuple(
+    (width, _bytes_escaped_to(width)) for width in (2, 3, 4) if _bytes_escaped_to(width)
+)
+_NEWLINE_WIDTH = len(escape_bytes(b"\n", keep_newlines=True)) - 1
+
+
 def body_line_count(data: bytes, width: int) -> int:
-    """`len(body_lines(data, width))`, without escaping when no line can be too wide."""
+    """`len(body_lines(data, width))`, counted from the bytes: escaping them all to count the
+    lines of a binary chunk would cost the display far more than it shows."""
     if 4 * len(data) <= width:  # an escape is at most four characters (\xNN)
         return data.count(b"\n") + (not data.endswith(b"\n"))
-    return len(body_lines(data, width))
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()  # nothing follows the last newline: no line of its own
+    # Each line but the last (or every one, when the data ends with a newline) shows the
+    # newline's escape at its end.
+    unended = 0 if data.endswith(b"\n") else 1
+    count = 0
+    for index, line in enumerate(lines):
+        characters = len(line)
+        for escape_width, widened in _WIDENED:
+            characters += (escape_width - 1) * (len(line) - len(line.translate(None, widened)))
+        if index < len(lines) - unended:
+            characters += _NEWLINE_WIDTH
+        count += max(1, -(-characters // width))
+    return count
 
 
 class Conversation(ChunkView):
