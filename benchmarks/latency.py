@@ -25,13 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from processes import stop_processes
+from processes import cpu_ticks, stop_processes
 from relay import MiB, bulk_down, flowtap_command, start_socat
 
 HERE = Path(__file__).resolve().parent
@@ -88,23 +88,29 @@ class RoundTrips:
 
 @dataclass
 class Relay:
-    """A `flowtap run` process: its listening port and control socket."""
+    """A `flowtap run` process: its listening ports (in the order of its `--listen`s) and
+    control socket."""
 
     proc: subprocess.Popen[bytes]
-    port: int
+    ports: list[int]
     control: str
+
+    @property
+    def port(self) -> int:
+        """The first listener's port."""
+        return self.ports[0]
 
     def cpu_ticks(self) -> int:
         """The process's user + system CPU time so far, in clock ticks."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
+        return cpu_ticks(self.proc.pid)
 
     def stop(self) -> None:
         stop_processes([self.proc], 15)
 
 
 def start_relay(upstream: int, log_path: Path, *extra: str) -> Relay:
-    """`flowtap run` in front of `upstream`, once it prints its listening and control lines.
+    """`flowtap run` in front of `upstream` (and the listeners in `extra`), once it prints its
+    control line, which comes after every listening line.
 
     Its control socket is next to the log, not in the per-user folder, where every `flowtap
     tui --attach` of this user (tests, say) probes each relay's socket: the idle figure
@@ -120,10 +126,10 @@ def start_relay(upstream: int, log_path: Path, *extra: str) -> Relay:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         text = log_path.read_text()
-        port = re.search(r"^listening tcp 127\.0\.0\.1:(\d+) ->", text, re.M)
+        ports = re.findall(r"^listening tcp 127\.0\.0\.1:(\d+) ->", text, re.M)
         control = re.search(r"^control unix:(\S+)$", text, re.M)
-        if port and control:
-            return Relay(proc, int(port.group(1)), control.group(1))
+        if ports and control:
+            return Relay(proc, [int(port) for port in ports], control.group(1))
         if proc.poll() is not None:
             break
         time.sleep(0.01)
@@ -137,30 +143,56 @@ def _tmux(server: str, *args: str) -> str:
     ).stdout
 
 
-def _wait_screen(server: str, pattern: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not re.search(pattern, screen := _tmux(server, "capture-pane", "-p", "-t", "tui")):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the TUI never showed {pattern!r}:\n{screen}")
-        time.sleep(0.05)
+@dataclass
+class TuiPane:
+    """A `flowtap tui --attach` in the one pane of its own tmux server, `server`."""
+
+    server: str
+
+    def screen(self) -> str:
+        """What the terminal shows now."""
+        return _tmux(self.server, "capture-pane", "-p", "-t", "tui")
+
+    def wait_screen(self, pattern: str, timeout_s: float = 20.0) -> str:
+        """The screen once `pattern` is on it; RuntimeError when `timeout_s` passes first."""
+        deadline = time.monotonic() + timeout_s
+        while not re.search(pattern, screen := self.screen()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the TUI never showed {pattern!r}:\n{screen}")
+            time.sleep(0.05)
+        return screen
+
+    def press(self, *keys: str, literal: bool = False) -> None:
+        """Type `keys` (tmux key names, or text as it is with `literal`)."""
+        _tmux(self.server, "send-keys", "-t", "tui", *(["-l"] if literal else []), *keys)
+
+    def pid(self) -> int:
+        """The TUI's process id."""
+        pid = int(_tmux(self.server, "display-message", "-p", "-t", "tui", "#{pane_pid}"))
+        # tmux starts the command through the shell, which execs a lone command.
+        if b"tui" not in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+            raise RuntimeError(f"the tmux pane runs pid {pid}, which is not flowtap tui")
+        return pid
+
+    def flow_shown(self) -> None:
+        """Wait until the TUI shows a flow's row."""
+        self.wait_screen(r"127\.0\.0\.1:\d+ +127\.0\.0\.1:\d+")
 
 
 @contextmanager
-def tui_attached(relay: Relay) -> Iterator[Callable[[], None]]:
-    """`flowtap tui --attach` to `relay` in a 160x45 tmux terminal, following new flows; yields
-    what to call once the benchmark's flow is open: it waits until the TUI shows it."""
+def tui_attached(relay: Relay, *, follow: bool = True) -> Iterator[TuiPane]:
+    """`flowtap tui --attach` to `relay` in a 160x45 tmux terminal, once it is up; `follow`
+    turns on following new flows, so that the next flow that opens gets selected."""
     command = " ".join([*flowtap_command(), "tui", "--attach", relay.control])
     server = f"flowtap-latency-{os.getpid()}-{next(_tmux_sessions)}"
     _tmux(server, "new-session", "-d", "-s", "tui", "-x", "160", "-y", "45", command)
+    pane = TuiPane(server)
     try:
-        _wait_screen(server, r"Follow")  # the footer: the app is up and attached
-        _tmux(server, "send-keys", "-t", "tui", "f")  # follow: the next flow gets selected
-        _wait_screen(server, r"Follow new flows: on")
-
-        def flow_shown() -> None:
-            _wait_screen(server, r"127\.0\.0\.1:\d+ +127\.0\.0\.1:\d+")  # the flow's row
-
-        yield flow_shown
+        pane.wait_screen(r"Follow")  # the footer: the app is up and attached
+        if follow:
+            pane.press("f")
+            pane.wait_screen(r"Follow new flows: on")
+        yield pane
     finally:
         with suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
             _tmux(server, "kill-server")
@@ -241,15 +273,15 @@ def main() -> None:
         watched = None
         if with_tui:
             watched = stack.enter_context(relay_running(bulk, workdir / "tui.log"))
-            flow_shown = stack.enter_context(tui_attached(watched))
+            pane = stack.enter_context(tui_attached(watched))
             flow("tui attached", watched.port)
-            flow_shown()
+            pane.flow_shown()
             both = stack.enter_context(
                 relay_running(bulk, workdir / "both.log", "--pcap", str(workdir / "t.pcapng"))
             )
-            flow_shown = stack.enter_context(tui_attached(both))
+            pane = stack.enter_context(tui_attached(both))
             flow("tui + --pcap", both.port)
-            flow_shown()
+            pane.flow_shown()
         for number in range(args.rounds):
             for trips in flows.values():
                 trips.turn(args.seconds / args.rounds, args.window)

@@ -1,5 +1,5 @@
 """The processes a benchmark starts: a free loopback port for one, waiting until it listens,
-stopping them."""
+what CPU and memory it uses, stopping them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 
@@ -50,3 +51,22 @@ def stop_processes(procs: Iterable[subprocess.Popen[Any]], timeout_s: float = 10
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def cpu_ticks(pid: int) -> int:
+    """The process's user + system CPU time so far, in clock ticks (`SC_CLK_TCK` a second)."""
+    # The command name in parentheses may hold spaces: the fields that follow it are counted.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def rss_kib(pid: int) -> int:
+    """The process's resident memory now, in KiB (0 once it has exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0  # a zombie has no VmRSS line

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import BLOCK, pattern_digest
-from processes import free_port, stop_processes, wait_port
+from processes import free_port, rss_kib, stop_processes, wait_port
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -51,15 +51,7 @@ class Target:
         return found
 
     def rss_kib(self) -> int:
-        total = 0
-        for pid in self.pids():
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            match = re.search(r"VmRSS:\s+(\d+)", status)
-            total += int(match.group(1)) if match else 0
-        return total
+        return sum(rss_kib(pid) for pid in self.pids())
 
     def stop(self) -> None:
         stop_processes(self.procs)
