@@ -1,50 +1,84 @@
-"""TUI benchmark: does attaching the terminal UI slow the relay, how fast do rows appear, and
-how much memory do 100,000 flows take? And how fast does the detail pane show, scroll and
-follow one flow of 100,000 chunks?
+"""TUI benchmark: what attaching `flowtap tui` to a running relay costs the relay, how soon a
+new flow's row is on the terminal, and how much memory the attached TUI takes for N flows;
+then, in this process, how fast the detail pane shows, scrolls and follows one flow of
+100,000 chunks.
 
-Run: `python benchmarks/tui.py [--seconds S] [--flows N] [--chunks N]`. Everything is on
-loopback. `--detail-only` runs the detail pane phase alone (no relay, no load); it uses only
-what the app has had all along, so it also measures an older checkout of the code:
+Run: `python benchmarks/tui.py [--rounds R] [--seconds S] [--rate R] [--flows N] [--chunks N]`
+(it needs tmux). Everything is on loopback and every loop is bounded in count and time.
+Figures are noisy on a shared machine: the phases alternate round after round, and every
+ratio is against the headless phase of the same run.
+
+The relay and the TUI run as shipped, each a process of its own. Headless phase: a `flowtap
+run` process (its flow log to a file, its control socket next to it) in front of a bulk peer
+and an echo peer. TUI phase: the same, with `flowtap tui --attach CONTROL` running in a
+160x45 tmux terminal (benchmarks/latency.py's helpers). A load process opens new flows at a
+fixed rate through the relay to the echo peer while it downloads bulk data through it; both
+phases get the same load, so the ratios are what the attached TUI costs the relay. The CPU
+the relay process and the TUI process spend while the load runs comes from /proc/PID/stat
+(in % of one core: each has several threads).
+
+Rows: while the TUI phase's load runs, once a second, a probe flow from 127.0.0.2 opens to
+the echo listener and waits until its row is on the terminal (`tmux capture-pane` every
+20 ms), the time from its connect to its row: the relay's batches to viewers, the TUI's own,
+its drawing and tmux. The TUI holds the filter `src host 127.0.0.2` meanwhile, so that the
+probe's row is on screen among thousands (it still takes every flow in; its header counts
+them). The probing runs in the TUI phase only: its tmux calls are a small part of that
+phase's load on the machine.
+
+Many flows: after the last TUI phase, the load opens N flows as fast as it can (no bulk, the
+filter cleared). Once the TUI's header counts every flow the relay's log has, it gives the
+RSS of the TUI process and of the relay process (and theirs just after attaching), and the
+time from a page-up key to the screen changing with those rows (through tmux, so a few ms of
+it are tmux's).
+
+Detail pane (`--detail-only` runs it alone): the app's own cost, with no relay and no
+control socket. The app runs in this process, driven by Textual's `run_test` and fed through
+an `EventQueue`, and the figures are CPU time of its UI thread: that work is the same in the
+TUI process whatever feeds it, attached or reading a capture. It uses only what the app has
+had all along, so it also measures an older checkout of the code:
 `git archive REV | tar -x -C /tmp/before` then
 `PYTHONPATH=/tmp/before/.mypy-tree python benchmarks/tui.py --detail-only`.
-
-The relay runs in this process, as in `flowtap run` (headless: the flow log only) or as in
-`flowtap tui` (the flow log's place taken by the app's `EventQueue`, with the app driven
-headless by `run_test`). A separate load process opens new flows at a fixed rate through the
-relay to an echo server while it downloads bulk data through it; both phases get the same
-load, so the throughput ratio is the cost of the UI. Figures are noisy on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
+import math
 import multiprocessing
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from multiprocessing import resource_tracker
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowtap.inspector.log import FlowLog
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import Relay, TuiPane, relay_running, tui_attached
+from processes import cpu_ticks, rss_kib, stop_processes
+
 from flowtap.inspector.tui.app import FlowtapApp
-from flowtap.inspector.tui.store import FlowFeed, FlowStore
-from flowtap.inspector.tui.widgets.flow_table import FlowTable
-from flowtap.proxy.events import Bus, EventQueue, Observer
+from flowtap.inspector.tui.store import FlowStore
+from flowtap.proxy.events import EventQueue
 from flowtap.proxy.flow import Address, Direction, Flow, FlowData, FlowOpened, FlowState, Transport
-from flowtap.proxy.listener import ListenerSpec
-from flowtap.proxy.relay import Relay, raise_fd_limit
 
 HERE = Path(__file__).resolve().parent
 MiB = 1024 * 1024
 BULK_CHUNK = 128 * MiB
+PROBE_HOST = "127.0.0.2"
+ROW_TIMEOUT_S = 10.0
+MANY_FLOWS_S = 600.0  # the many-flows load's bound
+PAGE_KEYS = 20
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -60,13 +94,9 @@ class Load:
     def bulk_mib_s(self) -> float:
         return self.bulk_bytes / MiB / self.seconds
 
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    @property
+    def flows_s(self) -> float:
+        return self.flows / self.seconds
 
 
 def start_peers() -> tuple[subprocess.Popen[str], int, int]:
@@ -122,7 +152,8 @@ def load_process(
     bulk: bool,
     results: Any,
 ) -> None:
-    """Runs in a child process so the load does not share the relay's interpreter lock."""
+    """Runs in a child process so that the load shares no interpreter with this one; puts
+    "started" on `results`, then its figures."""
     threads_n = 4
     out = [0, 0, 0]
     deadline = time.perf_counter() + seconds
@@ -135,6 +166,7 @@ def load_process(
     ]
     if bulk:
         workers.append(threading.Thread(target=_bulk, args=(bulk_port, deadline, out)))
+    results.put("started")
     started = time.perf_counter()
     for worker in workers:
         worker.start()
@@ -143,108 +175,221 @@ def load_process(
     results.put((out[0], out[1], out[2], time.perf_counter() - started))
 
 
-def run_load(
-    relay: Relay, rate: float, count: int, seconds: float, *, bulk: bool = True
-) -> tuple[Any, Any]:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    flow_port = relay.listeners[1].address.port
-    bulk_port = relay.listeners[0].address.port
-    proc = context.Process(
-        target=load_process, args=(flow_port, bulk_port, rate, count, seconds, bulk, results)
-    )
-    proc.start()
-    return proc, results
+class LoadRun:
+    """The load process of one phase, through `relay` (its listeners: bulk peer, echo peer)."""
+
+    def __init__(
+        self, relay: Relay, rate: float, count: int, seconds: float, *, bulk: bool = True
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._results: Any = context.Queue()
+        bulk_port, flow_port = relay.ports
+        self._proc = context.Process(
+            target=load_process,
+            args=(flow_port, bulk_port, rate, count, seconds, bulk, self._results),
+        )
+        self._proc.start()
+        # Spawning imports this module anew: the phase starts when the load does.
+        if self._results.get(timeout=60) != "started":
+            raise RuntimeError("the load process did not start")
+
+    def is_running(self) -> bool:
+        return self._proc.is_alive()
+
+    def finish(self) -> Load:
+        """The load's figures, once it is done."""
+        flows, errors, bulk_bytes, seconds = self._results.get(timeout=MANY_FLOWS_S + 60)
+        self._proc.join(30)
+        return Load(flows, errors, bulk_bytes, seconds)
 
 
-def finish_load(proc: Any, results: Any) -> Load:
-    flows, errors, bulk_bytes, seconds = results.get(timeout=300)
-    proc.join(30)
-    return Load(flows, errors, bulk_bytes, seconds)
+class CpuClock:
+    """The CPU time processes spend from now on, in % of one core's wall time."""
+
+    def __init__(self, *pids: int) -> None:
+        self._pids = pids
+        self._ticks = [cpu_ticks(pid) for pid in pids]
+        self._started = time.monotonic()
+
+    def percent(self) -> list[float]:
+        """Each process's share since the clock started, in the order of its pids."""
+        elapsed_s = time.monotonic() - self._started
+        return [
+            (cpu_ticks(pid) - before) / TICKS_PER_S / elapsed_s * 100
+            for pid, before in zip(self._pids, self._ticks, strict=True)
+        ]
 
 
-def make_relay(bulk: int, echo: int, observers: list[Observer]) -> Relay:
-    specs = [
-        ListenerSpec(Address("127.0.0.1", 0), Address("127.0.0.1", bulk)),
-        ListenerSpec(Address("127.0.0.1", 0), Address("127.0.0.1", echo)),
-    ]
-    relay = Relay(specs, Bus(observers))
-    relay.start()
-    return relay
+# -- the relay processes and the TUI ---------------------------------------------------------
+
+
+@contextmanager
+def relay_for(bulk: int, echo: int, log_path: Path) -> Iterator[Relay]:
+    """`flowtap run` with one listener in front of each peer (ports: bulk, echo)."""
+    with relay_running(
+        bulk, log_path, "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo}"
+    ) as relay:
+        yield relay
+
+
+def set_filter(pane: TuiPane, expression: str) -> None:
+    """Type `expression` into the TUI's filter box (empty: clear the filter)."""
+    pane.press("/")
+    pane.wait_screen(r"Close filter")  # the box has the keys
+    pane.press("C-u")
+    if expression:
+        pane.press(expression, literal=True)
+    pane.press("Enter")
+    pane.wait_screen(r"q Quit")  # the table has the keys again
+
+
+def row_lag_ms(pane: TuiPane, port: int) -> float | None:
+    """Open a flow from PROBE_HOST to `port` and return the ms until its row is on the
+    terminal (None: not within ROW_TIMEOUT_S)."""
+    with socket.socket() as sock:
+        sock.bind((PROBE_HOST, 0))
+        row = re.compile(rf"{re.escape(PROBE_HOST)}:{sock.getsockname()[1]} ")
+        started = time.perf_counter()
+        sock.connect(("127.0.0.1", port))
+        while time.perf_counter() - started < ROW_TIMEOUT_S:
+            if row.search(pane.screen()):
+                return (time.perf_counter() - started) * 1000
+            time.sleep(0.02)
+    return None
+
+
+def probe_rows(pane: TuiPane, port: int, load: LoadRun, seconds: float) -> tuple[list[float], int]:
+    """Probe rows once a second while `load` runs (`seconds` long); the lags seen, probes sent."""
+    lags: list[float] = []
+    sent = 0
+    deadline = time.monotonic() + seconds + ROW_TIMEOUT_S
+    while load.is_running() and time.monotonic() < deadline:
+        due = time.monotonic() + 1.0
+        sent += 1
+        if (lag := row_lag_ms(pane, port)) is not None:
+            lags.append(lag)
+        time.sleep(max(0.0, due - time.monotonic()))
+    return lags, sent
+
+
+def flows_logged(log_path: Path, timeout_s: float = 60.0) -> int:
+    """How many flows the relay's log has opened, once it has closed them all (or at
+    `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = log_path.read_text()
+        opened = len(re.findall(r"^#\d+ opened ", text, re.M))
+        if opened == len(re.findall(r"^#\d+ closed ", text, re.M)) or (time.monotonic() > deadline):
+            return opened
+        time.sleep(0.5)
+
+
+def tui_total(pane: TuiPane, expected: int, timeout_s: float = 120.0) -> int:
+    """The flows the TUI's header counts, once `expected` (or at `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        match = re.search(r"open \d+  total (\d+)", pane.screen())
+        total = int(match.group(1)) if match else 0
+        if total >= expected or time.monotonic() > deadline:
+            return total
+        time.sleep(0.2)
+
+
+def page_up_ms(pane: TuiPane) -> list[float]:
+    """From the last row, press page-up PAGE_KEYS times; the ms from each key until the table or
+    the detail pane under it changes (the stats line above them moves on its own)."""
+
+    def below_stats() -> list[str]:
+        return pane.screen().splitlines()[1:]
+
+    def changed_from(before: list[str], timeout_s: float = 5.0) -> bool:
+        started = time.perf_counter()
+        while time.perf_counter() - started < timeout_s:
+            if below_stats() != before:
+                return True
+            time.sleep(0.005)
+        return False
+
+    before = below_stats()
+    pane.press("End")
+    changed_from(before)
+    samples = []
+    for _ in range(PAGE_KEYS):
+        before = below_stats()
+        started = time.perf_counter()
+        pane.press("PPage")
+        if changed_from(before):
+            samples.append((time.perf_counter() - started) * 1000)
+    return samples
 
 
 # -- phases ----------------------------------------------------------------------------------
 
 
-def headless(bulk: int, echo: int, rate: float, seconds: float) -> Load:
-    relay = make_relay(bulk, echo, [FlowLog(io.StringIO())])
-    try:
-        proc, results = run_load(relay, rate, int(rate * seconds * 2), seconds)
-        return finish_load(proc, results)
-    finally:
-        relay.stop(1.0)
-        relay.bus.close()
+@dataclass
+class Phase:
+    """One phase's load, and the CPU its processes spent while the load ran (% of one core)."""
+
+    load: Load
+    relay_cpu: float
+    tui_cpu: float = math.nan
+    row_lag_ms: list[float] = field(default_factory=list)
+    probes: int = 0
 
 
 @dataclass
-class TuiResult:
+class ManyFlows:
+    """The attached TUI after the load opened `load.flows` flows as fast as it could."""
+
     load: Load
-    lag_ms: list[float]
-    rows: int
-    many_load: Load | None = None
-    many_rows: int = 0
-    rss_mib: float = 0.0
-    page_ms: float = 0.0
+    relay_flows: int
+    tui_flows: int
+    relay_rss_mib: tuple[float, float]  # just after attaching, after the flows
+    tui_rss_mib: tuple[float, float]
+    page_ms: list[float]
 
 
-def with_tui(bulk: int, echo: int, rate: float, seconds: float, many: int) -> TuiResult:
-    # Start it while stderr is real: under run_test, Textual swaps in one with no descriptor.
-    resource_tracker.ensure_running()
-    events = FlowFeed()
-    relay = make_relay(bulk, echo, [events])
-    app = FlowtapApp(events=events, relay=relay, source="benchmark")
-    result: TuiResult | None = None
+def rss_mib(pid: int) -> float:
+    return rss_kib(pid) / 1024
 
-    async def drive() -> None:
-        nonlocal result
-        async with app.run_test(size=(160, 48), headless=True) as pilot:
-            app.lag_samples = []
-            proc, results = run_load(relay, rate, int(rate * seconds * 2), seconds)
-            while proc.is_alive():
-                await pilot.pause(0.1)
-            load = finish_load(proc, results)
-            table = app.query_one(FlowTable)
-            deadline = time.monotonic() + 10
-            while len(table.ids) < load.flows and time.monotonic() < deadline:
-                await pilot.pause(0.1)
-            lag_ms = [s * 1000 for s in app.lag_samples]
-            result = TuiResult(load, lag_ms, len(table.ids))
-            if many:
-                app.lag_samples = None
-                proc, results = run_load(relay, 0, many - len(table.ids), 600, bulk=False)
-                while proc.is_alive():
-                    await pilot.pause(0.2)
-                result.many_load = finish_load(proc, results)
-                deadline = time.monotonic() + 30
-                while len(app.store) < many and time.monotonic() < deadline:
-                    await pilot.pause(0.2)
-                await pilot.pause(0.5)
-                result.many_rows = len(table.ids)
-                result.rss_mib = rss_mib()
-                await pilot.press("end")
-                # CPU time of this (the UI) thread: the pilot's own waits are not the app's.
-                started = time.thread_time()
-                for _ in range(20):
-                    await pilot.press("pageup")
-                result.page_ms = (time.thread_time() - started) / 20 * 1000
 
-    try:
-        asyncio.run(drive())
-    finally:
-        relay.stop(1.0)
-        relay.bus.close()
-    assert result is not None
-    return result
+def headless(bulk: int, echo: int, log_path: Path, rate: float, seconds: float) -> Phase:
+    with relay_for(bulk, echo, log_path) as relay:
+        load = LoadRun(relay, rate, int(rate * seconds * 2), seconds)
+        clock = CpuClock(relay.proc.pid)
+        done = load.finish()
+        (relay_cpu,) = clock.percent()
+        return Phase(done, relay_cpu)
+
+
+def with_tui(
+    bulk: int, echo: int, log_path: Path, rate: float, seconds: float, many: int
+) -> tuple[Phase, ManyFlows | None]:
+    with relay_for(bulk, echo, log_path) as relay, tui_attached(relay, follow=False) as pane:
+        tui_pid = pane.pid()
+        set_filter(pane, f"src host {PROBE_HOST}")
+        rss_attached = rss_mib(relay.proc.pid), rss_mib(tui_pid)
+        load = LoadRun(relay, rate, int(rate * seconds * 2), seconds)
+        clock = CpuClock(relay.proc.pid, tui_pid)
+        lags, probes = probe_rows(pane, relay.ports[1], load, seconds)
+        done = load.finish()
+        relay_cpu, tui_cpu = clock.percent()
+        phase = Phase(done, relay_cpu, tui_cpu, lags, probes)
+        if not many:
+            return phase, None
+        set_filter(pane, "")
+        many_load = LoadRun(relay, 0, many, MANY_FLOWS_S, bulk=False).finish()
+        relay_flows = flows_logged(log_path)
+        tui_flows = tui_total(pane, relay_flows)
+        rss_after = rss_mib(relay.proc.pid), rss_mib(tui_pid)
+        return phase, ManyFlows(
+            many_load,
+            relay_flows,
+            tui_flows,
+            (rss_attached[0], rss_after[0]),
+            (rss_attached[1], rss_after[1]),
+            page_up_ms(pane),
+        )
 
 
 # -- the detail pane on one big flow ---------------------------------------------------------
@@ -391,7 +536,70 @@ def print_detail(result: DetailResult) -> None:
 
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else math.nan
+
+
+def print_relay_phases(
+    args: argparse.Namespace, bases: list[Phase], tuis: list[Phase], many: ManyFlows | None
+) -> None:
+    def row(name: str, base: str, tui: str, ratio: str = "") -> None:
+        print(f"{name:46} {base:>13} {tui:>13} {ratio:>14}")
+
+    def medians(name: str, figure: Callable[[Phase], float]) -> None:
+        base = statistics.median(map(figure, bases))
+        tui = statistics.median(map(figure, tuis))
+        row(name, f"{base:.1f}", f"{tui:.1f}", f"{tui / base:.2f}x")
+
+    print(
+        f"cores: {os.cpu_count()}  {args.rounds} rounds of {args.seconds:g} s per phase  "
+        f"new flows asked: {args.rate:g}/s  (medians over rounds)"
+    )
+    row("measure", "headless run", "TUI attached", "TUI/headless")
+    medians("bulk download through the relay (MiB/s)", lambda phase: phase.load.bulk_mib_s)
+    ratios = [t.load.bulk_mib_s / b.load.bulk_mib_s for b, t in zip(bases, tuis, strict=True)]
+    row("  ratio in each round", "", "", " ".join(f"{r:.2f}" for r in ratios))
+    medians("new flows completed (/s)", lambda phase: phase.load.flows_s)
+    row(
+        "flow errors (all rounds)",
+        str(sum(b.load.flow_errors for b in bases)),
+        str(sum(t.load.flow_errors for t in tuis)),
+    )
+    medians("relay process CPU (% of one core)", lambda phase: phase.relay_cpu)
+    row("TUI process CPU (% of one core)", "", f"{statistics.median(t.tui_cpu for t in tuis):.1f}")
+    lags = [lag for t in tuis for lag in t.row_lag_ms]
+    row(
+        "flow open to its row on screen (ms) p50 / max",
+        "",
+        f"{percentile(lags, 0.5):.0f} / {max(lags, default=math.nan):.0f}",
+    )
+    row("  probes whose row appeared / sent", "", f"{len(lags)} / {sum(t.probes for t in tuis)}")
+    if many is None:
+        return
+    print(f"after the last TUI phase, {args.flows:,} more flows as fast as the load can:")
+    row("", "relay", "TUI")
+    row("  flows opened (/s)", f"{many.load.flows_s:.0f}", "")
+    row("  flow errors", str(many.load.flow_errors), "")
+    row(
+        "  flows in all: the relay's log / TUI's header",
+        str(many.relay_flows),
+        str(many.tui_flows),
+    )
+    row(
+        "  RSS just after attaching (MiB)",
+        f"{many.relay_rss_mib[0]:.1f}",
+        f"{many.tui_rss_mib[0]:.1f}",
+    )
+    row(
+        "  RSS after those flows (MiB)",
+        f"{many.relay_rss_mib[1]:.1f}",
+        f"{many.tui_rss_mib[1]:.1f}",
+    )
+    row(
+        "  page up: key to screen change (ms) p50 / max",
+        "",
+        f"{percentile(many.page_ms, 0.5):.0f} / {max(many.page_ms, default=math.nan):.0f}",
+    )
+    row("  page-up keys that changed the screen", "", f"{len(many.page_ms)} / {PAGE_KEYS}")
 
 
 def main() -> None:
@@ -410,62 +618,30 @@ def main() -> None:
     if args.detail_only:
         print_detail(detail_pane(args.chunks))
         return
-    raise_fd_limit()
-    peers, bulk, echo = start_peers()
-    bases: list[Load] = []
-    tuis: list[TuiResult] = []
-    try:
-        rss_start = rss_mib()
+    if shutil.which("tmux") is None:
+        sys.exit("tui.py: the TUI phases need tmux (apt-get install tmux); --detail-only does not")
+    bases: list[Phase] = []
+    tuis: list[Phase] = []
+    many: ManyFlows | None = None
+    with ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="flowtap-tui-bench-"))
+        stack.callback(shutil.rmtree, workdir, True)
+        peers, bulk, echo = start_peers()
+        stack.callback(stop_processes, [peers])
         # Alternate the phases so that other load on a shared machine hits both alike.
         for round_ in range(args.rounds):
-            bases.append(headless(bulk, echo, args.rate, args.seconds))
+            bases.append(
+                headless(bulk, echo, workdir / f"run{round_}.log", args.rate, args.seconds)
+            )
             last = round_ == args.rounds - 1
-            tuis.append(with_tui(bulk, echo, args.rate, args.seconds, args.flows if last else 0))
-    finally:
-        peers.terminate()
-        peers.wait(10)
-    ratios = [t.load.bulk_mib_s / b.bulk_mib_s for b, t in zip(bases, tuis, strict=True)]
-    base_mib_s = statistics.median(b.bulk_mib_s for b in bases)
-    tui_mib_s = statistics.median(t.load.bulk_mib_s for t in tuis)
-    lag_ms = [sample for t in tuis for sample in t.lag_ms]
-    p50, p99 = percentile(lag_ms, 0.5), percentile(lag_ms, 0.99)
-    tui = tuis[-1]
-    print(
-        f"cores: {os.cpu_count()}  {args.rounds} rounds of {args.seconds:g}s per phase  "
-        f"target rate: {args.rate:g} flows/s  (medians over rounds)"
-    )
-    print(f"{'measure':44} {'headless run':>14} {'with TUI':>14} {'ratio/target':>16}")
-    print(
-        f"{'bulk download through the relay (MiB/s)':44} {base_mib_s:14.1f} "
-        f"{tui_mib_s:14.1f} {statistics.median(ratios):10.2f}x ≥0.9"
-    )
-    print(
-        f"{'  ratio in each round':44} {'':14} {'':14} {' '.join(f'{r:.2f}' for r in ratios):>16}"
-    )
-    print(
-        f"{'new flows completed (/s)':44} "
-        f"{statistics.median(b.flows / b.seconds for b in bases):14.0f} "
-        f"{statistics.median(t.load.flows / t.load.seconds for t in tuis):14.0f}"
-    )
-    print(
-        f"{'flow errors':44} {sum(b.flow_errors for b in bases):14d} "
-        f"{sum(t.load.flow_errors for t in tuis):14d}"
-    )
-    print(
-        f"{'UI lag, flow open to row (ms) p50 / p99':44} {'':14} "
-        f"{p50:6.0f} / {p99:5.0f} {'≤250 p99':>16}"
-    )
-    print(f"{'UI lag samples (rows that appeared)':44} {'':14} {len(lag_ms):14d}")
-    if tui.many_load is not None:
-        made = tui.many_load.flows / tui.many_load.seconds
-        print(f"{'flows opened as fast as possible (/s)':44} {'':14} {made:14.0f}")
-        print(f"{'rows in the table':44} {'':14} {tui.many_rows:14d}")
-        print(
-            f"{'process RSS after those flows (MiB)':44} {rss_start:14.0f} "
-            f"{tui.rss_mib:14.0f} {'≤300':>16}"
-        )
-        print(f"{'page up with those rows (UI CPU ms per key)':44} {'':14} {tui.page_ms:14.1f}")
-    print("RSS 'headless' column: this process before any phase.")
+            phase, found = with_tui(
+                bulk, echo, workdir / f"tui{round_}.log", args.rate, args.seconds,
+                args.flows if last else 0,
+            )  # fmt: skip
+            tuis.append(phase)
+            many = found or many
+            print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
+    print_relay_phases(args, bases, tuis, many)
     print_detail(detail_pane(args.chunks))
 
 
