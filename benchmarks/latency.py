@@ -174,6 +174,10 @@ class TuiPane:
             raise RuntimeError(f"the tmux pane runs pid {pid}, which is not flowtap tui")
         return pid
 
+    def terminal_pid(self) -> int:
+        """The tmux server's process id: the terminal that draws what the TUI writes."""
+        return int(_tmux(self.server, "display-message", "-p", "#{pid}"))
+
     def flow_shown(self) -> None:
         """Wait until the TUI shows a flow's row."""
         self.wait_screen(r"127\.0\.0\.1:\d+ +127\.0\.0\.1:\d+")

@@ -11,11 +11,14 @@ ratio is against the headless phase of the same run.
 The relay and the TUI run as shipped, each a process of its own. Headless phase: a `flowtap
 run` process (its flow log to a file, its control socket next to it) in front of a bulk peer
 and an echo peer. TUI phase: the same, with `flowtap tui --attach CONTROL` running in a
-160x45 tmux terminal (benchmarks/latency.py's helpers). A load process opens new flows at a
-fixed rate through the relay to the echo peer while it downloads bulk data through it; both
-phases get the same load, so the ratios are what the attached TUI costs the relay. The CPU
-the relay process and the TUI process spend while the load runs comes from /proc/PID/stat
-(in % of one core: each has several threads).
+160x45 tmux terminal (benchmarks/latency.py's helpers), as it starts: following no flow. A
+load process opens new flows at a fixed rate through the relay to the echo peer while it
+downloads bulk data through it; both phases get the same load, so the ratios are what the
+attached TUI costs the relay. The CPU the relay process, the TUI process and tmux (the
+terminal that draws the TUI) spend while the load runs comes from /proc/PID/stat (in % of
+one core: each has several threads), and how busy all the machine's cores were from
+/proc/stat: where the load, the peers and the relay already fill them, what the TUI and its
+terminal use is taken from the others.
 
 Rows: while the TUI phase's load runs, once a second, a probe flow from 127.0.0.2 opens to
 the echo listener and waits until its row is on the terminal (`tmux capture-pane` every
@@ -203,12 +206,21 @@ class LoadRun:
         return Load(flows, errors, bulk_bytes, seconds)
 
 
+def machine_ticks() -> tuple[int, int]:
+    """Clock ticks all cores have spent busy, and in all, since boot (/proc/stat)."""
+    user, nice, system, idle, iowait, *rest = map(int, Path("/proc/stat").read_text().split()[1:9])
+    busy = user + nice + system + sum(rest)
+    return busy, busy + idle + iowait
+
+
 class CpuClock:
-    """The CPU time processes spend from now on, in % of one core's wall time."""
+    """The CPU time processes spend from now on, in % of one core's wall time, and how busy
+    the machine's cores are meanwhile."""
 
     def __init__(self, *pids: int) -> None:
         self._pids = pids
         self._ticks = [cpu_ticks(pid) for pid in pids]
+        self._machine = machine_ticks()
         self._started = time.monotonic()
 
     def percent(self) -> list[float]:
@@ -218,6 +230,11 @@ class CpuClock:
             (cpu_ticks(pid) - before) / TICKS_PER_S / elapsed_s * 100
             for pid, before in zip(self._pids, self._ticks, strict=True)
         ]
+
+    def machine_busy(self) -> float:
+        """How busy all cores were since the clock started, in % of all of them."""
+        busy, total = machine_ticks()
+        return (busy - self._machine[0]) / max(1, total - self._machine[1]) * 100
 
 
 # -- the relay processes and the TUI ---------------------------------------------------------
@@ -331,8 +348,10 @@ class Phase:
     """One phase's load, and the CPU its processes spent while the load ran (% of one core)."""
 
     load: Load
+    machine_busy: float  # % of all cores, whoever used them
     relay_cpu: float
     tui_cpu: float = math.nan
+    terminal_cpu: float = math.nan  # tmux, which draws the TUI and answers the probes
     row_lag_ms: list[float] = field(default_factory=list)
     probes: int = 0
 
@@ -359,7 +378,7 @@ def headless(bulk: int, echo: int, log_path: Path, rate: float, seconds: float) 
         clock = CpuClock(relay.proc.pid)
         done = load.finish()
         (relay_cpu,) = clock.percent()
-        return Phase(done, relay_cpu)
+        return Phase(done, clock.machine_busy(), relay_cpu)
 
 
 def with_tui(
@@ -370,11 +389,11 @@ def with_tui(
         set_filter(pane, f"src host {PROBE_HOST}")
         rss_attached = rss_mib(relay.proc.pid), rss_mib(tui_pid)
         load = LoadRun(relay, rate, int(rate * seconds * 2), seconds)
-        clock = CpuClock(relay.proc.pid, tui_pid)
+        clock = CpuClock(relay.proc.pid, tui_pid, pane.terminal_pid())
         lags, probes = probe_rows(pane, relay.ports[1], load, seconds)
         done = load.finish()
-        relay_cpu, tui_cpu = clock.percent()
-        phase = Phase(done, relay_cpu, tui_cpu, lags, probes)
+        relay_cpu, tui_cpu, terminal_cpu = clock.percent()
+        phase = Phase(done, clock.machine_busy(), relay_cpu, tui_cpu, terminal_cpu, lags, probes)
         if not many:
             return phase, None
         set_filter(pane, "")
@@ -566,6 +585,12 @@ def print_relay_phases(
     )
     medians("relay process CPU (% of one core)", lambda phase: phase.relay_cpu)
     row("TUI process CPU (% of one core)", "", f"{statistics.median(t.tui_cpu for t in tuis):.1f}")
+    row(
+        "tmux (the TUI's terminal) CPU (% of one core)",
+        "",
+        f"{statistics.median(t.terminal_cpu for t in tuis):.1f}",
+    )
+    medians("all cores busy, any process (% of all)", lambda phase: phase.machine_busy)
     lags = [lag for t in tuis for lag in t.row_lag_ms]
     row(
         "flow open to its row on screen (ms) p50 / max",
