@@ -75,9 +75,10 @@ _FLOW_EVENTS = FLOW_EVENTS
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # How many chunks one direction may move before other flows get a turn.
 _CHUNKS_PER_TURN = 8
-# A chunk smaller than this is received into the worker's buffer and copied to a sink after
-# it is sent (receiving it in place costs the round trip more than the copy costs at all);
-# a flow direction whose last chunk was larger receives in place.
+# After a chunk smaller than this, a flow direction receives its next chunk into the worker's
+# buffer and copies it to a sink once sent: setting up a receive in place costs a round trip
+# more than the copy of a small chunk does, off its path. After a larger one, it receives in
+# place (no copy of bulk data).
 _SMALL_CHUNK = 16 * 1024
 _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 # Destinations of transparent clients whose checks are kept, at most (then forgotten at once).
