@@ -146,8 +146,6 @@ class FlowtapApp(App[None]):
         self._detail_stale = False
         self.relay_gone: str | None = None
         """Why the relay this app was attached to went away, once it has."""
-        self.lag_samples: list[float] | None = None
-        """When a list, the app appends how long each flow took from opening to its row."""
 
     # -- layout ----------------------------------------------------------------------------
 
@@ -217,12 +215,6 @@ class FlowtapApp(App[None]):
         renamed = store.refresh_summaries()
         if changes is not None and changes.added:
             table.add_flows(changes.added)
-            if self.lag_samples is not None:
-                now = time.time()
-                records = store.records
-                self.lag_samples.extend(
-                    now - records[i].flow.started_at for i in changes.added if i in records
-                )
         changed = set(renamed)
         if changes is not None:
             changed |= changes.changed
