@@ -287,8 +287,8 @@ class ControlServer:
             size = len(event.data)
             forwarded = self._forwarded.get(key, 0)
             if forwarded >= self.forward_cap_bytes:
-                # Still counted: a flow that hands every chunk to observers (UDP) has no other
-                # count of its bytes while it is open.
+                # Still counted: a flow that hands every chunk to observers (a SOCKS UDP
+                # association's) has no other count of its bytes while it is open.
                 self._forwarded[key] = forwarded + size
                 if self._counts_quiet:  # a quiet capped flow moves again: count it again
                     with self._lock:
@@ -565,8 +565,9 @@ class ControlServer:
             relay.want_data(flow_id, functools.partial(self._recount, flow_id))
 
     def _byte_counts(self, flow_id: int) -> tuple[int, int] | None:
-        """Bytes a live flow has moved so far (up, down): the relay's counts of a TCP flow;
-        for another (UDP), the bytes of the data events `handle` took; None if unknown."""
+        """Bytes a live flow has moved so far (up, down): the relay's counts; for a flow it
+        keeps none of (a SOCKS UDP association's), the bytes of the data events `handle`
+        took; None if unknown."""
         relay = self._relay
         live = None if relay is None else relay.byte_counts(flow_id)
         if live is not None:

@@ -1154,6 +1154,7 @@ class Relay:
         udp = [lst for lst in self.listeners if lst.spec.transport is Transport.UDP]
         self._workers: list[Worker] = []
         self._tcp: list[_TcpFlows] = []
+        self._udp: list[UdpListener | TransparentUdpListener] = []
         try:
             for i in range(count):
                 worker = Worker(i, bus, self.config, self._worker_empty, self._failed)
@@ -1161,10 +1162,11 @@ class Relay:
                 if tcp:
                     self._tcp.append(_TcpFlows(worker, tcp, self.resolver))
                 for listener in udp[i::count]:
-                    if listener.spec.mode is Mode.TRANSPARENT:
+                    self._udp.append(
                         TransparentUdpListener(worker, listener)
-                    else:
-                        UdpListener(worker, listener)
+                        if listener.spec.mode is Mode.TRANSPARENT
+                        else UdpListener(worker, listener)
+                    )
         except OSError as exc:
             self._discard_workers()
             self._close_listeners()
@@ -1209,20 +1211,28 @@ class Relay:
         return sum(worker.open_count for worker in self._workers)
 
     def byte_counts(self, flow_id: int) -> tuple[int, int] | None:
-        """Bytes a live TCP flow has moved so far (up, down), or None if it is not live."""
+        """Bytes a live flow has moved so far (up, down), or None if it is not live (or a
+        SOCKS UDP association's, which keeps no live count)."""
         for tcp in self._tcp:
             flow = tcp.flows.get(flow_id)
             if flow is not None:
                 return flow.up.count, flow.down.count
+        for udp in self._udp:
+            counts = udp.byte_counts(flow_id)
+            if counts is not None:
+                return counts
         return None
 
     def want_data(self, flow_id: int, then: Callable[[], None] | None = None) -> None:
-        """Have a live TCP flow hand its next chunks to observers again, both ways (one that
+        """Have a live flow hand its next chunks to observers again, both ways (one that
         stopped wanting them, past a display cap, wants to see the flow move), then call `then`
         on the flow's relay thread; any thread."""
         for tcp in self._tcp:
             if flow_id in tcp.flows:
                 tcp.worker.submit(functools.partial(tcp.want_data, flow_id, then))
+        for udp in self._udp:
+            if flow_id in udp.by_flow:
+                udp.worker.submit(functools.partial(udp.want_data, flow_id, then))
 
     def kill(self, flow_id: int) -> None:
         """Reset both sides of a live flow; a flow that already ended is ignored."""

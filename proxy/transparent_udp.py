@@ -26,7 +26,6 @@ from .flow import (
     CloseReason,
     Direction,
     Flow,
-    FlowData,
     FlowOpened,
     FlowState,
     Requested,
@@ -207,8 +206,8 @@ class TransparentUdpListener(UdpSessions[SessionKey, "TransparentUdpSession"]):
         else:
             session.bytes_down += len(payload)
         bus = self.worker.bus
-        if bus.wants_data:
-            bus.emit(FlowData(session.flow.id, direction, time.time(), payload))
+        if session.wants(bus, direction):
+            session.emit(bus, direction, time.time(), payload)
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -256,7 +255,7 @@ class TransparentUdpListener(UdpSessions[SessionKey, "TransparentUdpSession"]):
         self.worker.bus.emit(FlowOpened(flow))
         if not self.sessions and self.idle_timeout_s:
             self.deadline = now + self.idle_timeout_s
-        self.sessions[key] = session
+        self.add_session(key, session)
         self.worker.watch(upstream.fileno(), _SESSION_EVENTS, session)
         return session
 

@@ -46,7 +46,6 @@ from .flow import (
     Direction,
     Flow,
     FlowClosed,
-    FlowData,
     FlowOpened,
     FlowState,
     Transport,
@@ -346,15 +345,13 @@ class UdpListener(UdpSessions[ClientAddr, "UdpSession"]):
         else:
             session.bytes_down += end - start
         bus = self.worker.bus
-        if bus.wants_data:
-            flow_id = session.flow.id
+        if session.wants(bus, direction):
             timestamp = time.time()
             if count == 1:
-                bus.emit(FlowData(flow_id, direction, timestamp, bytes(chunk)))
+                session.emit(bus, direction, timestamp, bytes(chunk))
             else:
                 for offset in range(0, end - start, segment):
-                    data = bytes(chunk[offset : offset + segment])
-                    bus.emit(FlowData(flow_id, direction, timestamp, data))
+                    session.emit(bus, direction, timestamp, bytes(chunk[offset : offset + segment]))
 
     def _send_one_by_one(
         self, session: UdpSession, direction: Direction, start: int, end: int, segment: int
@@ -467,7 +464,7 @@ class UdpListener(UdpSessions[ClientAddr, "UdpSession"]):
             return None
         if not self.sessions and self.idle_timeout_s:
             self.deadline = now + self.idle_timeout_s
-        self.sessions[addr] = session
+        self.add_session(addr, session)
         self.worker.watch(sock.fileno(), _SESSION_EVENTS, session)
         return session
 

@@ -7,15 +7,16 @@ import collections
 import math
 import select
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from .flow import CloseReason, Flow
+from .flow import CloseReason, Direction, Flow, FlowData
 
 if TYPE_CHECKING:
     import socket
 
+    from .events import Bus
     from .worker import Worker
 
 # After stop-accepting, a session closes once it has been quiet this long (replies in flight
@@ -34,6 +35,22 @@ class Session:
     bytes_down: int = field(default=0, init=False)
     closed: bool = field(default=False, init=False)
     queued: bool = field(default=False, init=False)
+    # Whether observers still want each direction's datagrams (they stop past a display cap,
+    # until `UdpSessions.want_data`).
+    wants_up: bool = field(default=True, init=False)
+    wants_down: bool = field(default=True, init=False)
+
+    def wants(self, bus: Bus, direction: Direction) -> bool:
+        """Whether observers want this direction's next datagrams."""
+        return bus.wants_data and (self.wants_up if direction is Direction.UP else self.wants_down)
+
+    def emit(self, bus: Bus, direction: Direction, timestamp: float, datagram: bytes) -> None:
+        """Hand one relayed datagram to the observers (once `wants` said they want it)."""
+        if not bus.emit_data(FlowData(self.flow.id, direction, timestamp, datagram)):
+            if direction is Direction.UP:
+                self.wants_up = False
+            else:
+                self.wants_down = False
 
     def ended(self, reason: CloseReason, error: str | None) -> Flow:
         """The session's flow as it ends now, with its byte counts."""
@@ -55,6 +72,7 @@ class UdpSessions(Generic[K, S]):
     subclasses read the listener (`_relay_up`) and drop a closing session (`_forget`)."""
 
     __slots__ = (
+        "by_flow",
         "closed",
         "deadline",
         "idle_timeout_s",
@@ -71,6 +89,7 @@ class UdpSessions(Generic[K, S]):
         self.sock = sock
         # Least recently active first: the front is the next to time out or to be evicted.
         self.sessions: collections.OrderedDict[K, S] = collections.OrderedDict()
+        self.by_flow: dict[int, S] = {}  # the same sessions, by flow id
         self.idle_timeout_s = worker.config.udp_idle_timeout_s
         self.max_sessions = max(1, worker.config.udp_max_sessions)
         self.deadline = math.inf
@@ -92,6 +111,7 @@ class UdpSessions(Generic[K, S]):
         if session.closed:
             return
         session.closed = True
+        self.by_flow.pop(session.flow.id, None)
         error = self._forget(session, note)
         self.worker.emit_closed(session.ended(reason, error))
 
@@ -131,12 +151,31 @@ class UdpSessions(Generic[K, S]):
             self.close_session(oldest, reason)
         self.deadline = math.inf
 
+    def add_session(self, key: K, session: S) -> None:
+        """Keep a session just opened, the most recently active."""
+        self.sessions[key] = session
+        self.by_flow[session.flow.id] = session
+
     def kill(self, flow_id: int) -> None:
         """Close the session of flow `flow_id` as killed, if it is one of ours."""
-        for session in self.sessions.values():
-            if session.flow.id == flow_id:
-                self.close_session(session, CloseReason.KILLED)
-                return
+        session = self.by_flow.get(flow_id)
+        if session is not None:
+            self.close_session(session, CloseReason.KILLED)
+
+    def byte_counts(self, flow_id: int) -> tuple[int, int] | None:
+        """Bytes the session of flow `flow_id` has moved so far (up, down), if it is one of
+        ours; any thread."""
+        session = self.by_flow.get(flow_id)
+        return None if session is None else (session.bytes_up, session.bytes_down)
+
+    def want_data(self, flow_id: int, then: Callable[[], None] | None = None) -> None:
+        """Have the session of flow `flow_id` hand its datagrams to observers again, then
+        call `then` (on this service's relay thread, as `Relay.want_data` asks)."""
+        session = self.by_flow.get(flow_id)
+        if session is not None:
+            session.wants_up = session.wants_down = True
+        if then is not None:
+            then()
 
     def close_all(self, reason: CloseReason, note: str | None = None) -> None:
         for session in list(self.sessions.values()):

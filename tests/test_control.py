@@ -512,6 +512,12 @@ def test_counts_of_a_capped_udp_flow_keep_up_with_its_datagrams(
                 if sent == 2:
                     counts_reach(client, [1024, 1024])  # the cap reached: counts from now on
             counts_reach(client, [4096, 4096])
+            # Quiet: no counts come any more; then it moves again, and they come again.
+            with pytest.raises((AssertionError, TimeoutError), match="timed out"):
+                client.events(lambda events: bool(kinds(events, "counts")), 1.5)
+            sock.send(b"b" * 100)
+            assert sock.recv(2048) == b"b" * 100
+            counts_reach(client, [4196, 4196])
     finally:
         client.close()
         relay.stop(1.0)

@@ -32,6 +32,8 @@ from flowtap.proxy.flow import (
     Address,
     CloseReason,
     Direction,
+    FlowData,
+    FlowEvent,
     Transport,
 )
 from flowtap.proxy.listener import ListenerSpec
@@ -520,6 +522,65 @@ def test_datagram_larger_than_the_buffer_is_reported_not_truncated(
     assert recorder.data(Direction.UP) == [b"z" * 2048]
     assert len([r for r in caplog.records if "receive buffer" in r.getMessage()]) == 1
     assert echo.stop() == (1, 2048)
+
+
+class FirstDatagramOnly:
+    """An observer that wants no more of a direction after its first datagram (as a display
+    past its cap does)."""
+
+    wants_data = True
+
+    def __init__(self) -> None:
+        self.data: list[FlowData] = []
+
+    def handle(self, event: FlowEvent) -> bool | None:
+        if isinstance(event, FlowData):
+            self.data.append(event)
+            return False
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_direction_no_observer_wants_gets_no_datagrams_until_they_are_asked_for_again(
+    udp_echo: Any,
+) -> None:
+    echo = udp_echo()
+    observer = FirstDatagramOnly()
+    spec = ListenerSpec(Address("127.0.0.1", 0), Address(echo.host, echo.port), Transport.UDP)
+    relay = Relay([spec], Bus([observer]))
+    relay.start()
+    try:
+        with udp_client() as sock:
+            sock.connect(("127.0.0.1", listen_port(relay)))
+
+            def round_trip(payload: bytes) -> None:
+                sock.send(payload)
+                assert sock.recv(2048) == payload
+
+            for n in range(5):
+                round_trip(b"first %d" % n)
+            wait_for(lambda: len(observer.data) >= 2, 10, "the first datagram each way")
+            flow_id = observer.data[0].flow_id
+            wait_for(lambda: relay.byte_counts(flow_id) == (35, 35), 10, "the counts of all five")
+            assert [(e.direction, e.data) for e in observer.data] == [
+                (Direction.UP, b"first 0"),
+                (Direction.DOWN, b"first 0"),
+            ]
+            asked = threading.Event()
+            relay.want_data(flow_id, asked.set)
+            assert asked.wait(10)
+            for n in range(3):
+                round_trip(b"again %d" % n)
+            wait_for(lambda: len(observer.data) >= 4, 10, "one more datagram each way")
+            wait_for(lambda: relay.byte_counts(flow_id) == (56, 56), 10, "the counts of all eight")
+            assert [(e.direction, e.data) for e in observer.data[2:]] == [
+                (Direction.UP, b"again 0"),
+                (Direction.DOWN, b"again 0"),
+            ]
+    finally:
+        relay.stop(grace_s=1.0)
 
 
 def test_killed_session_closes_with_reason_killed(udp_echo: Any, relays: Relays) -> None:
