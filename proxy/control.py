@@ -287,9 +287,6 @@ class ControlServer:
             size = len(event.data)
             forwarded = self._forwarded.get(key, 0)
             if forwarded >= self.forward_cap_bytes:
-                # Still counted: a flow that hands every chunk to observers (a SOCKS UDP
-                # association's) has no other count of its bytes while it is open.
-                self._forwarded[key] = forwarded + size
                 if self._counts_quiet:  # a quiet capped flow moves again: count it again
                     with self._lock:
                         self._counts_quiet = False
@@ -565,18 +562,9 @@ class ControlServer:
             relay.want_data(flow_id, functools.partial(self._recount, flow_id))
 
     def _byte_counts(self, flow_id: int) -> tuple[int, int] | None:
-        """Bytes a live flow has moved so far (up, down): the relay's counts; for a flow it
-        keeps none of (a SOCKS UDP association's), the bytes of the data events `handle`
-        took; None if unknown."""
+        """Bytes a live flow has moved so far (up, down), as the relay counts them."""
         relay = self._relay
-        live = None if relay is None else relay.byte_counts(flow_id)
-        if live is not None:
-            return live
-        up = self._forwarded.get((flow_id, Direction.UP))
-        down = self._forwarded.get((flow_id, Direction.DOWN))
-        if up is None and down is None:
-            return None
-        return up or 0, down or 0
+        return None if relay is None else relay.byte_counts(flow_id)
 
     def _recount(self, flow_id: int) -> None:
         """On the flow's relay thread, once it hands its chunks to `handle` again: bytes it

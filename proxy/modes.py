@@ -36,6 +36,7 @@ from .http_proxy import HttpProxyServer
 from .policy import Mode, ProxyPolicy
 from .socks5 import SocksServer
 from .socks_udp import UdpAssociation
+from .udp_sessions import DatagramFlow
 
 _IN = select.EPOLLIN
 _RDHUP = select.EPOLLRDHUP
@@ -82,6 +83,7 @@ class ProxyWorker(Protocol):
 
     bus: Bus
     resolver: Resolver
+    datagram_flows: dict[int, DatagramFlow]
 
     def watch_client(self, fd: int, mask: int, phase: HandshakePhase) -> None: ...
 

@@ -55,6 +55,7 @@ from .policy import Mode, ProxyPolicy
 from .socks_udp import UdpAssociation
 from .transparent_udp import TransparentUdpListener, prepare_listener
 from .udp import UdpListener, check_spec
+from .udp_sessions import DatagramFlow
 from .worker import RelayConfig, Worker
 
 if TYPE_CHECKING:
@@ -620,6 +621,7 @@ class _TcpFlows:
         "_transparent_targets",
         "bus",
         "config",
+        "datagram_flows",
         "deadline",
         "flows",
         "proxied",
@@ -639,6 +641,8 @@ class _TcpFlows:
         # Proxy-mode clients without a TCP flow: handshakes that have not decided their
         # upstream yet, and SOCKS5 UDP associations.
         self.proxied: set[HandshakePhase | UdpAssociation] = set()
+        # The open UDP flows of this worker's SOCKS5 associations.
+        self.datagram_flows: dict[int, DatagramFlow] = {}
         # What `transparent_target` said of each (listener, destination) seen lately.
         self._transparent_targets: dict[tuple[int, str, int], tuple[Address, Requested] | None] = {}
         self.ready = worker.ready
@@ -684,8 +688,19 @@ class _TcpFlows:
         flow = self.flows.get(flow_id)
         if flow is not None:
             flow.up.wants_data = flow.down.wants_data = True
+        datagrams = self.datagram_flows.get(flow_id)
+        if datagrams is not None:
+            datagrams.wants_up = datagrams.wants_down = True
         if then is not None:
             then()
+
+    def byte_counts(self, flow_id: int) -> tuple[int, int] | None:
+        """Bytes a live flow of this worker has moved so far (up, down); any thread."""
+        flow = self.flows.get(flow_id)
+        if flow is not None:
+            return flow.up.count, flow.down.count
+        datagrams = self.datagram_flows.get(flow_id)
+        return None if datagrams is None else (datagrams.bytes_up, datagrams.bytes_down)
 
     def kill(self, flow_id: int) -> None:
         flow = self.flows.get(flow_id)
@@ -1211,14 +1226,9 @@ class Relay:
         return sum(worker.open_count for worker in self._workers)
 
     def byte_counts(self, flow_id: int) -> tuple[int, int] | None:
-        """Bytes a live flow has moved so far (up, down), or None if it is not live (or a
-        SOCKS UDP association's, which keeps no live count)."""
-        for tcp in self._tcp:
-            flow = tcp.flows.get(flow_id)
-            if flow is not None:
-                return flow.up.count, flow.down.count
-        for udp in self._udp:
-            counts = udp.byte_counts(flow_id)
+        """Bytes a live flow has moved so far (up, down), or None if it is not live."""
+        for service in (*self._tcp, *self._udp):
+            counts = service.byte_counts(flow_id)
             if counts is not None:
                 return counts
         return None
@@ -1227,12 +1237,9 @@ class Relay:
         """Have a live flow hand its next chunks to observers again, both ways (one that
         stopped wanting them, past a display cap, wants to see the flow move), then call `then`
         on the flow's relay thread; any thread."""
-        for tcp in self._tcp:
-            if flow_id in tcp.flows:
-                tcp.worker.submit(functools.partial(tcp.want_data, flow_id, then))
-        for udp in self._udp:
-            if flow_id in udp.by_flow:
-                udp.worker.submit(functools.partial(udp.want_data, flow_id, then))
+        for service in (*self._tcp, *self._udp):
+            if service.byte_counts(flow_id) is not None:  # a live flow of its
+                service.worker.submit(functools.partial(service.want_data, flow_id, then))
 
     def kill(self, flow_id: int) -> None:
         """Reset both sides of a live flow; a flow that already ended is ignored."""

@@ -20,7 +20,6 @@ from .flow import (
     Direction,
     Flow,
     FlowClosed,
-    FlowData,
     FlowOpened,
     FlowState,
     Requested,
@@ -29,6 +28,7 @@ from .flow import (
 )
 from .policy import ProxyPolicy
 from .socks5 import pack_address, parse_address
+from .udp_sessions import DatagramFlow
 
 _IN = select.EPOLLIN
 _RDHUP = select.EPOLLRDHUP
@@ -67,6 +67,8 @@ class AssociationWorker(Protocol):
     """What a UDP association needs of the relay worker that owns it."""
 
     bus: Bus
+    datagram_flows: dict[int, DatagramFlow]
+    """The open flows of its associations, by flow id (for `Relay.byte_counts`)."""
 
     def watch_association(self, fd: int, mask: int, association: UdpAssociation) -> None: ...
 
@@ -79,14 +81,11 @@ class AssociationWorker(Protocol):
     def proxy_ended(self, item: object) -> None: ...
 
 
-@dataclass(slots=True)
-class _Destination:
+@dataclass(slots=True, eq=False)
+class _Destination(DatagramFlow):
     """One UDP flow of an association: the datagrams to one destination and back."""
 
-    flow: Flow
     sockaddr: tuple[str, int] | tuple[str, int, int, int] | None
-    bytes_up: int = 0
-    bytes_down: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -221,6 +220,7 @@ class UdpAssociation:
             )
             destination = _Destination(flow, sockaddr)
             self.destinations[key] = destination
+            self.worker.datagram_flows[flow.id] = destination
             self.by_sockaddr[(str(sockaddr[0]), int(sockaddr[1]))] = destination
             self._upstream_socket(family)
             self.worker.bus.emit(FlowOpened(flow))
@@ -248,8 +248,8 @@ class UdpAssociation:
             return  # UDP: a datagram the system will not send is lost, as on the wire
         destination.bytes_up += len(payload)
         bus = self.worker.bus
-        if bus.wants_data:
-            bus.emit_data(FlowData(destination.flow.id, Direction.UP, time.time(), payload))
+        if destination.wants(bus, Direction.UP):
+            destination.emit(bus, Direction.UP, time.time(), payload)
 
     def _from_upstream(self, sock: socket.socket) -> None:
         while True:
@@ -268,8 +268,8 @@ class UdpAssociation:
                 continue
             destination.bytes_down += len(payload)
             bus = self.worker.bus
-            if bus.wants_data:
-                bus.emit_data(FlowData(destination.flow.id, Direction.DOWN, time.time(), payload))
+            if destination.wants(bus, Direction.DOWN):
+                destination.emit(bus, Direction.DOWN, time.time(), payload)
 
     # -- ending -----------------------------------------------------------------------------
 
@@ -306,6 +306,7 @@ class UdpAssociation:
             if destination.sockaddr is None:
                 continue  # refused: already closed
             flow = destination.flow
+            self.worker.datagram_flows.pop(flow.id, None)
             bus.emit(
                 FlowClosed(
                     flow.closed(

@@ -24,19 +24,14 @@ if TYPE_CHECKING:
 DRAIN_QUIET_S = 0.25
 
 
-@dataclass(slots=True, eq=False, kw_only=True)
-class Session:
-    """What every kind of UDP session holds: its flow, when it was last active, its byte
-    counts, and whether it is closed or waits in the worker's queue for another turn."""
+@dataclass(slots=True, eq=False)
+class DatagramFlow:
+    """A UDP flow's byte counts, and whether observers still want each direction's datagrams
+    (they stop past a display cap, until the relay asks for them again: `Relay.want_data`)."""
 
     flow: Flow
-    last_active: float
     bytes_up: int = field(default=0, init=False)
     bytes_down: int = field(default=0, init=False)
-    closed: bool = field(default=False, init=False)
-    queued: bool = field(default=False, init=False)
-    # Whether observers still want each direction's datagrams (they stop past a display cap,
-    # until `UdpSessions.want_data`).
     wants_up: bool = field(default=True, init=False)
     wants_down: bool = field(default=True, init=False)
 
@@ -51,6 +46,16 @@ class Session:
                 self.wants_up = False
             else:
                 self.wants_down = False
+
+
+@dataclass(slots=True, eq=False, kw_only=True)
+class Session(DatagramFlow):
+    """What every kind of UDP session holds besides its flow and counts: when it was last
+    active, and whether it is closed or waits in the worker's queue for another turn."""
+
+    last_active: float
+    closed: bool = field(default=False, init=False)
+    queued: bool = field(default=False, init=False)
 
     def ended(self, reason: CloseReason, error: str | None) -> Flow:
         """The session's flow as it ends now, with its byte counts."""

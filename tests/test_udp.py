@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,9 @@ from flowtap.proxy.flow import (
     Transport,
 )
 from flowtap.proxy.listener import ListenerSpec
+from flowtap.proxy.policy import Mode, ProxyPolicy
 from flowtap.proxy.relay import Relay, RelayConfig
+from flowtap.proxy.socks5 import pack_address
 
 
 class Relays:
@@ -543,22 +547,51 @@ class FirstDatagramOnly:
         pass
 
 
+def _round_trips_through(
+    relay: Relay, how: str, echo: UdpEchoServer, stack: contextlib.ExitStack
+) -> Callable[[bytes], None]:
+    """A client of `relay` (a UDP listener, or a SOCKS5 one through UDP ASSOCIATE) whose
+    datagrams `echo` sends back: what sends one and checks its echo."""
+    sock = stack.enter_context(udp_client())
+    if how == "udp":
+        sock.connect(("127.0.0.1", listen_port(relay)))
+        header = b""
+    else:
+        control = stack.enter_context(
+            socket.create_connection(("127.0.0.1", listen_port(relay)), timeout=10)
+        )
+        control.sendall(b"\x05\x01\x00\x05\x03\x00" + pack_address("0.0.0.0", 0))
+        reply = b""
+        while len(reply) < 12:  # the method reply, then the association's (IPv4 bound)
+            chunk = control.recv(12 - len(reply))
+            assert chunk, f"the proxy closed after {reply!r}"
+            reply += chunk
+        assert reply[:4] == b"\x05\x00\x05\x00", reply
+        sock.connect(("127.0.0.1", struct.unpack("!H", reply[-2:])[0]))
+        header = b"\0\0\0" + pack_address(echo.host, echo.port)
+
+    def round_trip(payload: bytes) -> None:
+        sock.send(header + payload)
+        assert sock.recv(2048) == header + payload
+
+    return round_trip
+
+
+@pytest.mark.parametrize("how", ["udp", "socks5"])
 def test_a_direction_no_observer_wants_gets_no_datagrams_until_they_are_asked_for_again(
-    udp_echo: Any,
+    udp_echo: Any, how: str
 ) -> None:
     echo = udp_echo()
     observer = FirstDatagramOnly()
-    spec = ListenerSpec(Address("127.0.0.1", 0), Address(echo.host, echo.port), Transport.UDP)
+    if how == "udp":
+        spec = ListenerSpec(Address("127.0.0.1", 0), Address(echo.host, echo.port), Transport.UDP)
+    else:
+        spec = ListenerSpec(Address("127.0.0.1", 0), None, mode=Mode.SOCKS5, policy=ProxyPolicy())
     relay = Relay([spec], Bus([observer]))
     relay.start()
     try:
-        with udp_client() as sock:
-            sock.connect(("127.0.0.1", listen_port(relay)))
-
-            def round_trip(payload: bytes) -> None:
-                sock.send(payload)
-                assert sock.recv(2048) == payload
-
+        with contextlib.ExitStack() as stack:
+            round_trip = _round_trips_through(relay, how, echo, stack)
             for n in range(5):
                 round_trip(b"first %d" % n)
             wait_for(lambda: len(observer.data) >= 2, 10, "the first datagram each way")
