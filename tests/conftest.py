@@ -66,6 +66,16 @@ def exchange(port: int, payload: bytes) -> bytes:
     return bytes(received)
 
 
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """The next `size` bytes `sock` receives; fails the test if it ends before them."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"the stream ended after {data!r}"
+        data += chunk
+    return data
+
+
 def wait_port(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> None:
     def is_open() -> bool:
         try:

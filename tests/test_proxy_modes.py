@@ -20,7 +20,14 @@ from typing import Any
 import pytest
 from capture_checks import assert_tshark_clean, fields, follow_tcp
 
-from conftest import FlowtapProcess, flowtap_command, json_events, start_flowtap, wait_for
+from conftest import (
+    FlowtapProcess,
+    flowtap_command,
+    json_events,
+    recv_exactly,
+    start_flowtap,
+    wait_for,
+)
 from flowtap.proxy.socks5 import pack_address
 from flowtap.proxy.transparent_udp import original_destination
 
@@ -355,11 +362,7 @@ def test_bytes_sent_with_the_request_reach_the_server(proxy: Any, echo_server: A
     host, port = echo_server
     with socket.create_connection(_address(relay), timeout=10) as sock:
         sock.sendall(_socks_connect(host, port) + b"pipelined bytes")
-        received = b""
-        while len(received) < 2 + 10 + len(b"pipelined bytes"):
-            chunk = sock.recv(1000)
-            assert chunk
-            received += chunk
+        received = recv_exactly(sock, 2 + 10 + len(b"pipelined bytes"))
     assert received[:2] == b"\x05\x00"
     assert received[2:4] == b"\x05\x00"
     assert received[12:] == b"pipelined bytes"
@@ -374,11 +377,7 @@ def test_bytes_sent_while_a_name_resolves_reach_the_server(proxy: Any, echo_serv
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(_socks_connect("localhost", port))
         sock.sendall(b"sent after the request")
-        received = b""
-        while len(received) < 2 + 10 + len(b"sent after the request"):
-            chunk = sock.recv(1000)
-            assert chunk
-            received += chunk
+        received = recv_exactly(sock, 2 + 10 + len(b"sent after the request"))
     assert received[:4] == b"\x05\x00\x05\x00"
     assert received[12:] == b"sent after the request"
 
@@ -727,7 +726,7 @@ def test_udp_associate_by_name_and_denied_destinations(proxy: Any, dns_server: i
     address = _address(relay)
     with socket.create_connection(address, timeout=10) as control:
         control.sendall(b"\x05\x01\x00\x05\x03\x00" + pack_address("0.0.0.0", 0))
-        reply = _recv_all(control, 12)
+        reply = recv_exactly(control, 12)
         assert reply[:4] == b"\x05\x00\x05\x00"
         bound_port = struct.unpack("!H", reply[-2:])[0]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
@@ -752,15 +751,6 @@ def test_udp_associate_by_name_and_denied_destinations(proxy: Any, dns_server: i
         ("127.0.0.1:9", "denied"),
         (f"localhost:{dns_server}", "client-closed"),
     ]
-
-
-def _recv_all(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        assert chunk
-        data += chunk
-    return data
 
 
 def test_transparent_udp_reads_the_original_destination_from_the_kernels_control_messages() -> None:

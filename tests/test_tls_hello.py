@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import recv_exactly
 from flowtap.proxy.tls_hello import (
     NEED_MORE,
     ClientHello,
@@ -36,20 +37,11 @@ def openssl_client_hello(*args: str) -> bytes:
             conn, _ = server.accept()
             with conn:
                 conn.settimeout(20)
-                header = _recv_exactly(conn, 5)
-                return header + _recv_exactly(conn, int.from_bytes(header[3:5], "big"))
+                header = recv_exactly(conn, 5)
+                return header + recv_exactly(conn, int.from_bytes(header[3:5], "big"))
         finally:
             client.kill()
             client.wait(10)
-
-
-def _recv_exactly(conn: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = conn.recv(count - len(data))
-        assert chunk, "the client closed before sending its ClientHello"
-        data += chunk
-    return data
 
 
 def python_client_hello(

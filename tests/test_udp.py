@@ -25,6 +25,7 @@ from conftest import (
     UdpEchoServer,
     free_port,
     json_events,
+    recv_exactly,
     send_segmented,
     wait_for,
 )
@@ -561,11 +562,7 @@ def _round_trips_through(
             socket.create_connection(("127.0.0.1", listen_port(relay)), timeout=10)
         )
         control.sendall(b"\x05\x01\x00\x05\x03\x00" + pack_address("0.0.0.0", 0))
-        reply = b""
-        while len(reply) < 12:  # the method reply, then the association's (IPv4 bound)
-            chunk = control.recv(12 - len(reply))
-            assert chunk, f"the proxy closed after {reply!r}"
-            reply += chunk
+        reply = recv_exactly(control, 12)  # the method reply, then the association's (IPv4)
         assert reply[:4] == b"\x05\x00\x05\x00", reply
         sock.connect(("127.0.0.1", struct.unpack("!H", reply[-2:])[0]))
         header = b"\0\0\0" + pack_address(echo.host, echo.port)
