@@ -375,14 +375,10 @@ def _use_certificate(context: ssl.SSLContext, cert_pem: bytes) -> None:
     # key (SSL_CTX_use_certificate), so a key file that cannot be opened leaves the context
     # with the new certificate and its key, and skips OpenSSL 3.0's key decoder, about half a
     # millisecond a name (openssl/openssl#15199, #18814).
-    fd = os.memfd_create("flowtap-leaf", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, cert_pem)
-        context.load_cert_chain(f"/proc/self/fd/{fd}", _NO_KEY_FILE)
-    except NotADirectoryError:
-        pass  # the key file, as meant; a certificate that does not load raises ssl.SSLError
-    finally:
-        os.close(fd)
+    # NotADirectoryError is the key file's, as meant; a certificate that does not load raises
+    # ssl.SSLError.
+    with contextlib.suppress(NotADirectoryError):
+        _load_pem(context, cert_pem, _NO_KEY_FILE)
 
 
 def _self_signed(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -566,12 +562,17 @@ def _check_private(directory: Path, key_path: Path) -> None:
 
 
 def _load_chain_from_memory(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
-    """Load a certificate chain and key into `context` without writing the key to a disk:
-    Python's ssl reads them only from paths, so they go through an anonymous memory file."""
+    """Load a certificate chain and key into `context` without writing the key to a disk."""
+    _load_pem(context, key_pem + chain_pem)
+
+
+def _load_pem(context: ssl.SSLContext, pem: bytes, keyfile: str | None = None) -> None:
+    """`context.load_cert_chain` of `pem` (and `keyfile`): Python's ssl reads certificates
+    and keys only from paths, so `pem` goes through an anonymous memory file."""
     fd = os.memfd_create("flowtap-leaf", os.MFD_CLOEXEC)
     try:
-        os.write(fd, key_pem + chain_pem)
-        context.load_cert_chain(f"/proc/self/fd/{fd}")
+        os.write(fd, pem)
+        context.load_cert_chain(f"/proc/self/fd/{fd}", keyfile)
     finally:
         os.close(fd)
 
