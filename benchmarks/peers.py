@@ -4,9 +4,10 @@ Run as a process: `python benchmarks/peers.py` prints `bulk PORT` and `echo PORT
 A bulk client's first byte picks the job: `U` upload (the server reads to EOF, answers the
 sha256 of what it read), `S<size>\\n` sized upload (the same after `size` bytes, with no
 EOF), `D<size>\\n` download (the server sends `size` bytes of a fixed pattern and closes),
-`P` ping-pong (one byte echoed at a time), `V` upload of the download pattern (the server
-reads to EOF comparing each byte with the pattern, answers `ok <bytes>`, or `bad <offset>`
-of the first read that differs: a comparison costs it about a tenth of a sha256).
+`P` ping-pong (one byte echoed at a time), `V<size>\n` sized upload of the download pattern
+(the server reads `size` bytes comparing each with the pattern, with no EOF, and answers
+`ok <bytes>`, or `bad <offset>` of the first read that differs, or `short <bytes>` if the
+client closed before: a comparison costs it about a tenth of a sha256).
 """
 
 from __future__ import annotations
@@ -50,24 +51,27 @@ def _bulk_job(conn: socket.socket) -> None:
                 digest.update(view[:n])
             conn.sendall(digest.hexdigest().encode())
         elif kind == b"V":
+            # Sized, as "S" is: a proxy need not relay the client's half-close (mitmdump does
+            # not through TLS), so every proxy's upload is measured the same way.
+            size = _read_size(conn)
             # The pattern from any offset on, for one receive.
             expected = BLOCK + BLOCK[:262144]
             buf = bytearray(262144)
             got = 0
             bad = -1
-            while n := conn.recv_into(buf):
+            while got < size and (n := conn.recv_into(buf, min(size - got, len(buf)))):
                 offset = got % len(BLOCK)
                 if bad < 0 and buf[:n] != expected[offset : offset + n]:
                     bad = got
                 got += n
-            conn.sendall(b"ok %d" % got if bad < 0 else b"bad %d" % bad)
+            if bad >= 0:
+                conn.sendall(b"bad %d" % bad)
+            else:
+                conn.sendall(b"ok %d" % got if got == size else b"short %d" % got)
         elif kind == b"S":
             # A sized upload: the digest after `size` bytes, for proxies that do not relay a
             # half-close (microsocks closes both ways at the client's FIN).
-            header = b""
-            while not header.endswith(b"\n"):
-                header += conn.recv(1)
-            left = int(header)
+            left = _read_size(conn)
             digest = hashlib.sha256()
             buf = bytearray(262144)
             view = memoryview(buf)
@@ -76,10 +80,7 @@ def _bulk_job(conn: socket.socket) -> None:
                 left -= n
             conn.sendall(digest.hexdigest().encode())
         elif kind == b"D":
-            header = b""
-            while not header.endswith(b"\n"):
-                header += conn.recv(1)
-            left = int(header)
+            left = _read_size(conn)
             view = memoryview(BLOCK)
             while left > 0:
                 step = min(left, len(BLOCK))
@@ -88,6 +89,17 @@ def _bulk_job(conn: socket.socket) -> None:
         elif kind == b"P":
             while data := conn.recv(1):
                 conn.sendall(data)
+
+
+def _read_size(conn: socket.socket) -> int:
+    """The size a job announces after its letter: decimal digits and a newline."""
+    header = b""
+    while not header.endswith(b"\n"):
+        byte = conn.recv(1)
+        if not byte:
+            raise ConnectionResetError("closed in the size header")
+        header += byte
+    return int(header)
 
 
 def _bulk_server(sock: socket.socket) -> None:

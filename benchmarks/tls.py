@@ -226,24 +226,25 @@ def bulk_down(proxy: Proxy, size: int) -> tuple[float, float]:
 def bulk_up(proxy: Proxy, size: int) -> tuple[float, float]:
     """MB/s of an upload through the proxy, every byte checked by the server; and the
     proxy's CPU ms/MB."""
+    expected = b"ok %d" % size
     with connect(proxy, client_context(proxy)) as sock:
         started = time.perf_counter()
         cpu_started = cpu_s(proxy.procs)
-        sock.sendall(b"V")
+        # The size goes first and the server answers once it has that much: no half-close,
+        # which mitmdump does not relay through TLS, so every proxy is timed the same way.
+        sock.sendall(b"V%d\n" % size)
         view = memoryview(BLOCK)
         left = size
         while left:
             step = min(left, len(BLOCK))
             sock.sendall(view[:step])
             left -= step
-        # A TCP FIN, the TLS left as it is: SSLSocket.shutdown would drop TLS for what follows.
-        socket.socket.shutdown(sock, socket.SHUT_WR)
         answer = b""
-        while chunk := sock.recv(64):
+        while len(answer) < len(expected) and (chunk := sock.recv(64)):
             answer += chunk
         elapsed = time.perf_counter() - started
         cpu = cpu_s(proxy.procs) - cpu_started
-    if answer != b"ok %d" % size:
+    if answer != expected:
         raise RuntimeError(f"{proxy.name}: upload damaged ({answer.decode(errors='replace')})")
     return size / elapsed / 1e6, cpu * 1e3 / (size / 1e6)
 
@@ -355,9 +356,8 @@ def measure(
     try:
         results["bulk up MB/s"], results["CPU ms/MB up"] = bulk_up(proxy, args.size_mib * MiB)
     except (TimeoutError, RuntimeError, OSError) as exc:
-        # mitmdump does not relay a client's half-close through TLS: the upload's answer
-        # never comes. Said, and left out of the comparison.
-        print(f"{proxy.name}: bulk up failed ({exc}); left out", flush=True)
+        # Said, and kept as NaN: the verdicts that need the figure then fail, never pass.
+        print(f"{proxy.name}: bulk up failed ({exc})", flush=True)
         results["bulk up MB/s"] = results["CPU ms/MB up"] = math.nan
     p50, p99 = ping_pong(proxy, args.rounds)
     results["ping-pong p50 us"] = p50
@@ -429,11 +429,6 @@ def main() -> None:
     report(table, args)
 
 
-def _bulk(results: dict[str, float]) -> float:
-    """The slower direction of a proxy's bulk figures (those it could measure)."""
-    return min(v for k, v in results.items() if k.startswith("bulk") and not math.isnan(v))
-
-
 def report(table: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     names = list(table)
     metrics = list(next(iter(table.values())))
@@ -446,7 +441,6 @@ def report(table: dict[str, dict[str, float]], args: argparse.Namespace) -> None
     checks: list[tuple[str, bool | None]] = []
     mitm = table.get("mitmdump")
     chain = table["stunnel x2"]
-    bulk = _bulk(flowtap)
 
     def ratio_check(label: str, ok: Callable[[dict[str, float]], bool]) -> None:
         checks.append((label, None if mitm is None else ok(mitm)))
@@ -454,10 +448,17 @@ def report(table: dict[str, dict[str, float]], args: argparse.Namespace) -> None
     ratio_check(
         "handshakes/s >= 3x mitmdump", lambda m: flowtap["handshakes/s"] >= 3 * m["handshakes/s"]
     )
-    ratio_check("bulk >= 5x mitmdump",
-                lambda m: bulk >= 5 * _bulk(m))  # fmt: skip
-    checks.append(("bulk >= 0.6x stunnel chain",
-                   bulk >= 0.6 * _bulk(chain)))  # fmt: skip
+    # Bulk, each direction against the same direction of the other proxy: the peers' work
+    # differs by direction (downloading, the client decrypts and compares; uploading, it
+    # encrypts and the server compares), and all share the cores with the proxy, so only
+    # like with like is a fair ratio; the issue asks the targets each way. A figure that
+    # could not be measured (NaN) fails its checks.
+    for way in ("down", "up"):
+        key = f"bulk {way} MB/s"
+        checks.append((f"bulk {way} >= 5x mitmdump",
+                       None if mitm is None else flowtap[key] >= 5 * mitm[key]))  # fmt: skip
+        checks.append((f"bulk {way} >= 0.6x stunnel chain",
+                       flowtap[key] >= 0.6 * chain[key]))  # fmt: skip
     ratio_check("ping-pong p50 <= 0.3x mitmdump",
                 lambda m: flowtap["ping-pong p50 us"] <= 0.3 * m["ping-pong p50 us"])  # fmt: skip
     checks.append((f"memory per idle TLS flow <= 64 KiB at {args.idle} flows",
