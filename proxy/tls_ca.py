@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import FlowtapError
+from .tls_native import NativeCertificate, binding
 
 CA_FILE = "flowtap-ca.pem"
 """The CA's private key and certificate, mode 0600, in the CA directory."""
@@ -148,6 +149,12 @@ class CertificateAuthority:
         weakref.finalize(self, self._background.close)
         self._pending: dict[str, _Pending] = {}
         self._pending_lock = threading.Lock()
+        self._native = binding()
+        # With the binding: each name's certificate as OpenSSL parsed it, and one context per
+        # ALPN choice holding the leaf key, which every name's connections share.
+        self._native_leaves: _Recent[str, NativeCertificate] = _Recent(cache_size)
+        self._keyed: _Recent[Alpn, ssl.SSLContext] = _Recent(64)
+        self._placeholder = placeholder
 
     @property
     def cert_pem(self) -> bytes:
@@ -174,7 +181,8 @@ class CertificateAuthority:
         """Start making the server context for `name` on the CA's thread, unless its leaf is
         made or under way: the handshake that needs it (`server_context`) then waits only
         for what is left, if anything."""
-        if self._leaves.get(name) is not None:
+        made = self._leaves if self._native is None else self._native_leaves
+        if made.get(name) is not None:
             return
         with self._pending_lock:
             if name in self._pending:
@@ -185,6 +193,47 @@ class CertificateAuthority:
             pending = self._pending[name] = _Pending()
         self._background.run(lambda: self._make_pending(name, pending))
 
+    def server_object(
+        self, name: str, alpn: Alpn, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
+    ) -> ssl.SSLObject:
+        """A server-side SSLObject on the BIOs that presents the leaf for `name` and selects
+        `alpn` as `server_context` does: one context holds the leaf key for every name and the
+        object gets its name's certificate alone, where OpenSSL lets flowtap set it."""
+        native = self._native
+        if native is None:
+            context = self.server_context(name, alpn)
+            return context.wrap_bio(incoming, outgoing, server_side=True)
+        cert = self._native_leaves.get(name)
+        if cert is None:
+            claimed = self._claim(name)
+            cert = claimed if isinstance(claimed, NativeCertificate) else self._native_leaf(name)
+        obj = self._keyed_for(alpn).wrap_bio(incoming, outgoing, server_side=True)
+        native.use_certificate(obj, cert)
+        return obj
+
+    def _native_leaf(self, name: str) -> NativeCertificate:
+        """The leaf for `name` as OpenSSL parsed it (cached)."""
+        native = self._native
+        assert native is not None
+        cert = native.certificate(self.leaf(name).cert.public_bytes(serialization.Encoding.DER))
+        self._native_leaves.put(name, cert)
+        return cert
+
+    def _keyed_for(self, alpn: Alpn) -> ssl.SSLContext:
+        """The context holding the leaf key that selects `alpn`, shared by every name."""
+        context = self._keyed.get(alpn)
+        if context is None:
+            context = _keyed_context(self._placeholder, self._leaf_key_pem)
+            self._configure(context, alpn)
+            self._keyed.put(alpn, context)
+        return context
+
+    def _configure(self, context: ssl.SSLContext, alpn: Alpn) -> None:
+        if alpn:
+            context.set_alpn_protocols([alpn] if isinstance(alpn, str) else list(alpn))
+        if self.keylog_file is not None:
+            context.keylog_filename = str(self.keylog_file)
+
     def server_context(self, name: str, alpn: Alpn = None) -> ssl.SSLContext:
         """A server-side SSL context that presents the leaf for `name` and, when `alpn` is
         given, selects that protocol (the first of those) the client offers, if any (cached
@@ -193,11 +242,9 @@ class CertificateAuthority:
         cached = self._contexts.get(key)
         if cached is not None:
             return cached
-        context = self._claim(name) or self._new_context(name)
-        if alpn:
-            context.set_alpn_protocols([alpn] if isinstance(alpn, str) else list(alpn))
-        if self.keylog_file is not None:
-            context.keylog_filename = str(self.keylog_file)
+        claimed = self._claim(name) if self._native is None else None
+        context = claimed if isinstance(claimed, ssl.SSLContext) else self._new_context(name)
+        self._configure(context, alpn)
         self._contexts.put(key, context)
         return context
 
@@ -223,14 +270,17 @@ class CertificateAuthority:
                 return
             pending.started = True
         try:
-            pending.context = self._new_context(name)
+            if self._native is None:
+                pending.value = self._new_context(name)
+            else:
+                pending.value = self._native_leaf(name)
         except (ValueError, OSError, ssl.SSLError):
             pass  # made again, and the error raised, by the handshake that needs it
         finally:
             pending.done.set()
 
-    def _claim(self, name: str) -> ssl.SSLContext | None:
-        """The context `prepare` made or is making for `name` (waiting for it), or None."""
+    def _claim(self, name: str) -> ssl.SSLContext | NativeCertificate | None:
+        """What `prepare` made or is making for `name` (waiting for it), or None."""
         with self._pending_lock:
             pending = self._pending.pop(name, None)
             if pending is None:
@@ -240,7 +290,7 @@ class CertificateAuthority:
                 pending.started = True
                 return None
         pending.done.wait(_PREPARE_WAIT_S)
-        return pending.context
+        return pending.value
 
     def cached_names(self) -> list[str]:
         """The names whose leaves are cached, least recently used first."""
@@ -278,15 +328,16 @@ class CertificateAuthority:
 
 
 class _Pending:
-    """A name's server context being made on the CA's thread."""
+    """What a name's handshakes need (its context, or its certificate as OpenSSL parsed it)
+    being made on the CA's thread."""
 
-    __slots__ = ("context", "done", "started")
+    __slots__ = ("done", "started", "value")
 
     def __init__(self) -> None:
         self.started = False
         """Whether a thread has begun making it (guarded by the CA's lock)."""
-        self.context: ssl.SSLContext | None = None
-        """The context, once `done`; None if it could not be made."""
+        self.value: ssl.SSLContext | NativeCertificate | None = None
+        """What was made, once `done`; None if it could not be made."""
         self.done = threading.Event()
 
 
@@ -303,11 +354,15 @@ class _Background:
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        # The contexts are made ahead once one was taken: a CA whose connections get their
+        # certificates through the native binding never needs them.
+        self._taken = False
 
     def take(self) -> ssl.SSLContext | None:
         """A context made ahead, or None when none is ready (the thread makes another)."""
         with self._changed:
             self._start()
+            self._taken = True
             context = self._ready.popleft() if self._ready else None
             self._changed.notify()
         return context
@@ -336,7 +391,11 @@ class _Background:
     def _loop(self) -> None:
         while True:
             with self._changed:
-                while not self._closed and not self._jobs and len(self._ready) >= self._size:
+                while (
+                    not self._closed
+                    and not self._jobs
+                    and (not self._taken or len(self._ready) >= self._size)
+                ):
                     self._changed.wait()
                 if self._closed:
                     return

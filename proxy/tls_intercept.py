@@ -458,8 +458,7 @@ class TlsInterception:
         assert ca is not None
         name = hello.sni or self.upstream_host
         chosen = upstream.selected_alpn_protocol()
-        context = ca.server_context(name, alpn=chosen)
-        self._client = context.wrap_bio(self._client_in, self._client_out, server_side=True)
+        self._client = ca.server_object(name, chosen, self._client_in, self._client_out)
         self._client_in.write(bytes(self._peeked))
         self._peeked.clear()
         self.phase = Phase.CLIENT_HANDSHAKE

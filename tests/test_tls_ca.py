@@ -12,6 +12,7 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from flowtap.proxy.tls_ca import (
     load_ca_file,
     load_or_create_ca,
 )
+from flowtap.proxy.tls_native import binding
 
 
 def run_ca(data_home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -167,12 +169,22 @@ def test_leaf_rejects_names_that_are_neither_host_nor_address(ca: CertificateAut
             ca.leaf(bad)
 
 
-def handshake(server_context: ssl.SSLContext, name: str, cafile: Path) -> ssl.SSLObject:
-    """A Python ssl client's handshake for `name` with `server_context`, in memory; the
-    client's side, done."""
+ServerSide = Callable[[ssl.MemoryBIO, ssl.MemoryBIO], ssl.SSLObject]
+
+
+def handshake(
+    server_side: ssl.SSLContext | ServerSide, name: str, cafile: Path, alpn: str | None = None
+) -> ssl.SSLObject:
+    """A Python ssl client's handshake for `name` (offering `alpn`) with a server context or
+    what makes the server's object on its BIOs, in memory; the client's side, done."""
     server_in, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    server = server_context.wrap_bio(server_in, server_out, server_side=True)
+    if isinstance(server_side, ssl.SSLContext):
+        server = server_side.wrap_bio(server_in, server_out, server_side=True)
+    else:
+        server = server_side(server_in, server_out)
     client_context = ssl.create_default_context(cafile=str(cafile))
+    if alpn is not None:
+        client_context.set_alpn_protocols([alpn])
     client_in, client_out = ssl.MemoryBIO(), ssl.MemoryBIO()
     client = client_context.wrap_bio(client_in, client_out, server_hostname=name)
     done = {"client": False, "server": False}
@@ -286,6 +298,73 @@ def test_a_prepared_name_that_is_no_host_name_fails_where_it_is_used(
     with pytest.raises(ValueError):
         ca.server_context("caf\u00e9.test")
     assert ca.server_context("after.test") is not None  # the CA's thread goes on
+
+
+def leaf_name(client: ssl.SSLObject) -> str:
+    """The one DNS name in the leaf the client got."""
+    der = client.getpeercert(binary_form=True)
+    assert der is not None
+    cert = x509.load_der_x509_certificate(der)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    [name] = san.get_values_for_type(x509.DNSName)
+    return name
+
+
+def served(
+    ca: CertificateAuthority, name: str, alpn: str | None = None, offer: str | None = None
+) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """A client's handshake (offering `offer`) with the CA's server object for `name` and
+    `alpn`: the client's side and the server's."""
+    assert ca.cert_file is not None
+    made: list[ssl.SSLObject] = []
+
+    def server_side(incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
+        made.append(ca.server_object(name, alpn, incoming, outgoing))
+        return made[0]
+
+    client = handshake(server_side, name, ca.cert_file, alpn=offer)
+    return client, made[0]
+
+
+def test_connections_of_every_name_share_a_keyed_context_and_each_present_its_leaf(
+    ca: CertificateAuthority,
+) -> None:
+    # Through libssl's SSL_use_certificate: one context per ALPN choice holds the leaf key.
+    assert binding() is not None, "the libssl binding is not found for this Python"
+    contexts = set()
+    for index in range(6):
+        name, alpn = f"shared-{index}.test", ("h2" if index % 2 else None)
+        client, server = served(ca, name, alpn, offer="h2")
+        assert leaf_name(client) == name
+        assert client.selected_alpn_protocol() == alpn
+        contexts.add(server.context)
+    assert len(contexts) == 2
+    # No name needed a context of its own, so none was made ahead for one.
+    assert not ca._background._ready
+
+
+def test_names_prepared_at_the_client_hello_are_served_as_openssl_parsed_them_ahead(
+    ca: CertificateAuthority,
+) -> None:
+    names = [f"native-{index}.test" for index in range(20)]
+    for name in names:
+        ca.prepare(name)
+    for name in reversed(names):  # some taken over before the CA's thread begins them
+        client, _ = served(ca, name)
+        assert leaf_name(client) == name
+    ca.prepare("caf\u00e9.test")
+    with pytest.raises(ValueError):
+        ca.server_object("caf\u00e9.test", None, ssl.MemoryBIO(), ssl.MemoryBIO())
+
+
+def test_without_the_binding_each_name_is_served_from_its_own_context(
+    ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ca, "_native", None)
+    ca.prepare("own.test")
+    client, server = served(ca, "own.test", "h2", offer="h2")
+    assert leaf_name(client) == "own.test" and client.selected_alpn_protocol() == "h2"
+    assert server.context is ca.server_context("own.test", "h2")
 
 
 def test_the_cas_thread_ends_with_the_ca(tmp_path: Path) -> None:
