@@ -289,13 +289,14 @@ def idle_kib_per_flow(proxy: Proxy, flows: int) -> float:
 
 
 def new_name_ms(directory: Path, names: int, gap_s: float, ahead_s: float = 0.0) -> float:
-    """The median time flowtap's CA takes, in this process, to give a server context for a
-    name it has not seen, names coming `gap_s` apart (0: back to back); with `ahead_s`, the
-    name was given to `prepare` that long before, as the relay does at the ClientHello."""
+    """The median time flowtap's CA takes, in this process, to give the relay the server side
+    of a connection for a name it has not seen (what the relay asks for, `server_object`),
+    names coming `gap_s` apart (0: back to back); with `ahead_s`, the name was given to
+    `prepare` that long before, as the relay does at the ClientHello."""
     from flowtap.proxy.tls_ca import load_or_create_ca
 
     ca = load_or_create_ca(directory / f"new-name-ca-{gap_s}-{ahead_s}")
-    ca.server_context("warm-up.test")
+    ca.server_object("warm-up.test", None, ssl.MemoryBIO(), ssl.MemoryBIO())
     times = []
     for index in range(names):
         name = f"name-{index}.test"
@@ -304,8 +305,9 @@ def new_name_ms(directory: Path, names: int, gap_s: float, ahead_s: float = 0.0)
         if ahead_s:
             ca.prepare(name)
             time.sleep(ahead_s)  # what the upstream's handshake takes meanwhile
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         started = time.perf_counter()
-        ca.server_context(name)
+        ca.server_object(name, None, incoming, outgoing)
         times.append(time.perf_counter() - started)
     times.sort()
     return times[len(times) // 2] * 1e3
