@@ -15,6 +15,7 @@ import enum
 import fnmatch
 import functools
 import os
+import socket
 import ssl
 import sys
 import threading
@@ -244,6 +245,79 @@ def _create_private_file(path: Path) -> None:
         ) from None
 
 
+class Outgoing:
+    """Bytes due to one peer, kept as the chunks they came in: a chunk (a whole batch of
+    records from an SSLObject's outgoing BIO) goes to the socket as it is, never copied again
+    to join the others."""
+
+    __slots__ = ("_chunks", "_offset", "_size")
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._offset = 0
+        """The bytes of the first chunk already sent."""
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self._chunks)[self._offset :]
+
+    def __iadd__(self, data: bytes | bytearray | memoryview) -> Outgoing:
+        self.append(data if type(data) is bytes else bytes(data))
+        return self
+
+    def append(self, chunk: bytes) -> None:
+        """Queue `chunk` (kept, not copied) after what is due."""
+        if chunk:
+            self._chunks.append(chunk)
+            self._size += len(chunk)
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._size = self._offset = 0
+
+    def send_to(self, sock: socket.socket) -> int:
+        """Send what `sock` takes now, from the start (raising what `send` raises); the byte
+        count, still held here until `drop` or `take`."""
+        chunks = self._chunks
+        if len(chunks) == 1:
+            first = chunks[0]
+            return sock.send(memoryview(first)[self._offset :] if self._offset else first)
+        # Several chunks (the handshake's flights, or batches queued while the socket was
+        # full): one call for them all.
+        views = [memoryview(chunk) for chunk in chunks[:_IOV_CHUNKS]]
+        views[0] = views[0][self._offset :]
+        return sock.sendmsg(views)
+
+    def drop(self, size: int) -> None:
+        """Forget the first `size` bytes (sent)."""
+        self._size -= size
+        chunks = self._chunks
+        offset = self._offset + size
+        while chunks and offset >= len(chunks[0]):
+            offset -= len(chunks.pop(0))
+        self._offset = offset
+
+    def take(self, size: int) -> bytes:
+        """The first `size` bytes, forgotten here."""
+        data = (
+            bytes(self)[:size]
+            if len(self._chunks) > 1
+            else self._chunks[0][self._offset : self._offset + size]
+        )
+        self.drop(size)
+        return data
+
+
+# Chunks given to one sendmsg: far below IOV_MAX (1024), and more than a socket takes at once.
+_IOV_CHUNKS = 64
+
+
 class Phase(enum.Enum):
     PEEKING = "peeking"
     UPSTREAM_HANDSHAKE = "upstream-handshake"
@@ -260,8 +334,8 @@ class TlsInterception:
         self.settings = settings
         self.upstream_host = upstream_host
         self.phase = Phase.PEEKING
-        self.to_client = bytearray()
-        self.to_server = bytearray()
+        self.to_client = Outgoing()
+        self.to_server = Outgoing()
         self.keeps_plaintext = True
         """Whether the plaintext goes into `plaintext_up`/`plaintext_down` (else it is only
         counted): the caller says so when no observer wants data."""
@@ -336,14 +410,15 @@ class TlsInterception:
             (self._client_in if from_client else self._up_in).write(data)
             self._advance(up=from_client, down=not from_client)
             return
+        chunk = bytes(data)  # one copy, both for the peer and for observers
         if from_client:
-            self.to_server += data
-            self.bytes_up += len(data)
+            self.to_server.append(chunk)
+            self.bytes_up += len(chunk)
         else:
-            self.to_client += data
-            self.bytes_down += len(data)
+            self.to_client.append(chunk)
+            self.bytes_down += len(chunk)
         if self.keeps_plaintext:
-            (self.plaintext_up if from_client else self.plaintext_down).append(bytes(data))
+            (self.plaintext_up if from_client else self.plaintext_down).append(chunk)
 
     def client_eof(self) -> None:
         """The client closed its side (TCP FIN)."""
@@ -403,7 +478,7 @@ class TlsInterception:
         self.phase = Phase.PLAIN
         data = bytes(self._peeked)
         self._peeked.clear()
-        self.to_server += data
+        self.to_server.append(data)
         self.bytes_up += len(data)
         if self.keeps_plaintext:
             self.plaintext_up.append(data)
@@ -505,9 +580,9 @@ class TlsInterception:
             if not self._upstream_random:
                 # flowtap's own ClientHello, whole in one record: its random names the secrets.
                 self._upstream_random = data[11:43]
-            self.to_server += data
+            self.to_server.append(data)
         if self._client_out.pending:
-            self.to_client += self._client_out.read()
+            self.to_client.append(self._client_out.read())
 
     def _fail(self, reason: str) -> None:
         if self.phase is Phase.FAILED:

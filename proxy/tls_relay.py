@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .events import Bus
 from .flow import CloseReason, Direction, Flow, FlowData, FlowUpdated, FlowWire, TlsFacts
-from .tls_intercept import Phase, TlsInterception, TlsSettings
+from .tls_intercept import Outgoing, Phase, TlsInterception, TlsSettings
 
 if TYPE_CHECKING:
     from .modes import Prelude
@@ -284,11 +284,11 @@ class TlsTcpFlow:
         else:
             self._server_writable = writable
 
-    def _send(self, sock: socket.socket, pending: bytearray, *, is_client: bool) -> bool:
+    def _send(self, sock: socket.socket, pending: Outgoing, *, is_client: bool) -> bool:
         if not pending or not (self._client_writable if is_client else self._server_writable):
             return False
         try:
-            sent = sock.send(pending)
+            sent = pending.send_to(sock)
         except BlockingIOError:
             sent = 0  # the socket is full: handled as a short send is, below
         except OSError as exc:
@@ -296,13 +296,14 @@ class TlsTcpFlow:
                 self._end_side(is_client)
                 return True
             raise _SideFailed(is_client, exc.strerror or str(exc)) from None
-        if self._wire is not None and sent:
-            direction = Direction.DOWN if is_client else Direction.UP
-            self._record_wire(not is_client, direction, bytes(pending[:sent]))
         if sent < len(pending):
             # Full: epoll reports EPOLLOUT once it has room again.
             self._set_writable(is_client, False)
-        del pending[:sent]
+        if self._wire is not None and sent:
+            direction = Direction.DOWN if is_client else Direction.UP
+            self._record_wire(not is_client, direction, pending.take(sent))
+        else:
+            pending.drop(sent)
         return sent > 0
 
     def _record_wire(self, upstream_leg: bool, direction: Direction, data: bytes) -> None:
@@ -386,7 +387,7 @@ class TlsTcpFlow:
         for sock, pending in ((self.client, self.tls.to_client), (self.server, self.tls.to_server)):
             if pending:
                 with contextlib.suppress(OSError):
-                    sock.send(pending)
+                    pending.send_to(sock)
         if self._wire is not None:
             self._emit_wire()
         self._emit_plaintext()

@@ -3,6 +3,7 @@ with `TlsInterception` moving the bytes between them."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from flowtap.proxy.tls_ca import CertificateAuthority, load_or_create_ca
 from flowtap.proxy.tls_intercept import (
     ALERT_HANDSHAKE_FAILURE,
+    Outgoing,
     Phase,
     TlsInterception,
     TlsMode,
@@ -340,3 +342,45 @@ def test_plaintext_that_is_not_tls_is_counted_when_not_kept(cas: CAs) -> None:
     assert bytes(tls.to_client) == b"HTTP/1.1 204 No Content\r\n\r\n"
     assert (tls.bytes_up, tls.bytes_down) == (18, 27)
     assert tls.plaintext_up == [] and tls.plaintext_down == []
+
+
+def test_queued_chunks_reach_a_full_socket_whole_and_in_order() -> None:
+    """What is due to a peer is sent from the chunks it came in, across short sends that end
+    inside a chunk and calls that span several; `take` gives the bytes a send took."""
+    chunks = [bytes([i]) * size for i, size in enumerate((70_000, 1, 250_000, 3_000, 90_000))]
+    pending = Outgoing()
+    for chunk in chunks[:2]:
+        pending.append(chunk)
+    pending += bytearray(chunks[2])
+    pending += memoryview(chunks[3])
+    pending.append(b"")
+    pending.append(chunks[4])
+    expected = b"".join(chunks)
+    assert len(pending) == len(expected) and bytes(pending) == expected
+    sender, receiver = socket.socketpair()
+    with sender, receiver:
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sender.setblocking(False)
+        receiver.settimeout(10)
+        taken, done, sends, received = b"", 0, 0, b""
+        while pending:
+            try:
+                sent = pending.send_to(sender)
+            except BlockingIOError:
+                sent = 0  # full: the receiver below makes room
+            if sent:
+                sends += 1
+                # Alternately taken (what a wire capture records) and dropped.
+                if sends % 2:
+                    taken += pending.take(sent)
+                else:
+                    taken += expected[done : done + sent]
+                    pending.drop(sent)
+                done += sent
+            assert len(pending) == len(expected) - done
+            received += receiver.recv(1 << 20)
+        while len(received) < len(expected):
+            received += receiver.recv(1 << 20)
+    assert sends > len(chunks)  # short sends, then more from where they stopped
+    assert taken == expected and received == expected
+    assert bytes(pending) == b"" and not pending
