@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import FlowtapError
-from .tls_native import NativeCertificate, binding
+from .tls_native import LeafSigner, NativeCertificate, binding
 
 CA_FILE = "flowtap-ca.pem"
 """The CA's private key and certificate, mode 0600, in the CA directory."""
@@ -149,9 +149,29 @@ class CertificateAuthority:
         weakref.finalize(self, self._background.close)
         self._pending: dict[str, _Pending] = {}
         self._pending_lock = threading.Lock()
+        # With the binding, OpenSSL signs each name's leaf and keeps it (cached), and one
+        # context per ALPN choice holds the leaf key for every name's connections.
         self._native = binding()
-        # With the binding: each name's certificate as OpenSSL parsed it, and one context per
-        # ALPN choice holding the leaf key, which every name's connections share.
+        self._signer: LeafSigner | None = None
+        if self._native is not None:
+            try:
+                self._signer = self._native.leaf_signer(
+                    self._sign_leaf("flowtap.invalid").cert.public_bytes(
+                        serialization.Encoding.DER
+                    ),
+                    key.private_bytes(
+                        serialization.Encoding.DER,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    ),
+                    leaf_key.private_bytes(
+                        serialization.Encoding.DER,
+                        serialization.PrivateFormat.TraditionalOpenSSL,
+                        serialization.NoEncryption(),
+                    ),
+                )
+            except ValueError:
+                self._native = None  # a key OpenSSL will not take: cryptography signs
         self._native_leaves: _Recent[str, NativeCertificate] = _Recent(cache_size)
         self._keyed: _Recent[Alpn, ssl.SSLContext] = _Recent(64)
         self._placeholder = placeholder
@@ -170,6 +190,10 @@ class CertificateAuthority:
 
     def leaf(self, name: str) -> Leaf:
         """The leaf certificate for a host name or an IP address, signed now or from the cache."""
+        if self._signer is not None:
+            native = self._native_leaves.get(name) or self._native_leaf(name)
+            cert = x509.load_der_x509_certificate(native.der())
+            return Leaf(name, cert, cert.public_bytes(serialization.Encoding.PEM))
         cached = self._leaves.get(name)
         if cached is not None:
             return cached
@@ -181,8 +205,7 @@ class CertificateAuthority:
         """Start making the server context for `name` on the CA's thread, unless its leaf is
         made or under way: the handshake that needs it (`server_context`) then waits only
         for what is left, if anything."""
-        made = self._leaves if self._native is None else self._native_leaves
-        if made.get(name) is not None:
+        if self._made().get(name) is not None:
             return
         with self._pending_lock:
             if name in self._pending:
@@ -200,7 +223,7 @@ class CertificateAuthority:
         `alpn` as `server_context` does: one context holds the leaf key for every name and the
         object gets its name's certificate alone, where OpenSSL lets flowtap set it."""
         native = self._native
-        if native is None:
+        if native is None or self._signer is None:
             context = self.server_context(name, alpn)
             return context.wrap_bio(incoming, outgoing, server_side=True)
         cert = self._native_leaves.get(name)
@@ -212,12 +235,23 @@ class CertificateAuthority:
         return obj
 
     def _native_leaf(self, name: str) -> NativeCertificate:
-        """The leaf for `name` as OpenSSL parsed it (cached)."""
-        native = self._native
-        assert native is not None
-        cert = native.certificate(self.leaf(name).cert.public_bytes(serialization.Encoding.DER))
+        """The leaf for `name` signed by OpenSSL (cached)."""
+        signer = self._signer
+        assert signer is not None
+        subject, san, not_before, not_after = self._leaf_fields(name)
+        cert = signer.sign(
+            subject.public_bytes(),
+            x509.SubjectAlternativeName([san]).public_bytes(),
+            _serial_number(),
+            int(not_before.timestamp()),
+            int(not_after.timestamp()),
+        )
         self._native_leaves.put(name, cert)
         return cert
+
+    def _made(self) -> _Recent[str, NativeCertificate] | _Recent[str, Leaf]:
+        """The cache of the leaves as the handshakes use them."""
+        return self._leaves if self._signer is None else self._native_leaves
 
     def _keyed_for(self, alpn: Alpn) -> ssl.SSLContext:
         """The context holding the leaf key that selects `alpn`, shared by every name."""
@@ -242,7 +276,7 @@ class CertificateAuthority:
         cached = self._contexts.get(key)
         if cached is not None:
             return cached
-        claimed = self._claim(name) if self._native is None else None
+        claimed = self._claim(name) if self._signer is None else None
         context = claimed if isinstance(claimed, ssl.SSLContext) else self._new_context(name)
         self._configure(context, alpn)
         self._contexts.put(key, context)
@@ -270,7 +304,7 @@ class CertificateAuthority:
                 return
             pending.started = True
         try:
-            if self._native is None:
+            if self._signer is None:
                 pending.value = self._new_context(name)
             else:
                 pending.value = self._native_leaf(name)
@@ -294,9 +328,13 @@ class CertificateAuthority:
 
     def cached_names(self) -> list[str]:
         """The names whose leaves are cached, least recently used first."""
-        return self._leaves.keys()
+        return self._made().keys()
 
-    def _sign_leaf(self, name: str) -> Leaf:
+    def _leaf_fields(
+        self, name: str
+    ) -> tuple[x509.Name, x509.GeneralName, datetime.datetime, datetime.datetime]:
+        """A leaf's subject, subject alternative name and validity for `name` (ValueError if
+        it is neither a host name nor an IP address)."""
         san: x509.GeneralName
         try:
             san = x509.IPAddress(ipaddress.ip_address(name))
@@ -308,6 +346,12 @@ class CertificateAuthority:
         not_after = min(not_before + LEAF_VALIDITY, self.cert.not_valid_after_utc)
         # A common name is limited to 64 characters; the SAN is what clients check anyway.
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])])
+        return subject, san, not_before, not_after
+
+    def _sign_leaf(self, name: str) -> Leaf:
+        """The leaf for `name` signed by cryptography: without the binding, and the template
+        OpenSSL's leaves copy."""
+        subject, san, not_before, not_after = self._leaf_fields(name)
         cert = (
             x509.CertificateBuilder()
             .subject_name(subject)

@@ -151,13 +151,31 @@ def test_leaf_is_ecdsa_p256_and_valid_at_most_397_days(ca: CertificateAuthority)
     assert leaf.cert.not_valid_before_utc < now < leaf.cert.not_valid_after_utc
 
 
+def test_leaves_openssl_signs_carry_what_cryptography_signs(ca: CertificateAuthority) -> None:
+    # OpenSSL signs the leaves the relay serves after a template cryptography signed: the
+    # same subject, issuer, key, extensions and validity, name for name.
+    assert ca._signer is not None, "OpenSSL does not sign leaves for this Python"
+    for name in ("Mixed.Case.test", "192.0.2.7", "2001:db8::1", "x" * 70 + ".test"):
+        native, reference = ca.leaf(name).cert, ca._sign_leaf(name).cert
+        assert native.subject == reference.subject
+        assert native.issuer == reference.issuer
+        assert native.public_key() == reference.public_key()
+        assert native.signature_algorithm_oid == reference.signature_algorithm_oid
+        assert native.version == reference.version
+        assert list(native.extensions) == list(reference.extensions)
+        assert native.serial_number != reference.serial_number
+        assert abs(native.not_valid_before_utc - reference.not_valid_before_utc).total_seconds() < 5
+        assert native.not_valid_after_utc - native.not_valid_before_utc == LEAF_VALIDITY
+
+
 def test_leaves_are_cached_per_name_least_recently_used_out(tmp_path: Path) -> None:
     own = load_or_create_ca(tmp_path / "flowtap")
     small = CertificateAuthority(own.cert, own._key, own.path, own.cert_file, cache_size=3)
     first = small.leaf("a.test")
     small.leaf("b.test")
     small.leaf("c.test")
-    assert small.leaf("a.test") is first  # a hit, and now the most recently used
+    # A hit (the same certificate, its serial number and all), and now the most recently used.
+    assert small.leaf("a.test").cert_pem == first.cert_pem
     small.leaf("d.test")
     assert small.cached_names() == ["c.test", "a.test", "d.test"]
     assert small.leaf("b.test") is not None and "b.test" in small.cached_names()
@@ -361,6 +379,7 @@ def test_without_the_binding_each_name_is_served_from_its_own_context(
     ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ca, "_native", None)
+    monkeypatch.setattr(ca, "_signer", None)
     ca.prepare("own.test")
     client, server = served(ca, "own.test", "h2", offer="h2")
     assert leaf_name(client) == "own.test" and client.selected_alpn_protocol() == "h2"
@@ -390,7 +409,9 @@ def make_openssl_ca(tmp_path: Path, key_args: list[str]) -> Path:
     return bundle
 
 
-@pytest.mark.parametrize("key_args", [["rsa:2048"], ["ec", "-pkeyopt", "ec_paramgen_curve:P-384"]])
+@pytest.mark.parametrize(
+    "key_args", [["rsa:2048"], ["ec", "-pkeyopt", "ec_paramgen_curve:P-384"], ["ed25519"]]
+)
 def test_own_ca_from_a_file_signs_leaves_openssl_verifies(
     tmp_path: Path, key_args: list[str]
 ) -> None:
