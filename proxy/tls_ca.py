@@ -258,6 +258,8 @@ class CertificateAuthority:
         context = self._keyed.get(alpn)
         if context is None:
             context = _keyed_context(self._placeholder, self._leaf_key_pem)
+            assert self._signer is not None
+            self._signer.hold_key(context)
             self._configure(context, alpn)
             self._keyed.put(alpn, context)
         return context
