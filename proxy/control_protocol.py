@@ -4,9 +4,12 @@ Every frame is a 5-byte header (payload length, big-endian u32; kind, u8) and it
 A `JSON` frame holds one UTF-8 JSON object: the server's `hello`, a client's request
 (`{"id": N, "cmd": ...}`), the reply to it (`{"type": "reply", "id": N, "ok": ...}`) or a
 pushed event (`{"type": "opened" | "updated" | "closed" | "not-shown" | "counts" | "bye", ...}`). A
-`DATA` frame carries one `FlowData`: flow id (u64), direction (u8, 0 up, 1 down), time
-(f64 Unix seconds), then the bytes as they crossed the relay, so payloads are never
-re-encoded. The server speaks first with its `hello` and `version`; a later version adds
+`DATA` frame carries a run of `FlowData` in columns (a `DataRun`): their count (u32), then
+each one's flow id (u64s), time (f64s, Unix seconds), length (u32s) and direction (u8s,
+0 up, 1 down), then their bytes one after another as they crossed the relay, so payloads
+are never re-encoded. The columns are in the machine's own byte order (a unix socket's two
+ends share the machine), so that either end packs or unpacks a column in one call, not a
+call per chunk. The server speaks first with its `hello` and `version`; a later version adds
 commands and event types, which clients ignore when they do not know them.
 """
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import json
 import struct
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +35,13 @@ from .flow import (
     Transport,
 )
 
-VERSION = 1
+VERSION = 2
 """The protocol version a server announces in its hello; a client refuses another major one."""
 
 HEADER = struct.Struct("!IB")
-DATA_HEADER = struct.Struct("!IBQBd")
-"""A data frame's header and the fixed part of its payload, packed at once."""
-DATA_FIXED = DATA_HEADER.size - HEADER.size
+_RUN_COUNT = struct.Struct("=I")
+_RUN_BYTES_PER_CHUNK = 8 + 8 + 4 + 1
+"""A run's column bytes per chunk: flow id, time, length, direction."""
 
 KIND_JSON = 1
 KIND_DATA = 2
@@ -45,6 +50,7 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 """A frame announcing more is a protocol error: the peer is not a flowtap control client."""
 
 _DIRECTIONS = (Direction.UP, Direction.DOWN)
+_IS_DOWN = Direction.DOWN.__eq__  # str's: an Enum's own hashing and lookups run in Python
 
 
 class ProtocolError(Exception):
@@ -75,26 +81,92 @@ def encode_json(message: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body), KIND_JSON) + body
 
 
-def encode_data(event: FlowData) -> bytes:
-    """One data frame: `DATA_HEADER`, then the event's bytes as they are."""
-    header = DATA_HEADER.pack(
-        DATA_FIXED + len(event.data),
-        KIND_DATA,
-        event.flow_id,
-        event.direction is Direction.DOWN,
-        event.timestamp,
+class DataRun:
+    """Consecutive data events as one data frame carries them, in columns: a viewer keeps
+    them so, and folds a run of one flow into its store with a call per column rather
+    than one per chunk. `payload` holds every chunk's bytes, one after another."""
+
+    __slots__ = ("downs", "flow_ids", "lengths", "payload", "timestamps")
+
+    def __init__(
+        self,
+        flow_ids: array[int],
+        timestamps: array[float],
+        lengths: array[int],
+        downs: bytes,
+        payload: bytes,
+    ) -> None:
+        self.flow_ids = flow_ids
+        self.timestamps = timestamps
+        self.lengths = lengths
+        self.downs = downs
+        """Each chunk's direction: 1 down (server to client), 0 up."""
+        self.payload = payload
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def flow_id(self) -> int | None:
+        """The one flow every chunk of the run belongs to, or None if there are several."""
+        ids = self.flow_ids
+        first = ids[0] if ids else None
+        return first if first is not None and ids.count(first) == len(ids) else None
+
+    def events(self) -> Iterator[FlowData]:
+        """The run as one `FlowData` per chunk, in order."""
+        payload = self.payload
+        start = 0
+        for flow_id, timestamp, length, down in zip(
+            self.flow_ids, self.timestamps, self.lengths, self.downs, strict=True
+        ):
+            yield FlowData(flow_id, _DIRECTIONS[down], timestamp, payload[start : start + length])
+            start += length
+
+
+def encode_data(events: Sequence[FlowData]) -> bytes:
+    """One data frame carrying `events` (at least one) as a `DataRun`."""
+    flow_ids, directions, timestamps, datas = zip(*events, strict=True)
+    payload = b"".join(datas)
+    body = b"".join(
+        (
+            _RUN_COUNT.pack(len(events)),
+            array("Q", flow_ids).tobytes(),
+            array("d", timestamps).tobytes(),
+            array("I", map(len, datas)).tobytes(),
+            bytes(map(_IS_DOWN, directions)),
+        )
     )
-    return header + event.data
+    return HEADER.pack(len(body) + len(payload), KIND_DATA) + body + payload
 
 
-def decode_data(payload: bytes | memoryview) -> FlowData:
-    """The `FlowData` a data frame's payload carries."""
-    if len(payload) < DATA_FIXED:
+def decode_data(payload: bytes | memoryview) -> DataRun:
+    """The `DataRun` a data frame's payload carries; ProtocolError if it is malformed."""
+    view = memoryview(payload)
+    if len(view) < _RUN_COUNT.size:
         raise ProtocolError("data frame too short")
-    flow_id, direction, timestamp = struct.unpack_from("!QBd", payload)
-    if direction > 1:
-        raise ProtocolError(f"data frame with direction {direction}")
-    return FlowData(flow_id, _DIRECTIONS[direction], timestamp, bytes(payload[DATA_FIXED:]))
+    (count,) = _RUN_COUNT.unpack_from(view)
+    at = _RUN_COUNT.size
+    if count == 0 or len(view) - at < count * _RUN_BYTES_PER_CHUNK:
+        raise ProtocolError(f"data frame too short for {count} chunks")
+    flow_ids = _column("Q", view[at : at + 8 * count])
+    at += 8 * count
+    timestamps = _column("d", view[at : at + 8 * count])
+    at += 8 * count
+    lengths = _column("I", view[at : at + 4 * count])
+    at += 4 * count
+    downs = bytes(view[at : at + count])
+    at += count
+    if downs.translate(None, b"\x00\x01"):
+        raise ProtocolError("data frame with a direction other than 0 (up) or 1 (down)")
+    if sum(lengths) != len(view) - at:
+        raise ProtocolError("data frame whose chunk lengths do not add up to its bytes")
+    return DataRun(flow_ids, timestamps, lengths, downs, bytes(view[at:]))
+
+
+def _column(typecode: str, data: memoryview) -> array[Any]:
+    column = array(typecode)
+    column.frombytes(data)  # array(typecode, view) would take the view's bytes one by one
+    return column
 
 
 class FrameReader:

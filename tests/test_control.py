@@ -9,6 +9,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,10 +24,12 @@ from conftest import UdpEchoServer, exchange, flowtap_command, start_flowtap, wa
 from flowtap.inspector.tui.viewer import ControlClient
 from flowtap.proxy.control import ControlServer
 from flowtap.proxy.control_protocol import (
+    HEADER,
     KIND_DATA,
     KIND_JSON,
     VERSION,
     DataNotShown,
+    DataRun,
     FrameReader,
     ProtocolError,
     decode_data,
@@ -98,7 +101,10 @@ class PlainClient:
             assert time.monotonic() < deadline, f"timed out; got {len(got)} events"
             frame = self.frame(deadline - time.monotonic())
             assert frame is not None, "the server closed the socket"
-            got.append(decode_data(frame[1]) if frame[0] == KIND_DATA else decode_json(frame[1]))
+            if frame[0] == KIND_DATA:
+                got += decode_data(frame[1]).events()
+            else:
+                got.append(decode_json(frame[1]))
         return got
 
     def close(self) -> None:
@@ -433,7 +439,11 @@ def test_frames_split_anywhere_decode_to_the_same_messages_and_data() -> None:
         1700000000.25,
         state=FlowState.OPEN,
     )
-    data = FlowData(7, Direction.DOWN, 1700000000.5, bytes(range(256)) * 3)
+    data = [
+        FlowData(7, Direction.DOWN, 1700000000.5, bytes(range(256)) * 3),
+        FlowData(8, Direction.UP, 1700000000.75, b""),
+        FlowData(7, Direction.UP, 1700000001.0, b"x"),
+    ]
     stream = (
         encode_json({"type": "opened", "flow": flow_to_json(flow)})
         + encode_data(data)
@@ -446,8 +456,26 @@ def test_frames_split_anywhere_decode_to_the_same_messages_and_data() -> None:
             frames += reader.feed(stream[start : start + step])
         assert [kind for kind, _ in frames] == [KIND_JSON, KIND_DATA, KIND_JSON]
         assert flow_from_json(decode_json(frames[0][1])["flow"]) == flow
-        assert decode_data(frames[1][1]) == data
+        run = decode_data(frames[1][1])
+        assert list(run.events()) == data
+        assert run.flow_id() is None
         assert decode_json(frames[2][1]) == {"type": "bye", "reason": "done"}
+    assert decode_data(encode_data(data[2:])[HEADER.size :]).flow_id() == 7
+
+
+def test_a_data_frame_that_does_not_add_up_is_a_protocol_error() -> None:
+    good = encode_data([FlowData(1, Direction.UP, 1.0, b"abc")])[HEADER.size :]
+    directions_at = len(good) - 3 - 1
+    for bad in (
+        b"",  # no count
+        bytes(4),  # no chunks
+        good[:-1],  # a byte short of its lengths
+        good + b"d",  # a byte over
+        good[:directions_at] + b"\x07" + good[directions_at + 1 :],  # direction 7
+        (1000).to_bytes(4, sys.byteorder) + good[4:],  # more chunks than columns
+    ):
+        with pytest.raises(ProtocolError):
+            decode_data(bad)
 
 
 def test_a_stream_that_is_not_control_frames_is_a_protocol_error() -> None:
@@ -455,8 +483,6 @@ def test_a_stream_that_is_not_control_frames_is_a_protocol_error() -> None:
         FrameReader().feed(b"GET / HTTP/1.1\r\n\r\n")
     with pytest.raises(ProtocolError):
         decode_json(b"[1, 2]")
-    with pytest.raises(ProtocolError):
-        decode_data(b"\x00" * 8 + b"\x07" + b"\x00" * 8)  # flow 0, direction 7
     with pytest.raises(ProtocolError):
         flow_from_json({"id": 1, "transport": "sctp"})
 
@@ -598,13 +624,15 @@ def test_a_viewer_queues_events_in_order_and_counts_data_past_its_budget(served:
             return any(isinstance(event, DataNotShown) for event in taken)
 
         wait_for(counted, 10, "the data past the budget counted")
-        assert [type(event).__name__ for event in taken] == [
+        # Data comes in runs; a run that does not fit whole comes as the chunks that do.
+        events = [e for x in taken for e in (x.events() if isinstance(x, DataRun) else [x])]
+        assert [type(event).__name__ for event in events] == [
             "FlowOpened",
             "FlowData",
             "FlowClosed",
             "DataNotShown",
         ]
-        data, missing = taken[1], taken[3]
+        data, missing = events[1], events[3]
         assert isinstance(data, FlowData) and data.direction is Direction.UP
         assert data.data == b"a" * 60
         assert isinstance(missing, DataNotShown) and missing.direction is Direction.DOWN

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import tracemalloc
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowtap.inspector.pcapfile.reassembly import FlowGap
 from flowtap.inspector.summary import HEAD_BYTES
@@ -15,7 +19,7 @@ from flowtap.inspector.tui.store import (
     FlowStore,
     PayloadSpill,
 )
-from flowtap.proxy.control_protocol import DataNotShown
+from flowtap.proxy.control_protocol import HEADER, DataNotShown, decode_data, encode_data
 from flowtap.proxy.flow import (
     Address,
     CloseReason,
@@ -23,6 +27,7 @@ from flowtap.proxy.flow import (
     Flow,
     FlowClosed,
     FlowData,
+    FlowEvent,
     FlowOpened,
     FlowState,
     Transport,
@@ -216,3 +221,78 @@ def test_an_http2_flow_is_summarised_from_all_its_bytes_until_some_are_missing()
     store.apply([FlowClosed(closed)])
     store.refresh_summaries()
     assert record.summary.details[0] == "HTTP/2: 90 streams" and record.h2 is None
+
+
+def _fed(events: list[FlowEvent | DataNotShown], runs: list[int] | None) -> FlowStore:
+    """A store fed `events` one by one, or with the data between other events in runs of
+    the sizes `runs` cycles through, as the control socket carries them."""
+    store = FlowStore(max_kept_bytes_per_direction=HEAD_BYTES + 3000)
+    if runs is None:
+        store.apply(events)
+        return store
+    sizes = itertools.cycle(runs)
+    pending: list[FlowData] = []
+    fed: list[object] = []
+    for event in [*events, None]:
+        if isinstance(event, FlowData):
+            pending.append(event)
+            continue
+        while pending:
+            size = next(sizes)
+            fed.append(decode_data(encode_data(pending[:size])[HEADER.size :]))
+            del pending[:size]
+        if event is not None:
+            fed.append(event)
+    store.apply(fed)
+    return store
+
+
+def _state(store: FlowStore) -> list[object]:
+    """Everything a store holds of its flows, to compare two stores by."""
+    out: list[object] = [sorted(store.capped), store.open_count]
+    for flow_id, record in store.records.items():
+        chunks = record.chunks
+        out += [
+            flow_id,
+            record.flow,
+            (record.bytes_up, record.bytes_down, record.kept_up, record.kept_down),
+            (record.head_up, record.head_down, record.not_shown, record.summary_stale),
+            bytes(chunks.flags),
+            list(chunks.timestamps),
+            list(chunks.lengths),
+            [(c.direction, c.timestamp, c.data) for c in store.chunks(flow_id)],
+        ]
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 700), min_size=1, max_size=150),
+    flows=st.lists(st.sampled_from([1, 2]), min_size=1, max_size=120),
+    runs=st.lists(st.integers(1, 40), min_size=1, max_size=5),
+    not_shown_at=st.integers(0, 130),
+)
+def test_data_in_runs_is_kept_as_the_same_chunks_fed_one_by_one(
+    sizes: list[int], flows: list[int], runs: list[int], not_shown_at: int
+) -> None:
+    """Runs of one flow past its heads take the fast path; the others, the keep cap and
+    missing bytes between runs must come out the same."""
+    events: list[FlowEvent | DataNotShown] = [FlowOpened(_flow(1)), FlowOpened(_flow(2))]
+    for flow_id, direction in itertools.product((1, 2), Direction):  # their heads taken
+        events.append(FlowData(flow_id, direction, 999.0, b"h" * (HEAD_BYTES + flow_id)))
+    for i, size in enumerate(sizes):
+        if i == not_shown_at:
+            events.append(DataNotShown(1, Direction.DOWN, 77))
+        flow_id = flows[i % len(flows)]
+        direction = Direction.UP if i % 3 else Direction.DOWN
+        events.append(FlowData(flow_id, direction, 1000.0 + i, bytes([i % 256]) * size))
+    closed = _flow(2).closed(
+        ended_at=2000.0, bytes_up=1, bytes_down=2, reason=CloseReason.CLIENT_CLOSED
+    )
+    events.append(FlowClosed(closed))
+    one_by_one, in_runs = _fed(events, None), _fed(events, runs)
+    try:
+        assert _state(in_runs) == _state(one_by_one)
+    finally:
+        one_by_one.close()
+        in_runs.close()

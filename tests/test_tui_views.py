@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from capture_checks import assert_tshark_clean
@@ -26,10 +27,18 @@ from flowtap.inspector.pcapfile.writer import CaptureWriter, open_packet_file
 from flowtap.inspector.summary import escape_bytes
 from flowtap.inspector.tui import app as app_module
 from flowtap.inspector.tui.app import FlowtapApp
-from flowtap.inspector.tui.widgets.chunk_view import ChunkView
-from flowtap.inspector.tui.widgets.conversation import Conversation, body_line_count, body_lines
+from flowtap.inspector.tui.store import CHUNK_NOT_SHOWN, CHUNK_UP
+from flowtap.inspector.tui.widgets import flow_table
+from flowtap.inspector.tui.widgets.chunk_view import ChunkView, missing_line
+from flowtap.inspector.tui.widgets.conversation import (
+    Conversation,
+    body_line_count,
+    body_lines,
+    header_line,
+)
+from flowtap.inspector.tui.widgets.flow_table import FlowTable
 from flowtap.inspector.tui.widgets.hex_view import HexView
-from flowtap.proxy.control_protocol import DataNotShown
+from flowtap.proxy.control_protocol import HEADER, DataNotShown, decode_data, encode_data
 from flowtap.proxy.events import EventQueue
 from flowtap.proxy.flow import (
     Address,
@@ -342,6 +351,40 @@ def test_a_steady_stream_of_chunks_redraws_at_a_bounded_rate(
     run(app, scenario)
 
 
+def test_the_rows_of_flows_that_move_on_every_tick_redraw_at_a_bounded_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A busy flow's counters change on every tick; repainting the table each time cost
+    the TUI the better part of its CPU, so rows redraw a few times a second."""
+    app, queue = app_with([FlowOpened(opened(1)), line_chunk(1, 0)])
+    redraws: list[float] = []
+    refresh = FlowTable.refresh
+
+    def counted(table: FlowTable, *args: Any, **kwargs: Any) -> FlowTable:
+        redraws.append(time.monotonic())
+        return refresh(table, *args, **kwargs)
+
+    monkeypatch.setattr(FlowTable, "refresh", counted)
+
+    def stored(count: int) -> bool:
+        return len(app.store.records[1].chunks) == count
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        table = app.query_one(FlowTable)
+        await until(pilot, lambda: table.ids == [1], "the row")
+        await pilot.pause(0.3)
+        started = time.monotonic()
+        for sent in range(2, 42):  # a chunk on (nearly) every tick
+            queue.handle(line_chunk(1, sent - 1))
+            await until(pilot, functools.partial(stored, sent), "the chunk")
+        elapsed = time.monotonic() - started
+        await until(pilot, lambda: redraws[-1] > started + elapsed, "the last counts drawn")
+        moving = [at for at in redraws if started <= at <= started + elapsed]
+        assert len(moving) <= elapsed / flow_table.ROWS_REDRAW_S + 2
+
+    run(app, scenario)
+
+
 def test_missing_bytes_show_where_they_were_in_both_views() -> None:
     flow = opened(1)
     app, _ = app_with(
@@ -480,3 +523,81 @@ def test_a_flow_browsed_in_a_capture_opens_at_its_top_though_it_looks_live(
 )
 def test_a_chunks_line_count_is_that_of_its_lines_as_drawn(data: bytes, width: int) -> None:
     assert body_line_count(data, width) == len(body_lines(data, width))
+
+
+class _Handed:
+    """An event source that hands over `step` of its events at each drain."""
+
+    def __init__(self, events: list[object], step: int) -> None:
+        self._events = events
+        self._step = step
+
+    def drain(self, limit: int = 100_000) -> list[object]:
+        taken, self._events = self._events[: self._step], self._events[self._step :]
+        return taken
+
+
+def _in_runs(events: list[object], size: int) -> list[object]:
+    """`events` with consecutive data in runs of up to `size`, as a relay's control socket
+    sends them."""
+    out: list[object] = []
+    for is_data, group in itertools.groupby(events, lambda e: isinstance(e, FlowData)):
+        items = list(group)
+        if not is_data:
+            out += items
+            continue
+        for at in range(0, len(items), size):
+            frame = encode_data(items[at : at + size])  # type: ignore[arg-type]
+            out.append(decode_data(frame[HEADER.size :]))
+    return out
+
+
+def _conversation(events: list[object], flow_id: int, width: int) -> list[str]:
+    """A flow's conversation as the view draws it, from its events one by one."""
+    lines: list[str] = []
+    when = T0
+    for event in events:
+        if isinstance(event, FlowData) and event.flow_id == flow_id:
+            is_up = event.direction is Direction.UP
+            when = event.timestamp
+            lines.append(header_line(is_up, when, T0, len(event.data)))
+            lines += body_lines(event.data, width)
+        elif isinstance(event, DataNotShown) and event.flow_id == flow_id:
+            flags = CHUNK_NOT_SHOWN | (CHUNK_UP if event.direction is Direction.UP else 0)
+            lines.append(f"+{when - T0:.3f}s {missing_line(flags, event.size_bytes)}")
+    return lines
+
+
+def test_a_flow_received_in_runs_shows_each_chunk_as_it_would_alone() -> None:
+    """Short chunks without a newline are laid out a run at a time; newlines, long chunks,
+    missing bytes and another flow's chunks among them must not shift a line."""
+    rng = random.Random(7)
+    flow, other = opened(1), opened(2)
+    events: list[object] = [FlowOpened(flow), FlowOpened(other)]
+    for i in range(6000):
+        direction = Direction.UP if i % 2 == 0 else Direction.DOWN
+        data = rng.choice([b"x", b"ab", b"\x00\x01", b""])
+        if 2000 <= i < 2100:
+            data = rng.choice([b"a\nb", b"\n", b"q"])
+        if 5000 <= i < 5010:
+            data = bytes(range(11, 256))  # no newline, lines wider than the view
+        events.append(FlowData(1, direction, T0 + i / 1000, data))
+        if i == 3000:
+            events.append(DataNotShown(1, Direction.DOWN, 300))
+        if 4000 <= i < 4050:
+            events.append(FlowData(2, direction, T0 + i / 1000, b"other"))
+    # A tick's worth at a time: the view lays out what came since it last did.
+    app = FlowtapApp(events=_Handed(_in_runs(events, 100), 1), source="test")  # type: ignore[arg-type]
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        view = app.query_one(Conversation)
+        await until(pilot, lambda: view.chunk_count == 6001, "the flow's index")
+        expected = _conversation(events, 1, view.scrollable_content_region.width)
+        assert view.line_count == len(expected)
+        height = view.scrollable_content_region.height
+        for line in (0, 3990, 4100, 4300, 6050, 8001, 10_020, view.line_count - height):
+            view.scroll_to(y=line, animate=False, immediate=True, force=True)
+            await pilot.pause()
+            assert shown_lines(view) == expected[line : line + height]
+
+    run(app, scenario)

@@ -15,6 +15,7 @@ import threading
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from itertools import accumulate, compress
 
 from flowtap.inspector.pcapfile.reassembly import FlowGap
 from flowtap.inspector.summary import (
@@ -25,7 +26,7 @@ from flowtap.inspector.summary import (
     Summary,
     summarize,
 )
-from flowtap.proxy.control_protocol import DataNotShown
+from flowtap.proxy.control_protocol import DataNotShown, DataRun
 from flowtap.proxy.events import EventQueue
 from flowtap.proxy.flow import (
     Direction,
@@ -201,6 +202,15 @@ CHUNK_NOT_SHOWN = 4
 CHUNK_MISSING = CHUNK_GAP | CHUNK_NOT_SHOWN
 
 
+_UP_FLAGS = bytes([CHUNK_UP, 0]) + bytes(254)
+"""A `DataRun`'s directions (0 up, 1 down) translated into `ChunkIndex` flags."""
+
+
+def _taking(head: bytes | None) -> bool:
+    """Whether a direction's head is still being taken for its summary."""
+    return head is not None and len(head) < HEAD_BYTES
+
+
 class ChunkIndex:
     """Where a flow's kept chunks are: flags (direction, or missing bytes), time, spill
     offset and length of each, in flat arrays (about 21 bytes a chunk, where a tuple per
@@ -344,16 +354,14 @@ class FlowStore:
         changes = StoreChanges()
         records = self.records
         for event in events:
-            if isinstance(event, FlowData):
-                record = records.get(event.flow_id)
-                if record is None:
-                    continue
-                self._add_data(record, event)
-                if event.direction is Direction.UP:
-                    changes.bytes_up += len(event.data)
-                else:
-                    changes.bytes_down += len(event.data)
-                changes.changed.add(record.id)
+            if isinstance(event, DataRun):
+                flow_id = event.flow_id()
+                record = None if flow_id is None else records.get(flow_id)
+                if record is None or not self._add_run(record, event, changes):
+                    for data in event.events():
+                        self._add_event(data, changes)
+            elif isinstance(event, FlowData):
+                self._add_event(event, changes)
             elif isinstance(event, FlowOpened):
                 flow = event.flow
                 if flow.id in records:
@@ -413,6 +421,49 @@ class FlowStore:
                     record.gaps += 1
                     changes.changed.add(record.id)
         return changes
+
+    def _add_event(self, event: FlowData, changes: StoreChanges) -> None:
+        record = self.records.get(event.flow_id)
+        if record is None:
+            return
+        self._add_data(record, event)
+        if event.direction is Direction.UP:
+            changes.bytes_up += len(event.data)
+        else:
+            changes.bytes_down += len(event.data)
+        changes.changed.add(record.id)
+
+    def _add_run(self, record: FlowRecord, run: DataRun, changes: StoreChanges) -> bool:
+        """Fold in a run of `record`'s chunks with a call per column, as `_add_data` would
+        one by one; False, having done nothing, if a chunk needs more than keeping (a head
+        still being taken, an HTTP/2 connection followed, the keep cap reached)."""
+        if (
+            record.h2 is not None
+            or record.flow.state is FlowState.CONNECTING
+            or _taking(record.head_up)
+            or _taking(record.head_down)
+        ):
+            return False
+        down = sum(compress(run.lengths, run.downs))
+        up = len(run.payload) - down
+        if record.kept_up + up >= self._max_kept or record.kept_down + down >= self._max_kept:
+            return False
+        offset = self._spill.append(run.payload)  # one blob: its chunks follow each other
+        offsets = array("q", accumulate(run.lengths, initial=offset))
+        offsets.pop()
+        chunks = record.chunks
+        chunks.flags += run.downs.translate(_UP_FLAGS)
+        chunks.timestamps += run.timestamps
+        chunks.offsets += offsets
+        chunks.lengths.fromlist(run.lengths.tolist())  # last, as `ChunkIndex.append` does
+        record.bytes_up += up
+        record.kept_up += up
+        record.bytes_down += down
+        record.kept_down += down
+        changes.bytes_up += up
+        changes.bytes_down += down
+        changes.changed.add(record.id)
+        return True
 
     def _note_missing(
         self,
@@ -567,6 +618,13 @@ class FlowStore:
         spans = zip(index.offsets[first:last], index.lengths[first:last], strict=True)
         # A missing-bytes entry (offset -1) has no payload.
         return self._spill.read_many((o, n) if o >= 0 else (0, 0) for o, n in spans)
+
+    def span_bytes(self, record: FlowRecord, offset: int, length: int) -> bytes:
+        """The `length` bytes kept at spill offset `offset` (chunks of `record` kept one after
+        another); empty once the store has forgotten the flow."""
+        if self.records.get(record.id) is not record:
+            return b""
+        return self._spill.read(offset, length)
 
     def chunk_bytes(self, record: FlowRecord, i: int, start: int = 0, length: int = -1) -> bytes:
         """Bytes `start` to `start + length` (-1: to its end) of chunk `i` of `record`; empty

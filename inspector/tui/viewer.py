@@ -26,6 +26,7 @@ from flowtap.proxy.control_protocol import (
     KIND_JSON,
     VERSION,
     DataNotShown,
+    DataRun,
     FrameReader,
     ProtocolError,
     decode_data,
@@ -165,8 +166,9 @@ def find_relays(folder: Path | None = None) -> list[RelayFacts]:
 class ControlClient:
     """A connection to one relay's control socket; events are read on a thread of its own.
 
-    `drain` hands them over as flow events (`FlowOpened`, `FlowData`, `FlowClosed`),
-    `DataNotShown` for what was dropped, and finally one `RelayGone`.
+    `drain` hands them over as flow events (`FlowOpened`, `FlowClosed`...), data as it came
+    (a `DataRun` of consecutive chunks, or a `FlowData` of one), `DataNotShown` for what was
+    dropped, and finally one `RelayGone`.
     """
 
     def __init__(
@@ -226,15 +228,21 @@ class ControlClient:
     # -- events -----------------------------------------------------------------------------
 
     def drain(self, limit: int = 100_000) -> list[object]:
-        """Take up to `limit` waiting events, oldest first."""
+        """Take waiting events, oldest first, until about `limit` (a run counts a chunk each)."""
         out: list[object] = []
         pop = self._events.popleft
         data_bytes = 0
+        taken = 0
         try:
-            while len(out) < limit:
+            while taken < limit:
                 event = pop()
-                if isinstance(event, FlowData):
-                    data_bytes += len(event.data)
+                if isinstance(event, DataRun):
+                    data_bytes += len(event.payload)
+                    taken += len(event)
+                else:
+                    if isinstance(event, FlowData):
+                        data_bytes += len(event.data)
+                    taken += 1
                 out.append(event)
         except IndexError:
             pass
@@ -248,13 +256,18 @@ class ControlClient:
                 self._not_shown.clear()
         return out
 
-    def _put_data(self, events: list[FlowData]) -> None:
-        """Queue data events for the app; past the waiting budget they are counted instead."""
-        with self._lock:  # once per batch: a round trip's 1-byte events come one per frame
+    def _put_data(self, run: DataRun) -> None:
+        """Queue a run of data for the app; past the waiting budget its chunks are counted
+        instead."""
+        with self._lock:
             waiting = self._waiting_bytes
             limit = self._max_waiting
+            if waiting + len(run.payload) <= limit:
+                self._events.append(run)
+                self._waiting_bytes = waiting + len(run.payload)
+                return
             append = self._events.append
-            for event in events:
+            for event in run.events():  # the chunks that still fit are queued
                 size = len(event.data)
                 if waiting + size > limit:
                     key = (event.flow_id, event.direction)
@@ -280,20 +293,12 @@ class ControlClient:
 
     def _take(self, frames: list[tuple[int, bytes]]) -> str | None:
         """Queue the events of one read's frames, in order; the reason of a `bye` among them."""
-        data: list[FlowData] = []
         bye = None
-        try:
-            for kind, payload in frames:
-                if kind == KIND_DATA:
-                    data.append(decode_data(payload))
-                    continue
-                if data:  # the data before this message goes first
-                    self._put_data(data)
-                    data = []
+        for kind, payload in frames:
+            if kind == KIND_DATA:
+                self._put_data(decode_data(payload))
+            else:
                 bye = self._on_message(decode_json(payload)) or bye
-        finally:  # what decoded before a bad frame is kept
-            if data:
-                self._put_data(data)
         return bye
 
     def _frame_batches(self) -> Iterator[list[tuple[int, bytes]]]:

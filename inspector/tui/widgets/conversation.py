@@ -102,6 +102,9 @@ class Conversation(ChunkView):
 
     def _line_counts(self, record: FlowRecord, first: int, last: int) -> Iterable[int]:
         width = self._wrap_width
+        short = self._short_lines(record, first, last)
+        if short is not None:
+            return short
         datas = self.store.chunk_datas(record, first, last)
         flags = record.chunks.flags[first:last]
         self._widest = max(self._widest, 4 * max(map(len, datas), default=0))
@@ -109,6 +112,26 @@ class Conversation(ChunkView):
             1 if flag & CHUNK_MISSING else 1 + body_line_count(data, width)
             for data, flag in zip(datas, flags, strict=True)
         ]
+
+    def _short_lines(self, record: FlowRecord, first: int, last: int) -> list[int] | None:
+        """The line counts of chunks `first` to `last` (excluded) when each is a header and
+        one body line (short chunks, no newline, none missing), found for them all at once;
+        None otherwise."""
+        chunks = record.chunks
+        lengths = chunks.lengths[first:last]
+        longest = max(lengths, default=0)
+        if 4 * longest > self._wrap_width:  # an escape is at most four characters (\xNN)
+            return None
+        offsets = chunks.offsets
+        start = offsets[first]
+        span = offsets[last - 1] + lengths[-1] - start
+        # Kept one after another (no other flow's bytes, nor missing ones, between them).
+        if start < 0 or span != sum(lengths) or min(offsets[first:last]) < 0:
+            return None
+        if b"\n" in self.store.span_bytes(record, start, span):
+            return None
+        self._widest = max(self._widest, 4 * longest)
+        return [2] * (last - first)
 
     def _chunk_line(self, record: FlowRecord, i: int, k: int) -> tuple[str, Style]:
         chunks = record.chunks

@@ -93,6 +93,8 @@ COLUMNS: tuple[Column, ...] = (
 COLUMN_KEYS = tuple(c.key for c in COLUMNS)
 _FIXED_WIDTH = sum(c.width + 1 for c in COLUMNS)
 _MIN_SUMMARY = 24
+ROWS_REDRAW_S = 0.25
+"""Rows whose flows changed are redrawn this often at most."""
 _STATE_CLASS = {
     "connecting": "open",
     "open": "open",
@@ -153,6 +155,7 @@ class FlowTable(ScrollView, can_focus=True):
         self._needs_sort = False
         self._last_sort = 0.0
         self._last_redraw = 0.0
+        self._rows_stale = False
         self._last_size_sync = 0.0
         self._shown: set[int] | None = None  # the shown ids as a set, kept while filtering
         self._selected: int | None = None
@@ -208,7 +211,7 @@ class FlowTable(ScrollView, can_focus=True):
         if not self._sorted_by_arrival():
             self._needs_sort = True
         elif not flow_ids.isdisjoint(self._visible_ids()):
-            self.refresh()
+            self._rows_stale = True  # `tick` redraws them
 
     def _top_index(self) -> int:
         return round(self.scroll_y)
@@ -259,8 +262,9 @@ class FlowTable(ScrollView, can_focus=True):
         self.post_message(SortChanged(column, reverse))
 
     def tick(self) -> None:
-        """Re-sort rows whose keys changed (at most twice a second for large tables), and
-        redraw once a second so that the durations of open flows move on."""
+        """Re-sort rows whose keys changed (at most twice a second for large tables), redraw
+        changed rows a few times a second, and once a second so that the durations of open
+        flows move on."""
         now = time.monotonic()
         if self._needs_sort:
             interval = 0.5 if len(self.ids) > 5000 else 0.0
@@ -269,7 +273,13 @@ class FlowTable(ScrollView, can_focus=True):
                 self._rows_changed()
         if now - self._last_size_sync >= 0.5:
             self._sync_size(now=now)
-        if now - self._last_redraw >= 1.0:
+        if self._rows_stale and now - self._last_redraw >= ROWS_REDRAW_S:
+            # Counters that change on every tick would cost a repaint of the table each
+            # time: the better part of the TUI's CPU while it follows a busy flow.
+            self._rows_stale = False
+            self._last_redraw = now
+            self.refresh()
+        elif now - self._last_redraw >= 1.0:
             self._last_redraw = now
             records = self.store.records
             if any(not records[i].is_closed for i in self._visible_ids() if i in records):
