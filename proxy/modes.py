@@ -17,7 +17,6 @@ import contextlib
 import select
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -89,7 +88,7 @@ class ProxyWorker(Protocol):
 
     def unwatch(self, fd: int) -> None: ...
 
-    def add_deadline(self, when: float, phase: HandshakePhase) -> None: ...
+    def add_deadline(self, phase: HandshakePhase) -> None: ...
 
     def call_soon(self, callback: Callable[[], None]) -> None: ...
 
@@ -234,12 +233,13 @@ class HandshakePhase:
             self._start_transparent()
             return
         self.handshake = new_handshake(self.mode, self.policy)
-        worker.add_deadline(time.monotonic() + self.policy.handshake_timeout_s, self)
         fd = self.client.fileno()
         worker.watch_client(fd, FLOW_EVENTS, self)
         # Clients send their greeting as soon as they are connected: it is often here already,
-        # and read now it costs no wait for the poll.
+        # and read now it costs no wait for the poll (nor a deadline, if it was all there).
         self.on_ready(fd, _IN, 0.0)
+        if not self.closed and not self.deciding:
+            worker.add_deadline(self)
 
     # -- events from the worker ------------------------------------------------------------
 

@@ -56,7 +56,7 @@ from .socks_udp import UdpAssociation
 from .transparent_udp import TransparentUdpListener, prepare_listener
 from .udp import UdpListener, check_spec
 from .udp_sessions import DatagramFlow
-from .worker import RelayConfig, Worker
+from .worker import Deadlines, RelayConfig, Worker
 
 if TYPE_CHECKING:
     # Imported when a flow first needs TLS: cryptography and ssl cost ~60 ms of start-up.
@@ -616,6 +616,8 @@ class _TcpFlows:
     __slots__ = (
         "_accept_resume_at",
         "_accepters",
+        "_connects",
+        "_handshakes",
         "_idle_scan_s",
         "_next_idle_scan",
         "_transparent_targets",
@@ -648,6 +650,10 @@ class _TcpFlows:
         self.ready = worker.ready
         self._accepters = [_Accepter(self, listener) for listener in listeners]
         self._accept_resume_at: float | None = None
+        # Upstream connects and handshakes under way, due in the order they began (one
+        # queue per handshake timeout: listeners may have their own).
+        self._connects: Deadlines[_TcpFlow | TlsTcpFlow] = Deadlines(self.config.connect_timeout_s)
+        self._handshakes: dict[float, Deadlines[HandshakePhase]] = {}
         idle = self.config.idle_timeout_s
         self._idle_scan_s = min(1.0, idle / 4) if idle else math.inf
         self._next_idle_scan = time.monotonic() + self._idle_scan_s
@@ -662,7 +668,19 @@ class _TcpFlows:
         return len(self.flows) + len(self.proxied)
 
     def on_deadline(self, now: float) -> None:
-        """Resume accepting after a pause, and close the flows idle for too long."""
+        """Time out connects and handshakes, resume accepting after a pause, and close the
+        flows idle for too long."""
+        for tcp in self._connects.pop_due(now):
+            if tcp.connecting and not tcp.closed:
+                self.refuse_connect(
+                    tcp,
+                    CloseReason.UPSTREAM_TIMEOUT,
+                    Failure.TIMEOUT,
+                    f"no answer from {tcp.flow.server} within {self.config.connect_timeout_s:g} s",
+                )
+        for handshakes in self._handshakes.values():
+            for phase in handshakes.pop_due(now):
+                phase.on_deadline(now)
         if self._accept_resume_at is not None and now >= self._accept_resume_at:
             self._accept_resume_at = None
             if not self.worker.stopping:
@@ -678,8 +696,10 @@ class _TcpFlows:
 
     def _set_deadline(self) -> None:
         resume = self._accept_resume_at
-        scan = self._next_idle_scan
-        self.deadline = scan if resume is None else min(scan, resume)
+        deadline = min(self._next_idle_scan, self._connects.next_due)
+        for handshakes in self._handshakes.values():
+            deadline = min(deadline, handshakes.next_due)
+        self.deadline = deadline if resume is None else min(deadline, resume)
 
     def stop_accepting(self, now: float) -> None:
         self._unwatch_listeners()
@@ -832,9 +852,16 @@ class _TcpFlows:
     def unwatch(self, fd: int) -> None:
         self.worker.unwatch(fd)
 
-    def add_deadline(self, when: float, phase: HandshakePhase) -> None:
-        """Call `phase.on_deadline(now)` at monotonic time `when`."""
-        self.worker.call_at(when, phase.on_deadline)
+    def add_deadline(self, phase: HandshakePhase) -> None:
+        """Call `phase.on_deadline(now)` once its listener's handshake timeout has passed,
+        unless it ended before (`proxy_ended`)."""
+        timeout = phase.policy.handshake_timeout_s
+        handshakes = self._handshakes.get(timeout)
+        if handshakes is None:
+            handshakes = self._handshakes[timeout] = Deadlines(timeout)
+        when = handshakes.add(phase, time.monotonic())
+        if when < self.deadline:
+            self.deadline = when
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run `callback` on this worker's thread (callable from any thread)."""
@@ -844,6 +871,8 @@ class _TcpFlows:
         """A handshake that has an upstream or was closed, or an association that ended: it
         no longer keeps the worker busy."""
         self.proxied.discard(item)
+        for handshakes in self._handshakes.values():
+            handshakes.discard(item)  # type: ignore[arg-type]
         self.worker.check_empty()
 
     def add_association(self, association: UdpAssociation) -> None:
@@ -943,19 +972,11 @@ class _TcpFlows:
         err = server.connect_ex(sockaddr)  # type: ignore[arg-type]
         if err in (0, errno.EINPROGRESS, errno.EAGAIN):
             worker.watch(server.fileno(), _FLOW_EVENTS, tcp)
-            deadline = time.monotonic() + self.config.connect_timeout_s
-            self.worker.call_at(deadline, functools.partial(self._connect_deadline, tcp))
+            when = self._connects.add(tcp, time.monotonic())
+            if when < self.deadline:
+                self.deadline = when
         else:
             self._fail_connect(tcp, err)
-
-    def _connect_deadline(self, tcp: _TcpFlow | TlsTcpFlow, now: float) -> None:
-        if tcp.connecting and not tcp.closed:
-            self.refuse_connect(
-                tcp,
-                CloseReason.UPSTREAM_TIMEOUT,
-                Failure.TIMEOUT,
-                f"no answer from {tcp.flow.server} within {self.config.connect_timeout_s:g} s",
-            )
 
     def finish_connect(self, tcp: _TcpFlow | TlsTcpFlow, mask: int | None = None) -> None:
         """The upstream socket of `tcp`, connecting, has an event (`mask`, when known): relay
@@ -977,6 +998,7 @@ class _TcpFlows:
         self._connected(tcp, 0 if mask is None else mask)
 
     def _connected(self, tcp: _TcpFlow | TlsTcpFlow, mask: int) -> None:
+        self._connects.discard(tcp)
         if not tcp.is_tls:
             plain = cast(_TcpFlow, tcp)
             plain.connecting = False
@@ -1062,6 +1084,7 @@ class _TcpFlows:
         if tcp.closed:
             return
         tcp.closed = True
+        self._connects.discard(tcp)
         worker = self.worker
         for sock in (tcp.client, tcp.server):
             fd = sock.fileno()

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from .errors import describe_failure
 from .events import Bus
@@ -107,6 +107,52 @@ class Service(Protocol):
     def close_all(self, reason: CloseReason, note: str | None = None) -> None:
         """Close every open flow with `reason` (and `note` as its error)."""
         ...
+
+
+_T = TypeVar("_T")
+
+
+class Deadlines(Generic[_T]):
+    """Things each due `timeout_s` after it was added, so due in the order they were added:
+    adding or dropping one is a dict operation, and nothing is kept once dropped (a timer
+    heap keeps every entry until it falls due: seconds of connections, which the garbage
+    collector walks again and again)."""
+
+    __slots__ = ("_due", "timeout_s")
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._due: dict[_T, float] = {}
+
+    def add(self, item: _T, now: float) -> float:
+        """Have `item` fall due `timeout_s` after `now`; when that is."""
+        when = self._due[item] = now + self.timeout_s
+        return when
+
+    def discard(self, item: _T) -> None:
+        """`item` no longer falls due (if it was to)."""
+        self._due.pop(item, None)
+
+    @property
+    def next_due(self) -> float:
+        """When the first item falls due (inf: none will)."""
+        for when in self._due.values():
+            return when
+        return math.inf
+
+    def pop_due(self, now: float) -> list[_T]:
+        """The items due at `now`, oldest first, dropped from here."""
+        due = []
+        for item, when in self._due.items():
+            if when > now:
+                break
+            due.append(item)
+        for item in due:
+            del self._due[item]
+        return due
+
+    def __len__(self) -> int:
+        return len(self._due)
 
 
 class _Waker:

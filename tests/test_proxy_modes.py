@@ -22,12 +22,18 @@ from capture_checks import assert_tshark_clean, fields, follow_tcp
 
 from conftest import (
     FlowtapProcess,
+    Recorder,
     flowtap_command,
     json_events,
     recv_exactly,
     start_flowtap,
     wait_for,
 )
+from flowtap.proxy.events import Bus
+from flowtap.proxy.flow import Address, CloseReason
+from flowtap.proxy.listener import ListenerSpec
+from flowtap.proxy.policy import Mode, ProxyPolicy
+from flowtap.proxy.relay import Relay
 from flowtap.proxy.socks5 import pack_address
 from flowtap.proxy.transparent_udp import original_destination
 
@@ -355,6 +361,36 @@ def test_greeting_that_never_completes_times_out(proxy: Any) -> None:
         assert sock.recv(100) == b""
     (closed,) = _closed(relay)
     assert closed["reason"] == "handshake-timeout"
+
+
+def test_each_listener_times_out_handshakes_after_its_own_timeout() -> None:
+    # A stalled client of a slow listener, then one of a quick listener: the second is due
+    # first, though it came second.
+    recorder = Recorder()
+    specs = [
+        ListenerSpec(
+            Address("127.0.0.1", 0), None, mode=mode, policy=ProxyPolicy(handshake_timeout_s=s)
+        )
+        for mode, s in ((Mode.SOCKS5, 30.0), (Mode.HTTP, 0.3))
+    ]
+    relay = Relay(specs, Bus([recorder]))
+    relay.start()
+    slow, quick = (("127.0.0.1", listener.address.port) for listener in relay.listeners)
+    try:
+        with (
+            socket.create_connection(slow, timeout=10) as stalled,
+            socket.create_connection(quick, timeout=10) as sock,
+        ):
+            stalled.sendall(b"\x05")
+            sock.sendall(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n")
+            assert sock.recv(1 << 16).startswith(b"HTTP/1.1 408 ")
+            wait_for(lambda: len(recorder.closed()) == 1, 5, "the quick listener's flow closed")
+            (closed,) = recorder.closed()
+            assert closed.flow.reason is CloseReason.HANDSHAKE_TIMEOUT
+            assert closed.flow.listener.port == quick[1]
+    finally:
+        relay.stop(0.0)
+        relay.bus.close()
 
 
 def test_bytes_sent_with_the_request_reach_the_server(proxy: Any, echo_server: Any) -> None:

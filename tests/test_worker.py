@@ -13,7 +13,7 @@ from collections.abc import Callable
 from conftest import wait_for
 from flowtap.proxy.events import Bus
 from flowtap.proxy.flow import CloseReason
-from flowtap.proxy.worker import RelayConfig, Worker
+from flowtap.proxy.worker import Deadlines, RelayConfig, Worker
 
 
 class _Flows:
@@ -78,6 +78,20 @@ def test_timers_fire_in_time_order_and_a_far_one_never_overflows_the_poller() ->
         worker.join(5)
         worker.release()
     assert not worker.is_alive() and failures == []
+
+
+def test_deadlines_fall_due_in_the_order_added_and_a_discarded_one_never_does() -> None:
+    deadlines: Deadlines[str] = Deadlines(10.0)
+    assert deadlines.next_due == math.inf and deadlines.pop_due(1e9) == []
+    assert deadlines.add("a", 100.0) == 110.0
+    deadlines.add("b", 101.0)
+    deadlines.add("c", 102.0)
+    deadlines.discard("b")
+    deadlines.discard("never added")
+    assert deadlines.next_due == 110.0
+    assert deadlines.pop_due(109.9) == []
+    assert deadlines.pop_due(112.0) == ["a", "c"]
+    assert len(deadlines) == 0 and deadlines.next_due == math.inf
 
 
 def test_commands_and_deadlines_run_on_the_worker_thread() -> None:
