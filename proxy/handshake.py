@@ -79,7 +79,11 @@ class Handshake(Protocol):
         """Take bytes the client sent; what to do about them, in order."""
         ...
 
-    def succeeded(self, bound: Address) -> bytes:
+    # Whether the reply of `succeeded` names flowtap's end of the upstream; if not, it is
+    # given None (finding the address costs a system call).
+    names_bound: bool
+
+    def succeeded(self, bound: Address | None) -> bytes:
         """The reply for a client whose upstream is now open (`bound`: flowtap's end of it)."""
         ...
 

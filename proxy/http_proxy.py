@@ -13,12 +13,15 @@ import base64
 import binascii
 import hmac
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .flow import Address, CloseReason, Requested, is_decimal
 from .handshake import Command, Failure, HandshakeEvent, OpenUpstream, Reject
 
+# Characters a host in a request target cannot have.
+_NOT_IN_HOST = re.compile("[ /@?#]")
 # A request head larger than this is refused with 431, as servers refuse huge headers.
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -109,7 +112,7 @@ def parse_authority(text: str, default_port: int | None) -> tuple[str, int]:
         host, colon, port_text = text.rpartition(":")
         if not colon:
             host, port_text = text, ""
-    if not host or any(c in host for c in " /@?#"):
+    if not host or _NOT_IN_HOST.search(host):
         raise BadRequest(f"malformed host {host[:80]!r}")
     if not port_text:
         if default_port is None:
@@ -268,6 +271,8 @@ def _end_of_head(buffer: bytearray) -> tuple[int, int] | None:
 class HttpProxyServer:
     """The server side of one client's first request to an HTTP proxy."""
 
+    names_bound = False
+
     def __init__(self, credentials: Mapping[str, str] | None = None) -> None:
         self._credentials = dict(credentials or {})
         self._buffer = bytearray()
@@ -328,7 +333,7 @@ class HttpProxyServer:
         """What rewrites the client's later requests (forwarded requests, not tunnels)."""
         return self._forwarded
 
-    def succeeded(self, bound: Address) -> bytes:
+    def succeeded(self, bound: Address | None) -> bytes:
         """`200 Connection established` for a tunnel; nothing for a forwarded request, which
         the server answers itself."""
         if self.is_tunnel:

@@ -140,6 +140,8 @@ def pack_address(host: str, port: int) -> bytes:
 class SocksServer:
     """The server side of one client's SOCKS5 or SOCKS4(a) handshake."""
 
+    names_bound = True
+
     def __init__(
         self, credentials: Mapping[str, str] | None = None, *, allow_socks4: bool = True
     ) -> None:
@@ -166,7 +168,7 @@ class SocksServer:
                 self._state = _State.DONE
         return events
 
-    def succeeded(self, bound: Address) -> bytes:
+    def succeeded(self, bound: Address | None) -> bytes:
         """The reply for a client whose upstream is open (`bound`: flowtap's end of it)."""
         self._state = _State.DONE
         if self.version == VERSION_4:
