@@ -3,6 +3,7 @@ versions), not TLS, or not enough bytes yet to tell."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
@@ -171,23 +172,36 @@ def _parse_client_hello(body: bytes, size_bytes: int) -> ClientHello:
     versions: tuple[int, ...] = (legacy_version,)
     if reader.is_done():  # a ClientHello without extensions (SSLv3, old TLS)
         return ClientHello(sni, alpn, versions, size_bytes, bytes(random))
-    extensions = reader.vector(2, "extensions")
+    extensions = reader.vector(2, "extensions").rest()
     if not reader.is_done():
         raise _Malformed("bytes after the extensions")
     seen: set[int] = set()
-    while not extensions.is_done():
-        kind = extensions.uint(2)
-        data = extensions.vector(2, f"extension 0x{kind:04x}")
+    # A browser sends a dozen or more extensions, three of which matter here: their headers
+    # are read in one call each, and only those three become readers.
+    offset, end = 0, len(extensions)
+    while offset < end:
+        if offset + 4 > end:
+            raise _Malformed("extensions ends inside a field")
+        kind, size = _EXTENSION_HEADER.unpack_from(extensions, offset)
+        start, offset = offset + 4, offset + 4 + size
+        if offset > end:
+            raise _Malformed("extensions ends inside a field")
         if kind in seen:
             raise _Malformed(f"extension 0x{kind:04x} twice")
         seen.add(kind)
-        if kind == EXT_SERVER_NAME:
-            sni = _server_name(data)
-        elif kind == EXT_ALPN:
-            alpn = _alpn(data)
-        elif kind == EXT_SUPPORTED_VERSIONS:
-            versions = _supported_versions(data)
+        if kind in _PARSED_EXTENSIONS:
+            data = _Reader(extensions[start:offset], f"extension 0x{kind:04x}")
+            if kind == EXT_SERVER_NAME:
+                sni = _server_name(data)
+            elif kind == EXT_ALPN:
+                alpn = _alpn(data)
+            else:
+                versions = _supported_versions(data)
     return ClientHello(sni, alpn, versions, size_bytes, bytes(random))
+
+
+_EXTENSION_HEADER = struct.Struct(">HH")
+_PARSED_EXTENSIONS = frozenset((EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_VERSIONS))
 
 
 def _server_name(data: _Reader) -> str | None:
