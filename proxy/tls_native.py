@@ -128,6 +128,9 @@ class LeafSigner:
             lib.X509_EXTENSION_free(san)
         if not ok or self._binding.sign(x509, self._ca_key, self._digest) <= 0:
             raise ValueError("OpenSSL could not sign the leaf certificate")
+        # OpenSSL decodes a certificate's extensions on its first use: here, off the relay's
+        # thread when the name was prepared, rather than in its first handshake (about 20 us).
+        lib.X509_get_extension_flags(x509)
         return cert
 
     def hold_key(self, context: ssl.SSLContext) -> None:
@@ -190,6 +193,7 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[type, ...]]] = {
     "X509_EXTENSION_create_by_NID": (_P, (_P, _INT, _INT, _P)),
     "X509_EXTENSION_free": (None, (_P,)),
     "X509_add_ext": (_INT, (_P, _P, _INT)),
+    "X509_get_extension_flags": (ctypes.c_uint32, (_P,)),
     "X509_sign": (_INT, (_P, _P, _P)),
     "EVP_sha256": (_P, ()),
     "d2i_AutoPrivateKey": (_P, (_P, _Bytes, ctypes.c_long)),
