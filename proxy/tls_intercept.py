@@ -467,12 +467,15 @@ class TlsInterception:
                 self._go_plain()
                 return
             self.phase = Phase.UPSTREAM_HANDSHAKE
-            ca = self.settings.ca
-            assert ca is not None
-            # The leaf for a new name is made on the CA's thread while the upstream answers.
-            ca.prepare(result.sni or self.upstream_host)
             if self._server_connected:
                 self._start_upstream()
+            ca = self.settings.ca
+            assert ca is not None
+            if self.phase is Phase.UPSTREAM_HANDSHAKE:
+                # The leaf for a new name is made on the CA's thread while the upstream
+                # answers: asked for once flowtap's ClientHello is written, as that thread
+                # would hold the GIL the writing needs.
+                ca.prepare(result.sni or self.upstream_host)
 
     def _go_plain(self) -> None:
         self.phase = Phase.PLAIN
