@@ -7,13 +7,16 @@ every proxy's CA is trusted by the client and upstream verification is off for a
 Prints how long a new name's leaf takes flowtap (in this process), then a table and a
 strict verdict per target of the issue. The table has each proxy's CPU time per handshake
 and per MB of bulk: the client, the upstream and the proxy share the machine's cores, so
-where the proxy's own cost is small, their sum is what bounds its figures. Loopback only;
-every loop is bounded in count and time.
+where the proxy's own cost is small, their sum is what bounds its figures. For bulk it also
+has how long the proxy's threads were ready to run but waiting for a core, per second of
+transfer: a proxy never waiting on its peers spends its time on a core or waiting for one.
+Loopback only; every loop is bounded in count and time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import math
 import os
@@ -209,11 +212,39 @@ def cpu_s(procs: Sequence[subprocess.Popen[Any]]) -> float:
     return total
 
 
-def bulk_down(proxy: Proxy, size: int) -> tuple[float, float]:
-    """MB/s of a download through the proxy, every byte checked; and the proxy's CPU ms/MB."""
+def _waits_ns(procs: Sequence[subprocess.Popen[Any]]) -> dict[str, int]:
+    """Each live thread's time ready to run but waiting for a core so far (schedstat)."""
+    waits = {}
+    for proc in procs:
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that has just ended
+                waits[f"{proc.pid}/{task.name}"] = int((task / "schedstat").read_text().split()[1])
+    return waits
+
+
+class _Meter:
+    """A bulk transfer's clock: the elapsed time, the proxy's CPU time, and how long its threads
+    waited for a core while ready to run (near its CPU share: the cores it shares with the
+    client and the upstream bound its figure; near 0: it waited on them)."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.procs = proxy.procs
+        self.started = time.perf_counter()
+        self.cpu_started = cpu_s(self.procs)
+        self.waits_started = _waits_ns(self.procs)
+
+    def figures(self, size: int) -> tuple[float, float, float]:
+        """MB/s, the proxy's CPU ms/MB, and its seconds of waiting for a core a second."""
+        elapsed = time.perf_counter() - self.started
+        cpu = cpu_s(self.procs) - self.cpu_started
+        waited = sum(ns - self.waits_started.get(t, 0) for t, ns in _waits_ns(self.procs).items())
+        return size / elapsed / 1e6, cpu * 1e3 / (size / 1e6), waited / 1e9 / elapsed
+
+
+def bulk_down(proxy: Proxy, size: int) -> tuple[float, float, float]:
+    """A download through the proxy, every byte checked: `_Meter.figures`."""
     with connect(proxy, client_context(proxy)) as sock:
-        started = time.perf_counter()
-        cpu_started = cpu_s(proxy.procs)
+        meter = _Meter(proxy)
         sock.sendall(b"D%d\n" % size)
         got = 0
         buf = bytearray(_RECV_BYTES)
@@ -225,20 +256,17 @@ def bulk_down(proxy: Proxy, size: int) -> tuple[float, float]:
             if buf[:n] != _EXPECTED[offset : offset + n]:
                 raise RuntimeError(f"{proxy.name}: download damaged after {got} bytes")
             got += n
-        elapsed = time.perf_counter() - started
-        cpu = cpu_s(proxy.procs) - cpu_started
+        figures = meter.figures(size)
     if got != size:
         raise RuntimeError(f"{proxy.name}: download cut short ({got} of {size} bytes)")
-    return size / elapsed / 1e6, cpu * 1e3 / (size / 1e6)
+    return figures
 
 
-def bulk_up(proxy: Proxy, size: int) -> tuple[float, float]:
-    """MB/s of an upload through the proxy, every byte checked by the server; and the
-    proxy's CPU ms/MB."""
+def bulk_up(proxy: Proxy, size: int) -> tuple[float, float, float]:
+    """An upload through the proxy, every byte checked by the server: `_Meter.figures`."""
     expected = b"ok %d" % size
     with connect(proxy, client_context(proxy)) as sock:
-        started = time.perf_counter()
-        cpu_started = cpu_s(proxy.procs)
+        meter = _Meter(proxy)
         # The size goes first and the server answers once it has that much: no half-close,
         # which mitmdump does not relay through TLS, so every proxy is timed the same way.
         sock.sendall(b"V%d\n" % size)
@@ -251,11 +279,10 @@ def bulk_up(proxy: Proxy, size: int) -> tuple[float, float]:
         answer = b""
         while len(answer) < len(expected) and (chunk := sock.recv(64)):
             answer += chunk
-        elapsed = time.perf_counter() - started
-        cpu = cpu_s(proxy.procs) - cpu_started
+        figures = meter.figures(size)
     if answer != expected:
         raise RuntimeError(f"{proxy.name}: upload damaged ({answer.decode(errors='replace')})")
-    return size / elapsed / 1e6, cpu * 1e3 / (size / 1e6)
+    return figures
 
 
 def ping_pong(proxy: Proxy, rounds: int) -> tuple[float, float]:
@@ -363,13 +390,15 @@ def measure(
     results["CPU ms/handshake"] = proxy_ms
     results["peers' CPU ms/hs"] = peers_ms
     results["new name +ms"] = first_handshake_ms(proxy, args.names)
-    results["bulk down MB/s"], results["CPU ms/MB down"] = bulk_down(proxy, args.size_mib * MiB)
-    try:
-        results["bulk up MB/s"], results["CPU ms/MB up"] = bulk_up(proxy, args.size_mib * MiB)
-    except (TimeoutError, RuntimeError, OSError) as exc:
-        # Said, and kept as NaN: the verdicts that need the figure then fail, never pass.
-        print(f"{proxy.name}: bulk up failed ({exc})", flush=True)
-        results["bulk up MB/s"] = results["CPU ms/MB up"] = math.nan
+    for way, transfer in (("down", bulk_down), ("up", bulk_up)):
+        keys = (f"bulk {way} MB/s", f"CPU ms/MB {way}", f"core wait s/s {way}")
+        try:
+            figures = transfer(proxy, args.size_mib * MiB)
+        except (TimeoutError, RuntimeError, OSError) as exc:
+            # Said, and kept as NaN: the verdicts that need the figure then fail, never pass.
+            print(f"{proxy.name}: bulk {way} failed ({exc})", flush=True)
+            figures = (math.nan,) * 3
+        results.update(zip(keys, figures, strict=True))
     p50, p99 = ping_pong(proxy, args.rounds)
     results["ping-pong p50 us"] = p50
     results["ping-pong p99 us"] = p99
