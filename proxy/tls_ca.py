@@ -37,10 +37,11 @@ LEAF_BACKDATE = datetime.timedelta(hours=1)
 """How far before now a leaf starts: a client whose clock is a little behind still accepts it."""
 DEFAULT_CACHE_SIZE = 4096
 READY_CONTEXTS = 8
-"""Server contexts holding the leaf key, made ahead off the handshake path for new names."""
+"""Server contexts holding the leaf key, made ahead off the handshake path for new names'
+contexts of their own (`server_context`; the relay's path without the native binding)."""
 MAX_PENDING_NAMES = 256
-"""Names whose contexts `prepare` makes ahead at most, the oldest forgotten first."""
-# How long a handshake waits for the CA's thread to finish its context before making one.
+"""Names whose leaves `prepare` makes ahead at most, the oldest forgotten first."""
+# How long a handshake waits for the CA's thread to finish what it makes before making it.
 _PREPARE_WAIT_S = 5.0
 # A key file that can never be opened (nothing lives under a character device).
 _NO_KEY_FILE = "/dev/null/flowtap-no-key"
@@ -132,7 +133,7 @@ class CertificateAuthority:
         self._contexts: _Recent[tuple[str, Alpn], ssl.SSLContext] = _Recent(cache_size)
         # One leaf key for the process's life, as mitmproxy has: it never leaves memory, no new
         # name waits for a key, and a context that holds it takes a new leaf's certificate
-        # alone (see _use_certificate).
+        # alone (see server_object, and _use_certificate without the native binding).
         leaf_key = ec.generate_private_key(ec.SECP256R1())
         self._leaf_public_key = leaf_key.public_key()
         self._leaf_key_identifier = x509.SubjectKeyIdentifier.from_public_key(self._leaf_public_key)
@@ -202,9 +203,10 @@ class CertificateAuthority:
         return leaf
 
     def prepare(self, name: str) -> None:
-        """Start making the server context for `name` on the CA's thread, unless its leaf is
-        made or under way: the handshake that needs it (`server_context`) then waits only
-        for what is left, if anything."""
+        """Start making what a handshake for `name` needs (its leaf signed by OpenSSL, or without
+        the native binding its server context) on the CA's thread, unless it is made or under
+        way: the handshake that needs it (`server_object`) then waits only for what is left,
+        if anything."""
         if self._made().get(name) is not None:
             return
         with self._pending_lock:
@@ -388,9 +390,10 @@ class _Pending:
 
 
 class _Background:
-    """The CA's own thread: it runs the jobs it is given (a name's server context, asked for
-    at the ClientHello) and meanwhile keeps `size` contexts that hold the leaf key made ahead
-    (OpenSSL does most of that work with the GIL released)."""
+    """The CA's own thread: it runs the jobs it is given (a name's leaf, or without the native
+    binding its server context, asked for at the ClientHello) and, once one was taken, keeps
+    `size` contexts that hold the leaf key made ahead (OpenSSL does most of that work with
+    the GIL released)."""
 
     def __init__(self, make: Callable[[], ssl.SSLContext], size: int) -> None:
         self._make = make
