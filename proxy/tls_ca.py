@@ -47,6 +47,9 @@ _PREPARE_WAIT_S = 5.0
 _NO_KEY_FILE = "/dev/null/flowtap-no-key"
 
 _SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+# The attribute type of a common name (2.5.4.3), as DER.
+_COMMON_NAME_OID = b"\x06\x03\x55\x04\x03"
 
 
 def default_ca_dir() -> Path:
@@ -240,10 +243,16 @@ class CertificateAuthority:
         """The leaf for `name` signed by OpenSSL (cached)."""
         signer = self._signer
         assert signer is not None
-        subject, san, not_before, not_after = self._leaf_fields(name)
+        common_name, san, not_before, not_after = self._leaf_fields(name)
+        # DER built here: cryptography's objects took three times as long (20 against 7 us
+        # here, the CPU's caches warm; 130 against 40 cold).
+        subject = _der(
+            0x30, _der(0x31, _der(0x30, _COMMON_NAME_OID + _der(0x0C, common_name.encode())))
+        )
+        general_name = _der(0x82, san.encode()) if isinstance(san, str) else _der(0x87, san.packed)
         cert = signer.sign(
-            subject.public_bytes(),
-            x509.SubjectAlternativeName([san]).public_bytes(),
+            subject,
+            _der(0x30, general_name),
             _serial_number(),
             int(not_before.timestamp()),
             int(not_after.timestamp()),
@@ -336,35 +345,35 @@ class CertificateAuthority:
 
     def _leaf_fields(
         self, name: str
-    ) -> tuple[x509.Name, x509.GeneralName, datetime.datetime, datetime.datetime]:
-        """A leaf's subject, subject alternative name and validity for `name` (ValueError if
-        it is neither a host name nor an IP address)."""
-        san: x509.GeneralName
+    ) -> tuple[str, _Address | str, datetime.datetime, datetime.datetime]:
+        """A leaf's common name, subject alternative name (an address, or a host name) and
+        validity for `name` (ValueError if it is neither a host name nor an IP address)."""
+        san: _Address | str
         try:
-            san = x509.IPAddress(ipaddress.ip_address(name))
+            san = ipaddress.ip_address(name)
         except ValueError:
             if not name or not name.isascii() or len(name) > 253:
                 raise ValueError(f"{name!r} is not a host name or an IP address") from None
-            san = x509.DNSName(name.lower())
+            san = name.lower()
         not_before = datetime.datetime.now(datetime.UTC) - LEAF_BACKDATE
         not_after = min(not_before + LEAF_VALIDITY, self.cert.not_valid_after_utc)
         # A common name is limited to 64 characters; the SAN is what clients check anyway.
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])])
-        return subject, san, not_before, not_after
+        return name[:64], san, not_before, not_after
 
     def _sign_leaf(self, name: str) -> Leaf:
         """The leaf for `name` signed by cryptography: without the binding, and the template
         OpenSSL's leaves copy."""
-        subject, san, not_before, not_after = self._leaf_fields(name)
+        common_name, san, not_before, not_after = self._leaf_fields(name)
+        general_name = x509.DNSName(san) if isinstance(san, str) else x509.IPAddress(san)
         cert = (
             x509.CertificateBuilder()
-            .subject_name(subject)
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.cert.subject)
             .public_key(self._leaf_public_key)
             .serial_number(_serial_number())
             .not_valid_before(not_before)
             .not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([general_name]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True, key_cert_sign=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -683,6 +692,16 @@ def _load_pem(context: ssl.SSLContext, pem: bytes, keyfile: str | None = None) -
         context.load_cert_chain(f"/proc/self/fd/{fd}", keyfile)
     finally:
         os.close(fd)
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    """A DER element: `tag`, the length of `body` (under 64 KiB), then `body`."""
+    size = len(body)
+    if size < 0x80:
+        return bytes((tag, size)) + body
+    if size < 0x100:
+        return bytes((tag, 0x81, size)) + body
+    return bytes((tag, 0x82)) + size.to_bytes(2, "big") + body
 
 
 def _key_usage(digital_signature: bool, key_cert_sign: bool) -> x509.KeyUsage:
