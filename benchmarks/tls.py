@@ -1,7 +1,7 @@
 """TLS interception benchmark: flowtap --tls intercept, mitmdump and two chained stunnel4
 instances (a C reference that decrypts and re-encrypts), side by side in one run.
 
-Run on demand:  python benchmarks/tls.py [--quick] [--mitmdump PATH]
+Run on demand:  python benchmarks/tls.py [--quick] [--mitmdump PATH] [--flowtap PATH]
 The upstream is a TLS server (stunnel4 in server mode in front of benchmarks/peers.py);
 every proxy's CA is trusted by the client and upstream verification is off for all three.
 Prints how long a new name's leaf takes flowtap (in this process), then a table and a
@@ -102,10 +102,11 @@ def start_upstream(directory: Path, bulk_port: int) -> tuple[int, subprocess.Pop
     return port, proc
 
 
-def start_flowtap(directory: Path, upstream: int) -> Proxy:
+def start_flowtap(directory: Path, upstream: int, exe: str | None) -> Proxy:
+    """flowtap intercepting TLS: `exe`, else this venv's (its module, without the script)."""
     env = {**os.environ, "XDG_DATA_HOME": str(directory / "data")}
     command = [sys.executable, "-m", "flowtap.inspector.cli"]
-    exe = shutil.which("flowtap", path=os.path.dirname(sys.executable))
+    exe = exe or shutil.which("flowtap", path=os.path.dirname(sys.executable))
     if exe:
         command = [exe]
     log = directory / "flowtap.log"
@@ -416,6 +417,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--mitmdump", default=default_mitmdump(), help="mitmdump to run")
+    parser.add_argument(
+        "--flowtap",
+        help="flowtap to run (default: this venv's); another checkout's venv/bin/flowtap "
+        "compares two builds in turn under the same load",
+    )
     parser.add_argument("--size-mib", type=int, default=128, help="bulk size each way")
     parser.add_argument("--rounds", type=int, default=5000, help="ping-pong round trips")
     parser.add_argument("--seconds", type=float, default=5.0, help="handshake test length")
@@ -436,7 +442,7 @@ def main() -> None:
         bulk_port = int(peers.stdout.readline().split()[1])
         upstream, upstream_proc = start_upstream(directory, bulk_port)
         starters: list[tuple[str, Callable[[], Proxy]]] = [
-            ("flowtap", lambda: start_flowtap(directory, upstream)),
+            ("flowtap", lambda: start_flowtap(directory, upstream, args.flowtap)),
             ("stunnel x2", lambda: start_stunnel_chain(directory, upstream)),
         ]
         if args.mitmdump:
