@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import hashlib
 import ipaddress
 import os
 import secrets
@@ -236,7 +237,10 @@ class CertificateAuthority:
             claimed = self._claim(name)
             cert = claimed if isinstance(claimed, NativeCertificate) else self._native_leaf(name)
         obj = self._keyed_for(alpn).wrap_bio(incoming, outgoing, server_side=True)
-        native.use_certificate(obj, cert)
+        # A TLS 1.2 session (by its id or a ticket) resumes for the name it began with only:
+        # every name shares the context, and RFC 6066 (3) has a server that is asked to
+        # resume a session for another name make a full handshake instead.
+        native.use_certificate(obj, cert, hashlib.sha256(name.encode()).digest())
         return obj
 
     def _native_leaf(self, name: str) -> NativeCertificate:

@@ -163,6 +163,7 @@ _INT = ctypes.c_int
 # The libssl and libcrypto calls used, with their result and argument types.
 _SIGNATURES: dict[str, tuple[type | None, tuple[type, ...]]] = {
     "SSL_use_certificate": (_INT, (_P, _P)),
+    "SSL_set_session_id_context": (_INT, (_P, ctypes.c_char_p, ctypes.c_uint)),
     "SSL_CTX_use_PrivateKey": (_INT, (_P, _P)),
     "SSL_get_SSL_CTX": (_P, (_P,)),
     "SSL_CTX_get_ssl_method": (_P, (_P,)),
@@ -244,11 +245,15 @@ class Binding:
         for the leaf key (DER, SEC1)."""
         return LeafSigner(self, template_der, ca_key_der, leaf_key_der)
 
-    def use_certificate(self, obj: ssl.SSLObject, cert: NativeCertificate) -> None:
+    def use_certificate(self, obj: ssl.SSLObject, cert: NativeCertificate, scope: bytes) -> None:
         """Make `obj`, a server side made from a context that holds the key `cert` is for,
-        present `cert` (before its handshake)."""
-        if self.lib.SSL_use_certificate(self._ssl_pointer(obj), cert.pointer) != 1:
+        present `cert` (before its handshake), and resume only sessions begun in `scope`
+        (at most 32 bytes; OpenSSL's session id context)."""
+        pointer = self._ssl_pointer(obj)
+        if self.lib.SSL_use_certificate(pointer, cert.pointer) != 1:
             raise ssl.SSLError("the leaf certificate is not for the context's key")
+        if self.lib.SSL_set_session_id_context(pointer, scope, len(scope)) != 1:
+            raise ssl.SSLError("the session id context is too long")
 
     def check(self, context: ssl.SSLContext) -> bool:
         """Whether the pointers read from `context` (a PROTOCOL_TLS_SERVER context) and from a

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -192,20 +193,27 @@ ServerSide = Callable[[ssl.MemoryBIO, ssl.MemoryBIO], ssl.SSLObject]
 
 
 def handshake(
-    server_side: ssl.SSLContext | ServerSide, name: str, cafile: Path, alpn: str | None = None
+    server_side: ssl.SSLContext | ServerSide,
+    name: str,
+    cafile: Path,
+    alpn: str | None = None,
+    client_context: ssl.SSLContext | None = None,
+    session: ssl.SSLSession | None = None,
 ) -> ssl.SSLObject:
-    """A Python ssl client's handshake for `name` (offering `alpn`) with a server context or
-    what makes the server's object on its BIOs, in memory; the client's side, done."""
+    """A Python ssl client's handshake for `name` (offering `alpn`; with its own context and
+    a session to resume, if given) with a server context or what makes the server's object
+    on its BIOs, in memory; the client's side, done."""
     server_in, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
     if isinstance(server_side, ssl.SSLContext):
         server = server_side.wrap_bio(server_in, server_out, server_side=True)
     else:
         server = server_side(server_in, server_out)
-    client_context = ssl.create_default_context(cafile=str(cafile))
+    if client_context is None:
+        client_context = ssl.create_default_context(cafile=str(cafile))
     if alpn is not None:
         client_context.set_alpn_protocols([alpn])
     client_in, client_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = client_context.wrap_bio(client_in, client_out, server_hostname=name)
+    client = client_context.wrap_bio(client_in, client_out, server_hostname=name, session=session)
     done = {"client": False, "server": False}
     for _ in range(10):
         for side, obj in (("client", client), ("server", server)):
@@ -330,10 +338,15 @@ def leaf_name(client: ssl.SSLObject) -> str:
 
 
 def served(
-    ca: CertificateAuthority, name: str, alpn: str | None = None, offer: str | None = None
+    ca: CertificateAuthority,
+    name: str,
+    alpn: str | None = None,
+    offer: str | None = None,
+    **client: Any,
 ) -> tuple[ssl.SSLObject, ssl.SSLObject]:
-    """A client's handshake (offering `offer`) with the CA's server object for `name` and
-    `alpn`: the client's side and the server's."""
+    """A client's handshake (offering `offer`; `client`: its context and session, as
+    `handshake` takes them) with the CA's server object for `name` and `alpn`: the client's
+    side and the server's."""
     assert ca.cert_file is not None
     made: list[ssl.SSLObject] = []
 
@@ -341,7 +354,7 @@ def served(
         made.append(ca.server_object(name, alpn, incoming, outgoing))
         return made[0]
 
-    client = handshake(server_side, name, ca.cert_file, alpn=offer)
+    client = handshake(server_side, name, ca.cert_file, alpn=offer, **client)
     return client, made[0]
 
 
@@ -374,6 +387,21 @@ def test_names_prepared_at_the_client_hello_are_served_as_openssl_parsed_them_ah
     ca.prepare("caf\u00e9.test")
     with pytest.raises(ValueError):
         ca.server_object("caf\u00e9.test", None, ssl.MemoryBIO(), ssl.MemoryBIO())
+
+
+def test_a_tls12_session_resumes_for_the_name_it_began_with_only(
+    ca: CertificateAuthority,
+) -> None:
+    # Every name shares the context that holds the leaf key: a session for one name asked
+    # for with another gets a full handshake and that name's leaf (RFC 6066, 3).
+    assert ca.cert_file is not None
+    context = ssl.create_default_context(cafile=str(ca.cert_file))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    first, _ = served(ca, "first.test", client_context=context)
+    again, _ = served(ca, "first.test", client_context=context, session=first.session)
+    assert again.session_reused and leaf_name(again) == "first.test"
+    other, _ = served(ca, "other.test", client_context=context, session=first.session)
+    assert not other.session_reused and leaf_name(other) == "other.test"
 
 
 def test_without_the_binding_each_name_is_served_from_its_own_context(
