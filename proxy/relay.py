@@ -258,12 +258,13 @@ class _TcpFlow:
             and writing.pending is None
             and not reading.eof
             and not reading.peer_closed
-            and not self.worker.bus.wants_data
+            and (reading.small or self.worker.bus.sink is None)
             and (self.relays_up_as_is or not is_client)
         ):
             # The common event of a flow in full swing (a request, an answer): bytes to
             # relay one way and nothing else to do, relayed here without the general path's
-            # calls (a round trip through the relay is two of these).
+            # calls (a round trip through the relay is two of these). A capture's sink
+            # receives big chunks in place, which the general path does.
             if mask & _OUT:
                 writing.writable = True
             self._relay_once(reading, is_client, now)
@@ -286,8 +287,9 @@ class _TcpFlow:
         self.progress(now)
 
     def _relay_once(self, pipe: _Pipe, is_client: bool, now: float) -> None:
-        """Relay one read of `pipe` (nothing pending either way, no observer wants data); what
-        is not simple (an end, a full buffer, a short send) goes on by the general path."""
+        """Relay one read of `pipe` (nothing pending either way; a capture's sink, if any,
+        takes it as a small chunk) and hand it to observers that want it; what is not simple
+        (an end, a full buffer, a short send) goes on by the general path."""
         worker = self.worker
         buf = worker.buffer
         pipe.readable = True
@@ -313,15 +315,29 @@ class _TcpFlow:
         self.last_active = now
         pipe.count += n
         chunk = worker.view[:n]
+        bus = worker.bus
+        observed = bus.wants_data and pipe.wants_data
+        timestamp_ns = time.time_ns() if observed else 0
+        failed: OSError | None = None
         try:
             sent = pipe.dst.send(chunk)
         except BlockingIOError:
             sent = 0
-        except _RESET_ERRORS as exc:
-            self._reset(not is_client, exc.strerror or "reset")
-            return
         except OSError as exc:
-            self._reset(not is_client, exc.strerror or str(exc))
+            sent, failed = 0, exc
+        if observed:
+            # As the general path does: observers get the chunk once it is on its way,
+            # whatever the send did, and before a reset it caused closes the flow.
+            sink = bus.sink
+            if sink is not None:
+                pipe.small = n < _SMALL_CHUNK
+                sink.record(self.flow.id, pipe.direction, timestamp_ns, chunk)
+            else:
+                event = FlowData(self.flow.id, pipe.direction, timestamp_ns / 1e9, bytes(chunk))
+                pipe.wants_data = bus.emit_data(event)
+        if failed is not None:
+            reason = failed.strerror or ("reset" if isinstance(failed, _RESET_ERRORS) else "")
+            self._reset(not is_client, reason or str(failed))
             return
         if sent < n:
             pipe.pending = memoryview(bytes(chunk[sent:]))
