@@ -246,14 +246,15 @@ def _create_private_file(path: Path) -> None:
 
 
 class Outgoing:
-    """Bytes due to one peer, kept as the chunks they came in: a chunk (a whole batch of
+    """Bytes due to one peer, kept as the chunks they came in: a large chunk (a whole batch of
     records from an SSLObject's outgoing BIO) goes to the socket as it is, never copied again
-    to join the others."""
+    to join the others; small ones are joined, so that many of them (a plain flow's bytes
+    trickling towards a peer that does not read) cost neither a call each nor memory."""
 
     __slots__ = ("_chunks", "_offset", "_size")
 
     def __init__(self) -> None:
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | bytearray] = []
         self._size = 0
         self._offset = 0
         """The bytes of the first chunk already sent."""
@@ -272,10 +273,21 @@ class Outgoing:
         return self
 
     def append(self, chunk: bytes) -> None:
-        """Queue `chunk` (kept, not copied) after what is due."""
-        if chunk:
-            self._chunks.append(chunk)
-            self._size += len(chunk)
+        """Queue `chunk` after what is due (kept as it is unless small)."""
+        size = len(chunk)
+        if not size:
+            return
+        self._size += size
+        chunks = self._chunks
+        if size >= _SMALL_CHUNK_BYTES or not chunks:
+            chunks.append(chunk)
+            return
+        last = chunks[-1]
+        # A bytearray here is one this queue made to join small chunks (nothing else holds it).
+        if type(last) is bytearray and len(last) < _JOINED_CHUNK_BYTES:
+            last += chunk
+        else:
+            chunks.append(bytearray(chunk))
 
     def clear(self) -> None:
         self._chunks.clear()
@@ -284,15 +296,18 @@ class Outgoing:
     def send_to(self, sock: socket.socket) -> int:
         """Send what `sock` takes now, from the start (raising what `send` raises); the byte
         count, still held here until `drop` or `take`."""
-        chunks = self._chunks
-        if len(chunks) == 1:
-            first = chunks[0]
-            return sock.send(memoryview(first)[self._offset :] if self._offset else first)
         # Several chunks (the handshake's flights, or batches queued while the socket was
-        # full): one call for them all.
-        views = [memoryview(chunk) for chunk in chunks[:_IOV_CHUNKS]]
-        views[0] = views[0][self._offset :]
-        return sock.sendmsg(views)
+        # full) go in one call.
+        views = [memoryview(chunk) for chunk in self._chunks[:_IOV_CHUNKS]]
+        try:
+            if self._offset:
+                views[0] = views[0][self._offset :]
+            return sock.send(views[0]) if len(views) == 1 else sock.sendmsg(views)
+        finally:
+            # A joined chunk grows in place: no view of it may outlive the call (the frame
+            # of a raised error would keep them).
+            for view in views:
+                view.release()
 
     def drop(self, size: int) -> None:
         """Forget the first `size` bytes (sent)."""
@@ -305,17 +320,22 @@ class Outgoing:
 
     def take(self, size: int) -> bytes:
         """The first `size` bytes, forgotten here."""
-        data = (
-            bytes(self)[:size]
-            if len(self._chunks) > 1
-            else self._chunks[0][self._offset : self._offset + size]
-        )
+        first = self._chunks[0]
+        if self._offset + size <= len(first):
+            data = bytes(first[self._offset : self._offset + size])
+        else:
+            data = bytes(self)[:size]
         self.drop(size)
         return data
 
 
 # Chunks given to one sendmsg: far below IOV_MAX (1024), and more than a socket takes at once.
 _IOV_CHUNKS = 64
+# Chunks smaller than this are copied into a joined one (until it holds the second size)
+# rather than queued on their own: a queue then holds about one chunk per 8 KiB at most, and
+# TLS batches (up to 256 KiB) still go out as they came.
+_SMALL_CHUNK_BYTES = 16 * 1024
+_JOINED_CHUNK_BYTES = 64 * 1024
 
 
 class Phase(enum.Enum):

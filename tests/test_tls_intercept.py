@@ -384,3 +384,22 @@ def test_queued_chunks_reach_a_full_socket_whole_and_in_order() -> None:
     assert sends > len(chunks)  # short sends, then more from where they stopped
     assert taken == expected and received == expected
     assert bytes(pending) == b"" and not pending
+
+
+def test_small_chunks_are_joined_and_go_out_in_one_call() -> None:
+    """A peer's bytes trickling in one at a time towards a peer that does not read are not
+    kept as a chunk each: once it reads, one call sends them all."""
+    pending = Outgoing()
+    trickle = bytes(range(256)) * 400  # 102,400 bytes, one chunk each
+    for index in range(len(trickle)):
+        pending.append(trickle[index : index + 1])
+    big = b"\xee" * 20_000  # a TLS batch's size is kept as it came
+    pending.append(big)
+    pending.append(b"tail")
+    assert len(pending) == len(trickle) + len(big) + 4
+    sender, receiver = socket.socketpair()
+    with sender, receiver:
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sent = pending.send_to(sender)
+        assert sent == len(pending)
+        assert pending.take(sent) == trickle + big + b"tail" and not pending
