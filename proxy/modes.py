@@ -102,6 +102,10 @@ class ProxyWorker(Protocol):
         self, host: str, port: int, done: Callable[[list[tuple[int, object]] | str], None]
     ) -> None: ...
 
+    def literal_target(
+        self, policy: ProxyPolicy, host: str, port: int
+    ) -> tuple[Destination, Address] | str | None: ...
+
     def open_upstream(
         self, flow: Flow, client: socket.socket, destination: Destination, prelude: Prelude
     ) -> None: ...
@@ -175,6 +179,20 @@ def original_destination(sock: socket.socket) -> Destination:
         return Destination(socket.AF_INET6, (host, raw[2] << 8 | raw[3], 0, 0))
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     return Destination(socket.AF_INET, (socket.inet_ntoa(raw[4:8]), raw[2] << 8 | raw[3]))
+
+
+def literal_target(
+    policy: ProxyPolicy, host: str, port: int
+) -> tuple[Destination, Address] | str | None:
+    """Where a client that asked for `host` and `port` connects, if `host` is an address
+    and allowed there (the destination and its server address); why it may not go there;
+    or None for a name, which is checked again once resolved. Depends on nothing but its
+    arguments: the relay keeps the answers for the destinations it sees again."""
+    refusal = policy.destination_refusal(host, port)
+    if refusal is not None:
+        return refusal
+    destination = literal_destination(host, port)
+    return None if destination is None else (destination, destination.address)
 
 
 def transparent_target(
@@ -298,13 +316,12 @@ class HandshakePhase:
             self.worker.unwatch(self.client.fileno())
             self._associate(requested)
             return
-        refusal = self.policy.destination_refusal(requested.host, requested.port)
-        if refusal is not None:
-            self.refuse(requested, Failure.NOT_ALLOWED, CloseReason.DENIED, refusal)
+        target = self.worker.literal_target(self.policy, requested.host, requested.port)
+        if isinstance(target, str):
+            self.refuse(requested, Failure.NOT_ALLOWED, CloseReason.DENIED, target)
             return
-        destination = literal_destination(requested.host, requested.port)
-        if destination is not None:
-            self._open(requested, destination, request.early_data)
+        if target is not None:
+            self._open(requested, target[0], target[1], request.early_data)
             return
 
         def resolved(found: list[Destination] | str) -> None:
@@ -324,15 +341,17 @@ class HandshakePhase:
             # Checked again on the address: a name may resolve to a denied one.
             why = self.policy.destination_refusal(destination.sockaddr[0], requested.port)
             if why is None:
-                self._open(requested, destination, early)
+                self._open(requested, destination, destination.address, early)
                 return
             refusal = refusal or f"{requested.host} resolves to {destination.address}: {why}"
         self.refuse(requested, Failure.NOT_ALLOWED, CloseReason.DENIED, refusal)
 
-    def _open(self, requested: Requested, destination: Destination, early: bytes) -> None:
+    def _open(
+        self, requested: Requested, destination: Destination, server: Address, early: bytes
+    ) -> None:
         self.closed = True
         self.worker.proxy_ended(self)
-        flow = self._flow(destination.address, requested)
+        flow = self._flow(server, requested)
         prelude = Prelude(self.handshake, early, self.unread)
         self.worker.open_upstream(flow, self.client, destination, prelude)
 
@@ -395,7 +414,7 @@ class HandshakePhase:
         if refusal is not None:
             self.close(CloseReason.DENIED, refusal, requested)
             return
-        self._open(requested, destination, b"")
+        self._open(requested, destination, destination.address, b"")
 
     # -- ending -----------------------------------------------------------------------------
 
@@ -424,12 +443,12 @@ class HandshakePhase:
 
     def _flow(self, server: Address, requested: Requested | None) -> Flow:
         return Flow(
-            id=next_flow_id(),
-            transport=Transport.TCP,
-            client=self.client_address,
-            server=server,
-            listener=self.listener_address,
-            started_at=self.started_at,
+            next_flow_id(),
+            Transport.TCP,
+            self.client_address,
+            server,
+            self.listener_address,
+            self.started_at,
             requested=requested,
         )
 

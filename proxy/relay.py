@@ -48,6 +48,7 @@ from .modes import (
     Prelude,
     Resolver,
     literal_destination,
+    literal_target,
     original_destination,
     transparent_target,
 )
@@ -82,8 +83,8 @@ _CHUNKS_PER_TURN = 8
 # place (no copy of bulk data).
 _SMALL_CHUNK = 16 * 1024
 _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
-# Destinations of transparent clients whose checks are kept, at most (then forgotten at once).
-_TRANSPARENT_TARGETS_KEPT = 4096
+# Destinations of proxy-mode clients whose checks are kept, at most (then forgotten at once).
+_TARGETS_KEPT = 4096
 # After running out of descriptors, accepting resumes this long after (or when a flow closes).
 _ACCEPT_PAUSE_S = 0.1
 
@@ -641,6 +642,7 @@ class _TcpFlows:
         "_connects",
         "_handshakes",
         "_idle_scan_s",
+        "_literal_targets",
         "_next_idle_scan",
         "_transparent_targets",
         "bus",
@@ -667,8 +669,12 @@ class _TcpFlows:
         self.proxied: set[HandshakePhase | UdpAssociation] = set()
         # The open UDP flows of this worker's SOCKS5 associations.
         self.datagram_flows: dict[int, DatagramFlow] = {}
-        # What `transparent_target` said of each (listener, destination) seen lately.
+        # What `transparent_target` said of each (listener, destination) seen lately, and
+        # what `literal_target` said of each (policy, destination).
         self._transparent_targets: dict[tuple[int, str, int], tuple[Address, Requested] | None] = {}
+        self._literal_targets: dict[
+            tuple[int, str, int], tuple[Destination, Address] | str | None
+        ] = {}
         self.ready = worker.ready
         self._accepters = [_Accepter(self, listener) for listener in listeners]
         self._accept_resume_at: float | None = None
@@ -840,7 +846,7 @@ class _TcpFlows:
                     target = targets[key]
                 else:
                     target = transparent_target(listener.address, policy, sockaddr[0], sockaddr[1])
-                    if len(targets) >= _TRANSPARENT_TARGETS_KEPT:
+                    if len(targets) >= _TARGETS_KEPT:
                         targets.clear()
                     targets[key] = target
                 if target is not None:
@@ -916,6 +922,21 @@ class _TcpFlows:
             self.call_soon(lambda: done(result))  # type: ignore[arg-type]
 
         self.resolver.resolve(host, port, answered)
+
+    def literal_target(
+        self, policy: ProxyPolicy, host: str, port: int
+    ) -> tuple[Destination, Address] | str | None:
+        """What `literal_target` says of a destination, kept for the next client that asks
+        for it through a listener of `policy` (which lives as long as the relay)."""
+        key = (id(policy), host, port)
+        targets = self._literal_targets
+        target = targets.get(key, self)
+        if target is self:
+            target = literal_target(policy, host, port)
+            if len(targets) >= _TARGETS_KEPT:
+                targets.clear()
+            targets[key] = target
+        return target  # type: ignore[return-value]
 
     def open_upstream(
         self, flow: Flow, client: socket.socket, destination: Destination, prelude: Prelude

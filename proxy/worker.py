@@ -395,10 +395,13 @@ class Worker(threading.Thread):
     def _poll_timeout(self) -> float:
         wake_at = self._timers[0][0] if self._timers else math.inf
         for service in self.services:
-            wake_at = min(wake_at, service.deadline)
+            deadline = service.deadline
+            if deadline < wake_at:
+                wake_at = deadline
         if wake_at == math.inf:
             return -1.0
-        return min(max(0.0, wake_at - time.monotonic()), _MAX_SLEEP_S)
+        wait = wake_at - time.monotonic()
+        return 0.0 if wait < 0.0 else _MAX_SLEEP_S if wait > _MAX_SLEEP_S else wait
 
     def release(self) -> None:
         """Free the wake-up descriptor; only after the thread has ended, so no submit races it."""
