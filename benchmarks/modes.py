@@ -260,8 +260,40 @@ def ping_pong(proxy: Proxy, port: int, rounds: int) -> tuple[float, float]:
     return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
 
 
-def connection_rate(proxy: Proxy, port: int, seconds: float, limit: int, threads: int = 4) -> float:
-    """New connections per second, each through the handshake: connect, echo a byte, close."""
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants alive now (forked workers: tinyproxy's, dante's)."""
+    found = [pid]
+    for parent in found:
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        found += [int(child) for child in children]
+    return found
+
+
+def proxy_cpu(proxy: Proxy) -> tuple[float, int]:
+    """CPU seconds (user and system) the proxy's processes have used so far, children that
+    ended included; and how many threads they run now, in all."""
+    ticks = 0
+    threads = 0
+    for proc in proxy.procs:
+        for pid in _tree(proc.pid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                threads += len(os.listdir(f"/proc/{pid}/task"))
+            except OSError:
+                continue  # it ended: its parent counts its time once it has reaped it
+            ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK"), threads
+
+
+def connection_figures(
+    proxy: Proxy, port: int, seconds: float, limit: int, threads: int = 4
+) -> dict[str, float]:
+    """New connections per second (each through the handshake: connect, echo a byte,
+    close), with what each cost in CPU: the proxy's (all its processes and threads) and the
+    load generator's (this process), in microseconds, and the proxy's thread count."""
     count = [0] * threads
     errors: list[BaseException] = []
     deadline = time.perf_counter() + seconds
@@ -281,14 +313,25 @@ def connection_rate(proxy: Proxy, port: int, seconds: float, limit: int, threads
             errors.append(exc)
 
     workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    cpu_before, _ = proxy_cpu(proxy)
+    client_before = time.process_time()
     started = time.perf_counter()
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
+    elapsed = time.perf_counter() - started
+    client_cpu = time.process_time() - client_before
+    cpu_after, proxy_threads = proxy_cpu(proxy)
     if errors:
         raise RuntimeError(f"{proxy.name}: {errors[0]}")
-    return sum(count) / (time.perf_counter() - started)
+    done = max(1, sum(count))
+    return {
+        "conn/s": sum(count) / elapsed,
+        "CPU us/conn": (cpu_after - cpu_before) / done * 1e6,
+        "client us/conn": client_cpu / done * 1e6,
+        "threads": proxy_threads,
+    }
 
 
 # -- the verdict -------------------------------------------------------------------------------
@@ -340,7 +383,9 @@ def measure(
             row = samples[proxy.name]
             row.setdefault("bulk up MB/s", []).append(bulk_up(proxy, bulk, size))
             row.setdefault("bulk down MB/s", []).append(bulk_down(proxy, bulk, size))
-            row.setdefault("conn/s", []).append(connection_rate(proxy, echo, conn_seconds, 20_000))
+            figures = connection_figures(proxy, echo, conn_seconds, 20_000)
+            for metric, value in figures.items():
+                row.setdefault(metric, []).append(value)
             p50, p99 = ping_pong(proxy, bulk, max(1, rounds // bulk_rounds))
             row.setdefault("p50 us", []).append(p50)
             row.setdefault("p99 us", []).append(p99)
@@ -355,8 +400,27 @@ def print_table(title: str, results: dict[str, dict[str, float]]) -> None:
     names = list(results)
     print(f"\n{title}")
     print(f"{'metric':<16}" + "".join(f"{name:>18}" for name in names))
-    for metric in ("bulk up MB/s", "bulk down MB/s", "conn/s", "p50 us", "p99 us"):
-        print(f"{metric:<16}" + "".join(f"{results[n][metric]:>18.1f}" for n in names))
+    for metric in ("bulk up MB/s", "bulk down MB/s", "conn/s", "p50 us", "p99 us", *_COST):
+        if all(metric in results[n] for n in names):
+            print(f"{metric:<16}" + "".join(f"{results[n][metric]:>18.1f}" for n in names))
+
+
+# What bounds new connections/s on a machine whose cores the proxies share with the load
+# generator (and, on a shared machine, with others): the CPU each connection costs a proxy
+# and the load generator, and how many threads a proxy spreads it over.
+_COST = ("CPU us/conn", "client us/conn", "threads")
+
+
+def print_bounds() -> None:
+    """The machine the figures came from: cores, load, and what the cost rows mean."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"\nmachine: {os.cpu_count()} cores, load average {load} at the end; the load "
+        "generator (4 threads in this process) shares them. CPU us/conn: the proxy's CPU "
+        "(user + system, all its processes and threads) per new connection; client us/conn: "
+        "the load generator's; threads: the proxy's threads and processes, each its own "
+        "share of a contended CPU."
+    )
 
 
 # flowtap runs with this group (and stays root, to read its venv): iptables leaves the
@@ -557,6 +621,7 @@ def main() -> int:
     finally:
         peers.terminate()
         peers.wait()
+    print_bounds()
     print()
     for note in notes:
         print(f"note: {note}")
