@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from .flow import Address, CloseReason, Requested, is_decimal
 from .handshake import Command, Failure, HandshakeEvent, OpenUpstream, Reject
 
+# Enum members as module names for the per-connection path: looked up on its class, a
+# member costs ~0.2 us in Python 3.11 (a Python-level descriptor), a module global a tenth.
+_CONNECT = Command.CONNECT
+
 # Characters a host in a request target cannot have.
 _NOT_IN_HOST = re.compile("[ /@?#]")
 # A request head larger than this is refused with 431, as servers refuse huge headers.
@@ -321,13 +325,13 @@ class HttpProxyServer:
             if head.method.upper() == "CONNECT":
                 self.is_tunnel = True
                 host, port = parse_authority(head.target, None)
-                return [OpenUpstream(Requested(host, port, user), Command.CONNECT, early)]
+                return [OpenUpstream(Requested(host, port, user), _CONNECT, early)]
             host, port, rewritten = origin_form(head)
             self._forwarded = ForwardedRequests((host.lower(), port), head)
         except BadRequest as exc:
             return [self._reject(400, "Bad Request", str(exc))]
         early = self._forwarded.feed(early)
-        return [OpenUpstream(Requested(host, port, user), Command.CONNECT, rewritten + early)]
+        return [OpenUpstream(Requested(host, port, user), _CONNECT, rewritten + early)]
 
     def upstream_rewriter(self) -> ForwardedRequests | None:
         """What rewrites the client's later requests (forwarded requests, not tunnels)."""

@@ -53,6 +53,13 @@ SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 _SOL_IPV6 = 41
 
+# Enum members as module names for the per-connection path: looked up on its class, a
+# member costs ~0.2 us in Python 3.11 (a Python-level descriptor), a module global a tenth.
+_SOCKS5 = Mode.SOCKS5
+_TRANSPARENT = Mode.TRANSPARENT
+_UDP_ASSOCIATE = Command.UDP_ASSOCIATE
+_TCP = Transport.TCP
+
 
 @dataclass(frozen=True, slots=True)
 class Prelude:
@@ -221,7 +228,7 @@ def _close_gently(sock: socket.socket) -> None:
 
 
 def new_handshake(mode: Mode, policy: ProxyPolicy) -> Handshake:
-    if mode is Mode.SOCKS5:
+    if mode is _SOCKS5:
         return SocksServer(policy.credentials)
     return HttpProxyServer(policy.credentials)
 
@@ -247,7 +254,7 @@ class HandshakePhase:
     def start(self) -> None:
         """Begin: read the client's handshake, or find a transparent flow's destination."""
         worker = self.worker
-        if self.mode is Mode.TRANSPARENT:
+        if self.mode is _TRANSPARENT:
             self._start_transparent()
             return
         self.handshake = new_handshake(self.mode, self.policy)
@@ -312,7 +319,7 @@ class HandshakePhase:
         """The client asked for `request.requested`: check it, resolve it, connect."""
         self.deciding = True
         requested = request.requested
-        if request.command is Command.UDP_ASSOCIATE:
+        if request.command is _UDP_ASSOCIATE:
             self.worker.unwatch(self.client.fileno())
             self._associate(requested)
             return
@@ -444,7 +451,7 @@ class HandshakePhase:
     def _flow(self, server: Address, requested: Requested | None) -> Flow:
         return Flow(
             next_flow_id(),
-            Transport.TCP,
+            _TCP,
             self.client_address,
             server,
             self.listener_address,

@@ -73,6 +73,18 @@ class _State(enum.Enum):
     DONE = enum.auto()
 
 
+# Enum members as module names for the per-connection path: looked up on its class, a
+# member costs ~0.2 us in Python 3.11 (a Python-level descriptor), a module global a tenth.
+_GREETING = _State.GREETING
+_AUTH = _State.AUTH
+_REQUEST = _State.REQUEST
+_DECIDED = _State.DECIDED
+_DONE = _State.DONE
+_FINISHED = (_DECIDED, _DONE)
+_CONNECT = Command.CONNECT
+_UDP_ASSOCIATE = Command.UDP_ASSOCIATE
+
+
 def reply5(code: int, bound: Address | None = None) -> bytes:
     """A SOCKS5 reply with `code` and the bound address (0.0.0.0:0 when there is none)."""
     if bound is None or bound.is_unix:
@@ -149,42 +161,42 @@ class SocksServer:
         self._credentials = dict(credentials or {})
         self._allow_socks4 = allow_socks4
         self._buffer = bytearray()
-        self._state = _State.GREETING
+        self._state = _GREETING
         self._user: str | None = None
         self.version = 0
 
     def receive(self, data: bytes) -> list[HandshakeEvent]:
         """Take bytes the client sent; what to do about them, in order."""
-        if self._state in (_State.DECIDED, _State.DONE):
+        if self._state in _FINISHED:
             raise RuntimeError("the SOCKS handshake has already decided")
         self._buffer += data
         events: list[HandshakeEvent] = []
-        while self._state not in (_State.DECIDED, _State.DONE):
+        while self._state not in _FINISHED:
             event = self._step()
             if event is None:
                 break
             events.append(event)
             if isinstance(event, Reject):
-                self._state = _State.DONE
+                self._state = _DONE
         return events
 
     def succeeded(self, bound: Address | None) -> bytes:
         """The reply for a client whose upstream is open (`bound`: flowtap's end of it)."""
-        self._state = _State.DONE
+        self._state = _DONE
         if self.version == VERSION_4:
             return reply4(SOCKS4_GRANTED)
         return reply5(Reply.SUCCEEDED, bound)
 
     def failed(self, failure: Failure) -> bytes:
         """The reply for a client whose destination could not be reached."""
-        self._state = _State.DONE
+        self._state = _DONE
         if self.version == VERSION_4:
             return reply4(SOCKS4_REJECTED)
         return reply5(_FAILURE_REPLY[failure])
 
     def timed_out(self) -> bytes:
         """Nothing: SOCKS has no reply for a client that stopped half-way; it is closed."""
-        self._state = _State.DONE
+        self._state = _DONE
         return b""
 
     def upstream_rewriter(self) -> None:
@@ -194,9 +206,9 @@ class SocksServer:
     # -- the states -----------------------------------------------------------------------
 
     def _step(self) -> HandshakeEvent | None:
-        if self._state is _State.GREETING:
+        if self._state is _GREETING:
             return self._greeting()
-        if self._state is _State.AUTH:
+        if self._state is _AUTH:
             return self._auth()
         return self._request()
 
@@ -229,7 +241,7 @@ class SocksServer:
                 bytes((VERSION_5, METHOD_NONE_ACCEPTABLE)),
                 f"the client offers methods {offered}, not {need}",
             )
-        self._state = _State.AUTH if self._credentials else _State.REQUEST
+        self._state = _AUTH if self._credentials else _REQUEST
         return SendReply(bytes((VERSION_5, wanted)))
 
     def _auth(self) -> HandshakeEvent | None:
@@ -257,7 +269,7 @@ class SocksServer:
         if expected is None or not hmac.compare_digest(expected.encode(), password.encode()):
             return self._reject(bytes((AUTH_VERSION, 0x01)), f"wrong credentials for {user!r}")
         self._user = user
-        self._state = _State.REQUEST
+        self._state = _REQUEST
         return SendReply(bytes((AUTH_VERSION, 0x00)))
 
     def _request(self) -> HandshakeEvent | None:
@@ -286,8 +298,8 @@ class SocksServer:
             return self._reject(
                 reply5(Reply.COMMAND_NOT_SUPPORTED), f"unknown SOCKS command {command:#04x}"
             )
-        self._state = _State.DECIDED
-        kind = Command.CONNECT if command == CMD_CONNECT else Command.UDP_ASSOCIATE
+        self._state = _DECIDED
+        kind = _CONNECT if command == CMD_CONNECT else _UDP_ASSOCIATE
         return OpenUpstream(Requested(host, port, self._user), kind, early)
 
     def _socks4(self) -> HandshakeEvent | None:
@@ -331,5 +343,5 @@ class SocksServer:
             return self._reject(
                 reply4(SOCKS4_REJECTED), f"SOCKS4 command {command:#04x} is not supported"
             )
-        self._state = _State.DECIDED
-        return OpenUpstream(Requested(host, port, user), Command.CONNECT, early)
+        self._state = _DECIDED
+        return OpenUpstream(Requested(host, port, user), _CONNECT, early)
