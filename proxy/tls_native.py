@@ -31,6 +31,7 @@ _SOCKET_CONTEXT = _HEAD_BYTES + 2 * _POINTER_BYTES
 _Bytes = ctypes.POINTER(ctypes.c_char_p)
 # OpenSSL's numbers for what the signer names (stable ABI: obj_mac.h).
 _EVP_PKEY_EC = 408
+_EVP_PKEY_ED25519 = 1087
 _NID_SUBJECT_ALT_NAME = 85
 
 
@@ -74,7 +75,9 @@ class LeafSigner:
             lib.EC_KEY_free(ec_key)
             raise ValueError("OpenSSL could not hold the leaf key")
         # Ed25519 signs without a separate digest; RSA and ECDSA sign a SHA-256 one.
-        self._digest = 0 if lib.EVP_PKEY_get_id(self._ca_key) == 1087 else lib.EVP_sha256()
+        self._digest = (
+            0 if lib.EVP_PKEY_get_id(self._ca_key) == _EVP_PKEY_ED25519 else lib.EVP_sha256()
+        )
         self._extensions = [
             extension
             for index in range(lib.X509_get_ext_count(self._template))
