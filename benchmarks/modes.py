@@ -2,7 +2,7 @@
 microsocks and dante-server (SOCKS5), tinyproxy (CONNECT) and mitmdump (both; in a venv this
 benchmark makes, or skipped with a note), each measured through the proxy handshake.
 
-Run on demand:  python benchmarks/modes.py [--quick] [--no-mitmproxy]
+Run on demand:  python benchmarks/modes.py [--quick] [--no-mitmproxy] [--baseline FLOWTAP]
 As root, it also measures transparent mode against reverse mode (within 5 %) in a network
 namespace it makes (unshare --net, an iptables REDIRECT for all but flowtap's own group);
 the reverse listeners are reached through a REDIRECT as well, so only the mode differs.
@@ -103,16 +103,23 @@ def _flowtap_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "flowtap.inspector.cli"]
 
 
-def start_flowtap(mode: str, workdir: Path) -> Proxy:
+# The row of another build's flowtap (--baseline): measured in turns with the others, under
+# the same load, and left out of the verdict.
+BASELINE = "baseline"
+
+
+def start_flowtap(mode: str, workdir: Path, exe: str | None = None) -> Proxy:
+    """flowtap in `mode`: this venv's, or the build `exe` runs (the baseline row)."""
     port = free_port()
+    name = f"{BASELINE} {mode}" if exe else f"flowtap {mode}"
     proc = subprocess.Popen(
-        [*_flowtap_command(), "run", "--quiet", "--no-control", "--listen",
+        [*([exe] if exe else _flowtap_command()), "run", "--quiet", "--no-control", "--listen",
          f"{mode}:127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL,
-        stderr=(workdir / f"flowtap-{mode}.err").open("w"),
+        stderr=(workdir / f"{name.replace(' ', '-')}.err").open("w"),
     )  # fmt: skip
-    wait_port(port, proc=proc, name="flowtap")
-    return Proxy(f"flowtap {mode}", "socks5" if mode == "socks5" else "connect", port, [proc])
+    wait_port(port, proc=proc, name=name)
+    return Proxy(name, "socks5" if mode == "socks5" else "connect", port, [proc])
 
 
 def start_microsocks(workdir: Path) -> Proxy:
@@ -330,12 +337,11 @@ def connection_figures(
     if errors:
         raise RuntimeError(f"{proxy.name}: {errors[0]}")
     done = max(1, sum(count))
-    return {
-        "conn/s": sum(count) / elapsed,
-        "CPU us/conn": (cpu_after - cpu_before) / done * 1e6,
-        "client us/conn": client_cpu / done * 1e6,
-        "threads": proxy_threads,
-    }
+    figures = {"conn/s": sum(count) / elapsed, "client us/conn": client_cpu / done * 1e6}
+    if proxy.procs:  # not the listeners of a relay this benchmark did not start
+        figures["CPU us/conn"] = (cpu_after - cpu_before) / done * 1e6
+        figures["threads"] = proxy_threads
+    return figures
 
 
 # -- the verdict -------------------------------------------------------------------------------
@@ -564,6 +570,12 @@ def main() -> int:
     parser.add_argument(
         "--no-mitmproxy", action="store_true", help="do not make a venv with mitmproxy"
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="FLOWTAP",
+        help="another build's flowtap (e.g. a main checkout's .venv/bin/flowtap), measured in "
+        "turns beside this one under the same load, outside the verdict",
+    )
     parser.add_argument("--transparent-in-namespace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.transparent_in_namespace:
@@ -591,6 +603,10 @@ def main() -> int:
         "socks5": [lambda: start_flowtap("socks5", workdir)],
         "connect": [lambda: start_flowtap("http", workdir)],
     }
+    if args.baseline:
+        baseline = args.baseline
+        starters["socks5"].append(lambda: start_flowtap("socks5", workdir, baseline))
+        starters["connect"].append(lambda: start_flowtap("http", workdir, baseline))
     if "microsocks" not in missing:
         starters["socks5"].append(lambda: start_microsocks(workdir))
     if "danted" not in missing:
@@ -621,7 +637,8 @@ def main() -> int:
                 results,
             )
             light = ("microsocks", "dante") if kind == "socks5" else ("tinyproxy",)
-            checks += verdict(kind, results, light)
+            judged = {n: row for n, row in results.items() if not n.startswith(BASELINE)}
+            checks += verdict(kind, judged, light)
     finally:
         peers.terminate()
         peers.wait()
