@@ -41,7 +41,7 @@ READY_CONTEXTS = 8
 """Server contexts holding the leaf key, made ahead off the handshake path for new names'
 contexts of their own (`server_context`; the relay's path without the native binding)."""
 MAX_PENDING_NAMES = 256
-"""Names whose leaves `prepare` makes ahead at most, the oldest forgotten first."""
+"""Names whose contexts `prepare` makes ahead at most, the oldest forgotten first."""
 # How long a handshake waits for the CA's thread to finish what it makes before making it.
 _PREPARE_WAIT_S = 5.0
 # A key file that can never be opened (nothing lives under a character device).
@@ -207,11 +207,18 @@ class CertificateAuthority:
         return leaf
 
     def prepare(self, name: str) -> None:
-        """Start making what a handshake for `name` needs (its leaf signed by OpenSSL, or without
-        the native binding its server context) on the CA's thread, unless it is made or under
-        way: the handshake that needs it (`server_object`) then waits only for what is left,
-        if anything."""
+        """Make what a handshake for `name` needs ahead, unless it is made or under way: its
+        leaf signed by OpenSSL, here and now (about a tenth of a millisecond, which the relay
+        spends once its ClientHello is sent, while the upstream answers); without the native
+        binding, its server context, started on the CA's thread (the handshake that needs it,
+        `server_object`, then waits only for what is left, if anything)."""
         if self._made().get(name) is not None:
+            return
+        if self._signer is not None:
+            # The thread would hold the GIL for most of it, which the relay then waits for:
+            # made on the relay's thread, in a moment it has nothing else to do, it costs less.
+            with contextlib.suppress(ValueError):  # raised again where the leaf is needed
+                self._native_leaf(name)
             return
         with self._pending_lock:
             if name in self._pending:
@@ -232,10 +239,7 @@ class CertificateAuthority:
         if native is None or self._signer is None:
             context = self.server_context(name, alpn)
             return context.wrap_bio(incoming, outgoing, server_side=True)
-        cert = self._native_leaves.get(name)
-        if cert is None:
-            claimed = self._claim(name)
-            cert = claimed if isinstance(claimed, NativeCertificate) else self._native_leaf(name)
+        cert = self._native_leaves.get(name) or self._native_leaf(name)
         obj = self._keyed_for(alpn).wrap_bio(incoming, outgoing, server_side=True)
         # A TLS 1.2 session (by its id or a ticket) resumes for the name it began with only:
         # every name shares the context, and RFC 6066 (3) has a server that is asked to
@@ -293,8 +297,7 @@ class CertificateAuthority:
         cached = self._contexts.get(key)
         if cached is not None:
             return cached
-        claimed = self._claim(name) if self._signer is None else None
-        context = claimed if isinstance(claimed, ssl.SSLContext) else self._new_context(name)
+        context = (self._claim(name) if self._signer is None else None) or self._new_context(name)
         self._configure(context, alpn)
         self._contexts.put(key, context)
         return context
@@ -321,17 +324,14 @@ class CertificateAuthority:
                 return
             pending.started = True
         try:
-            if self._signer is None:
-                pending.value = self._new_context(name)
-            else:
-                pending.value = self._native_leaf(name)
+            pending.value = self._new_context(name)
         except (ValueError, OSError, ssl.SSLError):
             pass  # made again, and the error raised, by the handshake that needs it
         finally:
             pending.done.set()
 
-    def _claim(self, name: str) -> ssl.SSLContext | NativeCertificate | None:
-        """What `prepare` made or is making for `name` (waiting for it), or None."""
+    def _claim(self, name: str) -> ssl.SSLContext | None:
+        """The context `prepare` made or is making for `name` (waiting for it), or None."""
         with self._pending_lock:
             pending = self._pending.pop(name, None)
             if pending is None:
@@ -389,22 +389,21 @@ class CertificateAuthority:
 
 
 class _Pending:
-    """What a name's handshakes need (its context, or its certificate as OpenSSL parsed it)
-    being made on the CA's thread."""
+    """A name's server context being made on the CA's thread (without the native binding)."""
 
     __slots__ = ("done", "started", "value")
 
     def __init__(self) -> None:
         self.started = False
         """Whether a thread has begun making it (guarded by the CA's lock)."""
-        self.value: ssl.SSLContext | NativeCertificate | None = None
-        """What was made, once `done`; None if it could not be made."""
+        self.value: ssl.SSLContext | None = None
+        """The context, once `done`; None if it could not be made."""
         self.done = threading.Event()
 
 
 class _Background:
-    """The CA's own thread: it runs the jobs it is given (a name's leaf, or without the native
-    binding its server context, asked for at the ClientHello) and, once one was taken, keeps
+    """The CA's own thread: it runs the jobs it is given (a name's server context, asked for
+    at the ClientHello, without the native binding) and, once one was taken, keeps
     `size` contexts that hold the leaf key made ahead (OpenSSL does most of that work with
     the GIL released)."""
 

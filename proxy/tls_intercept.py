@@ -387,6 +387,8 @@ class TlsInterception:
         self.upstream_secrets: bytes | None = None
         """With a wire capture: the upstream leg's key log lines, once its handshake is done."""
         self.client_secrets: bytes | None = None
+        self.leaf_due: str | None = None
+        """The name whose leaf `prepare_leaf` has the CA make, once a ClientHello is peeked."""
 
     @property
     def is_handshaking(self) -> bool:
@@ -489,13 +491,16 @@ class TlsInterception:
             self.phase = Phase.UPSTREAM_HANDSHAKE
             if self._server_connected:
                 self._start_upstream()
-            ca = self.settings.ca
-            assert ca is not None
             if self.phase is Phase.UPSTREAM_HANDSHAKE:
-                # The leaf for a new name is made on the CA's thread while the upstream
-                # answers: asked for once flowtap's ClientHello is written, as that thread
-                # would hold the GIL the writing needs.
-                ca.prepare(result.sni or self.upstream_host)
+                self.leaf_due = result.sni or self.upstream_host
+
+    def prepare_leaf(self) -> None:
+        """Have the CA make the leaf the client will be answered with, if it is new: for the
+        caller to call once what is due to the upstream is sent, while the upstream answers."""
+        name, self.leaf_due = self.leaf_due, None
+        ca = self.settings.ca
+        if name is not None and ca is not None and self.phase is Phase.UPSTREAM_HANDSHAKE:
+            ca.prepare(name)
 
     def _go_plain(self) -> None:
         self.phase = Phase.PLAIN

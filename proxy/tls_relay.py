@@ -234,6 +234,8 @@ class TlsTcpFlow:
             self._reset(exc.is_client, str(exc))
             return
         self._shut_finished_sides()
+        if tls.leaf_due is not None:
+            tls.prepare_leaf()  # the ClientHello is sent: the upstream takes a while to answer
 
     # -- socket work --------------------------------------------------------------------------
 

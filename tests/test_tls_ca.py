@@ -375,15 +375,17 @@ def test_connections_of_every_name_share_a_keyed_context_and_each_present_its_le
     assert not ca._background._ready
 
 
-def test_names_prepared_at_the_client_hello_are_served_as_openssl_parsed_them_ahead(
+def test_names_prepared_at_the_client_hello_are_signed_then_and_served(
     ca: CertificateAuthority,
 ) -> None:
     names = [f"native-{index}.test" for index in range(20)]
     for name in names:
         ca.prepare(name)
-    for name in reversed(names):  # some taken over before the CA's thread begins them
+    assert ca.cached_names() == names
+    for name in reversed(names):
         client, _ = served(ca, name)
         assert leaf_name(client) == name
+    assert sorted(ca.cached_names()) == sorted(names)
     ca.prepare("caf\u00e9.test")
     with pytest.raises(ValueError):
         ca.server_object("caf\u00e9.test", None, ssl.MemoryBIO(), ssl.MemoryBIO())

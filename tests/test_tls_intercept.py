@@ -403,3 +403,29 @@ def test_small_chunks_are_joined_and_go_out_in_one_call() -> None:
         sent = pending.send_to(sender)
         assert sent == len(pending)
         assert pending.take(sent) == trickle + big + b"tail" and not pending
+
+
+def test_a_new_names_leaf_is_made_when_asked_once_the_client_hello_to_the_upstream_is_due(
+    cas: CAs, tmp_path: Path
+) -> None:
+    # The relay asks (prepare_leaf) once it has sent what is due to the upstream: the leaf is
+    # then made while the upstream answers, and the client's handshake finds it made.
+    flowtap_ca = load_or_create_ca(tmp_path / "flowtap")
+    tls = TlsInterception(TlsSettings(TlsMode.INTERCEPT, flowtap_ca, upstream_insecure=True), "x")
+    context = ssl.create_default_context(cafile=str(flowtap_ca.cert_file))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = Peer(
+        context.wrap_bio(incoming, outgoing, server_hostname="due.test"), incoming, outgoing
+    )
+    tls.server_connected()
+    client.step()
+    tls.feed_client(client.outgoing.read())
+    assert tls.to_server  # flowtap's ClientHello
+    assert tls.leaf_due == "due.test" and "due.test" not in flowtap_ca.cached_names()
+    tls.prepare_leaf()
+    assert tls.leaf_due is None and flowtap_ca.cached_names() == ["due.test"]
+    pump(client, tls, make_server(cas[1]))
+    assert client.done and tls.phase is Phase.OPEN
+    peer = client.obj.getpeercert()
+    assert peer is not None and peer["subjectAltName"] == (("DNS", "due.test"),)
+    assert flowtap_ca.cached_names() == ["due.test"]  # made once
