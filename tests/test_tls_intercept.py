@@ -400,6 +400,7 @@ def test_small_chunks_are_joined_and_go_out_in_one_call() -> None:
     sender, receiver = socket.socketpair()
     with sender, receiver:
         sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sender.settimeout(10)  # room for all of it: a send that blocks fails, never hangs
         sent = pending.send_to(sender)
         assert sent == len(pending)
         assert pending.take(sent) == trickle + big + b"tail" and not pending
