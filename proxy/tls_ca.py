@@ -208,9 +208,9 @@ class CertificateAuthority:
 
     def prepare(self, name: str) -> None:
         """Make what a handshake for `name` needs ahead, unless it is made or under way: its
-        leaf signed by OpenSSL, here and now (about 0.15 ms, which the relay
-        spends once its ClientHello is sent, while the upstream answers); without the native
-        binding, its server context, started on the CA's thread (the handshake that needs it,
+        leaf signed by OpenSSL, here and now (about 0.15 ms, which the relay spends once its
+        ClientHello is sent, while the upstream answers); without the native binding, its
+        server context, started on the CA's thread (the handshake that needs it,
         `server_object`, then waits only for what is left, if anything)."""
         if self._made().get(name) is not None:
             return
