@@ -51,7 +51,9 @@ def response(status: int, phrase: str, body: str, extra_headers: str = "") -> by
     ).encode() + payload
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a head never leaves this module, and a frozen dataclass's constructor costs
+# several times more (object.__setattr__ for each field), once per request.
+@dataclass(slots=True)
 class RequestHead:
     """A parsed request line and its header fields, in order, as sent."""
 
