@@ -329,7 +329,8 @@ def new_name_ms(directory: Path, names: int, gap_s: float, ahead_s: float = 0.0)
     """The median time flowtap's CA takes, in this process, to give the relay the server side
     of a connection for a name it has not seen (what the relay asks for, `server_object`),
     names coming `gap_s` apart (0: back to back); with `ahead_s`, the name was given to
-    `prepare` that long before, as the relay does at the ClientHello."""
+    `prepare` that long before, as the relay does once its ClientHello to the upstream is
+    sent (the time prepare takes is the upstream's to answer, and not timed here)."""
     from flowtap.proxy.tls_ca import load_or_create_ca
 
     ca = load_or_create_ca(directory / f"new-name-ca-{gap_s}-{ahead_s}")
@@ -456,8 +457,9 @@ def main() -> None:
         prepared = new_name_ms(directory, args.names, gap_s=0.005, ahead_s=0.001)
         print(
             f"new name, in this process: {spaced:.2f} ms to sign and load its leaf (median of "
-            f"{args.names}, 5 ms apart; back to back: {burst:.2f} ms); {prepared:.2f} ms on the "
-            "relay's thread when prepared at the ClientHello 1 ms before",
+            f"{args.names}, 5 ms apart; back to back: {burst:.2f} ms); {prepared:.2f} ms at the "
+            "client's handshake when prepared (the relay does it as its ClientHello goes "
+            "upstream) 1 ms before",
             flush=True,
         )
         table: dict[str, dict[str, float]] = {}
