@@ -349,6 +349,8 @@ class Worker(threading.Thread):
         # ping-pong x1.7-1.8 and request/response with 16 in flight x1.6-1.9
         # (benchmarks/udp.py), TCP ping-pong p50 52 -> 40 us (benchmarks/relay.py).
         stale = self._stale
+        monotonic = time.monotonic
+        sched_yield = os.sched_yield
         busy_poll_s = self.config.busy_poll_s
         cold_gap_s = 4 * busy_poll_s  # the gap counted for a sleep, however long it was
         average_gap_s = cold_gap_s
@@ -356,16 +358,18 @@ class Worker(threading.Thread):
         while not self._exit:
             if ready:
                 events = poll(0.0)
-            elif average_gap_s < busy_poll_s and time.monotonic() - last_event < busy_poll_s:
+            elif average_gap_s < busy_poll_s and monotonic() - last_event < busy_poll_s:
                 events = poll(0.0)
                 if not events:
-                    os.sched_yield()  # a peer on this CPU goes first
+                    sched_yield()  # a peer on this CPU goes first
                     continue
             else:
                 events = poll(self._poll_timeout())
-            now = time.monotonic()
+            now = monotonic()
             if events:
-                gap = min(now - last_event, cold_gap_s)
+                gap = now - last_event
+                if gap > cold_gap_s:
+                    gap = cold_gap_s
                 average_gap_s += (gap - average_gap_s) / 8
                 last_event = now
             if stale:
