@@ -340,6 +340,7 @@ def connection_figures(
     figures = {"conn/s": sum(count) / elapsed, "client us/conn": client_cpu / done * 1e6}
     if proxy.procs:  # not the listeners of a relay this benchmark did not start
         figures["CPU us/conn"] = (cpu_after - cpu_before) / done * 1e6
+        figures["core %"] = (cpu_after - cpu_before) / elapsed * 100
         figures["threads"] = proxy_threads
     return figures
 
@@ -418,7 +419,7 @@ def print_table(title: str, results: dict[str, dict[str, float]]) -> None:
 # What bounds new connections/s on a machine whose cores the proxies share with the load
 # generator (and, on a shared machine, with others): the CPU each connection costs a proxy
 # and the load generator, and how many threads a proxy spreads it over.
-_COST = ("CPU us/conn", "client us/conn", "threads")
+_COST = ("CPU us/conn", "core %", "client us/conn", "threads")
 
 
 def print_bounds() -> None:
@@ -428,8 +429,9 @@ def print_bounds() -> None:
         f"\nmachine: {os.cpu_count()} cores, load average {load} at the end; the load "
         "generator (4 threads in this process) shares them. CPU us/conn: the proxy's CPU "
         "(user + system, all its processes and threads) per new connection; client us/conn: "
-        "the load generator's; threads: the most threads (and processes) the proxy ran at "
-        "once, each its own share of a contended CPU."
+        "the load generator's; core %: how much of one core the proxy had meanwhile (conn/s = "
+        "core % x 10,000 / CPU us/conn); threads: the most threads (and processes) the proxy ran "
+        "at once, each its own share of a contended CPU."
     )
 
 
