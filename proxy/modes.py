@@ -300,6 +300,12 @@ class HandshakePhase:
                     self.unread = len(data) == _RECV_BYTES
                     self.decide(event)
                     return
+            if len(data) < _RECV_BYTES and not mask & (_RDHUP | _HUP | _ERR):
+                # Drained: what the client sends next (a SOCKS request after its greeting's
+                # reply, a few tens of microseconds later) has an event of its own, so no
+                # read (and no exception) is spent to be told it is not there yet. An end or
+                # error that came with this event is read on to.
+                return
 
     def on_deadline(self, now: float = 0.0) -> None:
         """The handshake timeout: answer what the protocol has for it and close."""
