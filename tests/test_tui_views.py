@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 from test_tui import screen_text, until
 from textual.pilot import Pilot
 from textual.selection import Selection
+from textual.widgets import Static
 
+from flowtap.inspector.log import human_bytes
 from flowtap.inspector.pcapfile.reassembly import FlowGap
 from flowtap.inspector.pcapfile.writer import CaptureWriter, open_packet_file
 from flowtap.inspector.summary import escape_bytes
@@ -381,6 +383,53 @@ def test_the_rows_of_flows_that_move_on_every_tick_redraw_at_a_bounded_rate(
         await until(pilot, lambda: redraws[-1] > started + elapsed, "the last counts drawn")
         moving = [at for at in redraws if started <= at <= started + elapsed]
         assert len(moving) <= elapsed / flow_table.ROWS_REDRAW_S + 2
+
+    run(app, scenario)
+
+
+def test_the_facts_keep_their_height_while_counts_move_and_grow_with_new_lines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A live flow's counts change its facts a few times a second without laying the screen
+    out again; facts that add lines (bytes not shown) make them taller."""
+
+    def chunk(i: int) -> FlowData:  # 12 binary bytes: a summary of a fixed number of lines
+        direction = Direction.UP if i % 2 == 0 else Direction.DOWN
+        return FlowData(1, direction, T0 + i, bytes(range(i % 7, 12 + i % 7)))
+
+    app, queue = app_with([FlowOpened(opened(1)), *(chunk(i) for i in range(40))])
+    layouts: list[bool] = []
+    update = Static.update
+
+    def counted(static: Static, *args: Any, layout: bool = True) -> None:
+        if static.id == "facts":
+            layouts.append(layout)
+        update(static, *args, layout=layout)
+
+    monkeypatch.setattr(Static, "update", counted)
+
+    def counts_shown(facts: Static) -> bool:
+        record = app.store.records[1]
+        return f"↓ {human_bytes(record.bytes_down)}" in str(facts.render())
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        facts = app.query_one("#facts", Static)
+        await until(pilot, lambda: 1 in app.store.records and counts_shown(facts), "the facts")
+        await pilot.pause(0.3)
+        height = facts.size.height
+        layouts.clear()
+        for sent in range(40, 46):
+            queue.handle(chunk(sent))
+            await pilot.pause(app_module.DETAIL_REFRESH_S + 0.05)
+        await until(pilot, lambda: counts_shown(facts), "the last counts")
+        assert "↓ 276B" in str(facts.render())  # 23 chunks of 12 bytes each way
+        assert layouts and not any(layouts)
+        assert facts.size.height == height
+        queue.handle(DataNotShown(1, Direction.DOWN, 500))  # type: ignore[arg-type]
+        await until(pilot, lambda: "500 bytes not shown" in str(facts.render()), "the line")
+        lines = str(facts.render()).count("\n") + 1
+        assert lines > height
+        await until(pilot, lambda: facts.size.height == lines, "the taller facts")
 
     run(app, scenario)
 

@@ -99,6 +99,7 @@ class FlowDetail(Vertical):
         self.show_hex = False
         # Built here so that a selection arriving before mounting has somewhere to go.
         self.facts = Static("No flow selected.", id="facts")
+        self._facts_shown = ""
         self.conversation = Conversation(store, id="conversation")
         self.hex_view = HexView(store, id="hex")
 
@@ -120,9 +121,20 @@ class FlowDetail(Vertical):
         if record is None:
             self.flow_id = None
             self.facts.update("No flow selected.")
+            self._facts_shown = ""
             payload.show(None, follow=False)
             return
-        self.facts.update(Text(facts_text(record)))
+        text = facts_text(record)
+        if text != self._facts_shown:
+            # A live flow's counts change its facts a few times a second: the screen is laid
+            # out again (a pass over every widget) only if that may change their height.
+            width = self.facts.content_region.width
+            lines = (*text.split("\n"), *self._facts_shown.split("\n"))
+            same_height = text.count("\n") == self._facts_shown.count("\n") and all(
+                len(line) <= width for line in lines
+            )
+            self.facts.update(Text(text), layout=not same_height)
+            self._facts_shown = text
         if flow_id == self.flow_id and payload.record is record:
             payload.sync()
             return
