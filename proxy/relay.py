@@ -175,16 +175,20 @@ class _Pipe:
         self.small = True
 
 
+def _failure(exc: OSError) -> str:
+    """The reason a flow's failed receive or send gives: the system's words, else `reset` for
+    a reset."""
+    return exc.strerror or ("reset" if isinstance(exc, _RESET_ERRORS) else str(exc))
+
+
 def _send(pipe: _Pipe, data: memoryview | list[memoryview]) -> int:
     """Send what `pipe.dst` takes now (a list in one `sendmsg`); its failure is a _SideReset."""
     try:
         return pipe.dst.sendmsg(data) if isinstance(data, list) else pipe.dst.send(data)
     except BlockingIOError:
         return 0
-    except _RESET_ERRORS as exc:
-        raise _SideReset(pipe.dst_is_client, exc.strerror or "reset") from None
     except OSError as exc:
-        raise _SideReset(pipe.dst_is_client, exc.strerror or str(exc)) from None
+        raise _SideReset(pipe.dst_is_client, _failure(exc)) from None
 
 
 def _recv(pipe: _Pipe, size: int) -> bytes | None:
@@ -194,10 +198,8 @@ def _recv(pipe: _Pipe, size: int) -> bytes | None:
         return pipe.src.recv(size)
     except BlockingIOError:
         return None
-    except _RESET_ERRORS as exc:
-        raise _SideReset(not pipe.dst_is_client, exc.strerror or "reset") from None
     except OSError as exc:
-        raise _SideReset(not pipe.dst_is_client, exc.strerror or str(exc)) from None
+        raise _SideReset(not pipe.dst_is_client, _failure(exc)) from None
 
 
 class _TcpFlow:
@@ -311,11 +313,8 @@ class _TcpFlow:
         except BlockingIOError:
             pipe.readable = False
             return
-        except _RESET_ERRORS as exc:
-            self._reset(is_client, exc.strerror or "reset")
-            return
         except OSError as exc:
-            self._reset(is_client, exc.strerror or str(exc))
+            self._reset(is_client, _failure(exc))
             return
         if n == 0:
             pipe.eof = True
@@ -347,8 +346,7 @@ class _TcpFlow:
                 event = FlowData(self.flow.id, pipe.direction, timestamp_ns / 1e9, bytes(chunk))
                 pipe.wants_data = bus.emit_data(event)
         if failed is not None:
-            reason = failed.strerror or ("reset" if isinstance(failed, _RESET_ERRORS) else "")
-            self._reset(not is_client, reason or str(failed))
+            self._reset(not is_client, _failure(failed))
             return
         if sent < n:
             pipe.pending = memoryview(bytes(chunk[sent:]))
@@ -431,10 +429,8 @@ class _TcpFlow:
             except BlockingIOError:
                 pipe.readable = False
                 break
-            except _RESET_ERRORS as exc:
-                raise _SideReset(not pipe.dst_is_client, exc.strerror or "reset") from None
             except OSError as exc:
-                raise _SideReset(not pipe.dst_is_client, exc.strerror or str(exc)) from None
+                raise _SideReset(not pipe.dst_is_client, _failure(exc)) from None
             if n == 0:
                 pipe.eof = True
                 if self.first_eof is None:
