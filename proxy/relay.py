@@ -1073,7 +1073,7 @@ class _TcpFlows:
             early = prelude.early_data
         tls.on_connected(time.monotonic(), reply=reply, early_data=early)
         if not tls.closed:
-            self.worker.call_at(tls.handshake_deadline, tls.on_deadline)
+            self.worker.call_at(tls.handshake_deadline, tls.deadline_callback())
 
     def _deliver_prelude(self, tcp: _TcpFlow, prelude: Prelude) -> None:
         """Send the handshake's reply to the client and the client's early bytes to the

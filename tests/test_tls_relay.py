@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -11,6 +12,7 @@ import struct
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -732,3 +734,41 @@ def test_megabytes_each_way_through_small_socket_buffers_arrive_whole(
     if captured:
         assert relay.stop() == 0
         assert follow_tcp(capture, 0) == (upload, download)
+
+
+def test_a_closed_tls_flow_is_freed_before_its_handshake_deadline(
+    pki: Pki, s_server: Callable[..., int]
+) -> None:
+    from conftest import EventRecorder
+    from flowtap.proxy.events import Bus
+    from flowtap.proxy.flow import Address
+    from flowtap.proxy.listener import ListenerSpec
+    from flowtap.proxy.relay import Relay
+    from flowtap.proxy.tls_ca import load_ca_file
+    from flowtap.proxy.tls_intercept import TlsMode, TlsSettings
+    from flowtap.proxy.worker import RelayConfig
+
+    cert, key = pki.server("ecdsa")
+    upstream = s_server(cert, key, "-rev")
+    tls = TlsSettings(TlsMode.INTERCEPT, load_ca_file(pki.flowtap_ca), upstream_insecure=True)
+    recorder = EventRecorder()
+    spec = ListenerSpec(listen=Address("127.0.0.1", 0), upstream=Address("127.0.0.1", upstream))
+    relay = Relay([spec], Bus([recorder]), RelayConfig(tls=tls))  # type: ignore[list-item]
+    relay.start()
+    held = []
+    try:
+        # Two flows one after the other: the relay's loop may hold the last one it ran until
+        # it runs another.
+        for count in (1, 2):
+            with tls_client(pki, relay.listeners[0].address.port) as client:
+                client.sendall(b"abc\n")
+                assert client.recv(100).startswith(b"cba")
+                flows = [flow for tcp in relay._tcp for flow in tcp.flows.values()]
+                assert len(flows) == 1
+                held.append(weakref.ref(flows.pop()))
+            wait_for(lambda n=count: recorder.closed_count() == n, 10, f"{count} flows closed")
+        # Its handshake deadline (10 s) is ahead still: nothing holds the first flow, with its
+        # TLS objects, until then.
+        wait_for(lambda: gc.collect() >= 0 and held[0]() is None, 2, "the first flow freed")
+    finally:
+        relay.stop(1.0)
