@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import itertools
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from .errors import FlowtapError
 
@@ -208,6 +208,14 @@ class Requested:
         return cls(host, int(port), user)
 
 
+class _Keep(enum.Enum):
+    """The value of a field that `Flow.changed` leaves as it is."""
+
+    KEEP = enum.auto()
+
+
+_KEEP: Final = _Keep.KEEP
+
 _flow_ids = itertools.count(1)
 
 
@@ -241,8 +249,8 @@ class Flow:
         return None if self.ended_at is None else self.ended_at - self.started_at
 
     def with_tls(self, tls: TlsFacts) -> Flow:
-        """This flow, as it stands, with its TLS facts (once a flow: `replace` will do)."""
-        return dataclasses.replace(self, tls=tls)
+        """This flow, as it stands, with its TLS facts."""
+        return self.changed(tls=tls)
 
     def closed(
         self,
@@ -255,23 +263,61 @@ class Flow:
         tls: TlsFacts | None = None,
     ) -> Flow:
         """This flow as it stands once closed."""
-        # Built directly: dataclasses.replace costs several times more, once per flow.
-        return Flow(
-            self.id,
-            self.transport,
-            self.client,
-            self.server,
-            self.listener,
-            self.started_at,
-            ended_at,
-            bytes_up,
-            bytes_down,
-            FlowState.CLOSED,
-            reason,
-            error,
-            tls or self.tls,
-            self.requested,
+        return self.changed(
+            ended_at=ended_at,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            state=_CLOSED,
+            reason=reason,
+            error=error,
+            tls=tls or self.tls,
         )
+
+    def changed(
+        self,
+        *,
+        id: int | _Keep = _KEEP,
+        transport: Transport | _Keep = _KEEP,
+        client: Address | _Keep = _KEEP,
+        server: Address | _Keep = _KEEP,
+        listener: Address | _Keep = _KEEP,
+        started_at: float | _Keep = _KEEP,
+        ended_at: float | _Keep | None = _KEEP,
+        bytes_up: int | _Keep = _KEEP,
+        bytes_down: int | _Keep = _KEEP,
+        state: FlowState | _Keep = _KEEP,
+        reason: CloseReason | _Keep | None = _KEEP,
+        error: str | _Keep | None = _KEEP,
+        tls: TlsFacts | _Keep | None = _KEEP,
+        requested: Requested | _Keep | None = _KEEP,
+    ) -> Flow:
+        """This flow with the fields given changed: what `dataclasses.replace` makes, in
+        about a third of its time (it sets the new flow's slots from this one's directly)."""
+        s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13 = _FLOW_SLOT_SETTERS
+        new = _new_flow(Flow)
+        s0(new, self.id if id is _KEEP else id)
+        s1(new, self.transport if transport is _KEEP else transport)
+        s2(new, self.client if client is _KEEP else client)
+        s3(new, self.server if server is _KEEP else server)
+        s4(new, self.listener if listener is _KEEP else listener)
+        s5(new, self.started_at if started_at is _KEEP else started_at)
+        s6(new, self.ended_at if ended_at is _KEEP else ended_at)
+        s7(new, self.bytes_up if bytes_up is _KEEP else bytes_up)
+        s8(new, self.bytes_down if bytes_down is _KEEP else bytes_down)
+        s9(new, self.state if state is _KEEP else state)
+        s10(new, self.reason if reason is _KEEP else reason)
+        s11(new, self.error if error is _KEEP else error)
+        s12(new, self.tls if tls is _KEEP else tls)
+        s13(new, self.requested if requested is _KEEP else requested)
+        return new
+
+
+_CLOSED = FlowState.CLOSED
+# Each field's slot descriptor sets it on a new flow directly: the frozen dataclass's
+# __init__ goes through object.__setattr__ and a lookup of the name for each field, which
+# costs about twice as much (once per flow event, on the relay's thread).
+_FLOW_SLOT_SETTERS = tuple(getattr(Flow, field.name).__set__ for field in dataclasses.fields(Flow))
+_new_flow = object.__new__
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 import threading
@@ -16,10 +17,15 @@ from flowtap.proxy.flow import (
     Address,
     CloseReason,
     Direction,
+    Flow,
     FlowClosed,
     FlowData,
     FlowEvent,
     FlowOpened,
+    FlowState,
+    Requested,
+    TlsFacts,
+    Transport,
 )
 from flowtap.proxy.listener import ListenerSpec
 from flowtap.proxy.relay import Relay, RelayConfig
@@ -116,6 +122,77 @@ def test_address_parsing() -> None:
     assert str(Address.parse("[::1]:53")) == "[::1]:53"
     assert Address.parse("unix:/tmp/x.sock").path == "/tmp/x.sock"
     assert str(Address.parse("localhost:1")) == "localhost:1"
+
+
+def _flow_with_every_field_set() -> Flow:
+    return Flow(
+        7,
+        Transport.TCP,
+        Address("127.0.0.1", 40000),
+        Address("::1", 443),
+        Address("127.0.0.1", 1080),
+        1000.0,
+        ended_at=1001.5,
+        bytes_up=3,
+        bytes_down=4,
+        state=FlowState.OPEN,
+        reason=CloseReason.SERVER_CLOSED,
+        error="an error",
+        tls=TlsFacts("intercept", sni="example.test"),
+        requested=Requested("example.test", 443, "user"),
+    )
+
+
+# Another value for each field of a flow; a field missing here fails the test below.
+_OTHER_VALUES: dict[str, object] = {
+    "id": 8,
+    "transport": Transport.UDP,
+    "client": Address("127.0.0.2", 40001),
+    "server": Address("10.0.0.1", 80),
+    "listener": Address("", path="/tmp/x.sock"),
+    "started_at": 2000.0,
+    "ended_at": None,
+    "bytes_up": 30,
+    "bytes_down": 40,
+    "state": FlowState.CLOSED,
+    "reason": None,
+    "error": None,
+    "tls": None,
+    "requested": Requested("other.test", 80),
+}
+
+
+def test_flow_changed_makes_what_dataclasses_replace_makes_for_every_field() -> None:
+    flow = _flow_with_every_field_set()
+    assert set(_OTHER_VALUES) == {field.name for field in dataclasses.fields(Flow)}
+    assert flow.changed() == flow
+    for name, value in _OTHER_VALUES.items():
+        changed = flow.changed(**{name: value})  # type: ignore[arg-type]
+        assert changed == dataclasses.replace(flow, **{name: value}), name
+        assert getattr(changed, name) == value
+    assert flow.changed(**_OTHER_VALUES) == dataclasses.replace(flow, **_OTHER_VALUES)  # type: ignore[arg-type]
+
+
+def test_closed_flow_keeps_what_it_was_and_takes_its_end() -> None:
+    flow = _flow_with_every_field_set().changed(tls=None)
+    ended = flow.closed(
+        ended_at=1002.0, bytes_up=10, bytes_down=20, reason=CloseReason.CLIENT_RESET, error="reset"
+    )
+    assert ended == dataclasses.replace(
+        flow,
+        ended_at=1002.0,
+        bytes_up=10,
+        bytes_down=20,
+        state=FlowState.CLOSED,
+        reason=CloseReason.CLIENT_RESET,
+        error="reset",
+    )
+    facts = TlsFacts("passthrough")
+    assert (
+        flow.closed(ended_at=1.0, bytes_up=0, bytes_down=0, reason=CloseReason.ERROR, tls=facts).tls
+        == facts
+    )
+    assert flow.with_tls(facts) == dataclasses.replace(flow, tls=facts)
 
 
 def test_slow_lossless_observer_slows_relay_but_loses_nothing(
