@@ -248,6 +248,36 @@ class Flow:
     def duration_s(self) -> float | None:
         return None if self.ended_at is None else self.ended_at - self.started_at
 
+    @staticmethod
+    def opening(
+        id: int,
+        transport: Transport,
+        client: Address,
+        server: Address,
+        listener: Address,
+        started_at: float,
+        requested: Requested | None = None,
+    ) -> Flow:
+        """A flow that has just begun: what `Flow(...)` makes of these fields (the others
+        left at their defaults), in about half its time (its slots are set directly)."""
+        s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13 = _FLOW_SLOT_SETTERS
+        new = _new_flow(Flow)
+        s0(new, id)
+        s1(new, transport)
+        s2(new, client)
+        s3(new, server)
+        s4(new, listener)
+        s5(new, started_at)
+        s6(new, None)
+        s7(new, 0)
+        s8(new, 0)
+        s9(new, _CONNECTING)
+        s10(new, None)
+        s11(new, None)
+        s12(new, None)
+        s13(new, requested)
+        return new
+
     def with_tls(self, tls: TlsFacts) -> Flow:
         """This flow, as it stands, with its TLS facts."""
         return self.changed(tls=tls)
@@ -313,6 +343,7 @@ class Flow:
 
 
 _CLOSED = FlowState.CLOSED
+_CONNECTING = FlowState.CONNECTING
 # Each field's slot descriptor sets it on a new flow directly: the frozen dataclass's
 # __init__ goes through object.__setattr__ and a lookup of the name for each field, which
 # costs about twice as much (once per flow event, on the relay's thread).

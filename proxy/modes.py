@@ -455,14 +455,14 @@ class HandshakePhase:
         self.worker.bus.emit_unrelayed(flow, reason, error)
 
     def _flow(self, server: Address, requested: Requested | None) -> Flow:
-        return Flow(
+        return Flow.opening(
             next_flow_id(),
             _TCP,
             self.client_address,
             server,
             self.listener_address,
             self.started_at,
-            requested=requested,
+            requested,
         )
 
     def _send(self, data: bytes) -> bool:

@@ -807,13 +807,8 @@ class _TcpFlows:
         if upstream is None:
             self._start_proxy_flow(listener, client, client_address, started)
             return
-        flow = Flow(
-            id=next_flow_id(),
-            transport=_TCP,
-            client=client_address,
-            server=upstream,
-            listener=listener.address,
-            started_at=started,
+        flow = Flow.opening(
+            next_flow_id(), _TCP, client_address, upstream, listener.address, started
         )
         self.connect_upstream(flow, client, listener.upstream_family, listener.upstream_sockaddr)
 
@@ -853,14 +848,14 @@ class _TcpFlows:
                     targets[key] = target
                 if target is not None:
                     server, requested = target
-                    flow = Flow(
+                    flow = Flow.opening(
                         next_flow_id(),
                         _TCP,
                         client_address,
                         server,
                         listener.address,
                         started,
-                        requested=requested,
+                        requested,
                     )
                     self.connect_upstream(flow, client, destination.family, sockaddr)
                     return

@@ -83,18 +83,22 @@ _DONE = _State.DONE
 _FINISHED = (_DECIDED, _DONE)
 _CONNECT = Command.CONNECT
 _UDP_ASSOCIATE = Command.UDP_ASSOCIATE
+# The replies that never vary, made once (events are frozen: one instance serves every client).
+_CHOSE_NO_AUTH = SendReply(bytes((VERSION_5, METHOD_NO_AUTH)))
+_CHOSE_USER_PASS = SendReply(bytes((VERSION_5, METHOD_USER_PASS)))
+_AUTH_SUCCEEDED = SendReply(bytes((AUTH_VERSION, 0x00)))
 
 
 def reply5(code: int, bound: Address | None = None) -> bytes:
     """A SOCKS5 reply with `code` and the bound address (0.0.0.0:0 when there is none)."""
-    if bound is None or bound.is_unix:
+    if bound is None or bound.path is not None:
         return bytes((VERSION_5, code, 0, ATYP_IPV4, 0, 0, 0, 0, 0, 0))
-    host = bound.host.partition("%")[0]
-    try:
-        packed, atyp = socket.inet_pton(socket.AF_INET, host), ATYP_IPV4
-    except OSError:
-        packed, atyp = socket.inet_pton(socket.AF_INET6, host), ATYP_IPV6
-    return bytes((VERSION_5, code, 0, atyp)) + packed + struct.pack("!H", bound.port)
+    host = bound.host
+    if ":" in host:
+        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+        return bytes((VERSION_5, code, 0, ATYP_IPV6)) + packed + bound.port.to_bytes(2, "big")
+    packed = socket.inet_pton(socket.AF_INET, host)
+    return bytes((VERSION_5, code, 0, ATYP_IPV4)) + packed + bound.port.to_bytes(2, "big")
 
 
 def reply4(code: int) -> bytes:
@@ -242,7 +246,7 @@ class SocksServer:
                 f"the client offers methods {offered}, not {need}",
             )
         self._state = _AUTH if self._credentials else _REQUEST
-        return SendReply(bytes((VERSION_5, wanted)))
+        return _CHOSE_USER_PASS if self._credentials else _CHOSE_NO_AUTH
 
     def _auth(self) -> HandshakeEvent | None:
         buf = self._buffer
@@ -270,7 +274,7 @@ class SocksServer:
             return self._reject(bytes((AUTH_VERSION, 0x01)), f"wrong credentials for {user!r}")
         self._user = user
         self._state = _REQUEST
-        return SendReply(bytes((AUTH_VERSION, 0x00)))
+        return _AUTH_SUCCEEDED
 
     def _request(self) -> HandshakeEvent | None:
         buf = self._buffer

@@ -173,6 +173,13 @@ def test_flow_changed_makes_what_dataclasses_replace_makes_for_every_field() -> 
     assert flow.changed(**_OTHER_VALUES) == dataclasses.replace(flow, **_OTHER_VALUES)  # type: ignore[arg-type]
 
 
+def test_opening_flow_is_what_the_constructor_makes_with_the_defaults() -> None:
+    flow = _flow_with_every_field_set()
+    begun = (flow.id, flow.transport, flow.client, flow.server, flow.listener, flow.started_at)
+    assert Flow.opening(*begun) == Flow(*begun)
+    assert Flow.opening(*begun, flow.requested) == Flow(*begun, requested=flow.requested)
+
+
 def test_closed_flow_keeps_what_it_was_and_takes_its_end() -> None:
     flow = _flow_with_every_field_set().changed(tls=None)
     ended = flow.closed(
