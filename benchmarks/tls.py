@@ -10,8 +10,8 @@ Prints how long a new name's leaf takes flowtap (in this process), then a table 
 strict verdict per target of the issue. The table has each proxy's CPU time per handshake
 and per MB of bulk, and the peers' (the client and the upstream together): they share the
 machine's cores with the proxy, so where the proxy's own cost is small, their sum is what
-bounds its figures (here, the peers took about 2.6 ms of CPU a handshake, and 1.4-2.2 ms a
-MB each way, while mitmdump, single-threaded, is bound by its own core). For bulk it also
+bounds its figures (here, the peers took 2.5-3.1 ms of CPU a handshake, and 1.7-2.2 ms a MB
+each way, while mitmdump, single-threaded, is bound by its own core). For bulk it also
 has how long the proxy's threads were ready to run but waiting for a core, per second of
 transfer: a proxy never waiting on its peers spends its time on a core or waiting for one.
 Loopback only; every loop is bounded in count and time.
