@@ -30,6 +30,7 @@ from conftest import (
 )
 from flowtap.proxy.flow import Address
 from flowtap.proxy.listener import ListenerSpec, bind
+from flowtap.proxy.relay import _clients_waiting
 
 
 def closed_events(
@@ -713,3 +714,19 @@ def test_clients_are_accepted_with_nagle_off_from_the_listening_socket() -> None
         accepted, _ = listener.accept()
         with accepted:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_listener_tells_how_many_clients_wait_to_be_accepted() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        assert _clients_waiting(listener) == 0
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        try:
+            # Each is queued once the server side has its last handshake packet.
+            wait_for(lambda: _clients_waiting(listener) == 3, 5, "3 clients queued")
+            listener.accept()[0].close()
+            assert _clients_waiting(listener) == 2
+        finally:
+            for client in clients:
+                client.close()
