@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_tui import screen_text, until
 from textual.pilot import Pilot
+from textual.screen import Screen
 from textual.selection import Selection
 from textual.widgets import Static
 
@@ -30,7 +31,6 @@ from flowtap.inspector.summary import escape_bytes
 from flowtap.inspector.tui import app as app_module
 from flowtap.inspector.tui.app import FlowtapApp
 from flowtap.inspector.tui.store import CHUNK_NOT_SHOWN, CHUNK_UP
-from flowtap.inspector.tui.widgets import flow_table
 from flowtap.inspector.tui.widgets.chunk_view import ChunkView, missing_line
 from flowtap.inspector.tui.widgets.conversation import (
     Conversation,
@@ -348,7 +348,7 @@ def test_a_steady_stream_of_chunks_redraws_at_a_bounded_rate(
             await until(pilot, functools.partial(stored_chunks_are, sent), "the batch")
         await until(pilot, lambda: view.chunk_count == sent, "the last batch drawn")
         elapsed = time.monotonic() - started
-        assert refreshes.count <= elapsed / app_module.DETAIL_REFRESH_S + 2
+        assert refreshes.count <= elapsed / app_module.FRAME_S + 2
 
     run(app, scenario)
 
@@ -382,7 +382,51 @@ def test_the_rows_of_flows_that_move_on_every_tick_redraw_at_a_bounded_rate(
         elapsed = time.monotonic() - started
         await until(pilot, lambda: redraws[-1] > started + elapsed, "the last counts drawn")
         moving = [at for at in redraws if started <= at <= started + elapsed]
-        assert len(moving) <= elapsed / flow_table.ROWS_REDRAW_S + 2
+        assert len(moving) <= elapsed / app_module.FRAME_S + 2
+
+    run(app, scenario)
+
+
+def test_a_busy_flow_draws_few_frames_and_never_lays_the_screen_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The table's rows, the selected flow and the stats bar change with every chunk of a
+    busy flow. They are drawn together, a few frames a second (each on its own schedule
+    made twice as many), and the conversation growing lays nothing out (a pass over every
+    widget, the costliest thing a frame can do)."""
+    app, queue = app_with([FlowOpened(opened(1)), *(line_chunk(1, i) for i in range(100))])
+    frames: list[tuple[float, set[str]]] = []
+    layouts: list[float] = []
+    compositor_refresh = Screen._compositor_refresh
+    refresh_layout = Screen._refresh_layout
+
+    def counted(screen: Screen[Any]) -> None:
+        frames.append((time.monotonic(), {type(w).__name__ for w in screen._dirty_widgets}))
+        compositor_refresh(screen)
+
+    def laid_out(screen: Screen[Any], *args: Any, **kwargs: Any) -> None:
+        layouts.append(time.monotonic())
+        refresh_layout(screen, *args, **kwargs)
+
+    monkeypatch.setattr(Screen, "_compositor_refresh", counted)
+    monkeypatch.setattr(Screen, "_refresh_layout", laid_out)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        view = pilot.app.query_one(Conversation)
+        await until(pilot, lambda: view.chunk_count == 100, "the first screenful and more")
+        await pilot.pause(0.3)
+        started = time.monotonic()
+        sent = 100
+        while time.monotonic() - started < 2.0:  # a chunk on (nearly) every tick
+            queue.handle(line_chunk(1, sent))
+            sent += 1
+            await pilot.pause(app_module.TICK_S)
+        elapsed = time.monotonic() - started
+        await until(pilot, lambda: view.chunk_count == sent, "the last chunk drawn")
+        # A scrollbar that moved is drawn in a frame of its own, after its view's: cheap.
+        drawn = [at for at, dirty in frames if started <= at and dirty - {"ScrollBar"}]
+        assert len(drawn) <= elapsed / app_module.FRAME_S + 1
+        assert [at for at in layouts if at >= started] == []
 
     run(app, scenario)
 
@@ -420,7 +464,7 @@ def test_the_facts_keep_their_height_while_counts_move_and_grow_with_new_lines(
         layouts.clear()
         for sent in range(40, 46):
             queue.handle(chunk(sent))
-            await pilot.pause(app_module.DETAIL_REFRESH_S + 0.05)
+            await pilot.pause(app_module.FRAME_S + 0.05)
         await until(pilot, lambda: counts_shown(facts), "the last counts")
         assert "↓ 276B" in str(facts.render())  # 23 chunks of 12 bytes each way
         assert layouts and not any(layouts)

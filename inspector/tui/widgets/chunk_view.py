@@ -25,6 +25,7 @@ from textual.selection import Selection
 from textual.strip import Strip
 
 from ..store import CHUNK_NOT_SHOWN, CHUNK_UP, FlowRecord, FlowStore
+from .scrolling import set_virtual_size
 
 UP_HEADER = Style.parse("bold cyan")
 DOWN_HEADER = Style.parse("bold magenta")
@@ -138,7 +139,7 @@ class ChunkView(ScrollView, can_focus=True):
         starts.extend(accumulate(self._line_counts(record, first, count), initial=old_total))
         total = starts.pop()  # where the next chunk will start
         self._line_count = total
-        self.virtual_size = Size(self._content_width(), total)
+        set_virtual_size(self, Size(self._content_width(), total))
         if self.following and not self.is_vertical_scrollbar_grabbed:
             self.scroll_end(animate=False, immediate=True, x_axis=False, force=True)
         else:

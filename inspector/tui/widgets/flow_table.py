@@ -26,6 +26,7 @@ from flowtap.proxy.flow import Flow
 
 from ..messages import FlowSelected, SortChanged
 from ..store import FlowRecord, FlowStore
+from .scrolling import set_virtual_size
 
 
 def _duration(record: FlowRecord) -> str:
@@ -93,8 +94,6 @@ COLUMNS: tuple[Column, ...] = (
 COLUMN_KEYS = tuple(c.key for c in COLUMNS)
 _FIXED_WIDTH = sum(c.width + 1 for c in COLUMNS)
 _MIN_SUMMARY = 24
-ROWS_REDRAW_S = 0.25
-"""Rows whose flows changed are redrawn this often at most."""
 _STATE_CLASS = {
     "connecting": "open",
     "open": "open",
@@ -262,9 +261,9 @@ class FlowTable(ScrollView, can_focus=True):
         self.post_message(SortChanged(column, reverse))
 
     def tick(self) -> None:
-        """Re-sort rows whose keys changed (at most twice a second for large tables), redraw
-        changed rows a few times a second, and once a second so that the durations of open
-        flows move on."""
+        """Draw a frame (the app calls this a few times a second): re-sort rows whose keys
+        changed (at most twice a second for large tables), redraw the rows of flows that
+        changed, and once a second those of open flows, whose durations move on."""
         now = time.monotonic()
         if self._needs_sort:
             interval = 0.5 if len(self.ids) > 5000 else 0.0
@@ -273,9 +272,7 @@ class FlowTable(ScrollView, can_focus=True):
                 self._rows_changed()
         if now - self._last_size_sync >= 0.5:
             self._sync_size(now=now)
-        if self._rows_stale and now - self._last_redraw >= ROWS_REDRAW_S:
-            # Counters that change on every tick would cost a repaint of the table each
-            # time: the better part of the TUI's CPU while it follows a busy flow.
+        if self._rows_stale:
             self._rows_stale = False
             self._last_redraw = now
             self.refresh()
@@ -296,13 +293,8 @@ class FlowTable(ScrollView, can_focus=True):
         self.ids.sort(key=lambda i: key(records[i]), reverse=self.sort_reverse)
 
     def _sync_size(self, *, now: float | None = None) -> None:
-        """Give the scrollbar the row count; a new size costs a layout, so callers throttle."""
-        size = Size(_FIXED_WIDTH + _MIN_SUMMARY, len(self.ids) + 1)
-        if size != self.virtual_size:
-            # The scrollbar gutter is reserved (CSS), so a longer list changes no layout:
-            # update the scrollbars alone, as Textual does for a resize without layout.
-            self.set_reactive(ScrollView.virtual_size, size)
-            self._scroll_update(size)
+        """Give the scrollbar the row count (callers throttle this to twice a second)."""
+        set_virtual_size(self, Size(_FIXED_WIDTH + _MIN_SUMMARY, len(self.ids) + 1))
         self._last_size_sync = time.monotonic() if now is None else now
 
     def _rows_changed(self, *, redraw: bool = True) -> None:
