@@ -431,6 +431,36 @@ def test_a_busy_flow_draws_few_frames_and_never_lays_the_screen_out(
     run(app, scenario)
 
 
+def test_the_cursor_row_shows_whether_the_table_has_focus() -> None:
+    """The table keeps the styles it draws rows with; moving the focus changes the cursor's
+    colour, so it must not keep the old one."""
+    app, _ = app_with([FlowOpened(opened(1)), FlowOpened(opened(2))])
+
+    def background(table: FlowTable, row: int) -> object:
+        style = next(iter(table.render_line(1 + row))).style
+        assert style is not None
+        return style.bgcolor
+
+    def cursor_background(table: FlowTable) -> object:
+        return background(table, table.cursor)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        table = app.query_one(FlowTable)
+        await until(pilot, lambda: len(table.ids) == 2 and table.cursor >= 0, "the rows")
+        focused = cursor_background(table)
+        other = background(table, 1 - table.cursor)
+        assert focused != other
+        app.query_one(Conversation).focus()
+        await until(pilot, lambda: not table.has_focus, "the focus gone")
+        blurred = cursor_background(table)
+        assert blurred not in (focused, other)
+        table.focus()
+        await until(pilot, lambda: table.has_focus, "the focus back")
+        assert cursor_background(table) == focused
+
+    run(app, scenario)
+
+
 def test_the_facts_keep_their_height_while_counts_move_and_grow_with_new_lines(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

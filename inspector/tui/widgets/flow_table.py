@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from rich.cells import set_cell_size
 from rich.segment import Segment
+from rich.style import Style
 from textual import events
 from textual.binding import Binding, BindingType
 from textual.geometry import Size
@@ -158,6 +159,9 @@ class FlowTable(ScrollView, can_focus=True):
         self._last_size_sync = 0.0
         self._shown: set[int] | None = None  # the shown ids as a set, kept while filtering
         self._selected: int | None = None
+        # Textual works a style out from the styles of every ancestor (a millisecond here):
+        # each is kept until the styles change (see `_style`).
+        self._styles: dict[str, Style] = {}
 
     # -- what the table shows ---------------------------------------------------------------
 
@@ -411,27 +415,46 @@ class FlowTable(ScrollView, can_focus=True):
     def row_text(self, record: FlowRecord) -> str:
         return self._cells([column.text(record) for column in COLUMNS])
 
+    def _style(self, key: str) -> Style:
+        """The table's own style (`key` ""), its header's ("header"), or that of rows in a
+        state class ("open", ...), followed by " cursor" for the row with the cursor."""
+        style = self._styles.get(key)
+        if style is None:
+            if key == "header":
+                style = self.get_component_rich_style("flow-table--header")
+            else:
+                style = self.rich_style
+                for part in key.split():
+                    style += self.get_component_rich_style(f"flow-table--{part}")
+            self._styles[key] = style
+        return style
+
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
         width = self.scrollable_content_region.width
         if y == 0:
-            style = self.get_component_rich_style("flow-table--header")
+            style = self._style("header")
             text = self.header_text()
         else:
             index = scroll_y + y - 1
-            if index >= len(self.ids):
-                return Strip.blank(width, self.rich_style)
-            record = self.store.records.get(self.ids[index])
+            record = self.store.records.get(self.ids[index]) if index < len(self.ids) else None
             if record is None:
-                return Strip.blank(width, self.rich_style)
+                return Strip.blank(width, self._style(""))
             text = self.row_text(record)
             state = _STATE_CLASS.get(record.state_text, "closed")
-            style = self.rich_style + self.get_component_rich_style(f"flow-table--{state}")
-            if index == self.cursor:
-                style += self.get_component_rich_style("flow-table--cursor")
+            style = self._style(f"{state} cursor" if index == self.cursor else state)
         line = set_cell_size(text[scroll_x:], width) if width > 0 else ""
         return Strip([Segment(line, style)], width)
 
     def notify_style_update(self) -> None:
         super().notify_style_update()
+        self._styles.clear()
         self.refresh()
+
+    def _on_focus(self, event: events.Focus) -> None:
+        super()._on_focus(event)
+        self._styles.clear()  # the cursor's colour says whether the table has focus
+
+    def _on_blur(self, event: events.Blur) -> None:
+        super()._on_blur(event)
+        self._styles.clear()
