@@ -263,7 +263,7 @@ def origin_form(head: RequestHead) -> tuple[str, int, bytes]:
     return host, port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _end_of_head(buffer: bytearray) -> tuple[int, int] | None:
+def _end_of_head(buffer: bytes | bytearray) -> tuple[int, int] | None:
     """Where the head ends and where what follows starts; None if the blank line is not in."""
     crlf = buffer.find(b"\r\n\r\n")
     lf = buffer.find(b"\n\n")
@@ -280,7 +280,8 @@ class HttpProxyServer:
     names_bound = False
 
     def __init__(self, credentials: Mapping[str, str] | None = None) -> None:
-        self._credentials = dict(credentials or {})
+        # Kept, not copied: a copy a client cost a dict.
+        self._credentials: Mapping[str, str] = credentials or {}
         self._buffer = bytearray()
         self._decided = False
         self.is_tunnel = False
@@ -290,10 +291,17 @@ class HttpProxyServer:
         """Take bytes the client sent; what to do about them (nothing until a whole head)."""
         if self._decided:
             raise RuntimeError("the proxy request has already been decided")
-        self._buffer += data
-        end = _end_of_head(self._buffer)
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            end = _end_of_head(buffer)
+        else:
+            # Most clients send their head in one piece: it is parsed from `data` as it came.
+            end = _end_of_head(data)
+            if end is None:
+                buffer += data
         if end is None:
-            if len(self._buffer) > MAX_HEAD_BYTES:
+            if len(buffer) > MAX_HEAD_BYTES:
                 self._decided = True
                 return [
                     self._reject(
@@ -313,13 +321,14 @@ class HttpProxyServer:
                     f"the request head exceeds {MAX_HEAD_BYTES} bytes",
                 )
             ]
-        early = bytes(self._buffer[rest_start:])
+        if buffer:
+            data = bytes(buffer)
+            del buffer[:]
+        early = data[rest_start:]
         try:
-            head = parse_head(bytes(self._buffer[:head_end]).lstrip(b"\r\n"))
+            head = parse_head(data[:head_end].lstrip(b"\r\n"))
         except BadRequest as exc:
             return [self._reject(400, "Bad Request", str(exc))]
-        finally:
-            del self._buffer[:]
         user, refusal = self._authenticate(head)
         if refusal is not None:
             return [refusal]

@@ -77,6 +77,7 @@ _ET = select.EPOLLET
 _RDHUP = select.EPOLLRDHUP
 _FLOW_EVENTS = FLOW_EVENTS
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 # The socket type's own close: socket.socket.close adds two Python calls to it, and a flow's
 # sockets are never used again once closed (nor made into files).
 _close_socket = _socket.socket.close
@@ -996,7 +997,7 @@ class _TcpFlows:
         read it) has its events go to the flow from now on."""
         try:
             # Non-blocking from its creation: no ioctl of its own.
-            server = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            server = socket.socket(family, _NONBLOCKING_STREAM)
         except OSError as exc:
             self.worker.forget(client.fileno())
             self.bus.emit(FlowOpened(flow))
@@ -1204,7 +1205,8 @@ class _TcpFlows:
             # A descriptor is free: try accepting again now.
             self._accept_resume_at = time.monotonic()
             self._set_deadline()
-        worker.check_empty()
+        if worker.stopping:
+            worker.check_empty()
 
 
 _CONNECT_FAILURES = {

@@ -80,7 +80,7 @@ _AUTH = _State.AUTH
 _REQUEST = _State.REQUEST
 _DECIDED = _State.DECIDED
 _DONE = _State.DONE
-_FINISHED = (_DECIDED, _DONE)
+_SUCCEEDED = Reply.SUCCEEDED
 _CONNECT = Command.CONNECT
 _UDP_ASSOCIATE = Command.UDP_ASSOCIATE
 # The replies that never vary, made once (events are frozen: one instance serves every client).
@@ -162,7 +162,9 @@ class SocksServer:
         self, credentials: Mapping[str, str] | None = None, *, allow_socks4: bool = True
     ) -> None:
         # None or empty: no authentication; else user -> password, and SOCKS4 is refused.
-        self._credentials = dict(credentials or {})
+        # Kept, not copied (one client's handshake reads it, the listener's owner does not
+        # change it): a copy a client cost a dict.
+        self._credentials: Mapping[str, str] = credentials or {}
         self._allow_socks4 = allow_socks4
         self._buffer = bytearray()
         self._state = _GREETING
@@ -171,25 +173,34 @@ class SocksServer:
 
     def receive(self, data: bytes) -> list[HandshakeEvent]:
         """Take bytes the client sent; what to do about them, in order."""
-        if self._state in _FINISHED:
+        state = self._state
+        if state is _DECIDED or state is _DONE:
             raise RuntimeError("the SOCKS handshake has already decided")
         self._buffer += data
         events: list[HandshakeEvent] = []
-        while self._state not in _FINISHED:
-            event = self._step()
+        while True:
+            if state is _GREETING:
+                event = self._greeting()
+            elif state is _AUTH:
+                event = self._auth()
+            else:
+                event = self._request()
             if event is None:
-                break
+                return events
             events.append(event)
             if isinstance(event, Reject):
                 self._state = _DONE
-        return events
+                return events
+            state = self._state
+            if state is _DECIDED:
+                return events
 
     def succeeded(self, bound: Address | None) -> bytes:
         """The reply for a client whose upstream is open (`bound`: flowtap's end of it)."""
         self._state = _DONE
         if self.version == VERSION_4:
             return reply4(SOCKS4_GRANTED)
-        return reply5(Reply.SUCCEEDED, bound)
+        return reply5(_SUCCEEDED, bound)
 
     def failed(self, failure: Failure) -> bytes:
         """The reply for a client whose destination could not be reached."""
@@ -208,13 +219,6 @@ class SocksServer:
         return None
 
     # -- the states -----------------------------------------------------------------------
-
-    def _step(self) -> HandshakeEvent | None:
-        if self._state is _GREETING:
-            return self._greeting()
-        if self._state is _AUTH:
-            return self._auth()
-        return self._request()
 
     def _reject(self, reply: bytes, error: str) -> Reject:
         return Reject(reply, CloseReason.HANDSHAKE_ERROR, error)
