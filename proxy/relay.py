@@ -1116,8 +1116,9 @@ class _TcpFlows:
         if handshake is not None:
             bound = None
             if handshake.names_bound:
+                # An IP socket's own address: a (host, port, ...) tuple of a str and an int.
                 name = tcp.server.getsockname()
-                bound = Address(host=str(name[0]), port=int(name[1]))
+                bound = Address(name[0], name[1])
             reply = handshake.succeeded(bound)
             if reply:
                 # Sent here, not queued for a pump: a fresh socket's buffer takes it whole.

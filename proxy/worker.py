@@ -355,6 +355,8 @@ class Worker(threading.Thread):
         cold_gap_s = 4 * busy_poll_s  # the gap counted for a sleep, however long it was
         average_gap_s = cold_gap_s
         last_event = 0.0
+        inf = math.inf
+        max_sleep_s = _MAX_SLEEP_S
         while not self._exit:
             if ready:
                 events = poll(0.0)
@@ -364,7 +366,20 @@ class Worker(threading.Thread):
                     sched_yield()  # a peer on this CPU goes first
                     continue
             else:
-                events = poll(self._poll_timeout())
+                # Asleep until the first timer or service deadline (-1: none is due), worked
+                # out here rather than in a method: a call costs as much as the rest of it,
+                # and a connection has several sleeps.
+                wake_at = timers[0][0] if timers else inf
+                for service in services:
+                    if service.deadline < wake_at:
+                        wake_at = service.deadline
+                if wake_at == inf:
+                    events = poll(-1.0)
+                else:
+                    wait = wake_at - monotonic()
+                    events = poll(
+                        0.0 if wait < 0.0 else max_sleep_s if wait > max_sleep_s else wait
+                    )
             now = monotonic()
             if events:
                 gap = now - last_event
@@ -395,17 +410,6 @@ class Worker(threading.Thread):
         while timers and timers[0][0] <= now:
             _, _, callback = heapq.heappop(timers)
             callback(now)
-
-    def _poll_timeout(self) -> float:
-        wake_at = self._timers[0][0] if self._timers else math.inf
-        for service in self.services:
-            deadline = service.deadline
-            if deadline < wake_at:
-                wake_at = deadline
-        if wake_at == math.inf:
-            return -1.0
-        wait = wake_at - time.monotonic()
-        return 0.0 if wait < 0.0 else _MAX_SLEEP_S if wait > _MAX_SLEEP_S else wait
 
     def release(self) -> None:
         """Free the wake-up descriptor; only after the thread has ended, so no submit races it."""
