@@ -227,12 +227,6 @@ def _close_gently(sock: socket.socket) -> None:
     sock.close()
 
 
-def new_handshake(mode: Mode, policy: ProxyPolicy) -> Handshake:
-    if mode is _SOCKS5:
-        return SocksServer(policy.credentials)
-    return HttpProxyServer(policy.credentials)
-
-
 @dataclass(slots=True, eq=False)
 class HandshakePhase:
     """One proxy-mode client from accept until its flow has a destination (or is refused)."""
@@ -257,7 +251,10 @@ class HandshakePhase:
         if self.mode is _TRANSPARENT:
             self._start_transparent()
             return
-        self.handshake = new_handshake(self.mode, self.policy)
+        credentials = self.policy.credentials
+        self.handshake = (
+            SocksServer(credentials) if self.mode is _SOCKS5 else HttpProxyServer(credentials)
+        )
         fd = self.client.fileno()
         worker.watch_client(fd, FLOW_EVENTS, self)
         # Clients send their greeting as soon as they are connected: it is often here already,

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from .errors import FlowtapError, log_failure
 from .events import Bus, Loan
@@ -937,7 +937,8 @@ class _TcpFlows:
         proxied.discard(item)
         for handshakes in self._handshakes.values():
             handshakes.discard(item)  # type: ignore[arg-type]
-        self.worker.check_empty()
+        if self.worker.stopping:
+            self.worker.check_empty()
 
     def add_association(self, association: UdpAssociation) -> None:
         """Keep `association` until it ends (shutdown closes it)."""
@@ -1078,8 +1079,8 @@ class _TcpFlows:
 
     def _connected(self, tcp: _TcpFlow | TlsTcpFlow, mask: int) -> None:
         self._connects.discard(tcp)
-        if not tcp.is_tls:
-            plain = cast(_TcpFlow, tcp)
+        if isinstance(tcp, _TcpFlow):
+            plain = tcp
             plain.connecting = False
             if mask & (_IN | _HUP | _RDHUP):
                 # The server spoke first (or left) as it accepted.
@@ -1092,7 +1093,7 @@ class _TcpFlows:
             elif plain.up.readable or plain.down.readable:
                 plain.progress(time.monotonic())
             return
-        tls = cast("TlsTcpFlow", tcp)
+        tls = tcp
         reply = early = b""
         prelude = tls.prelude
         if prelude is not None:
@@ -1123,9 +1124,11 @@ class _TcpFlows:
             if reply:
                 # Sent here, not queued for a pump: a fresh socket's buffer takes it whole.
                 try:
-                    sent = _send(down, memoryview(reply))
-                except _SideReset as exc:
-                    tcp._reset(exc.is_client, str(exc))
+                    sent = tcp.client.send(reply)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    tcp._reset(True, _failure(exc))
                     return
                 if sent < len(reply):
                     down.pending = memoryview(reply)[sent:]
