@@ -573,8 +573,10 @@ def tls_echo(pki: Pki) -> Iterator[int]:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield listener.getsockname()[1]
+    listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (closing the socket does not)
     listener.close()
     thread.join(10)
+    assert not thread.is_alive()
 
 
 def test_counts_of_a_capped_intercepted_tls_flow_resume_when_it_moves_again(
