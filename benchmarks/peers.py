@@ -2,14 +2,17 @@
 
 Run as a process: `python benchmarks/peers.py [--tls CERT KEY]` prints `bulk PORT` and
 `echo PORT` lines; with `--tls`, the bulk server speaks TLS (Python's ssl, OpenSSL's defaults)
-with that certificate, each connection's handshake in its thread.
+with that certificate, each connection's handshake in its thread, choosing the cipher its
+client prefers (as `openssl s_server` and nginx do by default).
 A bulk client's first byte picks the job: `U` upload (the server reads to EOF, answers the
 sha256 of what it read), `S<size>\\n` sized upload (the same after `size` bytes, with no
 EOF), `D<size>\\n` download (the server sends `size` bytes of a fixed pattern and closes),
-`P` ping-pong (one byte echoed at a time), `V<size>\n` sized upload of the download pattern
-(the server reads `size` bytes comparing each with the pattern, with no EOF, and answers
-`ok <bytes>`, or `bad <offset>` of the first read that differs, or `short <bytes>` if the
-client closed before: a comparison costs it about a hundredth of a sha256).
+`P` ping-pong (one byte echoed at a time), `C` the connection's TLS version and cipher
+suite (one line: `TLSv1.3 TLS_AES_128_GCM_SHA256`, or `plain`), `V<size>\n` sized upload of
+the download pattern (the server reads `size` bytes comparing each with the pattern, with no
+EOF, and answers `ok <bytes>`, or `bad <offset>` of the first read that differs, or
+`short <bytes>` if the client closed before: a comparison costs it about a hundredth of a
+sha256).
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ def _bulk_job(conn: socket.socket) -> None:
                 step = min(left, len(BLOCK))
                 conn.sendall(view[:step])
                 left -= step
+        elif kind == b"C":
+            cipher = conn.cipher() if isinstance(conn, ssl.SSLSocket) else None
+            conn.sendall(b"plain\n" if cipher is None else f"{cipher[1]} {cipher[0]}\n".encode())
         elif kind == b"P":
             while data := conn.recv(1):
                 conn.sendall(data)
@@ -144,6 +150,9 @@ def main() -> None:
     if args.tls:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(*args.tls)
+        # Python's ssl makes a server choose by its own order (AES-256 first): this one takes
+        # its client's, so that each proxy's upstream leg has the cipher the proxy offers first.
+        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     bulk = socket.create_server(("127.0.0.1", 0), backlog=1024)
     print(f"bulk {bulk.getsockname()[1]}", flush=True)
     threading.Thread(target=_bulk_server, args=(bulk, context), daemon=True).start()

@@ -6,14 +6,17 @@ The upstream is benchmarks/peers.py serving TLS itself (Python's ssl, a thread p
 connection, an ECDSA P-256 certificate); the client is Python's ssl in this process (4
 threads for handshakes). The same peers serve all three proxies; every proxy's CA is trusted
 by the client and upstream verification is off for all three.
-Prints how long a new name's leaf takes flowtap (in this process), then a table and a
-strict verdict per target of the issue. The table has each proxy's CPU time per handshake
-and per MB of bulk, and the peers' (the client and the upstream together): they share the
-machine's cores with the proxy, so where the proxy's own cost is small, their sum is what
-bounds its figures (here, the peers took 2.5-3.1 ms of CPU a handshake, and 1.7-2.2 ms a MB
-each way, while mitmdump, single-threaded, is bound by its own core). For bulk it also
-has how long the proxy's threads were ready to run but waiting for a core, per second of
-transfer: a proxy never waiting on its peers spends its time on a core or waiting for one.
+The upstream takes the cipher its client prefers: each proxy's upstream leg has the one the
+proxy offers first (flowtap AES-128-GCM, the others their defaults).
+Prints how long a new name's leaf takes flowtap (in this process), then a table, the cipher
+suite each proxy negotiated on each leg, and a strict verdict per target of the issue. The
+table has each proxy's CPU time per handshake and per MB of bulk, and the peers' (the client
+and the upstream together): they share the machine's cores with the proxy, so where the
+proxy's own cost is small, their sum is what bounds its figures (here, the peers took
+2.5-3.1 ms of CPU a handshake, and 1.7-2.2 ms a MB each way, while mitmdump, single-threaded,
+is bound by its own core). For bulk it also has how long the proxy's threads were
+ready to run but waiting for a core, per second of transfer: a proxy never waiting on its
+peers spends its time on a core or waiting for one.
 Loopback only; every loop is bounded in count and time.
 """
 
@@ -389,6 +392,19 @@ def first_handshake_ms(proxy: Proxy, names: int) -> float:
     return (new[len(new) // 2] - known[len(known) // 2]) * 1e3
 
 
+def legs(proxy: Proxy) -> str:
+    """The TLS version and cipher suite of each leg through the proxy: the client's, as the
+    client has it, and the upstream's, as the upstream says (its `C` job)."""
+    with connect(proxy, client_context(proxy)) as sock:
+        cipher = sock.cipher()
+        sock.sendall(b"C")
+        answer = b""
+        while not answer.endswith(b"\n") and (chunk := sock.recv(100)):
+            answer += chunk
+    client = "?" if cipher is None else f"{cipher[1]} {cipher[0]}"
+    return f"client leg {client}, upstream leg {answer.decode(errors='replace').strip()}"
+
+
 def handshakes(
     proxy: Proxy, seconds: float, peers: Sequence[subprocess.Popen[Any]]
 ) -> tuple[float, float, float]:
@@ -482,20 +498,24 @@ def main() -> None:
             flush=True,
         )
         table: dict[str, dict[str, float]] = {}
+        ciphers: dict[str, str] = {}
         try:
             for name, start in starters:
                 proxy = start()
                 try:
+                    ciphers[name] = legs(proxy)
                     table[name] = measure(proxy, args, [upstream_proc])
                 finally:
                     proxy.stop()
                 print(f"{name}: done", flush=True)
         finally:
             upstream_proc.terminate()
-    report(table, args)
+    report(table, ciphers, args)
 
 
-def report(table: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+def report(
+    table: dict[str, dict[str, float]], ciphers: dict[str, str], args: argparse.Namespace
+) -> None:
     names = list(table)
     metrics = list(next(iter(table.values())))
     print(f"\nTLS interception, {args.size_mib} MiB each way, {args.rounds} ping-pong rounds, "
@@ -503,6 +523,11 @@ def report(table: dict[str, dict[str, float]], args: argparse.Namespace) -> None
     print(f"{'metric':<22}" + "".join(f"{name:>14}" for name in names))
     for metric in metrics:
         print(f"{metric:<22}" + "".join(f"{table[n][metric]:>14.1f}" for n in names))
+    # Each proxy's own choice (the upstream takes the client's order): flowtap prefers
+    # AES-128-GCM on both legs, the others keep their defaults.
+    print("\nciphers negotiated")
+    for name in names:
+        print(f"  {name:<12}{ciphers[name]}")
     flowtap = table["flowtap"]
     checks: list[tuple[str, bool | None]] = []
     mitm = table.get("mitmdump")

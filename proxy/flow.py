@@ -137,6 +137,11 @@ class TlsFacts:
     upstream_not_after: str | None = None
     verification: str | None = None
     note: str | None = None
+    client_version: str | None = None
+    """The TLS version of the client's leg, once flowtap's handshake with it is done
+    (`version` and `cipher` are the upstream leg's)."""
+    client_cipher: str | None = None
+    """The cipher suite of the client's leg, once done."""
 
     def as_dict(self) -> dict[str, Any]:
         """The facts as a JSON-ready dict (`--json`'s and the control socket's `tls` field)."""
@@ -158,6 +163,15 @@ class TlsFacts:
                 raise ValueError(f"tls field {name} is {type(value).__name__}")
         return cls(**known)
 
+    def client_leg(self) -> str | None:
+        """The client leg's version and cipher, as `client TLSv1.2 ECDHE-...`, where either
+        differs from the upstream leg's (`version` and `cipher`); None where both agree."""
+        if (self.client_version, self.client_cipher) in ((None, None), (self.version, self.cipher)):
+            return None
+        return " ".join(
+            ["client", *(part for part in (self.client_version, self.client_cipher) if part)]
+        )
+
     def summary(self) -> str:
         """The facts as one short phrase for a log line."""
         if self.mode == "not-tls":
@@ -171,6 +185,9 @@ class TlsFacts:
             parts.append(f"alpn={self.alpn}")
         if self.cipher:
             parts.append(self.cipher)
+        client_leg = self.client_leg()
+        if client_leg:
+            parts.append(client_leg)
         if self.upstream_subject:
             parts.append(f"upstream cert {self.upstream_subject!r} by {self.upstream_issuer!r}")
         if self.verification and self.verification != "system store":

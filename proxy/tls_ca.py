@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import FlowtapError
+from .tls_ciphers import prefer_aes128
 from .tls_native import LeafSigner, NativeCertificate, binding
 
 CA_FILE = "flowtap-ca.pem"
@@ -472,6 +473,7 @@ class _Background:
 
 def _server_context() -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    prefer_aes128(context)
     # No TLS 1.3 session tickets: a client that never reads them (redis-cli closes right
     # after its reply) would reset the connection on close, as unread data makes the
     # kernel do; resuming clients fall back to a full handshake, and each costs less.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import enum
 import fnmatch
 import functools
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 
 from .errors import FlowtapError
 from .flow import TlsFacts
+from .tls_ciphers import prefer_aes128
 from .tls_hello import ClientHello, NotTls, peek_client_hello, version_name
 
 if TYPE_CHECKING:
@@ -148,6 +150,7 @@ class TlsSettings:
             context = ssl.create_default_context(
                 cafile=None if self.upstream_ca is None else str(self.upstream_ca)
             )
+        prefer_aes128(context)
         if alpn:
             context.set_alpn_protocols(list(alpn))
         if self.keylog_path is not None:
@@ -387,6 +390,8 @@ class TlsInterception:
         self.upstream_secrets: bytes | None = None
         """With a wire capture: the upstream leg's key log lines, once its handshake is done."""
         self.client_secrets: bytes | None = None
+        self._leg_facts: TlsFacts | None = None
+        """The upstream leg's facts, from its handshake until the client's is done."""
         self.leaf_due: str | None = None
         """The name whose leaf `prepare_leaf` has the CA make, once a ClientHello is peeked."""
 
@@ -537,6 +542,7 @@ class TlsInterception:
                     return
                 if self.settings.secrets is not None and self._hello is not None:
                     self.client_secrets = self.settings.secrets.take(self._hello.random)
+                self.facts = self._with_client_leg(self._client)
                 self.phase = Phase.OPEN
             if self.phase is Phase.OPEN:
                 self._relay(up, down)
@@ -556,7 +562,8 @@ class TlsInterception:
         upstream = self._upstream
         hello = self._hello
         assert upstream is not None and hello is not None
-        self.facts = self._upstream_facts(upstream, hello)
+        # Told once the client's handshake is done too, with its leg (or if that fails).
+        self._leg_facts = self._upstream_facts(upstream, hello)
         ca = self.settings.ca
         assert ca is not None
         name = hello.sni or self.upstream_host
@@ -621,7 +628,9 @@ class TlsInterception:
         if was is Phase.UPSTREAM_HANDSHAKE:
             # The client waits for a ServerHello: tell it the handshake failed.
             self.to_client += ALERT_HANDSHAKE_FAILURE
-        if self.facts is None and self._hello is not None:
+        if self.facts is None and self._leg_facts is not None:
+            self.facts = self._leg_facts
+        elif self.facts is None and self._hello is not None:
             self.facts = TlsFacts(
                 mode="intercept",
                 sni=self._hello.sni,
@@ -651,6 +660,17 @@ class TlsInterception:
                 )
             return f"tls: handshake with the client failed: {text}"
         return f"tls: {text}"
+
+    def _with_client_leg(self, client: ssl.SSLObject) -> TlsFacts:
+        """The upstream leg's facts with what the client's handshake chose."""
+        facts = self._leg_facts
+        assert facts is not None
+        cipher = client.cipher()
+        return dataclasses.replace(
+            facts,
+            client_version=client.version(),
+            client_cipher=None if cipher is None else cipher[0],
+        )
 
     def _upstream_facts(self, upstream: ssl.SSLObject, hello: ClientHello) -> TlsFacts:
         cipher = upstream.cipher()

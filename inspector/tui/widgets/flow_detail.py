@@ -54,6 +54,7 @@ def tls_lines(tls: TlsFacts) -> list[str]:
         ("alpn", tls.alpn),
         ("", tls.version),
         ("", tls.cipher),
+        ("", tls.client_leg()),
     ):
         if value:
             head.append(f"{label} {value}" if label else value)
