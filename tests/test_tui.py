@@ -15,6 +15,7 @@ from textual.pilot import Pilot
 
 from conftest import exchange, start_flowtap
 from flowtap.inspector.pcapfile.capture import CaptureObserver
+from flowtap.inspector.tui import app as app_module
 from flowtap.inspector.tui.app import FlowtapApp
 from flowtap.inspector.tui.viewer import ControlClient
 from flowtap.inspector.tui.widgets.chunk_view import ChunkView
@@ -122,6 +123,38 @@ def test_a_relayed_flow_appears_in_the_table_with_its_summary(live: LiveRelay) -
         assert f"127.0.0.1:{live.upstream_port}" in row
         assert "GET /hello (demo.test)" in row
         assert "client-closed" in row or "server-closed" in row
+
+    run(app, scenario)
+
+
+def test_an_attached_app_sleeps_while_nothing_comes_and_wakes_when_a_flow_does(
+    live: LiveRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Draining the feed 20 times a second cost an idle TUI 7 ms of CPU a second: with
+    nothing coming it draws once a second, and the feed wakes it when a flow comes."""
+    ticks: list[float] = []
+    tick = FlowtapApp._tick
+
+    def counted(app: FlowtapApp, **kwargs: bool) -> None:
+        ticks.append(time.monotonic())
+        tick(app, **kwargs)
+
+    monkeypatch.setattr(FlowtapApp, "_tick", counted)
+    app = live.app()
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await pilot.pause(app_module.SLEEP_AFTER_S + 0.5)
+        started = time.monotonic()
+        await pilot.pause(2.0)
+        assert len([at for at in ticks if at >= started]) <= 3
+        # Right after a once-a-second tick: without a wake-up the flow would wait a second.
+        count = len(ticks)
+        await until(pilot, lambda: len(ticks) > count, "a once-a-second tick")
+        sent = time.monotonic()
+        assert await asyncio.to_thread(live.exchange, b"wake up\r\n") == b"wake up\r\n"
+        await until(pilot, lambda: len(app.store) == 1, "the flow")
+        assert time.monotonic() - sent < 0.5
+        await until(pilot, lambda: closed_rows(app) == 1, "its row")
 
     run(app, scenario)
 

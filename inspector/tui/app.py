@@ -7,14 +7,15 @@ second) into its `FlowStore`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import heapq
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, runtime_checkable
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -48,6 +49,14 @@ class EventSource(Protocol):
     def drain(self, limit: int = 100_000) -> Sequence[object]: ...
 
 
+@runtime_checkable
+class WakingEventSource(EventSource, Protocol):
+    """An event source that calls `on_events` (from any thread) once it has queued events:
+    the app can then sleep while nothing comes."""
+
+    on_events: Callable[[], object] | None
+
+
 class RelayHandle(Protocol):
     """What the app asks of the relay it shows: a `ControlClient`, or a `Relay` in-process."""
 
@@ -62,6 +71,9 @@ class RelayHandle(Protocol):
 
 TICK_S = 0.05
 """How often the app drains events into the store: 20 times a second."""
+SLEEP_AFTER_S = 1.0
+"""With nothing coming from a source that wakes it for this long, the app stops draining on
+every tick: it draws once a second (durations and rates move on) until events come."""
 FRAME_S = 0.25
 """How often what the events changed is drawn: the table's rows, the selected flow, the
 stats. One frame for all of them: each frame costs a pass of the screen's compositor, and
@@ -145,6 +157,9 @@ class FlowtapApp(App[None]):
         self._loaded: queue.Queue[list[object]] = queue.Queue(maxsize=8)
         self._stop_loading = threading.Event()
         self._next_frame = 0.0
+        # When the last events came from a source that wakes the app (None: it never sleeps).
+        self._last_event: float | None = None
+        self._asleep = False
         self._last_counts = 0.0
         # What the events changed since the last frame, for the next one to draw.
         self._added: list[int] = []
@@ -178,7 +193,12 @@ class FlowtapApp(App[None]):
     def on_mount(self) -> None:
         self.table.focus()
         self._check_size()
-        self.set_interval(TICK_S, self._tick)
+        self._ticker = self.set_interval(TICK_S, self._tick)
+        self._sleeper = self.set_interval(1.0, self._tick, pause=True)
+        if isinstance(self.events, WakingEventSource):
+            self._last_event = time.monotonic()
+            wake = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, self._wake)
+            self.events.on_events = wake
         if self.capture is not None:
             self.loading_box.add_class("-shown")
             self._load(self.capture)
@@ -216,15 +236,29 @@ class FlowtapApp(App[None]):
         if taken and isinstance(gone := taken[-1], RelayGone):  # the source's last event
             taken.pop()
             self._relay_gone(gone)
+        now = time.monotonic()
         if taken:
             changes = self.store.apply(taken)
             self._added += changes.added
             self._changed |= changes.changed
             self._new_bytes += changes.bytes_up + changes.bytes_down
-        now = time.monotonic()
+            self._last_event = now
+            self._wake()
         if draw_now or now >= self._next_frame:
             self._next_frame = now + FRAME_S
             self._draw_frame(now)
+        last = self._last_event
+        if last is not None and not self._asleep and now - last >= SLEEP_AFTER_S:
+            self._asleep = True  # until `on_events` wakes it: see `on_mount`
+            self._ticker.pause()
+            self._sleeper.resume()
+
+    def _wake(self) -> None:
+        """Drain on every tick again (events came)."""
+        if self._asleep:
+            self._asleep = False
+            self._sleeper.pause()
+            self._ticker.resume()
 
     def _draw_frame(self, now: float) -> None:
         table = self.table
@@ -319,6 +353,8 @@ class FlowtapApp(App[None]):
 
     def on_unmount(self) -> None:
         self._stop_loading.set()
+        if isinstance(self.events, WakingEventSource):
+            self.events.on_events = None
 
     # -- selection and filter -------------------------------------------------------------
 

@@ -190,6 +190,9 @@ class ControlClient:
         self._counts: dict[int, tuple[int, int]] = {}
         self._next_id = 0
         self.gone: str | None = None
+        self.on_events: Callable[[], object] | None = None
+        """Called on the viewer's thread after events are queued (an app that sleeps while
+        nothing comes wakes up)."""
         self._thread = threading.Thread(target=self._run, name="flowtap-viewer", daemon=True)
         self._thread.start()
 
@@ -282,6 +285,8 @@ class ControlClient:
         try:
             for frames in self._frame_batches():
                 reason = self._take(frames) or reason
+                if (notify := self.on_events) is not None:
+                    notify()
         except (OSError, ProtocolError) as exc:
             reason = str(exc)
         note = self._gone_note() if self._gone_note is not None else ""
@@ -290,6 +295,8 @@ class ControlClient:
             text += f": {reason}"
         self.gone = text
         self._events.append(RelayGone(text))
+        if (notify := self.on_events) is not None:
+            notify()
 
     def _take(self, frames: list[tuple[int, bytes]]) -> str | None:
         """Queue the events of one read's frames, in order; the reason of a `bye` among them."""
