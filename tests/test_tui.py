@@ -143,7 +143,7 @@ def test_an_attached_app_sleeps_while_nothing_comes_and_wakes_when_a_flow_does(
     app = live.app()
 
     async def scenario(pilot: Pilot[None]) -> None:
-        await pilot.pause(app_module.SLEEP_AFTER_S + 0.5)
+        await pilot.pause(app_module.SLEEP_AFTER_S + 1.0)
         started = time.monotonic()
         await pilot.pause(2.0)
         assert len([at for at in ticks if at >= started]) <= 3
