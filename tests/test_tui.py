@@ -155,8 +155,14 @@ def test_an_attached_app_sleeps_while_nothing_comes_and_wakes_when_a_flow_does(
         await until(pilot, lambda: len(app.store) == 1, "the flow")
         assert time.monotonic() - sent < 0.5
         await until(pilot, lambda: closed_rows(app) == 1, "its row")
+        late.append(live.clients[-1].on_events)
 
+    late: list[Callable[[], object] | None] = []
     run(app, scenario)
+    assert live.clients[-1].on_events is None
+    wake = late[0]
+    assert wake is not None
+    wake()  # the viewer's thread may still call it once the app's loop has closed
 
 
 def test_selecting_a_flow_shows_its_conversation_and_hex(live: LiveRelay) -> None:

@@ -8,6 +8,7 @@ second) into its `FlowStore`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import queue
@@ -197,8 +198,7 @@ class FlowtapApp(App[None]):
         self._sleeper = self.set_interval(1.0, self._tick, pause=True)
         if isinstance(self.events, WakingEventSource):
             self._last_event = time.monotonic()
-            wake = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, self._wake)
-            self.events.on_events = wake
+            self.events.on_events = functools.partial(self._wake_from, asyncio.get_running_loop())
         if self.capture is not None:
             self.loading_box.add_class("-shown")
             self._load(self.capture)
@@ -252,6 +252,11 @@ class FlowtapApp(App[None]):
             self._asleep = True  # until `on_events` wakes it: see `on_mount`
             self._ticker.pause()
             self._sleeper.resume()
+
+    def _wake_from(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have the app's loop wake it (called on the event source's thread)."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the app has stopped
+            loop.call_soon_threadsafe(self._wake)
 
     def _wake(self) -> None:
         """Drain on every tick again (events came)."""
