@@ -178,9 +178,11 @@ def literal_destination(host: str, port: int) -> Destination | None:
     return Destination(socket.AF_INET6, (socket.inet_ntop(socket.AF_INET6, packed), port, 0, 0))
 
 
-def original_destination(sock: socket.socket) -> Destination:
-    """The address a redirected connection was made to (netfilter's SO_ORIGINAL_DST)."""
-    if sock.family == socket.AF_INET6:
+def original_destination(sock: socket.socket, is_ipv6: bool) -> Destination:
+    """The address a redirected connection (an IPv6 socket if `is_ipv6`: the caller knows,
+    where `sock.family` makes an enum for each connection) was made to (netfilter's
+    SO_ORIGINAL_DST)."""
+    if is_ipv6:
         raw = sock.getsockopt(_SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
         host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
         return Destination(socket.AF_INET6, (host, raw[2] << 8 | raw[3], 0, 0))
@@ -399,7 +401,7 @@ class HandshakePhase:
 
     def _start_transparent(self) -> None:
         try:
-            destination = original_destination(self.client)
+            destination = original_destination(self.client, self.client_address.is_ipv6)
         except OSError as exc:
             self.close(
                 CloseReason.ERROR,

@@ -853,7 +853,7 @@ class _TcpFlows:
         started: float,
     ) -> None:
         policy = listener.spec.policy or ProxyPolicy()
-        if not client_address.is_unix and not policy.is_client_allowed(client_address.host):
+        if client_address.path is None and not policy.is_client_allowed(client_address.host):
             policy.refuse_client(client_address.host)
             _reset_and_close(client)
             return
@@ -863,7 +863,8 @@ class _TcpFlows:
             # does: one getsockopt, and the checks of a destination done once (its answer
             # kept: the same policy gives it again), no handshake phase.
             try:
-                destination = original_destination(client)
+                # An IPv6 socket's peer is written with colons, an IPv4 one's never is.
+                destination = original_destination(client, ":" in client_address.host)
             except OSError:
                 destination = None
             if destination is not None:
