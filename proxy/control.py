@@ -61,13 +61,13 @@ _PEERCRED = struct.Struct("3i")
 _IOV_MAX = 1024
 _FLUSH_DELAY_S = 0.05
 """After a wake-up the server waits this long, so that one send carries many small events (a
-viewer redraws 20 times a second at most). Each wake-up of this thread takes the GIL from the
+viewer drains 20 times a second at most). Each wake-up of this thread takes the GIL from the
 relay threads once or more; at 5 ms, 200 wake-ups a second held up one round trip in a hundred
 of an interactive flow (p99 x4 with a viewer attached, benchmarks/latency.py), at 50 ms few."""
-_EVENTS_PER_FRAME_BATCH = 1024
+_EVENTS_PER_FRAME_BATCH = 128
 """Data events framed into one buffer between sends (each send lets go of the GIL): about
-half a millisecond of this thread's time, so that a relay thread waits on it at most that
-long."""
+40 us of this thread's time for 1-byte chunks, so that a relay thread waits on it at most
+about one round trip of an interactive flow (1,024 held it 310 us, a dozen round trips)."""
 _FLOW_EVENT_WEIGHT = 16
 """How many data events one opened, updated or closed event counts for in a batch: its JSON
 takes about 11 us to encode against 0.5 us to frame a data event (a batch of 1024 of them
