@@ -155,6 +155,7 @@ def test_an_attached_app_sleeps_while_nothing_comes_and_wakes_when_a_flow_does(
         await until(pilot, lambda: len(app.store) == 1, "the flow")
         assert time.monotonic() - sent < 0.5
         await until(pilot, lambda: closed_rows(app) == 1, "its row")
+        await pilot.pause(app_module.SLEEP_AFTER_S + 0.5)  # asleep again as it stops
         late.append(live.clients[-1].on_events)
 
     late: list[Callable[[], object] | None] = []

@@ -232,11 +232,17 @@ class FlowtapApp(App[None]):
     def _tick(self, *, draw_now: bool = False) -> None:
         """Drain waiting events into the store; draw what changed once a frame is due (or
         at once with `draw_now`)."""
+        now = time.monotonic()
+        last = self._last_event
+        if last is not None and not self._asleep and now - last >= SLEEP_AFTER_S:
+            # Asleep before the drain: events queued after it see the flag and wake the app.
+            self._asleep = True
+            self._ticker.pause()
+            self._sleeper.resume()
         taken = self._take_events()
         if taken and isinstance(gone := taken[-1], RelayGone):  # the source's last event
             taken.pop()
             self._relay_gone(gone)
-        now = time.monotonic()
         if taken:
             changes = self.store.apply(taken)
             self._added += changes.added
@@ -247,16 +253,13 @@ class FlowtapApp(App[None]):
         if draw_now or now >= self._next_frame:
             self._next_frame = now + FRAME_S
             self._draw_frame(now)
-        last = self._last_event
-        if last is not None and not self._asleep and now - last >= SLEEP_AFTER_S:
-            self._asleep = True  # until `on_events` wakes it: see `on_mount`
-            self._ticker.pause()
-            self._sleeper.resume()
 
     def _wake_from(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Have the app's loop wake it (called on the event source's thread)."""
-        with contextlib.suppress(RuntimeError):  # the loop has closed: the app has stopped
-            loop.call_soon_threadsafe(self._wake)
+        """Have the app's loop wake it if it sleeps (called on the event source's thread,
+        once a read of the feed; an app awake drains on its next tick anyway)."""
+        if self._asleep:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the app stopped
+                loop.call_soon_threadsafe(self._wake)
 
     def _wake(self) -> None:
         """Drain on every tick again (events came)."""
