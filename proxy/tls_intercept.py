@@ -29,6 +29,7 @@ from .errors import FlowtapError
 from .flow import TlsFacts
 from .tls_ciphers import prefer_aes128
 from .tls_hello import ClientHello, NotTls, peek_client_hello, version_name
+from .tls_native import binding
 
 if TYPE_CHECKING:
     from .tls_ca import CertificateAuthority
@@ -39,6 +40,9 @@ ALERT_HANDSHAKE_FAILURE = b"\x15\x03\x03\x00\x02\x02\x28"
 # Plaintext decrypted (many records, each at most 16 KiB) before one write re-encrypts it: one
 # SSLObject.write and one observer chunk per batch instead of per record.
 _BATCH_BYTES = 256 * 1024
+# What OpenSSL reads from a socket at once (read ahead), where it reads the sockets itself: a
+# few records a call; past this, fewer calls gain little for the memory each side holds.
+_READ_AHEAD_BYTES = 32 * 1024
 # Each relay thread's batch buffer: emptied before the call that filled it returns.
 _batches = threading.local()
 
@@ -390,6 +394,8 @@ class TlsInterception:
         self.upstream_secrets: bytes | None = None
         """With a wire capture: the upstream leg's key log lines, once its handshake is done."""
         self.client_secrets: bytes | None = None
+        self.reads_directly = False
+        """Whether OpenSSL reads the peers' sockets itself (`read_directly`)."""
         self._leg_facts: TlsFacts | None = None
         """The upstream leg's facts, from its handshake until the client's is done."""
         self.leaf_due: str | None = None
@@ -524,6 +530,7 @@ class TlsInterception:
         self._upstream = context.wrap_bio(
             self._up_in, self._up_out, server_hostname=hello.sni or self.upstream_host
         )
+        self._read_ahead(self._upstream)
         self._advance()
 
     def _advance(self, *, up: bool = True, down: bool = True) -> None:
@@ -569,9 +576,68 @@ class TlsInterception:
         name = hello.sni or self.upstream_host
         chosen = upstream.selected_alpn_protocol()
         self._client = ca.server_object(name, chosen, self._client_in, self._client_out)
+        self._read_ahead(self._client)
         self._client_in.write(bytes(self._peeked))
         self._peeked.clear()
         self.phase = Phase.CLIENT_HANDSHAKE
+
+    def _read_ahead(self, obj: ssl.SSLObject) -> None:
+        """Before its handshake: have `obj` read its socket in large reads once the flow is
+        open (`read_directly`), where it may."""
+        native = binding()
+        if native is not None and self.settings.secrets is None:
+            native.read_ahead(obj, _READ_AHEAD_BYTES)
+
+    def read_directly(self, client_fd: int, server_fd: int) -> bool:
+        """Have OpenSSL read each peer's records from its socket (`pull`) from now on, rather
+        than from what `feed_client`/`feed_server` give it, once the flow is open with nothing
+        left in its incoming memory BIOs; whether it does. Each byte then skips a copy into a
+        memory BIO (which OpenSSL zeroes first) and one out of it."""
+        native = binding()
+        if (
+            native is None
+            or self.settings.secrets is not None  # a wire capture takes the ciphertext
+            or self.phase is not Phase.OPEN
+            or self._client_in.pending
+            or self._up_in.pending
+        ):
+            return False
+        assert self._client is not None and self._upstream is not None
+        native.read_socket(self._client, client_fd)
+        native.read_socket(self._upstream, server_fd)
+        self.reads_directly = True
+        return True
+
+    def pull(self, *, from_client: bool) -> tuple[int, bool, bool, bool]:
+        """Once `read_directly`: relay a batch of what that peer's socket has; the plaintext
+        bytes moved, whether the peer has ended, whether its socket has no more for now, and
+        whether it ended without close_notify (a FIN or a reset: the caller tells which)."""
+        client, upstream = self._client, self._upstream
+        assert client is not None and upstream is not None
+        plaintext = None
+        if self.keeps_plaintext:
+            plaintext = self.plaintext_up if from_client else self.plaintext_down
+        try:
+            if from_client:
+                if self.client_done:
+                    return 0, True, True, False
+                moved, ended, short, abrupt = _relay_batch(client, upstream, plaintext)
+                self.bytes_up += moved
+                if ended:
+                    self._finish_client()
+            else:
+                if self.server_done:
+                    return 0, True, True, False
+                moved, ended, short, abrupt = _relay_batch(upstream, client, plaintext)
+                self.bytes_down += moved
+                if ended:
+                    self._finish_server()
+        except ssl.SSLError as exc:
+            self._fail(self._describe_failure(exc))
+            return 0, False, True, False
+        finally:
+            self._drain_outgoing()
+        return moved, ended, short, abrupt
 
     def _relay(self, up: bool, down: bool) -> None:
         client, upstream = self._client, self._upstream
@@ -604,7 +670,13 @@ class TlsInterception:
         if end is None or self.phase is not Phase.OPEN:
             return 0
         self._drain_outgoing()
-        _send_close_notify(end)
+        native = binding()
+        if self.reads_directly and native is not None:
+            # Sent alone: Python's unwrap goes on to read the peer's close_notify, and from
+            # its socket it would take (and OpenSSL drop) the records still due to flowtap.
+            native.send_close_notify(end)
+        else:
+            _send_close_notify(end)
         alert_bytes = out.pending
         self._drain_outgoing()
         return alert_bytes
@@ -716,35 +788,49 @@ def _relay_records(
     """Decrypt what `source` has and re-encrypt it into `sink`, a batch of records at a time
     (each batch appended to `plaintext` unless None); the plaintext bytes moved, and whether
     `source` has ended."""
-    view = _batch_view()
-    size = len(view)
     moved = 0
     while True:
-        filled = 0
-        ended = False
-        while filled < size:
-            try:
-                # Into the reused buffer (read(n) would allocate n bytes for each record); with
-                # a buffer, read returns a count (typeshed says bytes).
-                n = cast("int", source.read(size - filled, view[filled:]))
-            except ssl.SSLWantReadError:
-                break
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                # close_notify, or a TCP FIN without it: relayed as an end all the same.
-                ended = True
-                break
-            if not n:
-                ended = True  # close_notify (read returns 0 rather than raising)
-                break
-            filled += n
-        if filled:
-            batch = view[:filled]
-            sink.write(batch)
-            if plaintext is not None:
-                plaintext.append(bytes(batch))
-            moved += filled
-        if filled < size:
+        filled, ended, short, _ = _relay_batch(source, sink, plaintext)
+        moved += filled
+        if short:
             return moved, ended
+
+
+def _relay_batch(
+    source: ssl.SSLObject, sink: ssl.SSLObject, plaintext: list[bytes] | None
+) -> tuple[int, bool, bool, bool]:
+    """Decrypt at most a batch of what `source` has and re-encrypt it into `sink` (appended to
+    `plaintext` unless None); the plaintext bytes moved, whether `source` has ended, whether
+    it has no more for now (it ended, or wants more bytes to read), and whether it ended
+    without a close_notify."""
+    view = _batch_view()
+    size = len(view)
+    filled = 0
+    ended = abrupt = False
+    while filled < size:
+        try:
+            # Into the reused buffer (read(n) would allocate n bytes for each record); with
+            # a buffer, read returns a count (typeshed says bytes).
+            n = cast("int", source.read(size - filled, view[filled:]))
+        except ssl.SSLWantReadError:
+            break
+        except ssl.SSLZeroReturnError:
+            ended = True  # close_notify
+            break
+        except ssl.SSLEOFError:
+            # A TCP FIN (or reset) without close_notify: relayed as an end all the same.
+            ended = abrupt = True
+            break
+        if not n:
+            ended = True  # close_notify (read returns 0 rather than raising)
+            break
+        filled += n
+    if filled:
+        batch = view[:filled]
+        sink.write(batch)
+        if plaintext is not None:
+            plaintext.append(bytes(batch))
+    return filled, ended, filled < size, abrupt
 
 
 def _send_close_notify(obj: ssl.SSLObject) -> None:

@@ -34,6 +34,8 @@ _Bytes = ctypes.POINTER(ctypes.c_char_p)
 _EVP_PKEY_EC = 408
 _EVP_PKEY_ED25519 = 1087
 _NID_SUBJECT_ALT_NAME = 85
+_BIO_NOCLOSE = 0
+_SSL_OP_IGNORE_UNEXPECTED_EOF = 1 << 7
 
 
 class NativeCertificate:
@@ -172,6 +174,13 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[type, ...]]] = {
     "SSL_get_SSL_CTX": (_P, (_P,)),
     "SSL_CTX_get_ssl_method": (_P, (_P,)),
     "SSL_CTX_set_ciphersuites": (_INT, (_P, ctypes.c_char_p)),
+    "SSL_set_read_ahead": (None, (_P, _INT)),
+    "SSL_set_default_read_buffer_len": (None, (_P, ctypes.c_size_t)),
+    "SSL_set0_rbio": (None, (_P, _P)),
+    "SSL_shutdown": (_INT, (_P,)),
+    "SSL_set_options": (ctypes.c_uint64, (_P, ctypes.c_uint64)),
+    "ERR_clear_error": (None, ()),
+    "BIO_new_socket": (_P, (_INT, _INT)),
     "TLS_server_method": (_P, ()),
     "TLS_client_method": (_P, ()),
     "d2i_X509": (_P, (_P, _Bytes, ctypes.c_long)),
@@ -260,6 +269,33 @@ class Binding:
             raise ssl.SSLError("the leaf certificate is not for the context's key")
         if self.lib.SSL_set_session_id_context(pointer, scope, len(scope)) != 1:
             raise ssl.SSLError("the session id context is too long")
+
+    def read_ahead(self, obj: ssl.SSLObject, buffer_bytes: int) -> None:
+        """Make `obj` (before its handshake) read as many bytes as its source has, up to
+        `buffer_bytes`, into a buffer of that size, rather than a record's header and then
+        its body, each read by itself."""
+        pointer = self._ssl_pointer(obj)
+        self.lib.SSL_set_default_read_buffer_len(pointer, buffer_bytes)
+        self.lib.SSL_set_read_ahead(pointer, 1)
+
+    def read_socket(self, obj: ssl.SSLObject, fd: int) -> None:
+        """Make `obj` read its records from the socket `fd` itself (which it does not close)
+        rather than from its incoming memory BIO, now empty: no copy into and out of that."""
+        pointer = self._ssl_pointer(obj)
+        bio = self.lib.BIO_new_socket(fd, _BIO_NOCLOSE)
+        if not bio:
+            raise MemoryError
+        # The SSL owns the new BIO; the memory BIO it leaves is still the MemoryBIO's own.
+        self.lib.SSL_set0_rbio(pointer, bio)
+        # A FIN without close_notify ends the records as close_notify would, as the relay
+        # takes it: else OpenSSL fails the connection and alerts a peer that only
+        # half-closed and still reads the answer.
+        self.lib.SSL_set_options(pointer, _SSL_OP_IGNORE_UNEXPECTED_EOF)
+
+    def send_close_notify(self, obj: ssl.SSLObject) -> None:
+        """Write `obj`'s close_notify alert, reading nothing (SSL_shutdown once)."""
+        self.lib.SSL_shutdown(self._ssl_pointer(obj))
+        self.lib.ERR_clear_error()
 
     def check(self, context: ssl.SSLContext) -> bool:
         """Whether the pointers read from `context` (a PROTOCOL_TLS_SERVER context) and from a

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
 import select
 import socket
@@ -31,6 +32,7 @@ _READS_PER_TURN = 8
 # Ciphertext waiting for one peer beyond which flowtap stops reading the other (backpressure).
 _MAX_PENDING_BYTES = 256 * 1024
 _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_TCP_CLOSE = 7  # tcp_states.h
 
 
 class _Buffers(Protocol):
@@ -218,18 +220,27 @@ class TlsTcpFlow:
         try:
             for _ in range(_READS_PER_TURN):
                 moved = False
+                read = self._pull if tls.reads_directly else self._read
                 if (
                     self._client_readable
                     and not self._client_eof
                     and len(tls.to_server) < _MAX_PENDING_BYTES
                 ):
-                    moved |= self._read(self.client, is_client=True, now=now)
+                    moved |= read(self.client, is_client=True, now=now)
                 if (
                     self._server_readable
                     and not self._server_eof
                     and len(tls.to_client) < _MAX_PENDING_BYTES
                 ):
-                    moved |= self._read(self.server, is_client=False, now=now)
+                    moved |= read(self.server, is_client=False, now=now)
+                if (
+                    tls.phase is Phase.OPEN
+                    and not tls.reads_directly
+                    and self._wire is None
+                    and not self._client_eof
+                    and not self._server_eof
+                ):
+                    tls.read_directly(self.client.fileno(), self.server.fileno())
                 if self._wire is not None:
                     self._emit_wire()
                 if tls.facts is not self._facts_told:
@@ -289,6 +300,27 @@ class TlsTcpFlow:
             self.tls.feed_client(data)
         else:
             self.tls.feed_server(data)
+        return True
+
+    def _pull(self, sock: socket.socket, *, is_client: bool, now: float) -> bool:
+        """Relay a batch of what `sock` has, read by OpenSSL itself (`read_directly`)."""
+        moved, ended, drained, abrupt = self.tls.pull(from_client=is_client)
+        if drained and not ended:
+            self._set_readable(is_client, False)  # EAGAIN: epoll reports what comes next
+        if moved:
+            self.last_active = now
+        if not ended:
+            return moved > 0
+        if abrupt and _was_reset(sock):
+            raise _SideFailed(is_client, os.strerror(errno.ECONNRESET))
+        # Read to its end: as a FIN read by the relay would be (OpenSSL reads no further).
+        self.last_active = now
+        if is_client:
+            self._client_eof = True
+            self._first_eof = self._first_eof or CloseReason.CLIENT_CLOSED
+        else:
+            self._server_eof = True
+            self._first_eof = self._first_eof or CloseReason.SERVER_CLOSED
         return True
 
     def _set_readable(self, is_client: bool, readable: bool) -> None:
@@ -425,6 +457,15 @@ class TlsTcpFlow:
     def tls_facts(self) -> TlsFacts | None:
         """What the flow's TLS has shown (None until it is known)."""
         return self.tls.facts
+
+
+def _was_reset(sock: socket.socket) -> bool:
+    """Whether the peer of `sock`, a TCP socket read to its end, reset it (rather than sent a
+    FIN): its state is then CLOSE rather than CLOSE_WAIT."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+    except OSError:
+        return False  # not TCP (a unix socket): its end is an end
 
 
 class _SideFailed(Exception):

@@ -181,6 +181,9 @@ def test_with_the_layout_unconfirmed_flows_are_intercepted_in_openssls_order(
             cipher = client.cipher()
             assert cipher is not None and cipher[0] == AES256
             assert upstream_says(fetch(client)) == f"TLSv1.3 {AES256}"
+            # Its records go through the memory BIOs: OpenSSL does not read the sockets.
+            (flow,) = [flow for tcp in relay._tcp for flow in tcp.flows.values()]
+            assert flow.tls.reads_directly is False
         wait_for(lambda: recorder.closed_count() == 1, 10, "the flow closed")
     finally:
         relay.stop(1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -770,5 +771,96 @@ def test_a_closed_tls_flow_is_freed_before_its_handshake_deadline(
         # Its handshake deadline (10 s) is ahead still: nothing holds the first flow, with its
         # TLS objects, until then.
         wait_for(lambda: gc.collect() >= 0 and held[0]() is None, 2, "the first flow freed")
+    finally:
+        relay.stop(1.0)
+
+
+def _answer_at_once(
+    listener: socket.socket, context: ssl.SSLContext, download: bytes, done: list[bytes]
+) -> None:
+    """One TLS connection: on the request's first line, send `download` at once, then read to
+    the client's end (what came after the line is kept in `done`)."""
+    conn, _ = listener.accept()
+    with context.wrap_socket(conn, server_side=True) as tls:
+        request = b""
+        while b"\n" not in request:
+            request += tls.recv(100)
+        tls.sendall(download)
+        rest = bytearray()
+        with contextlib.suppress(ssl.SSLError, OSError):
+            while chunk := tls.recv(65536):
+                rest += chunk
+        done.append(bytes(rest))
+
+
+def test_a_client_that_half_closes_still_gets_the_whole_answer_in_flight(
+    flowtap: type[FlowtapProcess], pki: Pki
+) -> None:
+    # The client's FIN reaches flowtap while the upstream's answer streams in: flowtap's
+    # close_notify to the upstream must not take (and drop) the records waiting on its socket.
+    download = bytes(range(256)) * 16384  # 4 MiB
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*pki.server("ecdsa"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    done: list[bytes] = []
+    server = threading.Thread(target=_answer_at_once, args=(listener, context, download, done))
+    server.start()
+    relay = start_intercepting(
+        flowtap, pki, listener.getsockname()[1], "--upstream-ca", str(pki.upstream_ca)
+    )
+    try:
+        client_context = ssl.create_default_context(cafile=str(pki.flowtap_ca_cert))
+        # A small receive buffer: flowtap stops reading the upstream (backpressure), so its
+        # socket holds records when the client's FIN comes.
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        raw.settimeout(30)
+        raw.connect(("127.0.0.1", relay.port))
+        with client_context.wrap_socket(raw, server_hostname="svc.test") as client:
+            client.sendall(b"send it all\n")
+            got = bytearray(client.recv(65536))  # the answer is on its way
+            # A TCP half-close under the TLS (SSLSocket.shutdown would drop its TLS state).
+            socket.socket.shutdown(client, socket.SHUT_WR)
+            while chunk := client.recv(65536):
+                got += chunk
+        server.join(30)
+    finally:
+        listener.close()
+    assert len(got) == len(download) and bytes(got) == download
+    assert done == [b""]
+    (record,) = closed_records(relay, 1)
+    assert record["error"] is None, record
+    assert record["bytes_down"] == len(download)
+
+
+def test_an_open_flow_has_openssl_read_its_sockets_and_relays_both_ways(
+    pki: Pki, s_server: Callable[..., int]
+) -> None:
+    from conftest import EventRecorder
+    from flowtap.proxy.events import Bus
+    from flowtap.proxy.flow import Address
+    from flowtap.proxy.listener import ListenerSpec
+    from flowtap.proxy.relay import Relay
+    from flowtap.proxy.tls_ca import load_ca_file
+    from flowtap.proxy.tls_intercept import TlsMode, TlsSettings
+    from flowtap.proxy.worker import RelayConfig
+
+    upstream = s_server(*pki.server("ecdsa"), "-rev")
+    tls = TlsSettings(TlsMode.INTERCEPT, load_ca_file(pki.flowtap_ca), upstream_insecure=True)
+    recorder = EventRecorder()
+    spec = ListenerSpec(listen=Address("127.0.0.1", 0), upstream=Address("127.0.0.1", upstream))
+    relay = Relay([spec], Bus([recorder]), RelayConfig(tls=tls))  # type: ignore[list-item]
+    relay.start()
+    try:
+        with tls_client(pki, relay.listeners[0].address.port) as client:
+            for line in (b"first\n", b"second\n"):  # the second after the switch
+                client.sendall(line)
+                answer = b""
+                while not answer.endswith(b"\n"):
+                    answer += client.recv(100)
+                assert answer == line[:-1][::-1] + b"\n"
+            (flow,) = [flow for tcp in relay._tcp for flow in tcp.flows.values()]
+            assert flow.tls.reads_directly is True
+        wait_for(lambda: recorder.closed_count() == 1, 10, "the flow closed")
     finally:
         relay.stop(1.0)
