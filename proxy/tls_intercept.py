@@ -614,24 +614,20 @@ class TlsInterception:
         whether it ended without close_notify (a FIN or a reset: the caller tells which)."""
         client, upstream = self._client, self._upstream
         assert client is not None and upstream is not None
+        source, sink = (client, upstream) if from_client else (upstream, client)
+        if self.client_done if from_client else self.server_done:
+            return 0, True, True, False
         plaintext = None
         if self.keeps_plaintext:
             plaintext = self.plaintext_up if from_client else self.plaintext_down
         try:
+            moved, ended, short, abrupt = _relay_batch(source, sink, plaintext)
             if from_client:
-                if self.client_done:
-                    return 0, True, True, False
-                moved, ended, short, abrupt = _relay_batch(client, upstream, plaintext)
                 self.bytes_up += moved
-                if ended:
-                    self._finish_client()
             else:
-                if self.server_done:
-                    return 0, True, True, False
-                moved, ended, short, abrupt = _relay_batch(upstream, client, plaintext)
                 self.bytes_down += moved
-                if ended:
-                    self._finish_server()
+            if ended:
+                (self._finish_client if from_client else self._finish_server)()
         except ssl.SSLError as exc:
             self._fail(self._describe_failure(exc))
             return 0, False, True, False

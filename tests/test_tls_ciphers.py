@@ -11,18 +11,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_tls_relay import Pki, closed_records, pki, s_server, start_intercepting, tls_client
+from test_tls_relay import (
+    Pki,
+    closed_records,
+    pki,
+    relay_in_process,
+    s_server,
+    start_intercepting,
+    tls_client,
+)
 
-from conftest import EventRecorder, FlowtapProcess, wait_for
+from conftest import FlowtapProcess, wait_for
 from flowtap.proxy import tls_native
-from flowtap.proxy.events import Bus
-from flowtap.proxy.flow import Address, TlsFacts
-from flowtap.proxy.listener import ListenerSpec
-from flowtap.proxy.relay import Relay
-from flowtap.proxy.tls_ca import load_ca_file
+from flowtap.proxy.flow import TlsFacts
 from flowtap.proxy.tls_ciphers import prefer_aes128
-from flowtap.proxy.tls_intercept import TlsMode, TlsSettings
-from flowtap.proxy.worker import RelayConfig
 
 __all__ = ["pki", "s_server"]  # fixtures
 
@@ -171,12 +173,7 @@ def test_with_the_layout_unconfirmed_flows_are_intercepted_in_openssls_order(
     unconfirmed_layout: None, pki: Pki, s_server: Callable[..., int]
 ) -> None:
     upstream = s_server(*pki.server("ecdsa"), "-www")
-    tls = TlsSettings(TlsMode.INTERCEPT, load_ca_file(pki.flowtap_ca), upstream_ca=pki.upstream_ca)
-    recorder = EventRecorder()
-    spec = ListenerSpec(listen=Address("127.0.0.1", 0), upstream=Address("127.0.0.1", upstream))
-    relay = Relay([spec], Bus([recorder]), RelayConfig(tls=tls))  # type: ignore[list-item]
-    relay.start()
-    try:
+    with relay_in_process(pki, upstream, upstream_ca=pki.upstream_ca) as (relay, recorder):
         with tls_client(pki, relay.listeners[0].address.port) as client:
             cipher = client.cipher()
             assert cipher is not None and cipher[0] == AES256
@@ -185,5 +182,3 @@ def test_with_the_layout_unconfirmed_flows_are_intercepted_in_openssls_order(
             (flow,) = [flow for tcp in relay._tcp for flow in tcp.flows.values()]
             assert flow.tls.reads_directly is False
         wait_for(lambda: recorder.closed_count() == 1, 10, "the flow closed")
-    finally:
-        relay.stop(1.0)

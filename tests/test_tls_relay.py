@@ -668,6 +668,15 @@ def test_wire_capture_to_a_classic_pcap_is_a_one_line_error(pki: Pki, tmp_path: 
     assert ".pcapng" in result.stderr
 
 
+def small_buffer_socket(port: int) -> socket.socket:
+    """A TCP connection to loopback `port` with an 8 KiB receive buffer."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    raw.settimeout(30)
+    raw.connect(("127.0.0.1", port))
+    return raw
+
+
 def _serve_upload_then_download(
     listener: socket.socket,
     context: ssl.SSLContext,
@@ -715,10 +724,7 @@ def test_megabytes_each_way_through_small_socket_buffers_arrive_whole(
     )
     try:
         client_context = ssl.create_default_context(cafile=str(pki.flowtap_ca_cert))
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-        raw.settimeout(30)
-        raw.connect(("127.0.0.1", relay.port))
+        raw = small_buffer_socket(relay.port)
         with client_context.wrap_socket(raw, server_hostname="svc.test") as client:
             client.sendall(upload)
             got = bytearray()
@@ -737,9 +743,10 @@ def test_megabytes_each_way_through_small_socket_buffers_arrive_whole(
         assert follow_tcp(capture, 0) == (upload, download)
 
 
-def test_a_closed_tls_flow_is_freed_before_its_handshake_deadline(
-    pki: Pki, s_server: Callable[..., int]
-) -> None:
+@contextlib.contextmanager
+def relay_in_process(pki: Pki, upstream_port: int, **settings: Any) -> Iterator[tuple[Any, Any]]:
+    """A relay in this process intercepting TLS to the upstream (with `settings` for its
+    TlsSettings), and the recorder of its events; stopped on leaving."""
     from conftest import EventRecorder
     from flowtap.proxy.events import Bus
     from flowtap.proxy.flow import Address
@@ -749,15 +756,25 @@ def test_a_closed_tls_flow_is_freed_before_its_handshake_deadline(
     from flowtap.proxy.tls_intercept import TlsMode, TlsSettings
     from flowtap.proxy.worker import RelayConfig
 
-    cert, key = pki.server("ecdsa")
-    upstream = s_server(cert, key, "-rev")
-    tls = TlsSettings(TlsMode.INTERCEPT, load_ca_file(pki.flowtap_ca), upstream_insecure=True)
+    tls = TlsSettings(TlsMode.INTERCEPT, load_ca_file(pki.flowtap_ca), **settings)
     recorder = EventRecorder()
-    spec = ListenerSpec(listen=Address("127.0.0.1", 0), upstream=Address("127.0.0.1", upstream))
+    upstream = Address("127.0.0.1", upstream_port)
+    spec = ListenerSpec(listen=Address("127.0.0.1", 0), upstream=upstream)
     relay = Relay([spec], Bus([recorder]), RelayConfig(tls=tls))  # type: ignore[list-item]
     relay.start()
-    held = []
     try:
+        yield relay, recorder
+    finally:
+        relay.stop(1.0)
+
+
+def test_a_closed_tls_flow_is_freed_before_its_handshake_deadline(
+    pki: Pki, s_server: Callable[..., int]
+) -> None:
+    cert, key = pki.server("ecdsa")
+    upstream = s_server(cert, key, "-rev")
+    with relay_in_process(pki, upstream, upstream_insecure=True) as (relay, recorder):
+        held = []
         # Two flows one after the other: the relay's loop may hold the last one it ran until
         # it runs another.
         for count in (1, 2):
@@ -771,8 +788,6 @@ def test_a_closed_tls_flow_is_freed_before_its_handshake_deadline(
         # Its handshake deadline (10 s) is ahead still: nothing holds the first flow, with its
         # TLS objects, until then.
         wait_for(lambda: gc.collect() >= 0 and held[0]() is None, 2, "the first flow freed")
-    finally:
-        relay.stop(1.0)
 
 
 def _answer_at_once(
@@ -812,10 +827,7 @@ def test_a_client_that_half_closes_still_gets_the_whole_answer_in_flight(
         client_context = ssl.create_default_context(cafile=str(pki.flowtap_ca_cert))
         # A small receive buffer: flowtap stops reading the upstream (backpressure), so its
         # socket holds records when the client's FIN comes.
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-        raw.settimeout(30)
-        raw.connect(("127.0.0.1", relay.port))
+        raw = small_buffer_socket(relay.port)
         with client_context.wrap_socket(raw, server_hostname="svc.test") as client:
             client.sendall(b"send it all\n")
             got = bytearray(client.recv(65536))  # the answer is on its way
@@ -836,22 +848,8 @@ def test_a_client_that_half_closes_still_gets_the_whole_answer_in_flight(
 def test_an_open_flow_has_openssl_read_its_sockets_and_relays_both_ways(
     pki: Pki, s_server: Callable[..., int]
 ) -> None:
-    from conftest import EventRecorder
-    from flowtap.proxy.events import Bus
-    from flowtap.proxy.flow import Address
-    from flowtap.proxy.listener import ListenerSpec
-    from flowtap.proxy.relay import Relay
-    from flowtap.proxy.tls_ca import load_ca_file
-    from flowtap.proxy.tls_intercept import TlsMode, TlsSettings
-    from flowtap.proxy.worker import RelayConfig
-
     upstream = s_server(*pki.server("ecdsa"), "-rev")
-    tls = TlsSettings(TlsMode.INTERCEPT, load_ca_file(pki.flowtap_ca), upstream_insecure=True)
-    recorder = EventRecorder()
-    spec = ListenerSpec(listen=Address("127.0.0.1", 0), upstream=Address("127.0.0.1", upstream))
-    relay = Relay([spec], Bus([recorder]), RelayConfig(tls=tls))  # type: ignore[list-item]
-    relay.start()
-    try:
+    with relay_in_process(pki, upstream, upstream_insecure=True) as (relay, recorder):
         with tls_client(pki, relay.listeners[0].address.port) as client:
             for line in (b"first\n", b"second\n"):  # the second after the switch
                 client.sendall(line)
@@ -862,5 +860,3 @@ def test_an_open_flow_has_openssl_read_its_sockets_and_relays_both_ways(
             (flow,) = [flow for tcp in relay._tcp for flow in tcp.flows.values()]
             assert flow.tls.reads_directly is True
         wait_for(lambda: recorder.closed_count() == 1, 10, "the flow closed")
-    finally:
-        relay.stop(1.0)
