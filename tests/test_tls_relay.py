@@ -860,3 +860,19 @@ def test_an_open_flow_has_openssl_read_its_sockets_and_relays_both_ways(
             (flow,) = [flow for tcp in relay._tcp for flow in tcp.flows.values()]
             assert flow.tls.reads_directly is True
         wait_for(lambda: recorder.closed_count() == 1, 10, "the flow closed")
+
+
+def test_a_client_that_resets_an_open_flow_is_told_as_a_reset(
+    flowtap: type[FlowtapProcess], pki: Pki, s_server: Callable[..., int]
+) -> None:
+    upstream = s_server(*pki.server("ecdsa"), "-rev")
+    relay = start_intercepting(flowtap, pki, upstream, "--upstream-ca", str(pki.upstream_ca))
+    client = tls_client(pki, relay.port)
+    client.sendall(b"abc\n")
+    assert client.recv(100).startswith(b"cba")
+    # Closed with a zero linger: the kernel resets the connection rather than sending a FIN.
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    (record,) = closed_records(relay, 1)
+    assert record["reason"] == "client-reset", record
+    assert "Traceback" not in relay.read_stderr()
