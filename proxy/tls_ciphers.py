@@ -40,5 +40,8 @@ def prefer_aes128(context: ssl.SSLContext) -> bool:
     native = binding()
     if native is None:
         return False
-    native.set_tls13_suites(context, TLS13_SUITES)
+    try:
+        native.set_tls13_suites(context, TLS13_SUITES)
+    except ssl.SSLError:
+        return False  # a context whose pointer is not where it should be: left as it is
     return True

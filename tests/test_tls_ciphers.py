@@ -182,3 +182,15 @@ def test_with_the_layout_unconfirmed_flows_are_intercepted_in_openssls_order(
             (flow,) = [flow for tcp in relay._tcp for flow in tcp.flows.values()]
             assert flow.tls.reads_directly is False
         wait_for(lambda: recorder.closed_count() == 1, 10, "the flow closed")
+
+
+def test_a_context_whose_pointer_is_not_confirmed_keeps_openssls_tls13_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def unconfirmed(self: tls_native.Binding, context: ssl.SSLContext) -> int:
+        raise ssl.SSLError("unexpected layout of ssl contexts")
+
+    monkeypatch.setattr(tls_native.Binding, "context_pointer", unconfirmed)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    assert prefer_aes128(context) is False
+    assert context.get_ciphers()[0]["name"] == AES256
