@@ -190,6 +190,9 @@ def test_a_context_whose_pointer_is_not_confirmed_keeps_openssls_tls13_order(
     def unconfirmed(self: tls_native.Binding, context: ssl.SSLContext) -> int:
         raise ssl.SSLError("unexpected layout of ssl contexts")
 
+    # The binding is found first (its check reads a context's pointer too, and its answer is
+    # kept for the process).
+    assert tls_native.binding() is not None
     monkeypatch.setattr(tls_native.Binding, "context_pointer", unconfirmed)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     assert prefer_aes128(context) is False
