@@ -298,9 +298,16 @@ def proxy_cpu(proxy: Proxy) -> tuple[float, int]:
 def connection_figures(
     proxy: Proxy, port: int, seconds: float, limit: int, threads: int = 4
 ) -> dict[str, float]:
-    """New connections per second (each through the handshake: connect, echo a byte,
-    close), with what each cost in CPU: the proxy's (all its processes and threads) and the
-    load generator's (this process), in microseconds, and the most threads the proxy ran."""
+    """New connections per second (each through the handshake: connect, echo a byte, close),
+    with what each cost in CPU: the proxy's (all its processes and threads) and the load
+    generator's (this process), in microseconds, and the most threads the proxy ran.
+
+    `port` is peers.py's `once` server, which closes first: each TIME_WAIT then sits on a
+    listening port (the proxy's towards the client, the server's upstream), where a client or
+    proxy closing first leaves one on an ephemeral port of 127.0.0.1. At a few thousand
+    connections a second those ran out within seconds (a proxy that binds before it connects,
+    as dante does, then answers 0x03, and nothing on the machine can listen on port 0).
+    """
     count = [0] * threads
     errors: list[BaseException] = []
     deadline = time.perf_counter() + seconds
@@ -315,6 +322,8 @@ def connection_figures(
                     sock.sendall(b"c")
                     if sock.recv(1) != b"c":
                         raise RuntimeError("connection lost its byte")
+                    if sock.recv(1) != b"":  # the server closes first (see above)
+                        raise RuntimeError("the connection did not end after its byte")
                 count[index] += 1
         except BaseException as exc:
             errors.append(exc)
@@ -383,7 +392,7 @@ def verdict(kind: str, results: dict[str, dict[str, float]], light: tuple[str, .
 
 
 def measure(
-    proxies: list[Proxy], bulk: int, echo: int, size: int, rounds: int, bulk_rounds: int,
+    proxies: list[Proxy], bulk: int, once: int, size: int, rounds: int, bulk_rounds: int,
     conn_seconds: float,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """The figures of each proxy, alternating between them round after round, every other
@@ -401,7 +410,7 @@ def measure(
             row = samples[proxy.name]
             row.setdefault("bulk up MB/s", []).append(bulk_up(proxy, bulk, size))
             row.setdefault("bulk down MB/s", []).append(bulk_down(proxy, bulk, size))
-            figures = connection_figures(proxy, echo, conn_seconds, 20_000)
+            figures = connection_figures(proxy, once, conn_seconds, 20_000)
             for metric, value in figures.items():
                 row.setdefault(metric, []).append(value)
             p50, p99 = ping_pong(proxy, bulk, max(1, rounds // bulk_rounds))
@@ -494,13 +503,13 @@ def transparent_in_namespace(quick: bool) -> int:
         [sys.executable, str(HERE / "peers.py")], stdout=subprocess.PIPE, text=True
     )
     assert peers.stdout is not None
-    ports = dict(peers.stdout.readline().split() for _ in range(2))
-    bulk, echo = int(ports["bulk"]), int(ports["echo"])
+    ports = dict(peers.stdout.readline().split() for _ in range(3))
+    bulk, once = int(ports["bulk"]), int(ports["once"])
     procs = []
     try:
         reverse_proc, reverse_ports = _flowtap_in_group(
             ["--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{bulk}",
-             "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{echo}"], 2, workdir,
+             "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{once}"], 2, workdir,
         )  # fmt: skip
         procs.append(reverse_proc)
         transparent_proc, (listen,) = _flowtap_in_group(
@@ -510,10 +519,10 @@ def transparent_in_namespace(quick: bool) -> int:
         # Like for like: the reverse listeners are reached through a REDIRECT too (from ports
         # nothing listens on), so both paths cross the same netfilter NAT and differ only in
         # the mode: the NAT is a cost of the path, not of flowtap's mode.
-        front = {bulk: free_port(), echo: free_port()}
+        front = {bulk: free_port(), once: free_port()}
         redirects = [
-            (bulk, listen), (echo, listen),
-            (front[bulk], reverse_ports[0]), (front[echo], reverse_ports[1]),
+            (bulk, listen), (once, listen),
+            (front[bulk], reverse_ports[0]), (front[once], reverse_ports[1]),
         ]  # fmt: skip
         for port, to_port in redirects:
             subprocess.run(
@@ -526,7 +535,7 @@ def transparent_in_namespace(quick: bool) -> int:
             Proxy("reverse", "plain", 0, [], front),
             Proxy("transparent", "plain", 0),
         ]
-        results = measure(proxies, bulk, echo, size, rounds, bulk_rounds, conn_seconds)
+        results = measure(proxies, bulk, once, size, rounds, bulk_rounds, conn_seconds)
     finally:
         for proc in procs:
             proc.terminate()
@@ -609,8 +618,8 @@ def main() -> int:
         [sys.executable, str(HERE / "peers.py")], stdout=subprocess.PIPE, text=True
     )
     assert peers.stdout is not None
-    ports = dict(peers.stdout.readline().split() for _ in range(2))
-    bulk, echo = int(ports["bulk"]), int(ports["echo"])
+    ports = dict(peers.stdout.readline().split() for _ in range(3))
+    bulk, once = int(ports["bulk"]), int(ports["once"])
     starters: dict[str, list[Callable[[], Proxy]]] = {
         "socks5": [lambda: start_flowtap("socks5", workdir)],
         "connect": [lambda: start_flowtap("http", workdir)],
@@ -639,7 +648,7 @@ def main() -> int:
                         proxies.append(start())
                     except RuntimeError as exc:
                         notes.append(f"{kind}: a proxy did not start ({exc}); left out")
-                results = measure(proxies, bulk, echo, size, rounds, bulk_rounds, conn_seconds)
+                results = measure(proxies, bulk, once, size, rounds, bulk_rounds, conn_seconds)
             finally:
                 for proxy in proxies:
                     proxy.stop()

@@ -1,9 +1,10 @@
 """Loopback peers for the benchmarks: a threaded bulk/ping-pong server and an asyncio echo.
 
-Run as a process: `python benchmarks/peers.py [--tls CERT KEY]` prints `bulk PORT` and
-`echo PORT` lines; with `--tls`, the bulk server speaks TLS (Python's ssl, OpenSSL's defaults)
-with that certificate, each connection's handshake in its thread, choosing the cipher its
-client prefers (as `openssl s_server` and nginx do by default).
+Run as a process: `python benchmarks/peers.py [--tls CERT KEY]` prints `bulk PORT`,
+`echo PORT` and `once PORT` lines (`once` echoes its first read, then closes); with `--tls`,
+the bulk server speaks TLS (Python's ssl, OpenSSL's defaults) with that certificate, each
+connection's handshake in its thread, choosing the cipher its client prefers (as
+`openssl s_server` and nginx do by default).
 A bulk client's first byte picks the job: `U` upload (the server reads to EOF, answers the
 sha256 of what it read), `S<size>\\n` sized upload (the same after `size` bytes, with no
 EOF), `D<size>\\n` download (the server sends `size` bytes of a fixed pattern and closes),
@@ -135,11 +136,25 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
+async def _echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echo what the first read brings, then close: the server ends the connection, so its
+    TIME_WAIT sits on this listening port, not on an ephemeral port of the client's."""
+    try:
+        writer.write(await reader.read(65536))
+        await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
 async def _echo_server() -> None:
     server = await asyncio.start_server(_echo, "127.0.0.1", 0, backlog=4096)
+    once = await asyncio.start_server(_echo_once, "127.0.0.1", 0, backlog=4096)
     print(f"echo {server.sockets[0].getsockname()[1]}", flush=True)
-    async with server:
-        await server.serve_forever()
+    print(f"once {once.sockets[0].getsockname()[1]}", flush=True)
+    async with server, once:
+        await asyncio.gather(server.serve_forever(), once.serve_forever())
 
 
 def main() -> None:
