@@ -84,12 +84,20 @@ def open_through(proxy: Proxy, port: int) -> socket.socket:
             raise RuntimeError(f"{proxy.name} answered SOCKS5 reply {reply[1]:#04x}")
         return sock
     sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    # The answer's head, and not a byte of the tunnel after it: peeked, then taken up to its
+    # end. Taking it a byte at a time cost this load generator 40 receives a connection, on
+    # the cores the proxies share (client us/conn 265 against SOCKS5's 119).
     head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        if not chunk:
+    while True:
+        peeked = sock.recv(4096, socket.MSG_PEEK)
+        if not peeked:
             raise RuntimeError(f"{proxy.name} closed during CONNECT")
-        head += chunk
+        tail = head[-3:]
+        end = (tail + peeked).find(b"\r\n\r\n")
+        if end >= 0:
+            head += _recv_exact(sock, end + 4 - len(tail))
+            break
+        head += _recv_exact(sock, len(peeked))
     if not re.match(rb"HTTP/1\.[01] 200", head):
         raise RuntimeError(f"{proxy.name} answered {head.splitlines()[0]!r}")
     return sock
