@@ -278,13 +278,10 @@ class TlsTcpFlow:
             raise _SideFailed(is_client, exc.strerror or str(exc)) from None
         self.last_active = now
         if not n:
+            self._side_ended(is_client)
             if is_client:
-                self._client_eof = True
-                self._first_eof = self._first_eof or CloseReason.CLIENT_CLOSED
                 self.tls.client_eof()
             else:
-                self._server_eof = True
-                self._first_eof = self._first_eof or CloseReason.SERVER_CLOSED
                 self.tls.server_eof()
             return True
         if n < len(view) and not (
@@ -315,13 +312,17 @@ class TlsTcpFlow:
             raise _SideFailed(is_client, os.strerror(errno.ECONNRESET))
         # Read to its end: as a FIN read by the relay would be (OpenSSL reads no further).
         self.last_active = now
+        self._side_ended(is_client)
+        return True
+
+    def _side_ended(self, is_client: bool) -> None:
+        """That side was read to its end (the first to end says how the flow closed)."""
         if is_client:
             self._client_eof = True
             self._first_eof = self._first_eof or CloseReason.CLIENT_CLOSED
         else:
             self._server_eof = True
             self._first_eof = self._first_eof or CloseReason.SERVER_CLOSED
-        return True
 
     def _set_readable(self, is_client: bool, readable: bool) -> None:
         if is_client:
