@@ -87,3 +87,44 @@ def test_http_proxy_request_never_raises_on_any_bytes(
 
 def test_pack_address_round_trip_names_stay_names() -> None:
     assert pack_address("a.test", 1)[0] == 0x03
+
+
+# Each part of a CONNECT head: its common form first, then forms that the general parse
+# takes or refuses differently.
+_HEAD_PARTS = {
+    "method": ["CONNECT", "connect", "CONNECT ", "GET"],
+    "host": ["127.0.0.1", "a.test", "a_b-c.test", "[::1]", "::1", "a/b", ""],
+    "port": ["443", "080", "65535", "65536", "0", "99999", "", "1\xb2"],
+    "version": ["HTTP/1.1", "HTTP/1.0", "HTTP/2", "http/1.1"],
+    "name": ["Host", "User-Agent", "X-A", "a b", " Host", "Host ", "\tA", "", "\xe9"],
+    "value": ["x", "", " 127.0.0.1:1 ", "a\rb", "\xe9", "a:b"],
+    "end": ["\r\n", "\n"],
+}
+
+
+@st.composite
+def _connect_heads(draw: st.DrawFn) -> bytes:
+    """CONNECT heads in the common form with at most a few parts changed."""
+    changed = draw(st.sets(st.sampled_from(sorted(_HEAD_PARTS)), max_size=2))
+
+    def part(name: str) -> str:
+        forms = _HEAD_PARTS[name]
+        return draw(st.sampled_from(forms)) if name in changed else forms[0]
+
+    method, host, port, version = part("method"), part("host"), part("port"), part("version")
+    headers = [f"{part('name')}:{part('value')}" for _ in range(draw(st.integers(0, 3)))]
+    end = part("end")
+    lines = [f"{method} {host}:{port} {version}", *headers]
+    early = draw(st.binary(max_size=8))
+    return (end.join(lines) + end + end).encode("latin-1") + early
+
+
+@settings(max_examples=500, deadline=None)
+@given(_connect_heads() | st.binary(max_size=200).map(lambda b: b"CONNECT " + b + b"\r\n\r\n"))
+def test_http_proxy_request_in_one_piece_decides_as_in_two(data: bytes) -> None:
+    """A head that comes whole (which the common CONNECT's short path parses) gets the same
+    events as when it comes in two pieces (which the general parse takes)."""
+    whole = HttpProxyServer().receive(data)
+    split = HttpProxyServer()
+    assert whole == split.receive(data[:1]) + split.receive(data[1:])
+    assert whole
