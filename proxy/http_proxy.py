@@ -30,12 +30,14 @@ _NOT_IN_HOST = re.compile("[ /@?#]")
 MAX_HEAD_BYTES = 64 * 1024
 # The common CONNECT, as most clients send it: a host name or IPv4 address and a port, then
 # header lines of a token-like name and a value, each ending in CRLF, then the blank line.
-# Every head it matches is one the general parse takes to the same host, port and early
-# bytes (tests/test_handshake_fuzz.py checks it), in a fifth of its time (its steps cost
-# some 20 Python calls a connection); anything else goes the general way.
-_PLAIN_CONNECT = re.compile(
+# Every head it matches whose port is 1-65535 is one the general parse takes to the same
+# host, port and early bytes (tests/test_handshake_fuzz.py checks it), in a fifth of its
+# time (its steps cost some 20 Python calls a connection); anything else goes the general
+# way. Groups: the host and the port (bytes); the client's early bytes start at its end.
+match_plain_connect = re.compile(
     rb"CONNECT ([-.0-9A-Z_a-z]+):([0-9]{1,5}) HTTP/1\.[01]\r\n(?:[!-9;-~]+:[^\r\n]*\r\n)*\r\n"
 ).match
+_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 _FAILURE_STATUS = {
     Failure.NOT_ALLOWED: (403, "Forbidden"),
@@ -282,6 +284,42 @@ def _end_of_head(buffer: bytes | bytearray) -> tuple[int, int] | None:
     return None
 
 
+def failure_response(failure: Failure) -> bytes:
+    """A 403, 502 or 504 response with a one-line body saying why."""
+    status, phrase = _FAILURE_STATUS[failure]
+    return response(status, phrase, f"flowtap: {failure.value}")
+
+
+_TIMED_OUT = response(408, "Request Timeout", "flowtap: the request did not arrive in time")
+
+
+class DecidedTunnel:
+    """The handshake of a CONNECT that the relay decided from its first read (a head that
+    `match_plain_connect` matched whole): what it owes the client once its upstream answers
+    or fails. It keeps no state, so one serves every such client."""
+
+    names_bound = False
+
+    def receive(self, data: bytes) -> list[HandshakeEvent]:
+        raise RuntimeError("the proxy request has already been decided")
+
+    def succeeded(self, bound: Address | None) -> bytes:
+        """`200 Connection established`."""
+        return _ESTABLISHED
+
+    def failed(self, failure: Failure) -> bytes:
+        """A 403, 502 or 504 response with a one-line body saying why."""
+        return failure_response(failure)
+
+    def timed_out(self) -> bytes:
+        """A 408 response."""
+        return _TIMED_OUT
+
+    def upstream_rewriter(self) -> None:
+        """None: a tunnel's bytes go as they are."""
+        return None
+
+
 class HttpProxyServer:
     """The server side of one client's first request to an HTTP proxy."""
 
@@ -301,7 +339,7 @@ class HttpProxyServer:
             raise RuntimeError("the proxy request has already been decided")
         buffer = self._buffer
         if not buffer and not self._credentials:
-            plain = _PLAIN_CONNECT(data)
+            plain = match_plain_connect(data)
             if plain is not None:
                 host, port_text = plain.groups()
                 port = int(port_text)
@@ -368,18 +406,15 @@ class HttpProxyServer:
     def succeeded(self, bound: Address | None) -> bytes:
         """`200 Connection established` for a tunnel; nothing for a forwarded request, which
         the server answers itself."""
-        if self.is_tunnel:
-            return b"HTTP/1.1 200 Connection established\r\n\r\n"
-        return b""
+        return _ESTABLISHED if self.is_tunnel else b""
 
     def failed(self, failure: Failure) -> bytes:
         """A 403, 502 or 504 response with a one-line body saying why."""
-        status, phrase = _FAILURE_STATUS[failure]
-        return response(status, phrase, f"flowtap: {failure.value}")
+        return failure_response(failure)
 
     def timed_out(self) -> bytes:
         """A 408 response."""
-        return response(408, "Request Timeout", "flowtap: the request did not arrive in time")
+        return _TIMED_OUT
 
     def _reject(self, status: int, phrase: str, why: str, extra_headers: str = "") -> Reject:
         return Reject(

@@ -42,9 +42,11 @@ from .flow import (
     next_flow_id,
 )
 from .handshake import Failure, UpstreamRewriter
+from .http_proxy import DecidedTunnel, match_plain_connect
 from .listener import BoundListener, ListenerSpec, bind, bound_address, resolve
 from .modes import (
     FLOW_EVENTS,
+    HANDSHAKE_READ_BYTES,
     Destination,
     HandshakePhase,
     Prelude,
@@ -87,6 +89,9 @@ _UP = Direction.UP
 _DOWN = Direction.DOWN
 _TCP = Transport.TCP
 _TRANSPARENT = Mode.TRANSPARENT
+_HTTP = Mode.HTTP
+# The handshake of every CONNECT decided on the short path (it keeps no state).
+_TUNNEL = DecidedTunnel()
 _CLIENT_CLOSED = CloseReason.CLIENT_CLOSED
 _SERVER_CLOSED = CloseReason.SERVER_CLOSED
 # How many chunks one direction may move before other flows get a turn.
@@ -672,6 +677,7 @@ class _TcpFlows:
     __slots__ = (
         "_accept_resume_at",
         "_accepters",
+        "_connect_targets",
         "_connects",
         "_handshakes",
         "_idle_scan_s",
@@ -707,6 +713,12 @@ class _TcpFlows:
         self._transparent_targets: dict[tuple[int, str, int], tuple[Address, Requested] | None] = {}
         self._literal_targets: dict[
             tuple[int, str, int], tuple[Destination, Address] | str | None
+        ] = {}
+        # What a CONNECT's short path found of each (policy, host, port) as the client wrote
+        # them: where it connects, or None where the handshake phase must say why not (or
+        # resolve a name).
+        self._connect_targets: dict[
+            tuple[int, bytes, bytes], tuple[Destination, Address, Requested] | None
         ] = {}
         self.ready = worker.ready
         self._accepters = [_Accepter(self, listener) for listener in listeners]
@@ -892,14 +904,71 @@ class _TcpFlows:
                     self.connect_upstream(flow, client, destination.family, sockaddr)
                     return
             # Refused, or not redirected: the phase finds out again and says why.
+        first = b""
+        if mode is _HTTP and not policy.credentials:
+            # The common CONNECT cut to the bone, as transparent's: its head read at once
+            # (most clients' is all there at accept), matched whole, and the checks of its
+            # destination done once (their answer kept: the same policy gives it again).
+            # Anything else goes to a handshake phase, with what was read.
+            try:
+                first = client.recv(HANDSHAKE_READ_BYTES)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                HandshakePhase(
+                    self, mode, policy, client, client_address, listener.address, started
+                ).close(CloseReason.CLIENT_RESET, f"during the handshake: {exc.strerror or exc}")
+                return
+            plain = match_plain_connect(first)
+            if plain is not None:
+                asked = (id(policy), plain[1], plain[2])
+                connects = self._connect_targets
+                if asked in connects:
+                    decided = connects[asked]
+                else:
+                    decided = self._connect_target(policy, plain[1], plain[2])
+                    if len(connects) >= _TARGETS_KEPT:
+                        connects.clear()
+                    connects[asked] = decided
+                if decided is not None:
+                    where, server, requested = decided
+                    flow = Flow.opening(
+                        next_flow_id(),
+                        _TCP,
+                        client_address,
+                        server,
+                        listener.address,
+                        started,
+                        requested,
+                    )
+                    prelude = Prelude(
+                        _TUNNEL, first[plain.end() :], len(first) == HANDSHAKE_READ_BYTES
+                    )
+                    self.connect_upstream(flow, client, where.family, where.sockaddr, prelude)
+                    return
         phase = HandshakePhase(
             self, mode, policy, client, client_address, listener.address, started
         )
-        phase.start()
+        phase.start(first)
         if not phase.closed:
             # Still reading its handshake, or resolving: kept until it ends (shutdown closes
             # it). Most clients' requests are all there at accept, and have a flow already.
             self.proxied.add(phase)
+
+    def _connect_target(
+        self, policy: ProxyPolicy, host_text: bytes, port_text: bytes
+    ) -> tuple[Destination, Address, Requested] | None:
+        """Where a CONNECT to `host_text`:`port_text` (as a plain head wrote them) connects
+        at once, or None where the handshake phase must take it (a port out of range, a
+        name to resolve, a refused destination: the phase says why)."""
+        port = int(port_text)
+        if not 0 < port <= 65535:
+            return None
+        host = host_text.decode("ascii")
+        target = self.literal_target(policy, host, port)
+        if target is None or isinstance(target, str):
+            return None
+        return target[0], target[1], Requested(host, port)
 
     def watch_client(self, fd: int, mask: int, phase: HandshakePhase) -> None:
         """Deliver the epoll events of a proxy-mode client to its handshake phase."""
@@ -975,13 +1044,6 @@ class _TcpFlows:
                 targets.clear()
             targets[key] = target
         return target  # type: ignore[return-value]
-
-    def open_upstream(
-        self, flow: Flow, client: socket.socket, destination: Destination, prelude: Prelude
-    ) -> None:
-        """Connect a proxy-mode flow whose handshake (or original destination) decided
-        `destination`."""
-        self.connect_upstream(flow, client, destination.family, destination.sockaddr, prelude)
 
     # -- connecting -------------------------------------------------------------------------
 

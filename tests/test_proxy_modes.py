@@ -24,6 +24,7 @@ from conftest import (
     FlowtapProcess,
     Recorder,
     flowtap_command,
+    free_port,
     json_events,
     recv_exactly,
     start_flowtap,
@@ -355,6 +356,34 @@ def test_http_unresolvable_and_refused_get_502_with_one_line_body(proxy: Any) ->
     head, body = answer.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 502 ")
     assert body.count(b"\n") == 1
+
+
+def test_http_connect_to_a_refusing_address_gets_502_and_its_reason(proxy: Any) -> None:
+    # An address literal in the common form, decided as the head is read: the refusal comes
+    # once the upstream refuses, answered as the general path answers it.
+    relay = proxy("--listen", "http:127.0.0.1:0")
+    port = free_port()
+    head = f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    answer = _raw(_address(relay), head, read_bytes=1 << 20)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 502 ")
+    assert body.count(b"\n") == 1
+    (closed,) = _closed(relay)
+    assert closed["reason"] == "upstream-refused"
+    assert closed["requested"] == f"127.0.0.1:{port}"
+
+
+def test_bytes_sent_with_a_connect_reach_the_server(proxy: Any, echo_server: Any) -> None:
+    relay = proxy("--listen", "http:127.0.0.1:0")
+    host, port = echo_server
+    with socket.create_connection(_address(relay), timeout=10) as sock:
+        sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\n\r\npipelined bytes".encode())
+        established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        received = recv_exactly(sock, len(established) + len(b"pipelined bytes"))
+    assert received == established + b"pipelined bytes"
+    (closed,) = _closed(relay)
+    assert closed["requested"] == f"{host}:{port}"
+    assert closed["bytes_up"] == closed["bytes_down"] == len(b"pipelined bytes")
 
 
 def test_greeting_that_never_completes_times_out(proxy: Any) -> None:
