@@ -52,6 +52,9 @@ HANDSHAKE_READ_BYTES = 16 * 1024
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 _SOL_IPV6 = 41
+_SOL_IP = socket.SOL_IP
+_SOCKADDR_IN_BYTES = 16
+_SOCKADDR_IN6_BYTES = 28
 
 # Enum members as module names for the per-connection path: looked up on its class, a
 # member costs ~0.2 us in Python 3.11 (a Python-level descriptor), a module global a tenth.
@@ -186,16 +189,29 @@ def literal_destination(host: str, port: int) -> Destination | None:
     return Destination(socket.AF_INET6, (socket.inet_ntop(socket.AF_INET6, packed), port, 0, 0))
 
 
-def original_destination(sock: socket.socket, is_ipv6: bool) -> Destination:
-    """The address a redirected connection (an IPv6 socket if `is_ipv6`: the caller knows,
-    where `sock.family` makes an enum for each connection) was made to (netfilter's
-    SO_ORIGINAL_DST)."""
+def read_original_destination(sock: socket.socket, is_ipv6: bool) -> bytes:
+    """The socket address a redirected connection (an IPv6 socket if `is_ipv6`: the caller
+    knows, where `sock.family` makes an enum for each connection) was made to, as netfilter's
+    SO_ORIGINAL_DST gives it (a sockaddr_in6 or sockaddr_in); OSError if it was not
+    redirected."""
     if is_ipv6:
-        raw = sock.getsockopt(_SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
-        host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
-        return Destination(socket.AF_INET6, (host, raw[2] << 8 | raw[3], 0, 0))
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    return Destination(socket.AF_INET, (socket.inet_ntoa(raw[4:8]), raw[2] << 8 | raw[3]))
+        return sock.getsockopt(_SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_BYTES)
+    return sock.getsockopt(_SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_BYTES)
+
+
+def destination_of(raw: bytes) -> Destination:
+    """The destination that a socket address `read_original_destination` read names."""
+    port = raw[2] << 8 | raw[3]
+    if len(raw) == _SOCKADDR_IN6_BYTES:
+        return Destination(
+            socket.AF_INET6, (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, 0, 0)
+        )
+    return Destination(socket.AF_INET, (socket.inet_ntoa(raw[4:8]), port))
+
+
+def original_destination(sock: socket.socket, is_ipv6: bool) -> Destination:
+    """The address a redirected connection was made to (see `read_original_destination`)."""
+    return destination_of(read_original_destination(sock, is_ipv6))
 
 
 def literal_target(

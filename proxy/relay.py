@@ -51,9 +51,10 @@ from .modes import (
     HandshakePhase,
     Prelude,
     Resolver,
+    destination_of,
     literal_destination,
     literal_target,
-    original_destination,
+    read_original_destination,
     transparent_target,
 )
 from .policy import Mode, ProxyPolicy
@@ -708,9 +709,12 @@ class _TcpFlows:
         self.proxied: set[HandshakePhase | UdpAssociation] = set()
         # The open UDP flows of this worker's SOCKS5 associations.
         self.datagram_flows: dict[int, DatagramFlow] = {}
-        # What `transparent_target` said of each (listener, destination) seen lately, and
+        # What `transparent_target` said of each (listener, socket address) seen lately, and
         # what `literal_target` said of each (policy, destination).
-        self._transparent_targets: dict[tuple[int, str, int], tuple[Address, Requested] | None] = {}
+        self._transparent_targets: dict[
+            tuple[int, bytes],
+            tuple[int, tuple[str, int] | tuple[str, int, int, int], Address, Requested] | None,
+        ] = {}
         self._literal_targets: dict[
             tuple[int, str, int], tuple[Destination, Address] | str | None
         ] = {}
@@ -874,24 +878,25 @@ class _TcpFlows:
             # The common case cut to the bone, to cost about what a reverse listener's client
             # does: one getsockopt, and the checks of a destination done once (its answer
             # kept: the same policy gives it again), no handshake phase.
+            # Kept by the socket address as the kernel gives it: a destination seen before
+            # costs no parse of it.
             try:
                 # An IPv6 socket's peer is written with colons, an IPv4 one's never is.
-                destination = original_destination(client, ":" in client_address.host)
+                raw = read_original_destination(client, ":" in client_address.host)
             except OSError:
-                destination = None
-            if destination is not None:
-                sockaddr = destination.sockaddr
-                key = (id(listener), sockaddr[0], sockaddr[1])
+                raw = None
+            if raw is not None:
+                key = (id(listener), raw)
                 targets = self._transparent_targets
                 if key in targets:
                     target = targets[key]
                 else:
-                    target = transparent_target(listener.address, policy, sockaddr[0], sockaddr[1])
+                    target = self._transparent_target(listener, policy, raw)
                     if len(targets) >= _TARGETS_KEPT:
                         targets.clear()
                     targets[key] = target
                 if target is not None:
-                    server, requested = target
+                    family, sockaddr, server, requested = target
                     flow = Flow.opening(
                         next_flow_id(),
                         _TCP,
@@ -901,7 +906,7 @@ class _TcpFlows:
                         started,
                         requested,
                     )
-                    self.connect_upstream(flow, client, destination.family, sockaddr)
+                    self.connect_upstream(flow, client, family, sockaddr)
                     return
             # Refused, or not redirected: the phase finds out again and says why.
         first = b""
@@ -954,6 +959,19 @@ class _TcpFlows:
             # Still reading its handshake, or resolving: kept until it ends (shutdown closes
             # it). Most clients' requests are all there at accept, and have a flow already.
             self.proxied.add(phase)
+
+    def _transparent_target(
+        self, listener: BoundListener, policy: ProxyPolicy, raw: bytes
+    ) -> tuple[int, tuple[str, int] | tuple[str, int, int, int], Address, Requested] | None:
+        """Where a client redirected to the socket address `raw` connects (its family and
+        socket address, its server and what it asked for), or None where the handshake
+        phase must refuse it and say why."""
+        destination = destination_of(raw)
+        sockaddr = destination.sockaddr
+        target = transparent_target(listener.address, policy, sockaddr[0], sockaddr[1])
+        if target is None:
+            return None
+        return destination.family, sockaddr, target[0], target[1]
 
     def _connect_target(
         self, policy: ProxyPolicy, host_text: bytes, port_text: bytes
