@@ -50,7 +50,9 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 """A frame announcing more is a protocol error: the peer is not a flowtap control client."""
 
 _DIRECTIONS = (Direction.UP, Direction.DOWN)
-_IS_DOWN = Direction.DOWN.__eq__  # str's: an Enum's own hashing and lookups run in Python
+_DOWN_BY_LENGTH = bytes.maketrans(bytes((len(Direction.UP), len(Direction.DOWN))), b"\x00\x01")
+"""Maps a direction's length ("up" 2, "down" 4) to its column byte: `len` runs in C, where an
+Enum's own hashing and comparisons run in Python (a third of a frame's encoding time)."""
 
 
 class ProtocolError(Exception):
@@ -125,6 +127,12 @@ class DataRun:
 
 def encode_data(events: Sequence[FlowData]) -> bytes:
     """One data frame carrying `events` (at least one) as a `DataRun`."""
+    return frame_data(events)[0]
+
+
+def frame_data(events: Sequence[FlowData]) -> tuple[bytes, int]:
+    """One data frame carrying `events` (at least one) as a `DataRun`, and the bytes of data
+    it carries."""
     flow_ids, directions, timestamps, datas = zip(*events, strict=True)
     payload = b"".join(datas)
     body = b"".join(
@@ -133,10 +141,10 @@ def encode_data(events: Sequence[FlowData]) -> bytes:
             array("Q", flow_ids).tobytes(),
             array("d", timestamps).tobytes(),
             array("I", map(len, datas)).tobytes(),
-            bytes(map(_IS_DOWN, directions)),
+            bytes(map(len, directions)).translate(_DOWN_BY_LENGTH),
         )
     )
-    return HEADER.pack(len(body) + len(payload), KIND_DATA) + body + payload
+    return HEADER.pack(len(body) + len(payload), KIND_DATA) + body + payload, len(payload)
 
 
 def decode_data(payload: bytes | memoryview) -> DataRun:

@@ -225,6 +225,39 @@ def test_subscribe_sends_recent_and_open_flows_then_live_events_with_raw_bytes(
     client.close()
 
 
+def test_a_busy_flows_chunks_reach_a_viewer_whole_and_in_order_over_many_frames(
+    served: Any,
+) -> None:
+    # 1-byte round trips on an open flow: chunks alone, framed many batches at a time.
+    server = served()
+    held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    held.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    wait_for(lambda: server.relay.open_flows == 1, 5, "the flow")
+    client = PlainClient(server.path)
+    [flow] = client.reply(client.request("subscribe"))["open"]
+    sent = bytes(i % 251 for i in range(1500))
+    for byte in sent:
+        held.sendall(bytes((byte,)))
+        assert held.recv(1) == bytes((byte,))
+    held.close()
+    events = client.events(lambda got: kinds(got, "closed"))
+    data = [e for e in events if isinstance(e, FlowData)]
+    assert events[-1] == kinds(events, "closed")[0]  # after every chunk
+    assert {e.flow_id for e in data} == {flow["flow"]}
+    assert b"".join(e.data for e in data if e.direction is Direction.UP) == sent
+    assert b"".join(e.data for e in data if e.direction is Direction.DOWN) == sent
+    # No byte came down before it went up.
+    up = down = 0
+    for event in data:
+        if event.direction is Direction.UP:
+            up += len(event.data)
+        else:
+            down += len(event.data)
+            assert down <= up
+    assert [e.timestamp for e in data] == sorted(e.timestamp for e in data)
+    client.close()
+
+
 def test_kill_over_the_socket_resets_both_sides(served: Any) -> None:
     server = served()
     client = PlainClient(server.path)
