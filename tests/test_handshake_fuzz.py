@@ -3,6 +3,8 @@ exception: a bug here would stop a relay thread, so random input must not reach 
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -128,3 +130,54 @@ def test_http_proxy_request_in_one_piece_decides_as_in_two(data: bytes) -> None:
     split = HttpProxyServer()
     assert whole == split.receive(data[:1]) + split.receive(data[1:])
     assert whole
+
+
+_SOCKS_GREETINGS = st.sampled_from(
+    [b"\x05\x01\x00", b"\x05\x01\x02", b"\x05\x02\x00\x02", b"\x05\x01", b"\x04\x01\x00\x01"]
+)
+_SOCKS_AUTHS = st.sampled_from([b"\x01\x01u\x01p", b"\x01\x01u\x01x", b"\x02\x01u\x01p"])
+_SOCKS_REQUESTS = st.sampled_from(
+    [
+        b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50",
+        b"\x05\x01\x07\x01\x0a\x00\x00\x01\xff\xff",
+        b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x00",
+        b"\x05\x03\x00\x01\x7f\x00\x00\x01\x00\x50",
+        b"\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50",
+        b"\x04\x01\x00\x01\x7f\x00\x00\x01\x00\x50",
+        b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50early",
+        b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00",
+        b"\x05\x01\x00\x03\x06a.test\x00\x50",
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_SOCKS_GREETINGS, _SOCKS_AUTHS, _SOCKS_REQUESTS, st.booleans(), st.integers(1, 3))
+def test_socks_steps_in_reads_of_their_own_decide_as_byte_by_byte(
+    greeting: bytes, auth: bytes, request: bytes, with_auth: bool, count: int
+) -> None:
+    """A client's handshake steps each in a read of its own (which the common steps' short
+    paths take) get the same events as the same bytes a byte at a time (the general parse)."""
+    credentials = {"u": "p"} if with_auth else None
+    steps = ([greeting, auth, request] if with_auth else [greeting, request])[:count]
+    whole, split = SocksServer(credentials), SocksServer(credentials)
+    whole_events: list[object] = []
+    for step in steps:
+        whole_events += whole.receive(step)
+        if any(isinstance(e, OpenUpstream | Reject) for e in whole_events):
+            break
+    split_events: list[object] = []
+    joined = b"".join(steps)
+    step_ends = list(itertools.accumulate(len(step) for step in steps))
+    for index, byte in enumerate(joined):
+        split_events += split.receive(bytes((byte,)))
+        last = split_events[-1] if split_events else None
+        if isinstance(last, OpenUpstream):
+            # Decided a byte at a time, the rest of that read is early data too.
+            end = next(end for end in step_ends if end > index)
+            early = last.early_data + joined[index + 1 : end]
+            split_events[-1] = OpenUpstream(last.requested, last.command, early)
+        if isinstance(last, OpenUpstream | Reject):
+            break
+    decided = any(isinstance(e, OpenUpstream | Reject) for e in whole_events)
+    assert whole_events == (split_events if decided else split_events[: len(whole_events)])
