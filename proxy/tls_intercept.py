@@ -29,7 +29,7 @@ from .errors import FlowtapError
 from .flow import TlsFacts
 from .tls_ciphers import prefer_aes128
 from .tls_hello import ClientHello, NotTls, peek_client_hello, version_name
-from .tls_native import binding
+from .tls_native import SocketWrites, binding
 
 if TYPE_CHECKING:
     from .tls_ca import CertificateAuthority
@@ -396,6 +396,10 @@ class TlsInterception:
         self.client_secrets: bytes | None = None
         self.reads_directly = False
         """Whether OpenSSL reads the peers' sockets itself (`read_directly`)."""
+        self.writes_directly = False
+        """Whether OpenSSL writes to the peers' sockets itself (`write_directly`)."""
+        self._client_writes: SocketWrites | None = None
+        self._upstream_writes: SocketWrites | None = None
         self._leg_facts: TlsFacts | None = None
         """The upstream leg's facts, from its handshake until the client's is done."""
         self.leaf_due: str | None = None
@@ -608,20 +612,66 @@ class TlsInterception:
         self.reads_directly = True
         return True
 
+    def write_directly(self, client_fd: int, server_fd: int) -> bool:
+        """Once reading directly, with nothing due to either peer: have OpenSSL write the
+        records for each peer to its socket itself from now on (`pull`), rather than to the
+        outgoing memory BIO that `to_client`/`to_server` are filled from; whether it does.
+        Each byte then skips a copy into that BIO (which OpenSSL zeroes first) and one out
+        of it. A write the socket does not take whole is held (`is_held`) and retried by
+        `flush_held`; flowtap reads no more from the other peer meanwhile."""
+        native = binding()
+        if (
+            native is None
+            or not self.reads_directly
+            or self.writes_directly
+            or self.client_done
+            or self.server_done
+            or self.to_client
+            or self.to_server
+            or self._client_out.pending
+            or self._up_out.pending
+        ):
+            return False
+        assert self._client is not None and self._upstream is not None
+        self._client_writes = native.write_socket(self._client, client_fd)
+        self._upstream_writes = native.write_socket(self._upstream, server_fd)
+        self.writes_directly = True
+        return True
+
+    def is_held(self, *, to_client: bool) -> bool:
+        """Whether records for that peer wait for its socket to have room (`flush_held`)."""
+        writes = self._client_writes if to_client else self._upstream_writes
+        return writes is not None and writes.held is not None
+
+    def flush_held(self, *, to_client: bool) -> bool:
+        """Send the records held for that peer (its socket has room again); whether none are
+        held now (OSError if the socket failed). Once they are all sent after that side's
+        other peer ended, flowtap's close_notify is due in `to_client`/`to_server`."""
+        writes = self._client_writes if to_client else self._upstream_writes
+        if writes is None:
+            return True
+        if not writes.flush():
+            return False
+        if self.server_done if to_client else self.client_done:
+            self._notify_close(to_client=to_client)
+        return True
+
     def pull(self, *, from_client: bool) -> tuple[int, bool, bool, bool]:
         """Once `read_directly`: relay a batch of what that peer's socket has; the plaintext
         bytes moved, whether the peer has ended, whether its socket has no more for now, and
-        whether it ended without close_notify (a FIN or a reset: the caller tells which)."""
+        whether it ended without close_notify (a FIN or a reset: the caller tells which).
+        Writing directly, OSError if the other peer's socket failed."""
         client, upstream = self._client, self._upstream
         assert client is not None and upstream is not None
         source, sink = (client, upstream) if from_client else (upstream, client)
+        writes = self._upstream_writes if from_client else self._client_writes
         if self.client_done if from_client else self.server_done:
             return 0, True, True, False
         plaintext = None
         if self.keeps_plaintext:
             plaintext = self.plaintext_up if from_client else self.plaintext_down
         try:
-            moved, ended, short, abrupt = _relay_batch(source, sink, plaintext)
+            moved, ended, short, abrupt = _relay_batch(source, sink, plaintext, writes)
             if from_client:
                 self.bytes_up += moved
             else:
@@ -653,12 +703,30 @@ class TlsInterception:
     def _finish_client(self) -> None:
         if not self.client_done:
             self.client_done = True
-            self.close_notify_bytes_to_server = self._close_notify(self._upstream, self._up_out)
+            self._notify_close(to_client=False)
 
     def _finish_server(self) -> None:
         if not self.server_done:
             self.server_done = True
+            self._notify_close(to_client=True)
+
+    def _notify_close(self, *, to_client: bool) -> None:
+        """Send flowtap's close_notify to that peer, after any records held for it."""
+        writes = self._client_writes if to_client else self._upstream_writes
+        if writes is not None:
+            if writes.held is not None:
+                return  # once they are sent (`flush_held`)
+            # Into the memory BIO again, so that the caller sends the alert and then shuts
+            # the socket down, as it does without direct writes.
+            writes.write_memory()
+            if to_client:
+                self._client_writes = None
+            else:
+                self._upstream_writes = None
+        if to_client:
             self.close_notify_bytes_to_client = self._close_notify(self._client, self._client_out)
+        else:
+            self.close_notify_bytes_to_server = self._close_notify(self._upstream, self._up_out)
 
     def _close_notify(self, end: ssl.SSLObject | None, out: ssl.MemoryBIO) -> int:
         """Send flowtap's close_notify through `end` (writing to `out`) if its TLS is open; the
@@ -793,12 +861,15 @@ def _relay_records(
 
 
 def _relay_batch(
-    source: ssl.SSLObject, sink: ssl.SSLObject, plaintext: list[bytes] | None
+    source: ssl.SSLObject,
+    sink: ssl.SSLObject,
+    plaintext: list[bytes] | None,
+    writes: SocketWrites | None = None,
 ) -> tuple[int, bool, bool, bool]:
     """Decrypt at most a batch of what `source` has and re-encrypt it into `sink` (appended to
-    `plaintext` unless None); the plaintext bytes moved, whether `source` has ended, whether
-    it has no more for now (it ended, or wants more bytes to read), and whether it ended
-    without a close_notify."""
+    `plaintext` unless None), through `writes` where `sink` writes its socket itself; the
+    plaintext bytes moved, whether `source` has ended, whether it has no more for now (it
+    ended, or wants more bytes to read), and whether it ended without a close_notify."""
     view = _batch_view()
     size = len(view)
     filled = 0
@@ -823,7 +894,10 @@ def _relay_batch(
         filled += n
     if filled:
         batch = view[:filled]
-        sink.write(batch)
+        if writes is None:
+            sink.write(batch)
+        else:
+            writes.write(batch)  # what the socket does not take now is held
         if plaintext is not None:
             plaintext.append(bytes(batch))
     return filled, ended, filled < size, abrupt

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import ssl
 import sys
 from collections.abc import Callable
@@ -36,6 +37,10 @@ _EVP_PKEY_ED25519 = 1087
 _NID_SUBJECT_ALT_NAME = 85
 _BIO_NOCLOSE = 0
 _SSL_OP_IGNORE_UNEXPECTED_EOF = 1 << 7
+_SSL_CTRL_MODE = 33
+_SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER = 0x2
+_SSL_ERROR_WANT_WRITE = 3
+_SSL_ERROR_SYSCALL = 5
 
 
 class NativeCertificate:
@@ -155,6 +160,46 @@ class LeafSigner:
         lib.EVP_PKEY_free(self._leaf_key)
 
 
+class SocketWrites:
+    """An SSL writing its records to its socket itself (`Binding.write_socket`): the bytes
+    the socket has not taken yet, and the way back to its outgoing memory BIO."""
+
+    __slots__ = ("_binding", "_memory", "_ssl", "held")
+
+    def __init__(self, binding: Binding, ssl_pointer: int, memory_bio: int) -> None:
+        self._binding = binding
+        self._ssl = ssl_pointer
+        self._memory = memory_bio
+        self.held: bytearray | None = None
+        """Plaintext whose records the socket has not all taken: written again by `flush`."""
+
+    def write(self, data: memoryview) -> bool:
+        """Encrypt `data` (writable) and send its records; whether the socket took them all
+        (else a copy of `data` is held until `flush` sends the rest)."""
+        if self._binding.write(self._ssl, data):
+            return True
+        self.held = bytearray(data)
+        return False
+
+    def flush(self) -> bool:
+        """Send what is held (the socket has room again); whether nothing is held now."""
+        held = self.held
+        if held is None or self._binding.write(self._ssl, held):
+            self.held = None
+            return True
+        return False
+
+    def write_memory(self) -> None:
+        """Write to the outgoing memory BIO again (nothing held), as before `write_socket`."""
+        if self._memory:
+            self._binding.lib.SSL_set0_wbio(self._ssl, self._memory)
+            self._memory = 0
+
+    def __del__(self) -> None:
+        if self._memory:
+            self._binding.lib.BIO_free(self._memory)
+
+
 def _parse(function: Callable[..., int], der: bytes) -> int:
     """What an OpenSSL d2i_ function makes of `der` (ValueError if nothing)."""
     cursor = ctypes.c_char_p(der)
@@ -177,6 +222,13 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[type, ...]]] = {
     "SSL_set_read_ahead": (None, (_P, _INT)),
     "SSL_set_default_read_buffer_len": (None, (_P, ctypes.c_size_t)),
     "SSL_set0_rbio": (None, (_P, _P)),
+    "SSL_set0_wbio": (None, (_P, _P)),
+    "SSL_get_wbio": (_P, (_P,)),
+    "SSL_ctrl": (ctypes.c_long, (_P, _INT, ctypes.c_long, _P)),
+    "SSL_write_ex": (_INT, (_P, _P, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t))),
+    "SSL_get_error": (_INT, (_P, _INT)),
+    "BIO_up_ref": (_INT, (_P,)),
+    "BIO_free": (_INT, (_P,)),
     "SSL_shutdown": (_INT, (_P,)),
     "SSL_set_options": (ctypes.c_uint64, (_P, ctypes.c_uint64)),
     "ERR_clear_error": (None, ()),
@@ -238,6 +290,10 @@ class Binding:
                 function.argtypes = arguments
         self.sign = unlocked.X509_sign
         self.x509_free = self.lib.X509_free
+        # Writing records encrypts them and sends them: the GIL goes meanwhile, as it does in
+        # SSLObject.write; errno says why a socket failed.
+        self._write_ex = ctypes.CDLL(path, use_errno=True).SSL_write_ex
+        self._write_ex.restype, self._write_ex.argtypes = _SIGNATURES["SSL_write_ex"]
 
     def certificate(self, der: bytes) -> NativeCertificate:
         """OpenSSL's parse of a DER certificate (ValueError if it is not one)."""
@@ -291,6 +347,39 @@ class Binding:
         # takes it: else OpenSSL fails the connection and alerts a peer that only
         # half-closed and still reads the answer.
         self.lib.SSL_set_options(pointer, _SSL_OP_IGNORE_UNEXPECTED_EOF)
+
+    def write_socket(self, obj: ssl.SSLObject, fd: int) -> SocketWrites:
+        """Make `obj` write its records to the socket `fd` itself (which it does not close)
+        rather than to its outgoing memory BIO, now empty: no copy into and out of that."""
+        pointer = self._ssl_pointer(obj)
+        bio = self.lib.BIO_new_socket(fd, _BIO_NOCLOSE)
+        if not bio:
+            raise MemoryError
+        memory = self.lib.SSL_get_wbio(pointer)
+        # Kept for `SocketWrites.write_memory`: SSL_set0_wbio lets go of the SSL's reference.
+        self.lib.BIO_up_ref(memory)
+        self.lib.SSL_set0_wbio(pointer, bio)
+        # A write the socket did not take whole is retried from a copy of its bytes.
+        self.lib.SSL_ctrl(pointer, _SSL_CTRL_MODE, _SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, None)
+        return SocketWrites(self, pointer, memory)
+
+    def write(self, pointer: int, data: bytearray | memoryview) -> bool:
+        """SSL_write of `data` (writable, not empty) by the SSL at `pointer`: whether its
+        records are all sent (else the socket is full, and the same bytes are to be written
+        again once it has room); OSError if the socket failed, ssl.SSLError otherwise."""
+        anchor = ctypes.c_char.from_buffer(data)
+        written = ctypes.c_size_t()
+        ctypes.set_errno(0)
+        if self._write_ex(pointer, ctypes.addressof(anchor), len(data), ctypes.byref(written)):
+            return True
+        number = ctypes.get_errno()
+        error = self.lib.SSL_get_error(pointer, 0)
+        self.lib.ERR_clear_error()
+        if error == _SSL_ERROR_WANT_WRITE:
+            return False
+        if error == _SSL_ERROR_SYSCALL and number:
+            raise OSError(number, os.strerror(number))
+        raise ssl.SSLError(f"OpenSSL could not write the records (SSL error {error})")
 
     def send_close_notify(self, obj: ssl.SSLObject) -> None:
         """Write `obj`'s close_notify alert, reading nothing (SSL_shutdown once)."""

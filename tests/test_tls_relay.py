@@ -30,6 +30,7 @@ from capture_checks import (
 )
 
 from conftest import FlowtapProcess, free_port, json_events, wait_for, wait_port
+from flowtap.proxy.flow import CloseReason, Direction
 from flowtap.proxy.tls_ca import CA_CERT_FILE, CA_FILE, load_or_create_ca
 
 
@@ -876,3 +877,158 @@ def test_a_client_that_resets_an_open_flow_is_told_as_a_reset(
     (record,) = closed_records(relay, 1)
     assert record["reason"] == "client-reset", record
     assert "Traceback" not in relay.read_stderr()
+
+
+def _only_flow(relay: Any) -> Any:
+    (flow,) = [flow for tcp in relay._tcp for flow in tcp.flows.values()]
+    return flow
+
+
+def _read_until_writes_are_direct(client: ssl.SSLSocket, relay: Any, limit: int) -> bytearray:
+    """What the client reads until flowtap writes the flow's records to the sockets itself
+    (once a flow has moved a few hundred KiB), at most `limit` bytes."""
+    got = bytearray()
+    while not _only_flow(relay).tls.writes_directly:
+        assert len(got) < limit, "flowtap did not start writing to the sockets itself"
+        got += client.recv(16384)
+    return got
+
+
+def _stream_until_reset(listener: socket.socket, context: ssl.SSLContext, data: bytes) -> None:
+    """One TLS connection: on the request's first line, send `data` until the proxy gives up."""
+    conn, _ = listener.accept()
+    with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+        tls.recv(100)
+        tls.sendall(data)
+
+
+def test_records_for_a_full_client_socket_are_held_then_arrive_whole_and_in_order(
+    pki: Pki,
+) -> None:
+    # OpenSSL writes the records to the client's socket itself: while the client reads
+    # nothing, its socket fills, the rest is held and the upstream is no longer read; once
+    # the client reads, all of it comes, in order, and then the upstream's end.
+    download = bytes(range(256)) * 32768  # 8 MiB
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*pki.server("ecdsa"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    done: list[bytes] = []
+    server = threading.Thread(target=_answer_at_once, args=(listener, context, download, done))
+    server.start()
+    try:
+        with relay_in_process(pki, listener.getsockname()[1], upstream_insecure=True) as (
+            relay,
+            recorder,
+        ):
+            raw = small_buffer_socket(relay.listeners[0].address.port)
+            client_context = ssl.create_default_context(cafile=str(pki.flowtap_ca_cert))
+            with client_context.wrap_socket(raw, server_hostname="svc.test") as client:
+                client.sendall(b"send it all\n")
+                got = _read_until_writes_are_direct(client, relay, len(download) // 2)
+                wait_for(lambda: _only_flow(relay).tls.is_held(to_client=True), 10, "records held")
+                while len(got) < len(download) and (chunk := client.recv(65536)):
+                    got += chunk
+                assert bytes(got) == download
+                client.sendall(b"bye")
+                # A TCP half-close under the TLS: the upstream reads to its end, and its end
+                # (and flowtap's close_notify) comes after all the records held.
+                socket.socket.shutdown(client, socket.SHUT_WR)
+                assert client.recv(100) == b""
+            server.join(30)
+            wait_for(lambda: recorder.closed_count() == 1, 10, "the flow closed")
+            (closed,) = recorder.closed()
+            assert closed.flow.error is None, closed.flow
+            assert b"".join(recorder.data(Direction.DOWN)) == download
+    finally:
+        listener.close()
+    assert done == [b"bye"]
+
+
+def test_a_client_that_resets_while_records_are_held_for_it_is_told_as_a_reset(
+    pki: Pki,
+) -> None:
+    download = bytes(range(256)) * 32768  # 8 MiB
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*pki.server("ecdsa"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = threading.Thread(target=_stream_until_reset, args=(listener, context, download))
+    server.start()
+    try:
+        with relay_in_process(pki, listener.getsockname()[1], upstream_insecure=True) as (
+            relay,
+            recorder,
+        ):
+            raw = small_buffer_socket(relay.listeners[0].address.port)
+            client_context = ssl.create_default_context(cafile=str(pki.flowtap_ca_cert))
+            client = client_context.wrap_socket(raw, server_hostname="svc.test")
+            client.sendall(b"send it all\n")
+            _read_until_writes_are_direct(client, relay, len(download) // 2)
+            wait_for(lambda: _only_flow(relay).tls.is_held(to_client=True), 10, "records held")
+            # Closed with a zero linger and unread data: the kernel resets the connection.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            wait_for(lambda: recorder.closed_count() == 1, 10, "the flow closed")
+            (closed,) = recorder.closed()
+            assert closed.flow.reason is CloseReason.CLIENT_RESET, closed.flow
+        server.join(30)
+    finally:
+        listener.close()
+
+
+def _send_then_close(
+    listener: socket.socket, context: ssl.SSLContext, data: bytes, tail: bytes, go: threading.Event
+) -> None:
+    """One TLS connection: on the request's first line, send `data`, then, once `go` is set,
+    `tail`, and close (a FIN without close_notify)."""
+    conn, _ = listener.accept()
+    with context.wrap_socket(conn, server_side=True) as tls:
+        tls.recv(100)
+        tls.sendall(data)
+        go.wait(30)
+        tls.sendall(tail)
+
+
+def test_an_upstream_that_ends_while_records_are_held_gets_its_close_notify_after_them(
+    pki: Pki,
+) -> None:
+    # The upstream's last records and its end come in one batch, whose records the client's
+    # full socket does not take: flowtap's close_notify follows them once they are sent.
+    data, tail = bytes(range(256)) * 4096, b"tail" * 50000  # 1 MiB, then 200,000 bytes
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*pki.server("ecdsa"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    go = threading.Event()
+    server = threading.Thread(target=_send_then_close, args=(listener, context, data, tail, go))
+    server.start()
+    try:
+        with relay_in_process(pki, listener.getsockname()[1], upstream_insecure=True) as (
+            relay,
+            recorder,
+        ):
+            raw = small_buffer_socket(relay.listeners[0].address.port)
+            client_context = ssl.create_default_context(cafile=str(pki.flowtap_ca_cert))
+            # A FIN without close_notify raises rather than reads as an end.
+            with client_context.wrap_socket(
+                raw, server_hostname="svc.test", suppress_ragged_eofs=False
+            ) as client:
+                client.sendall(b"send it all\n")
+                got = _read_until_writes_are_direct(client, relay, len(data) // 2)
+                flow = _only_flow(relay)
+                # A small send buffer towards the client: a batch of records overfills it.
+                flow.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                while flow.tls.bytes_down < len(data):  # flowtap has read all of `data`
+                    got += client.recv(16384)
+                go.set()
+                server.join(30)  # the tail and the upstream's end wait in flowtap's socket
+                ended_while_held = False
+                while chunk := client.recv(16384):
+                    got += chunk
+                    ended_while_held |= flow.tls.server_done and flow.tls.is_held(to_client=True)
+                assert bytes(got) == data + tail  # and then flowtap's close_notify
+                assert ended_while_held
+            wait_for(lambda: recorder.closed_count() == 1, 10, "the flow closed")
+            (closed,) = recorder.closed()
+            assert closed.flow.reason is CloseReason.SERVER_CLOSED, closed.flow
+            assert closed.flow.error is None, closed.flow
+    finally:
+        listener.close()
