@@ -5,9 +5,11 @@ A client of a proxy-mode listener is read by a `HandshakePhase` until its handsh
 a destination. Names are resolved off the relay thread (`Resolver`) and the answer comes
 back through the worker's command queue. The worker then connects upstream like any flow;
 the handshake's reply and the bytes the client sent after its request (`Prelude`) are
-delivered once the connection is up. `HandshakePhase.decide` is the one place where a
-flow's destination and first bytes are known before any upstream: what wants to look at
-them (TLS interception) hooks there.
+delivered once the connection is up. The relay decides the common cases at accept without
+a phase (a redirected client whose destination it has seen, a CONNECT whose head came whole
+in the common form), with the same checks kept from a first time; every flow, decided
+either way, reaches `connect_upstream` with its destination and first bytes, where what
+wants to look at them (TLS interception) hooks.
 """
 
 from __future__ import annotations

@@ -671,8 +671,9 @@ class _TcpFlows:
 
     A flow is opened in two steps: `accepted` makes the `Flow` of a client, and
     `connect_upstream` connects it to the upstream its listener names. A listener that learns
-    its upstream from the client (SOCKS5, HTTP CONNECT) would run its handshake on the client
-    socket first (watching it, with a deadline from `Worker.call_at`), then connect the same way.
+    its upstream from the client (SOCKS5, HTTP CONNECT, transparent) has a `HandshakePhase`
+    find it first (reading the client, with a deadline), then connects the same way; the
+    common cases it decides at accept itself (`_start_proxy_flow`).
     """
 
     __slots__ = (
