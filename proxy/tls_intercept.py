@@ -21,9 +21,10 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from .errors import FlowtapError
 from .flow import TlsFacts
@@ -874,11 +875,13 @@ def _relay_batch(
     size = len(view)
     filled = 0
     ended = abrupt = False
+    # The C object's read, called once a record (16 KiB): SSLObject.read adds a Python call.
+    read: Callable[[int, memoryview], int] = source._sslobj.read  # type: ignore[attr-defined]
     while filled < size:
         try:
             # Into the reused buffer (read(n) would allocate n bytes for each record); with
-            # a buffer, read returns a count (typeshed says bytes).
-            n = cast("int", source.read(size - filled, view[filled:]))
+            # a buffer, read returns a count.
+            n = read(size - filled, view[filled:])
         except ssl.SSLWantReadError:
             break
         except ssl.SSLZeroReturnError:
