@@ -988,12 +988,12 @@ def _send_then_close(
         tls.sendall(tail)
 
 
-def test_an_upstream_that_ends_while_records_are_held_gets_its_close_notify_after_them(
-    pki: Pki,
-) -> None:
-    # The upstream's last records and its end come in one batch, whose records the client's
-    # full socket does not take: flowtap's close_notify follows them once they are sent.
-    data, tail = bytes(range(256)) * 4096, b"tail" * 50000  # 1 MiB, then 200,000 bytes
+def _end_while_held(pki: Pki) -> bool:
+    """One download whose end flowtap reads while it holds records for the client, checked
+    whole and ended by flowtap's close_notify; whether flowtap read the upstream's end with
+    records still held (its last records and its end in one batch: when that is depends on
+    the batches)."""
+    data, tail = bytes(range(256)) * 4096, b"tail" * 10000  # 1 MiB, then 40,000 bytes
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(*pki.server("ecdsa"))
     listener = socket.create_server(("127.0.0.1", 0))
@@ -1025,10 +1025,19 @@ def test_an_upstream_that_ends_while_records_are_held_gets_its_close_notify_afte
                     got += chunk
                     ended_while_held |= flow.tls.server_done and flow.tls.is_held(to_client=True)
                 assert bytes(got) == data + tail  # and then flowtap's close_notify
-                assert ended_while_held
             wait_for(lambda: recorder.closed_count() == 1, 10, "the flow closed")
             (closed,) = recorder.closed()
             assert closed.flow.reason is CloseReason.SERVER_CLOSED, closed.flow
             assert closed.flow.error is None, closed.flow
     finally:
         listener.close()
+    return ended_while_held
+
+
+def test_an_upstream_that_ends_while_records_are_held_gets_its_close_notify_after_them(
+    pki: Pki,
+) -> None:
+    # The upstream's last records and its end come in one batch, whose records the client's
+    # full socket does not take: flowtap's close_notify follows them once they are sent. The
+    # batch ends with the upstream's end in most runs (about nine in ten): up to five runs.
+    assert any(_end_while_held(pki) for _ in range(5))
