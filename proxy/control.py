@@ -205,14 +205,15 @@ class _Viewer:
         self.sock = sock
         self.fd = sock.fileno()
         self.reader = FrameReader()
-        self.inbox: list[FlowEvent] = []
-        self.inbox_flow_events = 0  # (relay) opened, updated and closed events in the inbox
-        self.batch: list[FlowEvent] = []  # taken from the inbox, framed from `batch_at` on
+        # Flow events, and messages framed in order with them (counts).
+        self.inbox: list[FlowEvent | bytes] = []
+        self.inbox_flow_events = 0  # (relay) the inbox's items that are not `FlowData`
+        self.batch: list[FlowEvent | bytes] = []  # taken from the inbox, framed from `batch_at` on
         self.batch_at = 0
         self.batch_is_data = False  # whether every event of the batch is a `FlowData`
         self.queued_in = 0  # (relay) data bytes ever queued
         self.queued_sent = 0  # data bytes sent to the socket (or discarded)
-        self.behind_in = 0  # (relay) opened/closed events ever queued
+        self.behind_in = 0  # (relay) flow events and counts ever queued
         self.behind_sent = 0
         self.dropped: dict[tuple[int, Direction], int] = {}  # (relay)
         self.overflowed = False  # (relay)
@@ -576,9 +577,17 @@ class ControlServer:
                 sent[flow_id] = live
                 counts[str(flow_id)] = [live[0], live[1]]
         if counts:
+            # In each inbox, behind the chunks relayed before the counts were read: a viewer
+            # adds chunks to what it shows and takes counts as they are, so counts ahead of
+            # chunks would count those twice.
+            frame = encode_json({"type": "counts", "flows": counts})
+            with self._lock:
+                for viewer in self._subscribers:
+                    viewer.inbox.append(frame)
+                    viewer.inbox_flow_events += 1
+                    viewer.behind_in += 1  # bounded as flow events are
             for viewer in self._subscribers:
-                self._queue_json(viewer, {"type": "counts", "flows": counts})
-                self._send(viewer)
+                self._pump(viewer)
             return
         # Nothing moved: stop counting until something does, and have the relay hand the
         # capped flows' next chunks to `handle` again so that it sees them move.
@@ -693,6 +702,9 @@ class ControlServer:
                     room -= 1
                 buffer += encode_data(run)
                 charge += size
+            elif isinstance(event, bytes):
+                buffer += event
+                events += 1
             else:
                 kind = EVENT_NAMES[type(event)]
                 buffer += encode_json({"type": kind, "flow": flow_to_json(event.flow)})

@@ -555,6 +555,48 @@ def test_counts_of_a_capped_flow_stop_while_it_is_quiet_and_resume_when_it_moves
     client.close()
 
 
+def test_counts_never_come_before_the_chunks_relayed_before_them(served: Any) -> None:
+    # A viewer adds a chunk to the bytes it shows and takes a flow's counts as they are: counts
+    # ahead of chunks relayed before them would count those chunks twice. Chunks wait a moment
+    # to be sent together, counts go out twice a second: flows capped one after another, some
+    # just before the counts are read.
+    server = served(forward_cap_bytes=1024)
+    client = PlainClient(server.path)
+    client.reply(client.request("subscribe"))
+    flows = []
+    for _ in range(40):
+        flow = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        flow.sendall(b"a" * 4096)
+        got = 0
+        while got < 4096:
+            got += len(flow.recv(1 << 16))
+        flows.append(flow)
+        time.sleep(0.03)
+    shown: dict[int, list[int]] = {}  # flow id: bytes up, down, as a viewer shows them
+    looked = [0]
+
+    def all_shown(events: list[dict[str, Any] | FlowData]) -> bool:
+        for event in events[looked[0] :]:
+            if isinstance(event, FlowData):
+                shown.setdefault(event.flow_id, [0, 0])[event.direction is Direction.DOWN] += len(
+                    event.data
+                )
+            elif event.get("type") == "counts":
+                for flow_id, counts in event["flows"].items():
+                    shown[int(flow_id)] = counts
+        looked[0] = len(events)
+        return len(shown) == 40 and all(counts == [4096, 4096] for counts in shown.values())
+
+    try:
+        client.events(all_shown, 30)
+    except AssertionError:
+        wrong = {flow_id: counts for flow_id, counts in shown.items() if counts != [4096, 4096]}
+        raise AssertionError(f"a viewer would show {wrong}") from None
+    for flow in flows:
+        flow.close()
+    client.close()
+
+
 def test_counts_of_a_capped_udp_flow_keep_up_with_its_datagrams(
     udp_echo: type[UdpEchoServer], tmp_path: Path
 ) -> None:
@@ -659,6 +701,7 @@ def test_a_viewer_queues_events_in_order_and_counts_data_past_its_budget(served:
     viewer = ControlClient(str(server.path), max_waiting_bytes=100)
     try:
         assert viewer.subscribe()
+        assert server.control.wants_data  # answered: what is relayed now comes as events
         assert server.exchange(b"a" * 60) == b"a" * 60  # 60 up fit, 60 more down do not
         taken: list[object] = []
 
@@ -667,6 +710,13 @@ def test_a_viewer_queues_events_in_order_and_counts_data_past_its_budget(served:
             kinds = {type(event) for event in taken}
             return DataNotShown in kinds and FlowClosed in kinds
 
+        # Nothing taken before the close is in: taken between the two chunks, the first
+        # would leave room for the second.
+        wait_for(
+            lambda: any(isinstance(event, FlowClosed) for event in list(viewer._events)),
+            10,
+            "the close",
+        )
         wait_for(counted, 10, "the data past the budget counted, and the close")
         # Data comes in runs; a run that does not fit whole comes as the chunks that do.
         events = [e for x in taken for e in (x.events() if isinstance(x, DataRun) else [x])]

@@ -189,6 +189,7 @@ class ControlClient:
         self._not_shown: dict[tuple[int, Direction], int] = {}
         self._counts: dict[int, tuple[int, int]] = {}
         self._next_id = 0
+        self._subscribed = threading.Event()  # set by the answer to subscribe, or the end
         self.gone: str | None = None
         self.on_events: Callable[[], object] | None = None
         """Called on the viewer's thread after events are queued (an app that sleeps while
@@ -209,9 +210,13 @@ class ControlClient:
                 return False
         return True
 
-    def subscribe(self) -> bool:
-        """Receive the open flows, the recent closed ones, then every event as it happens."""
-        return self._request("subscribe")
+    def subscribe(self, timeout_s: float = 10.0) -> bool:
+        """Receive the open flows, the recent closed ones, then every event as it happens;
+        return once the relay has answered (what it relays from then on comes as events),
+        False if the relay is gone or `timeout_s` passed first."""
+        if not self._request("subscribe"):
+            return False
+        return self._subscribed.wait(timeout_s) and self.gone is None
 
     def kill(self, flow_id: int) -> bool:
         """Ask the relay to reset both sides of a flow; False if the relay is gone."""
@@ -294,6 +299,7 @@ class ControlClient:
         if reason and not note:
             text += f": {reason}"
         self.gone = text
+        self._subscribed.set()
         self._events.append(RelayGone(text))
         if (notify := self.on_events) is not None:
             notify()
@@ -338,6 +344,9 @@ class ControlClient:
             # The answer to subscribe: recent closed flows first, then the open ones.
             events += [FlowClosed(flow_from_json(flow)) for flow in message["recent"]]
             events += [FlowOpened(flow_from_json(flow)) for flow in message["open"]]
+            self._events.extend(events)
+            self._subscribed.set()
+            return None
         elif kind == "bye":
             return str(message.get("reason", "the relay said bye"))
         self._events.extend(events)
