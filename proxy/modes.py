@@ -403,18 +403,13 @@ class HandshakePhase:
         self.closed = True
         worker = self.worker
         worker.proxy_ended(self)
-        flow = Flow.opening(
-            next_flow_id(),
-            _TCP,
-            self.client_address,
-            server,
-            self.listener_address,
-            self.started_at,
-            requested,
-        )
         prelude = Prelude(self.handshake, early, self.unread)
         worker.connect_upstream(
-            flow, self.client, destination.family, destination.sockaddr, prelude
+            self._flow(server, requested),
+            self.client,
+            destination.family,
+            destination.sockaddr,
+            prelude,
         )
 
     def _associate(self, requested: Requested) -> None:

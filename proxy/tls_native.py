@@ -334,13 +334,18 @@ class Binding:
         self.lib.SSL_set_default_read_buffer_len(pointer, buffer_bytes)
         self.lib.SSL_set_read_ahead(pointer, 1)
 
+    def _socket_bio(self, fd: int) -> int:
+        """A new socket BIO on `fd`, which it does not close."""
+        bio = self.lib.BIO_new_socket(fd, _BIO_NOCLOSE)
+        if not bio:
+            raise MemoryError
+        return int(bio)
+
     def read_socket(self, obj: ssl.SSLObject, fd: int) -> None:
         """Make `obj` read its records from the socket `fd` itself (which it does not close)
         rather than from its incoming memory BIO, now empty: no copy into and out of that."""
         pointer = self._ssl_pointer(obj)
-        bio = self.lib.BIO_new_socket(fd, _BIO_NOCLOSE)
-        if not bio:
-            raise MemoryError
+        bio = self._socket_bio(fd)
         # The SSL owns the new BIO; the memory BIO it leaves is still the MemoryBIO's own.
         self.lib.SSL_set0_rbio(pointer, bio)
         # A FIN without close_notify ends the records as close_notify would, as the relay
@@ -352,9 +357,7 @@ class Binding:
         """Make `obj` write its records to the socket `fd` itself (which it does not close)
         rather than to its outgoing memory BIO, now empty: no copy into and out of that."""
         pointer = self._ssl_pointer(obj)
-        bio = self.lib.BIO_new_socket(fd, _BIO_NOCLOSE)
-        if not bio:
-            raise MemoryError
+        bio = self._socket_bio(fd)
         memory = self.lib.SSL_get_wbio(pointer)
         # Kept for `SocketWrites.write_memory`: SSL_set0_wbio lets go of the SSL's reference.
         self.lib.BIO_up_ref(memory)
