@@ -66,14 +66,18 @@ _FLUSH_DELAY_S = 0.05
 viewer drains 20 times a second at most). Each wake-up of this thread takes the GIL from the
 relay threads once or more; at 5 ms, 200 wake-ups a second held up one round trip in a hundred
 of an interactive flow (p99 x4 with a viewer attached, benchmarks/latency.py), at 50 ms few."""
-_EVENTS_PER_FRAME_BATCH = 128
-"""Data events framed into one buffer between sends (each send lets go of the GIL): about
-40 us of this thread's time for 1-byte chunks, so that a relay thread waits on it at most
-about one round trip of an interactive flow (1,024 held it 310 us, a dozen round trips)."""
-_FLOW_EVENT_WEIGHT = 16
+_EVENTS_PER_FRAME_BATCH = 4096
+"""Data events framed into one buffer between sends, about 1 ms of this thread's time for
+1-byte chunks. Each batch takes the GIL from a busy relay thread once, and each time costs a
+round trip waiting on it and on waking again (tens of microseconds on a virtual machine): what
+counts is how many times, not how long. A viewer that only read its socket took the median
+p99 of 1-byte round trips (windows of 1,000) from 43 to 93 us with batches of 128, from 42 to
+46 us with 4,096 (16 s each, interleaved). A batch also ends well before the 5 ms after which
+the interpreter would make this thread let go of the GIL anyway."""
+_FLOW_EVENT_WEIGHT = 48
 """How many data events one opened, updated or closed event counts for in a batch: its JSON
-takes about 11 us to encode against 0.5 us to frame a data event (a batch of 1024 of them
-held the GIL for 16 ms)."""
+takes about 11 us to encode against 0.23 us to frame a data event, so a batch of them holds
+the GIL about as long as one of data events."""
 _RUN_BYTES = 1024 * 1024
 """A run of data events ends past this many bytes, well inside a frame's limit."""
 _COUNTS_INTERVAL_S = 0.5
