@@ -226,6 +226,14 @@ class _Viewer:
         self.writing = False  # waiting for EPOLLOUT
         self.closing = False
 
+    def framed_to(self, at: int) -> None:
+        """The batch's events before `at` are framed; a batch framed to its end is let go at
+        once, its chunks with it."""
+        if at == len(self.batch):
+            self.batch = []
+            at = 0
+        self.batch_at = at
+
 
 class ControlServer:
     """Serves one relay's control socket on its own thread; a `Bus` observer."""
@@ -645,9 +653,9 @@ class ControlServer:
         """Turn a bounded batch of waiting events into one buffer of frames (and,
         once none wait, the drop counts into notices).
 
-        Bounded batches, each followed by a send that lets go of the GIL, keep the relay
-        threads from waiting long for it; one buffer per batch keeps the per-event work to
-        a header packed into it.
+        Each batch takes the GIL from the relay threads once (see `_EVENTS_PER_FRAME_BATCH`)
+        and is followed by a send that lets go of it; one buffer per batch keeps the
+        per-event work to a header packed into it.
         """
         batch = viewer.batch
         at = viewer.batch_at
@@ -681,7 +689,7 @@ class ControlServer:
             # state): one slice, one frame, no Python work per chunk. What a batch carries is
             # within the viewer's budget, so within a frame's limit.
             frame, charge = frame_data(cast("list[FlowData]", batch[at:end]))
-            viewer.batch_at = end
+            viewer.framed_to(end)
             viewer.out.append((memoryview(frame), charge, 0))
             return
         buffer = bytearray()
@@ -714,7 +722,7 @@ class ControlServer:
                 buffer += encode_json({"type": kind, "flow": flow_to_json(event.flow)})
                 events += 1
                 room -= _FLOW_EVENT_WEIGHT - 1
-        viewer.batch_at = at
+        viewer.framed_to(at)
         if buffer:
             viewer.out.append((memoryview(buffer), charge, events))
 
